@@ -1,0 +1,1 @@
+"""The pbt_controller service."""

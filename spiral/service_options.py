@@ -1,0 +1,136 @@
+"""Options every service process shares: flags, their environment-variable fallbacks, and config.
+
+A service is started as ``spiral ROLE --config FILE`` (roles: actor, learner, discriminator,
+replaybuffer, pbt-controller). In Kubernetes the same values come from environment variables
+(set from the pod spec and the downward API), so every flag below has one; a flag given on the
+command line wins over its variable.
+
+=========================== =============================== =======================================
+flag                        environment variable            meaning
+=========================== =============================== =======================================
+``--config``                ``SPIRAL_CONFIG``               experiment YAML file (required)
+``--run-dir``               ``SPIRAL_RUN_DIR``              checkpoints, samples, logs (``runs/NAME``)
+``--listen``                ``SPIRAL_LISTEN``               gRPC address to bind (servers only)
+``--metrics-port``          ``SPIRAL_METRICS_PORT``         Prometheus HTTP port (0 disables)
+``--metrics-address``       ``SPIRAL_METRICS_ADDRESS``      address the metrics server binds
+``--member``                ``SPIRAL_MEMBER``               population member index (PBT), default 0
+``--actor-id``              ``SPIRAL_ACTOR_ID``             actor identity (pod name), default host-pid
+``--learner-address``       ``SPIRAL_LEARNER_ADDRESS``      overrides ``services.learner_address``
+``--discriminator-address`` ``SPIRAL_DISCRIMINATOR_ADDRESS`` overrides ``services.discriminator_address``
+``--replay-address``        ``SPIRAL_REPLAY_ADDRESS``       overrides ``services.replay_address``
+``--pbt-address``           ``SPIRAL_PBT_ADDRESS``          overrides ``services.pbt_address``
+=========================== =============================== =======================================
+
+Default ports: learner 50051, discriminator 50052, replay buffer 50053, PBT controller 50054;
+metrics 9000 (one process per pod in Kubernetes; ``spiral up`` gives each process its own).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+from spiral.config import ExperimentConfig, experiment_path, load_experiment
+
+DEFAULT_PORTS = {"learner": 50051, "discriminator": 50052, "replaybuffer": 50053, "pbt-controller": 50054}
+DEFAULT_METRICS_PORT = 9000
+
+ENV_VARS = {
+    "config": "SPIRAL_CONFIG",
+    "run_dir": "SPIRAL_RUN_DIR",
+    "listen": "SPIRAL_LISTEN",
+    "metrics_port": "SPIRAL_METRICS_PORT",
+    "metrics_address": "SPIRAL_METRICS_ADDRESS",
+    "member": "SPIRAL_MEMBER",
+    "actor_id": "SPIRAL_ACTOR_ID",
+    "learner_address": "SPIRAL_LEARNER_ADDRESS",
+    "discriminator_address": "SPIRAL_DISCRIMINATOR_ADDRESS",
+    "replay_address": "SPIRAL_REPLAY_ADDRESS",
+    "pbt_address": "SPIRAL_PBT_ADDRESS",
+}
+"""Option name -> environment variable read when the flag is absent."""
+
+
+@dataclass(frozen=True)
+class ServiceOptions:
+    """Resolved options of one service process."""
+
+    role: str
+    config: ExperimentConfig
+    config_path: Path
+    run_dir: Path
+    listen: str
+    metrics_port: int
+    metrics_address: str
+    member: int
+    actor_id: str
+
+
+def add_service_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the shared flags (all optional on the command line; env vars fill them in)."""
+    parser.add_argument("--config", help="experiment YAML (or a name under experiments/) [SPIRAL_CONFIG]")
+    parser.add_argument("--run-dir", help="directory for checkpoints, samples and logs [SPIRAL_RUN_DIR]")
+    parser.add_argument("--listen", help="gRPC address to bind, e.g. 0.0.0.0:50051 [SPIRAL_LISTEN]")
+    parser.add_argument("--metrics-port", type=int, help=f"Prometheus port, 0 disables "
+                        f"(default {DEFAULT_METRICS_PORT}) [SPIRAL_METRICS_PORT]")
+    parser.add_argument("--metrics-address", help="address the metrics server binds (default 127.0.0.1) "
+                        "[SPIRAL_METRICS_ADDRESS]")
+    parser.add_argument("--member", type=int, help="population member index (default 0) [SPIRAL_MEMBER]")
+    parser.add_argument("--actor-id", help="actor identity (default HOST-PID) [SPIRAL_ACTOR_ID]")
+    for peer in ("learner", "discriminator", "replay", "pbt"):
+        parser.add_argument(f"--{peer}-address", help=f"address of the {peer} service "
+                            f"[{ENV_VARS[peer + '_address']}]")
+
+
+def _pick(args: argparse.Namespace, name: str) -> str | None:
+    value = getattr(args, name, None)
+    if value is None:
+        value = os.environ.get(ENV_VARS[name])
+    return None if value is None or value == "" else str(value)
+
+
+def resolve_service_options(role: str, args: argparse.Namespace) -> ServiceOptions:
+    """Combine flags, environment variables and the experiment file into :class:`ServiceOptions`.
+
+    Raises:
+        SystemExit: With a message naming the missing or invalid option.
+    """
+    config_ref = _pick(args, "config")
+    if not config_ref:
+        raise SystemExit(f"spiral {role}: --config (or SPIRAL_CONFIG) is required")
+    path = experiment_path(config_ref)
+    if not path.exists():
+        raise SystemExit(f"spiral {role}: config file {path} does not exist")
+    config = load_experiment(path)
+    overrides = {f"{peer}_address": _pick(args, f"{peer}_address") for peer in ("learner", "discriminator", "replay", "pbt")}
+    overrides = {k: v for k, v in overrides.items() if v}
+    if overrides:
+        config = dataclasses.replace(config, services=dataclasses.replace(config.services, **overrides))
+
+    def integer(name: str, default: int) -> int:
+        raw = _pick(args, name)
+        if raw is None:
+            return default
+        try:
+            return int(raw)
+        except ValueError:
+            raise SystemExit(f"spiral {role}: {ENV_VARS[name]} / --{name.replace('_', '-')} must be an integer, "
+                             f"got {raw!r}") from None
+
+    port = DEFAULT_PORTS.get(role)
+    listen = _pick(args, "listen") or (f"127.0.0.1:{port}" if port else "")
+    return ServiceOptions(
+        role=role,
+        config=config,
+        config_path=path,
+        run_dir=Path(_pick(args, "run_dir") or Path("runs") / config.name),
+        listen=listen,
+        metrics_port=integer("metrics_port", DEFAULT_METRICS_PORT),
+        metrics_address=_pick(args, "metrics_address") or "127.0.0.1",
+        member=integer("member", 0),
+        actor_id=_pick(args, "actor_id") or f"{socket.gethostname()}-{os.getpid()}",
+    )
