@@ -1,0 +1,103 @@
+"""The actor's loop, free of networking: run N environments for one episode with a policy copy.
+
+An actor owns a batched environment (libmypaint, the fast rasterizer or MuJoCo) and a CPU copy
+of the policy that lags the learner's. One call of :meth:`EpisodeRunner.run_episode` resets
+the N canvases (with targets from the dataset in conditional mode), samples an action for all N
+canvases with one policy forward per step, executes it, and returns the finished episodes as
+an :class:`~spiral.trajectory.Unroll` stamped with the policy version that acted.
+
+The same runner serves the distributed actor (``actor/main.py``, which adds parameter
+refreshes and gRPC streaming) and the in-process loop used for debugging and as the
+no-gRPC baseline of the throughput benchmark.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from spiral.config import ExperimentConfig
+from spiral.envs.base import BatchedEnv
+from spiral.nets import observation_to_tensors
+from spiral.nets.params import ParameterSnapshot, load_snapshot
+from spiral.nets.policy import SpiralPolicy
+from spiral.trajectory import Unroll
+
+
+@dataclass
+class EpisodeTiming:
+    """Where an episode's wall time went."""
+
+    inference_seconds: float = 0.0
+    render_seconds: float = 0.0
+
+
+class EpisodeRunner:
+    """Runs batched episodes with a local policy copy.
+
+    Args:
+        cfg: The experiment.
+        env: N environments of the experiment's kind.
+        policy: The acting policy (CPU); its parameters are replaced by :meth:`load_parameters`.
+        targets: Images to reconstruct in conditional mode (uint8 ``[M, H, W, C]``), else None.
+        seed: Seed for target choice and action sampling.
+        actor_id: Identity stamped on every unroll.
+    """
+
+    def __init__(self, cfg: ExperimentConfig, env: BatchedEnv, policy: SpiralPolicy,
+                 targets: np.ndarray | None, seed: int = 0, actor_id: str = "") -> None:
+        if cfg.env.conditional and (targets is None or len(targets) == 0):
+            raise ValueError("conditional experiments need target images")
+        self.cfg = cfg
+        self.env = env
+        self.policy = policy.eval()
+        self.targets = targets if cfg.env.conditional else None
+        self.rng = np.random.default_rng(seed)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.actor_id = actor_id
+        self.policy_version = 0
+        self.timing = EpisodeTiming()
+
+    def load_parameters(self, snapshot: ParameterSnapshot) -> None:
+        """Act with ``snapshot`` from the next episode on."""
+        load_snapshot(self.policy, snapshot)
+        self.policy_version = snapshot.version
+
+    @torch.no_grad()
+    def run_episode(self) -> Unroll:
+        """One episode on every canvas; returns it as an unroll of T = episode_length - 1 steps."""
+        env = self.env
+        n = env.num_envs
+        batch_targets = None
+        if self.targets is not None:
+            batch_targets = self.targets[self.rng.integers(0, len(self.targets), size=n)]
+        obs = env.reset(batch_targets)
+        state = self.policy.initial_state(n)
+        canvases = [obs.canvas]
+        actions, masks, log_probs = [], [], []
+        while not env.done:
+            t0 = time.perf_counter()
+            out, state = self.policy(observation_to_tensors(obs), state, generator=self.generator)
+            step_actions = out.actions.numpy()
+            t1 = time.perf_counter()
+            obs = env.step(step_actions)
+            t2 = time.perf_counter()
+            self.timing.inference_seconds += t1 - t0
+            self.timing.render_seconds += t2 - t1
+            canvases.append(obs.canvas)
+            actions.append(step_actions)
+            masks.append(out.mask.numpy().astype(np.float32))
+            log_probs.append(out.log_prob.numpy().astype(np.float32))
+        return Unroll(
+            canvases=np.stack(canvases),
+            actions=np.stack(actions).astype(np.int64),
+            masks=np.stack(masks),
+            behaviour_log_probs=np.stack(log_probs),
+            noise=obs.noise,
+            targets=batch_targets,
+            policy_version=self.policy_version,
+            actor_id=self.actor_id,
+        )

@@ -1,0 +1,74 @@
+"""Atomic checkpoints: a killed process resumes from the last complete one.
+
+A checkpoint is written to a temporary file in the same directory, flushed and fsynced, then
+renamed over the final name (rename is atomic on POSIX), and the directory is fsynced so the
+rename itself survives a crash. A reader therefore sees either the previous checkpoint or the
+new one, never a torn file. Only the newest ``keep`` checkpoints are kept.
+
+Layout: ``DIR/ckpt-<version:012d>.pt``; :func:`latest_checkpoint` picks the highest version
+that loads.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+_NAME = re.compile(r"^ckpt-(\d{12})\.pt$")
+log = logging.getLogger(__name__)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (temp file + fsync + rename + directory fsync)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def save_checkpoint(directory: Path, version: int, state: dict[str, Any], keep: int = 3) -> Path:
+    """Save ``state`` (tensors, numbers, strings, nested dicts) as version ``version``."""
+    buffer = io.BytesIO()
+    torch.save({"version": int(version), "state": state}, buffer)
+    path = Path(directory) / f"ckpt-{int(version):012d}.pt"
+    atomic_write_bytes(path, buffer.getvalue())
+    for old in list_checkpoints(directory)[:-keep]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def list_checkpoints(directory: Path) -> list[Path]:
+    """Checkpoint files in ``directory``, oldest first."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    return sorted(p for p in directory.iterdir() if _NAME.match(p.name))
+
+
+def latest_checkpoint(directory: Path) -> tuple[int, dict[str, Any]] | None:
+    """``(version, state)`` of the newest checkpoint that loads, or None when there is none."""
+    for path in reversed(list_checkpoints(directory)):
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+            return int(payload["version"]), payload["state"]
+        except Exception as exc:  # noqa: BLE001 - a corrupt file is skipped, the next older one is tried
+            log.warning("skipping unreadable checkpoint %s: %s", path, exc)
+    return None

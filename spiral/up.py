@@ -1,0 +1,344 @@
+"""``spiral up``: the whole system on one machine, every service its own process on loopback.
+
+``spiral up`` is what ``make run`` runs. It starts the replay buffer, the discriminator
+learner, the policy learner and N actors (and, with ``--population K``, K such members plus
+the PBT controller) as separate ``spiral ROLE`` processes bound to 127.0.0.1 on free ports,
+exactly as they run in Kubernetes, and supervises them:
+
+* everything a run produces lands under ``runs/NAME/``: the resolved ``config.yaml``, one log
+  per process in ``logs/``, checkpoints and sample grids written by the services, and
+  ``cluster.json`` listing each process (role, member, pid, gRPC address, metrics URL, log) so
+  other tools (tests, Prometheus, dashboards) can find the services;
+* a live one-line status, scraped from the services' own Prometheus endpoints: environment
+  steps/s, learner updates/s, discriminator updates/s, policy lag, replay fill, reward and,
+  in conditional runs, the reconstruction error;
+* a process that dies unexpectedly is restarted with exponential backoff (a restarted learner
+  resumes from its checkpoint and the actors reconnect);
+* Ctrl-C, SIGTERM or ``--duration SECONDS`` stop every process cleanly: actors first, then
+  the learners and the replay buffer, each with SIGTERM and a grace period before SIGKILL.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from spiral.config import ExperimentConfig, dump_experiment, experiment_path, load_experiment
+
+STOP_ORDER = ("actor", "pbt-controller", "learner", "discriminator", "replaybuffer")
+"""Roles in the order they are stopped (producers first, so nothing is left half-sent)."""
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class ProcessSpec:
+    """One service process of the system: what to run and where it listens."""
+
+    role: str
+    member: int
+    name: str
+    grpc_address: str
+    metrics_port: int
+    args: list[str]
+    log_path: Path
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
+
+
+@dataclass
+class ManagedProcess:
+    """A running (or restarting) child with its restart bookkeeping."""
+
+    spec: ProcessSpec
+    popen: subprocess.Popen | None = None
+    log: IO[bytes] | None = None
+    restarts: int = 0
+    next_start: float = 0.0
+    started_at: float = 0.0
+
+
+@dataclass
+class Layout:
+    """Ports and processes of one system: members (learner + discriminator + replay + actors)."""
+
+    processes: list[ProcessSpec] = field(default_factory=list)
+
+    def of_role(self, role: str) -> list[ProcessSpec]:
+        return [p for p in self.processes if p.role == role]
+
+
+def plan_layout(cfg: ExperimentConfig, config_path: Path, run_dir: Path, num_actors: int,
+                population: int) -> Layout:
+    """Assign ports and command lines to every process of the system."""
+    layout = Layout()
+    logs = run_dir / "logs"
+    pbt_address = f"127.0.0.1:{free_port()}" if population > 1 else ""
+    common = ["--config", str(config_path)]
+    for member in range(population):
+        member_dir = run_dir if population == 1 else run_dir / f"member-{member}"
+        addresses = {role: f"127.0.0.1:{free_port()}" for role in ("learner", "discriminator", "replaybuffer")}
+        peers = ["--learner-address", addresses["learner"], "--discriminator-address", addresses["discriminator"],
+                 "--replay-address", addresses["replaybuffer"], "--member", str(member)]
+        if pbt_address:
+            peers += ["--pbt-address", pbt_address]
+        suffix = "" if population == 1 else f"-{member}"
+        for role in ("replaybuffer", "discriminator", "learner"):
+            port = free_port()
+            layout.processes.append(ProcessSpec(
+                role=role, member=member, name=f"{role}{suffix}", grpc_address=addresses[role], metrics_port=port,
+                args=[role, *common, "--run-dir", str(member_dir), "--listen", addresses[role],
+                      "--metrics-port", str(port), *peers],
+                log_path=logs / f"{role}{suffix}.log"))
+        for i in range(num_actors):
+            port = free_port()
+            actor_id = f"actor{suffix}-{i}"
+            layout.processes.append(ProcessSpec(
+                role="actor", member=member, name=actor_id, grpc_address="", metrics_port=port,
+                args=["actor", *common, "--run-dir", str(member_dir), "--metrics-port", str(port),
+                      "--actor-id", actor_id, *peers],
+                log_path=logs / f"{actor_id}.log"))
+    if pbt_address:
+        port = free_port()
+        layout.processes.append(ProcessSpec(
+            role="pbt-controller", member=-1, name="pbt-controller", grpc_address=pbt_address, metrics_port=port,
+            args=["pbt-controller", *common, "--run-dir", str(run_dir), "--listen", pbt_address,
+                  "--metrics-port", str(port)],
+            log_path=logs / "pbt-controller.log"))
+    return layout
+
+
+class Supervisor:
+    """Starts, watches, restarts and stops the processes of a :class:`Layout`."""
+
+    def __init__(self, layout: Layout, run_dir: Path, restart: bool = True,
+                 max_backoff_seconds: float = 30.0) -> None:
+        self.layout = layout
+        self.run_dir = run_dir
+        self.restart = restart
+        self.max_backoff = max_backoff_seconds
+        self.children = [ManagedProcess(spec) for spec in layout.processes]
+        self.env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+        self.env.setdefault("MUJOCO_GL", "egl")
+
+    def _spawn(self, child: ManagedProcess) -> None:
+        spec = child.spec
+        spec.log_path.parent.mkdir(parents=True, exist_ok=True)
+        if child.log is None:
+            child.log = open(spec.log_path, "ab")  # noqa: SIM115 - kept open for the child's lifetime
+        child.popen = subprocess.Popen([sys.executable, "-m", "spiral.cli", *spec.args], stdout=child.log,
+                                       stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
+        child.started_at = time.monotonic()
+
+    def start(self) -> None:
+        for child in self.children:
+            self._spawn(child)
+        self.write_cluster_file()
+
+    def poll(self) -> list[str]:
+        """Restart children that exited; returns a message per event."""
+        events = []
+        now = time.monotonic()
+        for child in self.children:
+            if child.popen is None:
+                if now >= child.next_start:
+                    self._spawn(child)
+                    events.append(f"restarted {child.spec.name} (pid {child.popen.pid})")  # type: ignore[union-attr]
+                    self.write_cluster_file()
+                continue
+            code = child.popen.poll()
+            if code is None:
+                continue
+            events.append(f"{child.spec.name} exited with code {code}; see {child.spec.log_path}")
+            child.popen = None
+            if self.restart:
+                # Reset the backoff after a long healthy run; otherwise double it.
+                healthy = now - child.started_at > 60
+                child.restarts = 0 if healthy else child.restarts + 1
+                child.next_start = now + min(self.max_backoff, 0.5 * 2 ** child.restarts)
+        return events
+
+    def write_cluster_file(self) -> None:
+        """``cluster.json``: every process with role, member, pid, gRPC address and metrics URL."""
+        entries = []
+        for child in self.children:
+            spec = child.spec
+            entries.append({
+                "name": spec.name, "role": spec.role, "member": spec.member,
+                "pid": child.popen.pid if child.popen else None,
+                "grpc_address": spec.grpc_address or None, "metrics_url": spec.metrics_url,
+                "log": str(spec.log_path),
+            })
+        tmp = self.run_dir / "cluster.json.tmp"
+        tmp.write_text(json.dumps({"processes": entries}, indent=2))
+        os.replace(tmp, self.run_dir / "cluster.json")
+
+    def stop(self, grace_seconds: float = 20.0) -> None:
+        """SIGTERM every child in :data:`STOP_ORDER`, waiting for each role before the next."""
+        for role in STOP_ORDER:
+            group = [c for c in self.children if c.spec.role == role and c.popen and c.popen.poll() is None]
+            for child in group:
+                child.popen.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
+            deadline = time.monotonic() + grace_seconds
+            for child in group:
+                try:
+                    child.popen.wait(timeout=max(0.1, deadline - time.monotonic()))  # type: ignore[union-attr]
+                except subprocess.TimeoutExpired:
+                    child.popen.kill()  # type: ignore[union-attr]
+                    child.popen.wait()  # type: ignore[union-attr]
+        for child in self.children:
+            if child.log:
+                child.log.close()
+                child.log = None
+
+
+# ---------------------------------------------------------------------------------------------
+# Status line
+# ---------------------------------------------------------------------------------------------
+
+
+def scrape(url: str, timeout: float = 1.0) -> dict[str, float]:
+    """Sum every sample of each metric name at a Prometheus endpoint (labels dropped)."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 - loopback URL we built
+            text = response.read().decode()
+    except OSError:
+        return {}
+    totals: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            totals[sample.name] = totals.get(sample.name, 0.0) + float(sample.value)
+    return totals
+
+
+@dataclass
+class StatusSnapshot:
+    """System-wide figures at one moment (totals summed over processes)."""
+
+    time: float
+    totals: dict[str, float]
+    maxima: dict[str, float]
+
+
+def take_snapshot(layout: Layout) -> StatusSnapshot:
+    totals: dict[str, float] = {}
+    maxima: dict[str, float] = {}
+    for spec in layout.processes:
+        for name, value in scrape(spec.metrics_url).items():
+            totals[name] = totals.get(name, 0.0) + value
+            maxima[name] = max(maxima.get(name, value), value)
+    return StatusSnapshot(time.monotonic(), totals, maxima)
+
+
+def format_status(prev: StatusSnapshot, cur: StatusSnapshot, elapsed: float) -> str:
+    """One line: rates between two snapshots plus the current gauges."""
+    dt = max(1e-6, cur.time - prev.time)
+
+    def rate(name: str) -> float:
+        return max(0.0, cur.totals.get(name, 0.0) - prev.totals.get(name, 0.0)) / dt
+
+    parts = [
+        f"t={elapsed:6.0f}s",
+        f"env {rate('spiral_actor_env_steps_total'):7.0f} steps/s",
+        f"learner {rate('spiral_learner_updates_total'):5.2f} upd/s (v{cur.maxima.get('spiral_learner_parameter_version', 0):.0f})",
+        f"disc {rate('spiral_discriminator_updates_total'):5.2f} upd/s",
+        f"lag {cur.maxima.get('spiral_actor_policy_lag_versions', 0):.0f}",
+    ]
+    capacity = cur.totals.get("spiral_replay_capacity_items", 0.0)
+    if capacity:
+        parts.append(f"replay {100 * cur.totals.get('spiral_replay_size_items', 0.0) / capacity:3.0f}%")
+    if "spiral_learner_episode_reward" in cur.totals:
+        parts.append(f"reward {cur.totals['spiral_learner_episode_reward']:+.3f}")
+    if cur.totals.get("spiral_learner_reconstruction_l2"):
+        parts.append(f"l2 {cur.totals['spiral_learner_reconstruction_l2']:.4f}")
+    return " | ".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------
+# Command
+# ---------------------------------------------------------------------------------------------
+
+
+def register(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default="tiny", help="experiment YAML or name under experiments/ (default: tiny)")
+    parser.add_argument("--name", help="run name (default: the experiment's name); output goes to RUNS_DIR/NAME")
+    parser.add_argument("--runs-dir", default="runs", help="parent directory of runs (default: runs)")
+    parser.add_argument("--actors", type=int, default=2, help="actor processes per member (default: 2)")
+    parser.add_argument("--population", type=int, default=None,
+                        help="population members (default: the config's pbt.population_size)")
+    parser.add_argument("--duration", type=float, default=0.0, help="stop after this many seconds (0: until Ctrl-C)")
+    parser.add_argument("--status-every", type=float, default=2.0, help="seconds between status lines")
+    parser.add_argument("--no-restart", action="store_true", help="do not restart processes that exit")
+
+
+def run(args: argparse.Namespace) -> int:
+    config_path = experiment_path(args.config)
+    if not config_path.exists():
+        print(f"spiral up: config {config_path} does not exist", file=sys.stderr)
+        return 2
+    cfg = load_experiment(config_path)
+    population = args.population or cfg.pbt.population_size
+    if population > 1:
+        cfg = dataclasses.replace(cfg, pbt=dataclasses.replace(cfg.pbt, population_size=population))
+    if args.actors < 1:
+        print("spiral up: --actors must be >= 1", file=sys.stderr)
+        return 2
+    run_dir = Path(args.runs_dir) / (args.name or cfg.name)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    resolved = run_dir / "config.yaml"
+    dump_experiment(cfg, resolved)
+
+    layout = plan_layout(cfg, resolved.resolve(), run_dir.resolve(), args.actors, population)
+    supervisor = Supervisor(layout, run_dir, restart=not args.no_restart)
+    stopping = {"flag": False}
+
+    def request_stop(signum: int, _frame: object) -> None:
+        stopping["flag"] = True
+
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+    print(f"spiral up: {len(layout.processes)} processes, run directory {run_dir} "
+          f"(cluster.json, logs/); Ctrl-C stops", flush=True)
+    supervisor.start()
+    started = time.monotonic()
+    interactive = sys.stdout.isatty()
+    prev = take_snapshot(layout)
+    next_status = started + args.status_every
+    try:
+        while not stopping["flag"]:
+            if args.duration and time.monotonic() - started >= args.duration:
+                break
+            for event in supervisor.poll():
+                print(("\n" if interactive else "") + f"spiral up: {event}", flush=True)
+            if time.monotonic() >= next_status:
+                cur = take_snapshot(layout)
+                line = format_status(prev, cur, time.monotonic() - started)
+                print(("\r" + line.ljust(150)) if interactive else line, end="" if interactive else "\n", flush=True)
+                prev, next_status = cur, time.monotonic() + args.status_every
+            time.sleep(0.2)
+    finally:
+        print(("\n" if interactive else "") + "spiral up: stopping", flush=True)
+        supervisor.stop()
+        supervisor.write_cluster_file()
+    print(f"spiral up: stopped; outputs in {run_dir}", flush=True)
+    return 0
