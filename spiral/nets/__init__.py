@@ -1,0 +1,62 @@
+"""SPIRAL's networks in PyTorch: the policy, the discriminator and their parameters on the wire.
+
+* :func:`build_policy` / :func:`build_discriminator` build the networks an experiment describes.
+* :func:`observation_to_tensors` turns environment observations (numpy, HWC uint8) into
+  :class:`~spiral.nets.policy.PolicyInputs` (torch, CHW floats in [0, 1]); it works for one step
+  (``[N, ...]``) and for stacked episodes (``[T, B, ...]``, e.g. ``Unroll.observations()``).
+* :func:`images_to_tensor` does the same for a batch of images (discriminator inputs).
+* :mod:`spiral.nets.params` snapshots and restores parameters with a version.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from spiral.config import ExperimentConfig
+from spiral.envs import action_spec_for
+from spiral.envs.base import Observation
+from spiral.nets.discriminator import Discriminator
+from spiral.nets.policy import PolicyInputs, PolicyOutput, SpiralPolicy, UnrollOutput
+
+__all__ = ["Discriminator", "PolicyInputs", "PolicyOutput", "SpiralPolicy", "UnrollOutput", "build_discriminator",
+           "build_policy", "images_to_tensor", "observation_to_tensors"]
+
+
+def build_policy(cfg: ExperimentConfig) -> SpiralPolicy:
+    """The policy for ``cfg``: its action space, image size/channels, noise, conditioning and sizes."""
+    return SpiralPolicy(action_spec_for(cfg), image_channels=cfg.image_channels, image_size=cfg.env.image_size,
+                        noise_dim=cfg.env.noise_dim, conditional=cfg.env.conditional, config=cfg.policy)
+
+
+def build_discriminator(cfg: ExperimentConfig) -> Discriminator:
+    """The critic for ``cfg`` (conditional experiments judge (render, target) pairs)."""
+    return Discriminator(cfg.image_channels, cfg.env.image_size, conditional=cfg.env.conditional,
+                         channels=cfg.discriminator.channels, num_layers=cfg.discriminator.num_layers)
+
+
+def images_to_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 ``[..., H, W, C]`` images to float ``[..., C, H, W]`` in [0, 1]."""
+    images = np.asarray(images)
+    if images.dtype != np.uint8 or images.ndim < 3:
+        raise ValueError(f"images must be uint8 [..., H, W, C], got {images.dtype} {images.shape}")
+    tensor = torch.from_numpy(np.ascontiguousarray(images)).movedim(-1, -3)
+    return tensor.float().div_(255.0).contiguous()
+
+
+def observation_to_tensors(obs: Observation) -> PolicyInputs:
+    """Environment observation(s) to policy inputs; leading axes (``[N]`` or ``[T, B]``) are kept."""
+    lead = obs.canvas.shape[:-3]
+    for name in ("step", "prev_action", "prev_mask", "noise"):
+        value = np.asarray(getattr(obs, name))
+        if value.shape[:len(lead)] != lead:
+            raise ValueError(f"observation.{name} has shape {value.shape}; its leading axes must match the "
+                             f"canvas's {lead}")
+    return PolicyInputs(
+        canvas=images_to_tensor(obs.canvas),
+        step=torch.as_tensor(np.asarray(obs.step, dtype=np.int64)),
+        prev_action=torch.as_tensor(np.asarray(obs.prev_action, dtype=np.int64)),
+        prev_mask=torch.as_tensor(np.asarray(obs.prev_mask, dtype=np.float32)),
+        noise=torch.as_tensor(np.asarray(obs.noise, dtype=np.float32)),
+        target=None if obs.target is None else images_to_tensor(obs.target),
+    )
