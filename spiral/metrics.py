@@ -18,7 +18,7 @@ from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_se
 # -- gRPC, every service ----------------------------------------------------------------------
 GRPC_HANDLING_SECONDS = Histogram(
     "spiral_grpc_server_handling_seconds", "Time to handle a gRPC call, by method.",
-    ["service", "method"], buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+    ["service", "method", "code"], buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
 GRPC_HANDLED_TOTAL = Counter(
     "spiral_grpc_server_handled_total", "gRPC calls handled, by method and status code.",
     ["service", "method", "code"])
