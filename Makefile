@@ -57,5 +57,16 @@ bench: deps
 	$(PYTHON) bench/env_throughput.py
 	$(PYTHON) bench/policy_speed.py
 
+# Local Kubernetes (deploy/kind/): each script says what is missing and stops where Docker or
+# kind is not installed. See deploy/README.md.
+kind-up:
+	bash deploy/kind/kind-up.sh
+
+kind-test:
+	bash deploy/kind/kind-test.sh
+
+kind-down:
+	bash deploy/kind/kind-down.sh
+
 clean:
 	rm -rf .cache build *.egg-info
