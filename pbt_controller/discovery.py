@@ -1,0 +1,282 @@
+"""Finding the population's members and their service addresses.
+
+A member ``i`` is one policy learner, one discriminator and one replay buffer. The controller
+needs their addresses to tell an actor where to work (``AssignActor``) and a learner where its
+donor lives. Two sources:
+
+* **A static members file** (``--members FILE``, JSON or YAML): a list of
+  ``{member, learner_address, discriminator_address, replay_address}`` (:func:`load_members_file`).
+  ``spiral up --population K`` writes one.
+* **Kubernetes** (:class:`KubernetesDiscovery`): members are StatefulSets of K replicas behind
+  headless Services, so member ``i`` is the pod with ordinal ``i`` (``spiral-learner-3`` is
+  member 3) and its stable address is ``<pod>.<service>.<namespace>.svc:<port>``. The learner
+  pods are listed through the Kubernetes API (in-cluster config, label selector
+  ``app.kubernetes.io/component=learner`` in the controller's own namespace); the
+  discriminator and replay buffer of member ``i`` are the ordinal-``i`` pods of their own
+  StatefulSets, whose DNS names follow from the StatefulSet names.
+
+:func:`make_discovery` picks Kubernetes when running in a cluster (and no file was given) and
+falls back to the static file elsewhere.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Protocol
+
+import yaml
+
+log = logging.getLogger(__name__)
+
+NAMESPACE_FILE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+"""Where a pod finds its own namespace."""
+
+_ORDINAL = re.compile(r"^(?P<set>[a-z0-9]([-a-z0-9]*[a-z0-9])?)-(?P<ordinal>\d+)$")
+
+
+@dataclass(frozen=True)
+class MemberAddresses:
+    """The services of one population member."""
+
+    member: int
+    learner_address: str
+    discriminator_address: str
+    replay_address: str
+
+
+class Discovery(Protocol):
+    """Something that knows the current members' addresses."""
+
+    def members(self) -> dict[int, MemberAddresses]:
+        """Member index -> addresses of the members currently known."""
+        ...
+
+
+# ---------------------------------------------------------------------------------------------
+# Static file
+# ---------------------------------------------------------------------------------------------
+
+
+def parse_members(entries: Any, source: str = "members") -> dict[int, MemberAddresses]:
+    """Validate a list of member dicts (the members file's content).
+
+    Raises:
+        ValueError: naming the entry and field that is missing or wrong.
+    """
+    if not isinstance(entries, list):
+        raise ValueError(f"{source}: expected a list of members, got {type(entries).__name__}")
+    found: dict[int, MemberAddresses] = {}
+    for index, entry in enumerate(entries):
+        where = f"{source}[{index}]"
+        if not isinstance(entry, dict):
+            raise ValueError(f"{where}: expected a mapping, got {type(entry).__name__}")
+        unknown = set(entry) - {"member", "learner_address", "discriminator_address", "replay_address"}
+        if unknown:
+            raise ValueError(f"{where}: unknown field(s) {sorted(unknown)}")
+        member = entry.get("member")
+        if not isinstance(member, int) or isinstance(member, bool) or member < 0:
+            raise ValueError(f"{where}.member: must be an integer >= 0, got {member!r}")
+        if member in found:
+            raise ValueError(f"{where}.member: member {member} is listed twice")
+        addresses = {}
+        for name in ("learner_address", "discriminator_address", "replay_address"):
+            value = entry.get(name)
+            if not isinstance(value, str) or ":" not in value:
+                raise ValueError(f"{where}.{name}: must be a 'host:port' string, got {value!r}")
+            addresses[name] = value
+        found[member] = MemberAddresses(member=member, **addresses)
+    return found
+
+
+def load_members_file(path: str | Path) -> dict[int, MemberAddresses]:
+    """Read a JSON or YAML members file (YAML is a superset of JSON, so one parser reads both)."""
+    path = Path(path)
+    try:
+        content = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise ValueError(f"members file {path}: {exc}") from None
+    return parse_members(content, str(path))
+
+
+def write_members_file(path: str | Path, members: Iterable[MemberAddresses]) -> Path:
+    """Write a members file (JSON) that :func:`load_members_file` reads back."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps([vars(m) for m in sorted(members, key=lambda m: m.member)], indent=2) + "\n")
+    return path
+
+
+@dataclass
+class StaticDiscovery:
+    """Members from a fixed mapping (a members file, or nothing)."""
+
+    known: dict[int, MemberAddresses]
+
+    def members(self) -> dict[int, MemberAddresses]:
+        return dict(self.known)
+
+
+# ---------------------------------------------------------------------------------------------
+# Kubernetes
+# ---------------------------------------------------------------------------------------------
+
+
+def statefulset_ordinal(pod_name: str) -> tuple[str, int]:
+    """``"spiral-learner-3"`` -> ``("spiral-learner", 3)``: a StatefulSet pod's set and ordinal.
+
+    Raises:
+        ValueError: ``pod_name`` is not ``<statefulset>-<ordinal>``.
+    """
+    match = _ORDINAL.match(pod_name)
+    if not match:
+        raise ValueError(f"pod name {pod_name!r} is not <statefulset>-<ordinal>")
+    return match.group("set"), int(match.group("ordinal"))
+
+
+def headless_address(pod: str, service: str, namespace: str, port: int) -> str:
+    """Stable DNS address of a StatefulSet pod behind a headless Service."""
+    return f"{pod}.{service}.{namespace}.svc:{port}"
+
+
+@dataclass(frozen=True)
+class StatefulSetRef:
+    """A StatefulSet (and its headless Service, same name by spiral's convention) and its gRPC port."""
+
+    name: str
+    port: int
+
+
+DEFAULT_LEARNER = StatefulSetRef("spiral-learner", 50051)
+DEFAULT_DISCRIMINATOR = StatefulSetRef("spiral-discriminator", 50052)
+DEFAULT_REPLAY = StatefulSetRef("spiral-replaybuffer", 50053)
+
+
+@dataclass(frozen=True)
+class PodInfo:
+    """The parts of a pod discovery reads (plain data, so the logic is testable without a cluster).
+
+    Attributes:
+        name: Pod name, ``<statefulset>-<ordinal>``.
+        subdomain: ``spec.subdomain``: the headless Service of a StatefulSet pod ('' if none).
+        phase: ``status.phase`` (only ``Running`` pods count).
+        deleting: Whether ``metadata.deletionTimestamp`` is set.
+    """
+
+    name: str
+    subdomain: str = ""
+    phase: str = "Running"
+    deleting: bool = False
+
+
+def members_from_pods(pods: Iterable[PodInfo], namespace: str, learner: StatefulSetRef = DEFAULT_LEARNER,
+                      discriminator: StatefulSetRef = DEFAULT_DISCRIMINATOR,
+                      replay: StatefulSetRef = DEFAULT_REPLAY) -> dict[int, MemberAddresses]:
+    """Members from the learner pods: member = ordinal; addresses from the headless Services.
+
+    Pods that are not Running, are being deleted, or whose name has no ordinal are skipped.
+    The discriminator and replay buffer of member ``i`` are ordinal ``i`` of their StatefulSets.
+    """
+    found: dict[int, MemberAddresses] = {}
+    for pod in pods:
+        if pod.phase != "Running" or pod.deleting:
+            continue
+        try:
+            set_name, ordinal = statefulset_ordinal(pod.name)
+        except ValueError:
+            log.warning("skipping learner pod %s: no StatefulSet ordinal in its name", pod.name)
+            continue
+        service = pod.subdomain or set_name
+        found[ordinal] = MemberAddresses(
+            member=ordinal,
+            learner_address=headless_address(pod.name, service, namespace, learner.port),
+            discriminator_address=headless_address(f"{discriminator.name}-{ordinal}", discriminator.name, namespace,
+                                                   discriminator.port),
+            replay_address=headless_address(f"{replay.name}-{ordinal}", replay.name, namespace, replay.port),
+        )
+    return found
+
+
+def in_cluster() -> bool:
+    """Whether this process runs in a Kubernetes pod (service account mounted, API host set)."""
+    return bool(os.environ.get("KUBERNETES_SERVICE_HOST")) and NAMESPACE_FILE.exists()
+
+
+class KubernetesDiscovery:
+    """Members from the Kubernetes API, refreshed at most every ``refresh_seconds``.
+
+    Needs RBAC to list pods in its namespace (``deploy/components/pbt-controller/rbac.yaml``).
+    When a refresh fails the last known members are kept (and the error logged).
+    """
+
+    def __init__(self, namespace: str | None = None, selector: str = "app.kubernetes.io/component=learner",
+                 refresh_seconds: float = 10.0, list_pods: Callable[[str, str], list[PodInfo]] | None = None,
+                 learner: StatefulSetRef = DEFAULT_LEARNER, discriminator: StatefulSetRef = DEFAULT_DISCRIMINATOR,
+                 replay: StatefulSetRef = DEFAULT_REPLAY) -> None:
+        self.namespace = namespace or NAMESPACE_FILE.read_text().strip()
+        self.selector = selector
+        self.refresh_seconds = refresh_seconds
+        self._list_pods = list_pods or _kubernetes_pod_lister()
+        self._refs = (learner, discriminator, replay)
+        self._lock = threading.Lock()
+        self._known: dict[int, MemberAddresses] = {}
+        self._refreshed = -float("inf")
+
+    def members(self) -> dict[int, MemberAddresses]:
+        with self._lock:
+            now = time.monotonic()
+            if now - self._refreshed >= self.refresh_seconds:
+                self._refreshed = now
+                try:
+                    pods = self._list_pods(self.namespace, self.selector)
+                    self._known = members_from_pods(pods, self.namespace, *self._refs)
+                except Exception as exc:  # noqa: BLE001 - API trouble must not take the controller down
+                    log.warning("listing pods %r in %s failed (%s); keeping %d known members",
+                                self.selector, self.namespace, exc, len(self._known))
+            return dict(self._known)
+
+
+def _kubernetes_pod_lister() -> Callable[[str, str], list[PodInfo]]:
+    """A pod lister over the in-cluster API (imports the client only when needed)."""
+    from kubernetes import client, config
+
+    config.load_incluster_config()
+    api = client.CoreV1Api()
+
+    def list_pods(namespace: str, selector: str) -> list[PodInfo]:
+        pods = api.list_namespaced_pod(namespace, label_selector=selector, _request_timeout=10)
+        return [PodInfo(name=p.metadata.name, subdomain=(p.spec.subdomain or "") if p.spec else "",
+                        phase=(p.status.phase or "") if p.status else "",
+                        deleting=p.metadata.deletion_timestamp is not None) for p in pods.items]
+
+    return list_pods
+
+
+def make_discovery(members_file: str | Path | None) -> Discovery:
+    """The static file when given; else Kubernetes when in a cluster; else no members.
+
+    Raises:
+        ValueError: the members file is unreadable or invalid.
+    """
+    if members_file:
+        known = load_members_file(members_file)
+        log.info("members from %s: %s", members_file, sorted(known))
+        return StaticDiscovery(known)
+    if in_cluster():
+        try:
+            discovery = KubernetesDiscovery()
+            log.info("discovering members from Kubernetes (namespace %s, selector %s)", discovery.namespace,
+                     discovery.selector)
+            return discovery
+        except Exception as exc:  # noqa: BLE001 - degrade to no members rather than crash-loop
+            log.warning("Kubernetes discovery unavailable (%s); no members known", exc)
+    else:
+        log.warning("no --members file and not in a Kubernetes cluster: no member addresses known "
+                    "(AssignActor will fail until a members file is given)")
+    return StaticDiscovery({})

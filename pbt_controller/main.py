@@ -1,0 +1,110 @@
+"""``spiral pbt-controller``: the population-based-training controller as a service process.
+
+Serves ``spiral.v1.PBTController`` on ``--listen`` (default ``127.0.0.1:50054``) for a
+population of ``pbt.population_size`` members (or ``--population K``). Member addresses come
+from ``--members FILE`` (JSON/YAML list of ``{member, learner_address, discriminator_address,
+replay_address}``) or, in a Kubernetes pod without that flag, from the Kubernetes API
+(:mod:`pbt_controller.discovery`).
+
+State and logs live in ``RUN_DIR/pbt/``: ``state.json`` (reloaded on start, so a restarted
+controller loses no member, hyperparameter or assignment), ``lineage.jsonl``,
+``reports.jsonl`` and ``population.png`` (redrawn every ``--plot-seconds`` when there is news,
+and at shutdown). Metrics: ``spiral_pbt_fitness``, ``spiral_pbt_hyperparameter``,
+``spiral_pbt_exploits_total``, ``spiral_pbt_explores_total``, ``spiral_pbt_actors`` and the
+gRPC call metrics on ``--metrics-port``. SIGTERM/SIGINT: NOT_SERVING, in-flight calls finish,
+state saved, plot drawn, exit 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import threading
+
+from pbt_controller.controller import Controller
+from pbt_controller.discovery import make_discovery
+from pbt_controller.service import PBTControllerServicer
+from pbt_controller.state import StateStore
+from spiral import metrics
+from spiral.rpc.server import BindError, build_server
+from spiral.service_options import ServiceOptions, add_service_arguments, resolve_service_options
+
+log = logging.getLogger(__name__)
+
+SHUTDOWN_GRACE_SECONDS = 5.0
+
+
+def register(parser: argparse.ArgumentParser) -> None:
+    add_service_arguments(parser)
+    parser.add_argument("--members", default=os.environ.get("SPIRAL_PBT_MEMBERS") or None,
+                        help="JSON/YAML list of {member, learner_address, discriminator_address, replay_address}; "
+                             "without it, members are discovered from Kubernetes when in a cluster "
+                             "[SPIRAL_PBT_MEMBERS]")
+    parser.add_argument("--population", type=int, default=None,
+                        help="population size (default: the experiment's pbt.population_size)")
+    parser.add_argument("--actor-timeout", type=float, default=60.0,
+                        help="seconds after which an actor that has not called AssignActor is forgotten (default 60)")
+    parser.add_argument("--seed", type=int, default=None, help="seed of the PBT decisions (default: experiment seed)")
+    parser.add_argument("--plot-seconds", type=float, default=60.0,
+                        help="redraw population.png at most this often (default 60; 0 only at shutdown)")
+
+
+def _start_process(opts: ServiceOptions) -> None:
+    """Logging, metrics endpoint and run directory (without torch: this service never needs it)."""
+    logging.basicConfig(level=os.environ.get("SPIRAL_LOG_LEVEL", "INFO"), stream=sys.stderr,
+                        format=f"%(asctime)s {opts.role} %(levelname)s %(name)s: %(message)s")
+    if opts.metrics_port:
+        metrics.serve_metrics(opts.metrics_port, opts.metrics_address)
+        log.info("metrics on http://%s:%d/metrics", opts.metrics_address, opts.metrics_port)
+    opts.run_dir.mkdir(parents=True, exist_ok=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    opts = resolve_service_options("pbt-controller", args)
+    cfg = opts.config
+    _start_process(opts)
+    population = args.population if args.population is not None else cfg.pbt.population_size
+    try:
+        discovery = make_discovery(args.members)
+        controller = Controller(cfg.pbt, population, StateStore(opts.run_dir / "pbt"), discovery,
+                                actor_timeout=args.actor_timeout, seed=cfg.seed if args.seed is None else args.seed)
+        server = build_server([PBTControllerServicer(controller).binding()], opts.listen, cfg.services)
+    except (ValueError, BindError) as exc:
+        log.error("%s", exc)
+        return 1
+    server.start()
+    log.info("PBT controller serving on %s: %d members (%s), state in %s", server.address, population,
+             "restored" if controller.restored else "new", controller.store.directory)
+
+    stop = threading.Event()
+
+    def plotter() -> None:
+        drawn = -1
+        while not stop.wait(args.plot_seconds):
+            size = controller.store.reports_path.stat().st_size if controller.store.reports_path.exists() else 0
+            if size != drawn:
+                try:
+                    controller.write_plot()
+                    drawn = size
+                except Exception:  # noqa: BLE001 - a plot must never stop the controller
+                    log.exception("drawing %s failed", controller.store.plot_path)
+
+    thread = threading.Thread(target=plotter, name="pbt-plot", daemon=True)
+    if args.plot_seconds > 0:
+        thread.start()
+
+    def stopped() -> None:
+        stop.set()
+        if thread.is_alive():
+            thread.join(timeout=30)
+        controller.save()
+        try:
+            controller.write_plot()
+        except Exception:  # noqa: BLE001
+            log.exception("drawing %s failed", controller.store.plot_path)
+
+    server.serve_until_signal(grace=SHUTDOWN_GRACE_SECONDS, on_stopping=stop.set, on_stopped=stopped)
+    log.info("PBT controller stopped (state saved in %s)", controller.store.state_path)
+    return 0
