@@ -1,0 +1,200 @@
+"""One policy-learner update: rewards, V-trace and an Adam step, free of queues and networking.
+
+:class:`PolicyTrainer` turns a batch of finished episodes (:class:`~spiral.trajectory.Unroll`)
+into one optimiser step of SPIRAL's off-policy actor-critic (A2C with V-trace, as IMPALA):
+
+1. **Rewards.** The final render of each episode is scored once
+   (:func:`spiral.rewards.episode_rewards`: discriminator score, optional negative L2 to the
+   target, blank-canvas penalty); that reward sits at the last step ``T - 1`` and every other
+   step gets 0, minus ``stroke_start_penalty`` where a paint step starts a new stroke.
+2. **Re-evaluation.** The learner's policy scores the actors' actions from a fresh LSTM state
+   (:meth:`SpiralPolicy.unroll`): log-probabilities, entropies and values, all ``[T, B]``.
+3. **V-trace.** With the behaviour log-probabilities the actors recorded, discount ``gamma``
+   at every step but 0 after the last, and bootstrap value 0 (episodes are complete).
+4. **Loss and step.** ``pg + baseline_cost * baseline + entropy_cost * entropy`` (sums, see
+   :mod:`spiral.losses.actor_critic`), global gradient-norm clipping, Adam.
+
+The learning rate and entropy cost are the hyperparameters population-based training tunes
+(:meth:`set_hyperparameters`); they live in the checkpointed state with the weights and the
+optimiser moments.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from spiral.config import ExperimentConfig
+from spiral.losses import baseline_loss, entropy_loss, policy_gradient_loss, vtrace
+from spiral.nets import observation_to_tensors
+from spiral.nets.discriminator import Discriminator
+from spiral.nets.policy import SpiralPolicy
+from spiral.rewards import episode_rewards, stroke_starts
+from spiral.trajectory import Unroll
+
+
+@dataclass
+class PolicyUpdateStats:
+    """What one update measured (batch means unless said otherwise).
+
+    Attributes:
+        loss: Total loss (a sum over the batch, see :mod:`spiral.losses.actor_critic`).
+        pg_loss, baseline_loss, entropy_loss: Its unweighted terms.
+        mean_reward: Mean per-episode return (final reward plus shaping penalties).
+        reconstruction_l2: Mean squared error of final renders to targets (NaN if unconditional).
+        discriminator_score: Mean critic score of the final renders (NaN without a critic).
+        mean_rho: Mean importance weight pi/mu (1 when on-policy; drifts with policy lag).
+        grad_norm: Global gradient norm before clipping.
+        discriminator_version: Version of the critic that produced the rewards.
+        learning_rate, entropy_cost: The hyperparameters in force.
+        mean_entropy: Mean per-step policy entropy (summed over kept heads).
+        blank_fraction: Fraction of final renders that show nothing.
+    """
+
+    loss: float
+    pg_loss: float
+    baseline_loss: float
+    entropy_loss: float
+    mean_reward: float
+    reconstruction_l2: float
+    discriminator_score: float
+    mean_rho: float
+    grad_norm: float
+    discriminator_version: float
+    learning_rate: float
+    entropy_cost: float
+    mean_entropy: float = math.nan
+    blank_fraction: float = math.nan
+
+
+class PolicyTrainer:
+    """Owns the policy's optimiser and hyperparameters and performs updates.
+
+    Args:
+        cfg: The experiment (``cfg.learner`` holds Adam's settings, the costs and V-trace's
+            thresholds; ``cfg.learner.reward`` the reward weights).
+        policy: The policy to train (moved to ``device``).
+        device: Torch device of the update.
+    """
+
+    def __init__(self, cfg: ExperimentConfig, policy: SpiralPolicy, device: str | torch.device = "cpu") -> None:
+        self.cfg = cfg
+        self.device = torch.device(device)
+        self.policy = policy.to(self.device)
+        lc = cfg.learner
+        self._learning_rate = float(lc.learning_rate)
+        self._entropy_cost = float(lc.entropy_cost)
+        self.optimizer = torch.optim.Adam(self.policy.parameters(), lr=self._learning_rate,
+                                          betas=(lc.adam_beta1, lc.adam_beta2), eps=lc.adam_eps)
+
+    # -- hyperparameters -----------------------------------------------------------------------
+
+    @property
+    def hyperparameters(self) -> dict[str, float]:
+        """``{"learning_rate": ..., "entropy_cost": ...}`` currently in force."""
+        return {"learning_rate": self._learning_rate, "entropy_cost": self._entropy_cost}
+
+    def set_hyperparameters(self, learning_rate: float | None = None, entropy_cost: float | None = None) -> None:
+        """Change the learning rate (in every optimiser parameter group) and/or the entropy cost."""
+        if learning_rate is not None:
+            if not (math.isfinite(learning_rate) and learning_rate > 0):
+                raise ValueError(f"learning_rate must be a finite number > 0, got {learning_rate!r}")
+            self._learning_rate = float(learning_rate)
+            for group in self.optimizer.param_groups:
+                group["lr"] = self._learning_rate
+        if entropy_cost is not None:
+            if not (math.isfinite(entropy_cost) and entropy_cost >= 0):
+                raise ValueError(f"entropy_cost must be a finite number >= 0, got {entropy_cost!r}")
+            self._entropy_cost = float(entropy_cost)
+
+    # -- rewards -------------------------------------------------------------------------------
+
+    def step_rewards(self, unroll: Unroll, critic: Discriminator | None) -> tuple[torch.Tensor, dict[str, float]]:
+        """Per-step rewards ``[T, B]`` of an unroll and the reward's parts (batch means).
+
+        The episode reward sits at step ``T - 1``; the stroke-start penalty (painting only) is
+        paid at the step that starts the stroke.
+        """
+        t, b = unroll.num_steps, unroll.batch_size
+        final, parts = episode_rewards(unroll.final_canvases, unroll.targets, critic, self.cfg.learner.reward,
+                                       device=self.device, empty_canvases=unroll.canvases[0])
+        rewards = torch.zeros(t, b, dtype=torch.float32, device=self.device)
+        rewards[-1] = final
+        penalty = self.cfg.learner.reward.stroke_start_penalty
+        starts = stroke_starts(unroll.actions[..., 0]) if self.cfg.env.kind == "paint" else np.zeros((t, b), np.float32)
+        if penalty:
+            rewards -= penalty * torch.from_numpy(starts).to(self.device)
+        parts["stroke_starts"] = float(starts.sum(0).mean())
+        return rewards, parts
+
+    # -- the update ----------------------------------------------------------------------------
+
+    def update(self, unroll: Unroll, critic: Discriminator | None, discriminator_version: int = 0) -> PolicyUpdateStats:
+        """Score the unroll's episodes with ``critic`` and take one optimiser step on them."""
+        unroll.validate()
+        rewards, parts = self.step_rewards(unroll, critic)
+        return self.learn(unroll, rewards, parts, discriminator_version)
+
+    def learn(self, unroll: Unroll, rewards: torch.Tensor, parts: dict[str, float] | None = None,
+              discriminator_version: int = 0) -> PolicyUpdateStats:
+        """One optimiser step on ``unroll`` with the given per-step ``rewards`` ``[T, B]``."""
+        lc = self.cfg.learner
+        t, b = unroll.num_steps, unroll.batch_size
+        if tuple(rewards.shape) != (t, b):
+            raise ValueError(f"rewards must be [T, B] = [{t}, {b}], got {list(rewards.shape)}")
+        parts = parts or {}
+        device = self.device
+        self.policy.train()
+        inputs = observation_to_tensors(unroll.observations()).to(device)
+        actions = torch.from_numpy(np.ascontiguousarray(unroll.actions)).long().to(device)
+        behaviour = torch.from_numpy(np.ascontiguousarray(unroll.behaviour_log_probs)).float().to(device)
+        rewards = rewards.to(device=device, dtype=torch.float32)
+
+        out = self.policy.unroll(inputs, actions, self.policy.initial_state(b, device))
+        discounts = torch.full((t, b), float(lc.discount), device=device)
+        discounts[-1] = 0.0
+        returns = vtrace(behaviour, out.log_prob.detach(), discounts, rewards, out.value.detach(),
+                         torch.zeros(b, device=device), clip_rho_threshold=lc.clip_rho_threshold,
+                         clip_pg_rho_threshold=lc.clip_pg_rho_threshold, clip_c_threshold=lc.clip_c_threshold)
+        pg = policy_gradient_loss(out.log_prob, returns.pg_advantages)
+        base = baseline_loss(returns.vs - out.value)
+        ent = entropy_loss(out.entropy)
+        loss = pg + lc.baseline_cost * base + self._entropy_cost * ent
+
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        parameters = [p for p in self.policy.parameters() if p.grad is not None]
+        max_norm = lc.max_grad_norm if lc.max_grad_norm > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+        self.optimizer.step()
+
+        return PolicyUpdateStats(
+            loss=float(loss.detach()), pg_loss=float(pg.detach()), baseline_loss=float(base.detach()),
+            entropy_loss=float(ent.detach()), mean_reward=float(rewards.sum(0).mean()),
+            reconstruction_l2=float(parts.get("reconstruction_l2", math.nan)),
+            discriminator_score=float(parts.get("discriminator_score", math.nan)),
+            mean_rho=float(returns.rhos.mean()), grad_norm=float(grad_norm),
+            discriminator_version=float(discriminator_version), learning_rate=self._learning_rate,
+            entropy_cost=self._entropy_cost, mean_entropy=float(out.entropy.detach().mean()),
+            blank_fraction=float(parts.get("blank_fraction", math.nan)),
+        )
+
+    # -- checkpoints ---------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Policy weights, optimiser state and hyperparameters (a checkpoint or a PBT copy)."""
+        return {"policy": self.policy.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "hyperparameters": self.hyperparameters}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned (tensors are copied onto this trainer's device)."""
+        missing = {"policy", "optimizer", "hyperparameters"} - set(state)
+        if missing:
+            raise ValueError(f"trainer state lacks {sorted(missing)}")
+        self.policy.load_state_dict(state["policy"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.set_hyperparameters(**state["hyperparameters"])
