@@ -297,7 +297,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"spiral up: config {config_path} does not exist", file=sys.stderr)
         return 2
     cfg = load_experiment(config_path)
-    population = args.population or cfg.pbt.population_size
+    population = args.population or 1
+    if population > 1:
+        print("spiral up: --population > 1 needs the PBT controller, which is not built yet; "
+              "run one member (omit --population)", file=sys.stderr)
+        return 2
+    if cfg.pbt.population_size > 1:
+        print(f"spiral up: the experiment asks for a population of {cfg.pbt.population_size}; "
+              "running one member (population-based training is not built yet)", flush=True)
     if population > 1:
         cfg = dataclasses.replace(cfg, pbt=dataclasses.replace(cfg.pbt, population_size=population))
     if args.actors < 1:

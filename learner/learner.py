@@ -1,0 +1,234 @@
+"""The policy learner, free of networking: ingest, update, publish, checkpoint, draw.
+
+:class:`PolicyLearner` owns the policy, its optimizer (through
+:class:`learner.training.PolicyTrainer`), the ingest queue, the published parameters and the
+critic copy that scores episodes. Its loop:
+
+1. take ``batch_size`` episodes from the ingest queue (waiting as long as it must);
+2. refresh the critic from the discriminator learner if a newer version exists;
+3. score the final canvases, compute V-trace and update (the critic version is recorded);
+4. publish the new parameters with version + 1;
+5. every few updates write an atomic checkpoint, a JSON-lines log row and a sample grid.
+
+``submit`` is what the gRPC service (or an in-process actor) calls; it refuses unrolls whose
+policy is too far behind (``learner.max_policy_lag`` versions) with :class:`StaleUnroll`.
+Hyperparameter changes and weight copies from population-based training are applied between
+updates, never during one (:meth:`request_exploit`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from learner.ingest import IngestQueue
+from learner.training import PolicyTrainer
+from spiral import metrics
+from spiral.checkpoint import latest_checkpoint, save_checkpoint
+from spiral.config import ExperimentConfig
+from spiral.nets import build_discriminator, build_policy
+from spiral.nets.params import ParameterSnapshot, load_snapshot, snapshot_of
+from spiral.sources import ParameterSource, PublishedParameters
+from spiral.trajectory import Unroll
+from spiral.visualize import pair_grid, save_png
+
+log = logging.getLogger(__name__)
+
+
+class StaleUnroll(Exception):
+    """An unroll acted with a policy more than ``max_policy_lag`` versions behind."""
+
+
+@dataclass
+class ExploitRequest:
+    """A PBT instruction: become a copy of a donor, with new hyperparameters."""
+
+    policy_state: dict[str, Any] | None
+    hyperparameters: dict[str, float]
+
+
+class PolicyLearner:
+    """Pure learner logic around :class:`PolicyTrainer`.
+
+    Args:
+        cfg: The experiment.
+        run_dir: Where checkpoints (``learner/``), samples (``samples/``) and logs go.
+        member: Population member index (metric label).
+        critic_source: Where discriminator parameters come from (None: reward without a critic).
+        device: Torch device for updates.
+    """
+
+    def __init__(self, cfg: ExperimentConfig, run_dir: Path, member: int = 0,
+                 critic_source: ParameterSource | None = None, device: str = "cpu") -> None:
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.checkpoint_dir = self.run_dir / "learner"
+        self.samples_dir = self.run_dir / "samples"
+        self.member = str(member)
+        self.device = device
+        self.policy = build_policy(cfg).to(device)
+        self.critic = build_discriminator(cfg).to(device).eval()
+        self.critic_version = 0
+        self.critic_source = critic_source
+        self.trainer = PolicyTrainer(cfg, self.policy, device=device)
+        self.queue = IngestQueue(cfg.learner.queue_capacity)
+        self.version = 0
+        self.frames = 0
+        self.updates = 0
+        self._pending: ExploitRequest | None = None
+        self._pending_lock = threading.Lock()
+        self._log_path = self.run_dir / "learner.jsonl"
+        restored = latest_checkpoint(self.checkpoint_dir)
+        if restored is not None:
+            self.version, state = restored
+            self.trainer.load_state_dict(state["trainer"])
+            self.frames = int(state.get("frames", 0))
+            self.updates = int(state.get("updates", 0))
+            log.info("resumed policy learner from checkpoint version %d", self.version)
+        self.published = PublishedParameters(self._snapshot())
+        self.last_stats: dict[str, float] = {}
+        metrics.LEARNER_PARAMETER_VERSION.labels(self.member).set(self.version)
+
+    # -- what peers call ---------------------------------------------------------------------
+
+    def submit(self, unroll: Unroll, timeout: float = 30.0) -> None:
+        """Queue an unroll for training (blocks while the queue is full, up to ``timeout``).
+
+        Raises:
+            StaleUnroll: The unroll's policy is more than ``max_policy_lag`` versions old.
+            learner.ingest.QueueFull: The queue stayed full for ``timeout`` seconds.
+        """
+        lag = self.version - unroll.policy_version
+        if lag > self.cfg.learner.max_policy_lag:
+            raise StaleUnroll(f"unroll acted with policy version {unroll.policy_version}, "
+                              f"{lag} versions behind the learner's {self.version} "
+                              f"(learner.max_policy_lag is {self.cfg.learner.max_policy_lag}); fetch new parameters")
+        if unroll.policy_version > self.version:
+            raise StaleUnroll(f"unroll claims policy version {unroll.policy_version}, newer than the learner's "
+                              f"{self.version}: the actor is talking to a different learner")
+        self.queue.put(unroll, timeout=timeout)
+        metrics.LEARNER_TRAJECTORIES_TOTAL.labels(self.member).inc(unroll.batch_size)
+        metrics.LEARNER_QUEUE_DEPTH.labels(self.member).set(self.queue.depth)
+
+    def fetch(self, have_version: int) -> ParameterSnapshot | None:
+        """ParameterSource: the published policy if newer than ``have_version``."""
+        return self.published.fetch(have_version)
+
+    def request_exploit(self, request: ExploitRequest) -> None:
+        """Apply a PBT copy/perturbation before the next update."""
+        with self._pending_lock:
+            self._pending = request
+
+    @property
+    def hyperparameters(self) -> dict[str, float]:
+        return dict(self.trainer.hyperparameters)
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    def _snapshot(self) -> ParameterSnapshot:
+        return snapshot_of(self.policy, self.version)
+
+    def _refresh_critic(self) -> None:
+        if self.critic_source is None:
+            return
+        try:
+            snapshot = self.critic_source.fetch(self.critic_version)
+        except Exception as exc:  # noqa: BLE001 - a missing discriminator must not stop learning
+            log.warning("could not refresh discriminator parameters: %s", exc)
+            return
+        if snapshot is not None:
+            load_snapshot(self.critic, snapshot)
+            self.critic_version = snapshot.version
+
+    def _apply_pending(self) -> None:
+        with self._pending_lock:
+            request, self._pending = self._pending, None
+        if request is None:
+            return
+        if request.policy_state is not None:
+            self.trainer.load_state_dict(request.policy_state)
+        self.trainer.set_hyperparameters(**request.hyperparameters)
+        # The version keeps rising so actors pick up the copied weights.
+        self.version += 1
+        self.published.publish(self._snapshot())
+        metrics.LEARNER_PARAMETER_VERSION.labels(self.member).set(self.version)
+        log.info("applied PBT update; hyperparameters now %s", self.trainer.hyperparameters)
+
+    def step(self, timeout: float = 1.0) -> dict[str, float] | None:
+        """One update if a full batch arrives within ``timeout``; returns its statistics."""
+        self._apply_pending()
+        batch = self.queue.take_batch(self.cfg.learner.batch_size, timeout=timeout)
+        metrics.LEARNER_QUEUE_DEPTH.labels(self.member).set(self.queue.depth)
+        if batch is None:
+            return None
+        self._refresh_critic()
+        critic = self.critic if self.critic_version > 0 else None
+        started = time.perf_counter()
+        stats = self.trainer.update(batch, critic, discriminator_version=self.critic_version)
+        elapsed = time.perf_counter() - started
+        self.version += 1
+        self.updates += 1
+        self.frames += batch.num_steps * batch.batch_size
+        self.published.publish(self._snapshot())
+        record = {k: float(v) for k, v in dataclasses.asdict(stats).items() if isinstance(v, (int, float))}
+        record.update(update=self.version, frames=self.frames, seconds=elapsed,
+                      policy_lag=float(self.version - 1 - batch.policy_version))
+        self.last_stats = record
+        self._export_metrics(record, batch, elapsed)
+        self._periodic(batch, record)
+        return record
+
+    def _export_metrics(self, record: dict[str, float], batch: Unroll, elapsed: float) -> None:
+        m = self.member
+        metrics.LEARNER_UPDATES_TOTAL.labels(m).inc()
+        metrics.LEARNER_FRAMES_TOTAL.labels(m).inc(batch.num_steps * batch.batch_size)
+        metrics.LEARNER_PARAMETER_VERSION.labels(m).set(self.version)
+        metrics.LEARNER_UPDATE_SECONDS.labels(m).observe(elapsed)
+        metrics.LEARNER_DISCRIMINATOR_VERSION.labels(m).set(self.critic_version)
+        for key, value in record.items():
+            if key.endswith("_loss") or key == "loss":
+                metrics.LEARNER_LOSS.labels(m, key).set(value)
+        if "mean_reward" in record:
+            metrics.LEARNER_REWARD.labels(m).set(record["mean_reward"])
+        if "reconstruction_l2" in record:
+            metrics.LEARNER_RECONSTRUCTION_L2.labels(m).set(record["reconstruction_l2"])
+
+    def _periodic(self, batch: Unroll, record: dict[str, float]) -> None:
+        lc = self.cfg.learner
+        with open(self._log_path, "a") as handle:
+            handle.write(json.dumps({"time": time.time(), **record}) + "\n")
+        if lc.checkpoint_every_updates and self.version % lc.checkpoint_every_updates == 0:
+            self.checkpoint()
+        if lc.sample_grid_every_updates and self.version % lc.sample_grid_every_updates == 0:
+            self.save_samples(batch)
+
+    def save_samples(self, batch: Unroll, count: int = 16) -> Path:
+        """Sample grid PNG of final canvases (next to their targets in conditional runs)."""
+        renders = batch.final_canvases[:count]
+        targets = None if batch.targets is None else batch.targets[:count]
+        grid = pair_grid(renders, targets, columns=4 if targets is not None else 8)
+        path = save_png(grid, self.samples_dir / f"update-{self.version:08d}.png")
+        save_png(grid, self.samples_dir / "latest.png")
+        return path
+
+    def checkpoint(self) -> Path:
+        """Write an atomic checkpoint of the trainer (weights, optimizer, hyperparameters)."""
+        return save_checkpoint(self.checkpoint_dir, self.version,
+                               {"trainer": self.trainer.state_dict(), "frames": self.frames, "updates": self.updates,
+                                "critic_version": self.critic_version})
+
+    def run(self, stop: threading.Event) -> None:
+        """Update until ``stop`` is set, then write a last checkpoint."""
+        torch.set_num_threads(max(1, torch.get_num_threads()))
+        while not stop.is_set():
+            self.step(timeout=0.5)
+        self.checkpoint()
+

@@ -1,0 +1,75 @@
+"""The policy learner's gRPC face: parameters out, unrolls in, status.
+
+:class:`PolicyLearnerServicer` adapts a :class:`learner.learner.PolicyLearner` to the
+``spiral.v1.PolicyLearner`` service. Every received unroll is decoded and validated against
+the experiment (:func:`spiral.rpc.messages.decode_unroll`: heads, dtypes, shapes, byte counts,
+finite values, action ranges, masks) before it reaches the ingest queue; a bad or far-stale
+unroll aborts its stream with INVALID_ARGUMENT or FAILED_PRECONDITION and a message that says
+what was wrong (counted in ``spiral_rejected_messages_total``), while every other actor goes on.
+A full ingest queue pushes back with RESOURCE_EXHAUSTED after a bounded wait, so actors
+slow down instead of the learner running out of memory.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Iterator
+
+import grpc
+
+from learner.ingest import QueueFull
+from learner.learner import PolicyLearner, StaleUnroll
+from spiral.envs import action_spec_for
+from spiral.rpc.errors import PreconditionFailed, rejects_bad_messages
+from spiral.rpc.messages import UnrollExpectation, decode_unroll
+from spiral.rpc.publish import ParameterPublisher
+from spiral.rpc.server import ServiceBinding
+from spiral.v1 import learner_pb2, learner_pb2_grpc, parameters_pb2
+
+SERVICE = "spiral.v1.PolicyLearner"
+QUEUE_WAIT_SECONDS = 10.0
+"""How long one submitted unroll may wait for room in a full ingest queue."""
+
+
+class PolicyLearnerServicer(learner_pb2_grpc.PolicyLearnerServicer):
+    """Serves one :class:`PolicyLearner` (one population member)."""
+
+    def __init__(self, learner: PolicyLearner, member: int = 0) -> None:
+        self.learner = learner
+        self.member = member
+        self.expect = UnrollExpectation.for_experiment(learner.cfg, action_spec_for(learner.cfg))
+        self.publisher = ParameterPublisher(learner.published.latest, member)
+
+    @rejects_bad_messages(SERVICE)
+    def GetParameters(self, request: parameters_pb2.GetParametersRequest,
+                      context: grpc.ServicerContext) -> Iterator[parameters_pb2.ParameterChunk]:
+        yield from self.publisher.stream(request)
+
+    @rejects_bad_messages(SERVICE)
+    def SubmitUnrolls(self, request_iterator: Iterable[learner_pb2.Unroll],
+                      context: grpc.ServicerContext) -> learner_pb2.SubmitSummary:
+        accepted = 0
+        for msg in request_iterator:
+            received = decode_unroll(msg, self.expect)
+            if received.member != self.member:
+                raise PreconditionFailed("wrong_member", f"member: this learner trains member {self.member}, "
+                                                         f"the unroll was acted for member {received.member}")
+            try:
+                self.learner.submit(received.unroll, timeout=QUEUE_WAIT_SECONDS)
+            except StaleUnroll as exc:
+                raise PreconditionFailed("stale_version", str(exc)) from None
+            except QueueFull as exc:
+                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{exc}; retry later")
+            accepted += 1
+        return learner_pb2.SubmitSummary(accepted=accepted, rejected=0, latest_version=self.learner.version)
+
+    def Status(self, request: learner_pb2.StatusRequest, context: grpc.ServicerContext) -> learner_pb2.LearnerStatus:
+        learner = self.learner
+        return learner_pb2.LearnerStatus(
+            version=learner.version, updates=learner.updates, frames=learner.frames,
+            queue_depth=learner.queue.depth, member=self.member,
+            hyperparameters={k: float(v) for k, v in learner.hyperparameters.items()},
+            discriminator_version=learner.critic_version)
+
+    def binding(self) -> ServiceBinding:
+        return ServiceBinding(descriptor=learner_pb2.DESCRIPTOR.services_by_name["PolicyLearner"],
+                              servicer=self, add_to_server=learner_pb2_grpc.add_PolicyLearnerServicer_to_server)

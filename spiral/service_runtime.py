@@ -1,0 +1,51 @@
+"""What every service process does around its own work: logging, metrics, torch threads, shutdown.
+
+Each ``spiral ROLE`` entry point calls :func:`start_process` first (log format, Prometheus
+endpoint, thread limits) and then runs its own loop; :class:`ProgressLog` prints a periodic
+one-line progress report (a rate and totals) so a long run is never silent.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+
+import torch
+
+from spiral import metrics
+from spiral.service_options import ServiceOptions
+
+log = logging.getLogger(__name__)
+
+
+def start_process(opts: ServiceOptions, torch_threads: int | None = None) -> None:
+    """Configure logging and torch threads and start the metrics endpoint of a service process."""
+    logging.basicConfig(level=os.environ.get("SPIRAL_LOG_LEVEL", "INFO"), stream=sys.stderr,
+                        format=f"%(asctime)s {opts.role}[{opts.member}] %(levelname)s %(name)s: %(message)s")
+    if torch_threads is not None:
+        torch.set_num_threads(max(1, torch_threads))
+    if opts.metrics_port:
+        metrics.serve_metrics(opts.metrics_port, opts.metrics_address)
+        log.info("metrics on http://%s:%d/metrics", opts.metrics_address, opts.metrics_port)
+    opts.run_dir.mkdir(parents=True, exist_ok=True)
+
+
+class ProgressLog:
+    """Logs ``what``'s rate every ``every`` seconds: ``count/s`` since the last line and totals."""
+
+    def __init__(self, what: str, every: float = 10.0) -> None:
+        self.what = what
+        self.every = every
+        self._last_time = time.monotonic()
+        self._last_count = 0.0
+
+    def maybe_log(self, count: float, **extra: object) -> None:
+        now = time.monotonic()
+        if now - self._last_time < self.every:
+            return
+        rate = (count - self._last_count) / (now - self._last_time)
+        details = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in extra.items())
+        log.info("%s: %.1f/s (total %d) %s", self.what, rate, count, details)
+        self._last_time, self._last_count = now, count

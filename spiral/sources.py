@@ -1,0 +1,85 @@
+"""Where parameters, unrolls and renders go: interfaces that hide whether a peer is local or remote.
+
+Following Acme's ``VariableSource``, an actor cannot tell whether its parameters come from a
+learner in the same process or over gRPC, and the learner cannot tell whether its critic
+parameters do. The in-process implementations here wire the services together in one process
+(debugging, tests, the no-gRPC baseline of the benchmarks); ``spiral.rpc.peers`` implements
+the same interfaces over the network.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Callable, Protocol
+
+import numpy as np
+
+from spiral.nets.params import ParameterSnapshot
+from spiral.trajectory import Unroll
+
+
+class ParameterSource(Protocol):
+    """Something that publishes versioned parameters."""
+
+    def fetch(self, have_version: int) -> ParameterSnapshot | None:
+        """The latest parameters if newer than ``have_version``, else None."""
+
+
+class UnrollSink(Protocol):
+    """Something that consumes finished episodes (the policy learner)."""
+
+    def submit(self, unroll: Unroll) -> None:
+        """Hand over one unroll; raises on refusal."""
+
+
+class RenderSink(Protocol):
+    """Something that stores final renders for the discriminator (the replay buffer)."""
+
+    def insert(self, renders: np.ndarray, targets: np.ndarray | None, policy_version: int, actor_id: str) -> None:
+        """Store ``[B, H, W, C]`` uint8 renders (and their targets in conditional mode)."""
+
+
+class PublishedParameters:
+    """The latest snapshot a learner publishes; thread-safe, readable as a ParameterSource."""
+
+    def __init__(self, snapshot: ParameterSnapshot) -> None:
+        self._snapshot = snapshot
+        self._lock = threading.Lock()
+
+    def publish(self, snapshot: ParameterSnapshot) -> None:
+        with self._lock:
+            if snapshot.version < self._snapshot.version:
+                raise ValueError(f"versions only rise: {snapshot.version} < {self._snapshot.version}")
+            self._snapshot = snapshot
+
+    @property
+    def version(self) -> int:
+        with self._lock:
+            return self._snapshot.version
+
+    def latest(self) -> ParameterSnapshot:
+        with self._lock:
+            return self._snapshot
+
+    def fetch(self, have_version: int) -> ParameterSnapshot | None:
+        snapshot = self.latest()
+        return snapshot if snapshot.version > have_version else None
+
+
+class CallbackSink:
+    """Adapts a plain function to :class:`UnrollSink` / :class:`RenderSink` (in-process wiring)."""
+
+    def __init__(self, on_unroll: Callable[[Unroll], None] | None = None,
+                 on_render: Callable[[np.ndarray, np.ndarray | None, int, str], None] | None = None) -> None:
+        self._on_unroll = on_unroll
+        self._on_render = on_render
+
+    def submit(self, unroll: Unroll) -> None:
+        if self._on_unroll is None:
+            raise RuntimeError("this sink takes no unrolls")
+        self._on_unroll(unroll)
+
+    def insert(self, renders: np.ndarray, targets: np.ndarray | None, policy_version: int, actor_id: str) -> None:
+        if self._on_render is None:
+            raise RuntimeError("this sink takes no renders")
+        self._on_render(renders, targets, policy_version, actor_id)
