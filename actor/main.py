@@ -20,6 +20,7 @@ episode's sends and exits 0.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import signal
 import threading
@@ -44,7 +45,7 @@ from spiral.rpc.parameters import fetch_parameters
 from spiral.service_options import ServiceOptions, add_service_arguments, resolve_service_options
 from spiral.service_runtime import ProgressLog, start_process
 from spiral.trajectory import Unroll
-from spiral.v1 import learner_pb2_grpc, replay_pb2_grpc
+from spiral.v1 import learner_pb2_grpc, pbt_pb2, pbt_pb2_grpc, replay_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +94,24 @@ class RemoteActor:
     def close(self) -> None:
         self.learner_channel.close()
         self.replay_channel.close()
+
+    def serve_member(self, member: int, learner_address: str, replay_address: str) -> None:
+        """Switch to another population member's learner and replay buffer (PBT rebalancing)."""
+        services = self.cfg.services
+        if member == self.member and learner_address == services.learner_address and \
+                replay_address == services.replay_address:
+            return
+        log.info("now serving member %d (learner %s, replay buffer %s)", member, learner_address, replay_address)
+        self.close()
+        self.cfg = dataclasses.replace(self.cfg, services=dataclasses.replace(
+            services, learner_address=learner_address, replay_address=replay_address))
+        self.member = member
+        self._labels = (str(member), self.actor_id)
+        self.learner_channel = make_channel(learner_address, self.cfg.services)
+        self.replay_channel = make_channel(replay_address, self.cfg.services)
+        self.learner = learner_pb2_grpc.PolicyLearnerStub(self.learner_channel)
+        self.replay = replay_pb2_grpc.ReplayBufferStub(self.replay_channel)
+        self.has_parameters = False  # another learner: its versions say nothing about ours
 
     # -- parameters --------------------------------------------------------------------------
 
@@ -193,13 +212,53 @@ class RemoteActor:
         self.insert_renders(unroll)
         return unroll
 
-    def run(self) -> None:
+    def run(self, assigner: "MemberAssigner | None" = None) -> None:
         progress = ProgressLog("actor env steps")
         while not self.stop.is_set():
+            if assigner is not None:
+                assigner.maybe_assign(self)
+                if assigner.member is None:
+                    self.stop.wait(1.0)
+                    continue
             self.act_once()
             s = self.stats
             progress.maybe_log(s.env_steps, version=self.runner.policy_version, sent=s.unrolls_sent,
                                dropped=s.unrolls_dropped, renders_dropped=s.renders_dropped)
+
+
+class MemberAssigner:
+    """Asks the PBT controller which population member to serve, at start and as a heartbeat.
+
+    The controller balances actors across members and forgets actors it has not heard from,
+    so scaling the actor Deployment up or down rebalances the population by itself.
+    """
+
+    def __init__(self, address: str, cfg: ExperimentConfig, actor_id: str, heartbeat_seconds: float = 15.0) -> None:
+        self.channel = make_channel(address, cfg.services)
+        self.stub = pbt_pb2_grpc.PBTControllerStub(self.channel)
+        self.actor_id = actor_id
+        self.heartbeat = heartbeat_seconds
+        self.member: int | None = None
+        self._next = 0.0
+
+    def maybe_assign(self, actor: RemoteActor) -> None:
+        now = time.monotonic()
+        if now < self._next:
+            return
+        try:
+            assignment = self.stub.AssignActor(pbt_pb2.AssignRequest(
+                actor_id=self.actor_id, previous_member=-1 if self.member is None else self.member), timeout=10)
+        except grpc.RpcError as error:
+            log.warning("PBT controller: %s %s; %s", error.code().name, error.details(),
+                        "retrying" if self.member is None else f"staying with member {self.member}")
+            self._next = now + (2.0 if self.member is None else self.heartbeat)
+            return
+        self._next = now + self.heartbeat
+        self.member = assignment.member
+        actor.serve_member(assignment.member, assignment.learner_address, assignment.replay_address)
+
+    def close(self) -> None:
+        self.channel.close()
 
 
 def build_actor(opts: ServiceOptions, stop: threading.Event) -> RemoteActor:
@@ -234,9 +293,16 @@ def run(args: argparse.Namespace) -> int:
     log.info("actor %s: %d %s environments, learner %s, replay buffer %s", opts.actor_id,
              opts.config.actor.num_envs, opts.config.env.kind, opts.config.services.learner_address,
              opts.config.services.replay_address)
+    assigner = None
+    if opts.config.pbt.population_size > 1:
+        assigner = MemberAssigner(opts.config.services.pbt_address, opts.config, opts.actor_id)
+        log.info("population of %d: asking the PBT controller at %s which member to serve",
+                 opts.config.pbt.population_size, opts.config.services.pbt_address)
     try:
-        actor.run()
+        actor.run(assigner)
     finally:
         actor.close()
+        if assigner is not None:
+            assigner.close()
     log.info("actor stopped after %d episodes", actor.stats.episodes)
     return 0

@@ -7,6 +7,11 @@ conditional mode the critic judges pairs: real pairs are (target, target), fake 
 (render, target), so real images come from the targets the renders were made for.
 
 Checkpoints are atomic and the learner resumes from the newest one.
+
+Population-based training copies a donor discriminator into this one
+(:meth:`DiscriminatorLearner.request_copy`): the donor's training state is stored and applied
+at the start of the next :meth:`~DiscriminatorLearner.step`, between two updates and never
+during one; the version then rises by one and the copy is published like an update.
 """
 
 from __future__ import annotations
@@ -16,13 +21,15 @@ import json
 import logging
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Mapping, Protocol
 
 import numpy as np
 
 from discriminator.training import DiscriminatorTrainer
 from spiral import metrics
+from spiral.visualize import json_safe
 from spiral.checkpoint import latest_checkpoint, save_checkpoint
 from spiral.config import ExperimentConfig
 from spiral.nets import build_discriminator
@@ -38,6 +45,25 @@ class RenderSampler(Protocol):
     def sample(self, batch_size: int) -> tuple[np.ndarray, np.ndarray | None] | None:
         """``(renders, targets)`` uint8 ``[B, H, W, C]`` (targets None when unconditional), or None
         when the buffer cannot serve a batch yet."""
+
+
+@dataclass
+class PendingCopy:
+    """A requested PBT copy of a donor discriminator's training state.
+
+    Attributes:
+        tensors: The donor's training state (``critic/...`` and ``optimizer/...``).
+        donor_version: The donor's parameter version the state was taken at.
+        done: Set once the copy was applied, or replaced by a newer request before that.
+        applied: Whether it was applied (False if superseded).
+        version: This learner's version right after applying it (-1 before).
+    """
+
+    tensors: dict[str, np.ndarray]
+    donor_version: int
+    done: threading.Event = field(default_factory=threading.Event)
+    applied: bool = False
+    version: int = -1
 
 
 class DiscriminatorLearner:
@@ -74,15 +100,66 @@ class DiscriminatorLearner:
             log.info("resumed discriminator from checkpoint version %d", self.version)
         self.published = PublishedParameters(snapshot_of(self.critic, self.version))
         self._log_path = self.run_dir / "discriminator.jsonl"
+        self.run_dir.mkdir(parents=True, exist_ok=True)
         self.last_stats: dict[str, float] = {}
+        self._pending_copy: PendingCopy | None = None
+        self._pending_copy_lock = threading.Lock()
         metrics.DISCRIMINATOR_PARAMETER_VERSION.labels(self.member).set(self.version)
 
     def fetch(self, have_version: int) -> ParameterSnapshot | None:
         """ParameterSource: the published critic if newer than ``have_version``."""
         return self.published.fetch(have_version)
 
+    def request_copy(self, tensors: Mapping[str, np.ndarray], donor_version: int = -1) -> PendingCopy:
+        """Become a copy of a donor (PBT exploit) before the next update.
+
+        The state is validated now (so a bad one is refused at once) and applied at the start
+        of the next :meth:`step`. A newer request replaces one not yet applied (whose
+        ``done`` is then set with ``applied`` False). Wait on the result's ``done`` to know
+        when the copy took effect.
+
+        Raises:
+            ValueError: The state does not fit this critic (names every bad entry).
+        """
+        problems = self.trainer.check_state(tensors)
+        if problems:
+            raise ValueError("donor training state does not fit this discriminator: " + "; ".join(problems))
+        request = PendingCopy(tensors=dict(tensors), donor_version=int(donor_version))
+        with self._pending_copy_lock:
+            previous, self._pending_copy = self._pending_copy, request
+        if previous is not None:
+            previous.done.set()
+        return request
+
+    def _apply_pending_copy(self) -> None:
+        with self._pending_copy_lock:
+            request, self._pending_copy = self._pending_copy, None
+        if request is None:
+            return
+        try:
+            self.trainer.import_state(request.tensors)
+        except ValueError:
+            log.exception("could not apply the donor's training state (donor version %d)", request.donor_version)
+            request.done.set()
+            return
+        # The version keeps rising so the policy learner picks the copied critic up.
+        self.version += 1
+        self.published.publish(snapshot_of(self.critic, self.version))
+        metrics.DISCRIMINATOR_PARAMETER_VERSION.labels(self.member).set(self.version)
+        request.version, request.applied = self.version, True
+        request.done.set()
+        with open(self._log_path, "a") as handle:
+            handle.write(json.dumps(json_safe({"time": time.time(), "event": "copy", "update": self.version,
+                                               "donor_version": request.donor_version})) + "\n")
+        log.info("copied donor discriminator state (donor version %d); version now %d",
+                 request.donor_version, self.version)
+
     def step(self) -> dict[str, float] | None:
-        """One WGAN-GP update, or None while the replay buffer cannot serve a batch."""
+        """One WGAN-GP update, or None while the replay buffer cannot serve a batch.
+
+        A requested copy (:meth:`request_copy`) is applied first, even when no batch comes.
+        """
+        self._apply_pending_copy()
         batch_size = self.cfg.discriminator_learner.batch_size
         sampled = self.renders.sample(batch_size)
         if sampled is None:
@@ -116,7 +193,7 @@ class DiscriminatorLearner:
             if key in record:
                 metrics.DISCRIMINATOR_LOSS.labels(m, key).set(record[key])
         with open(self._log_path, "a") as handle:
-            handle.write(json.dumps({"time": time.time(), **record}) + "\n")
+            handle.write(json.dumps(json_safe({"time": time.time(), **record})) + "\n")
         every = self.cfg.discriminator_learner.checkpoint_every_updates
         if every and self.version % every == 0:
             self.checkpoint()

@@ -2,35 +2,122 @@
 
 The policy learner polls ``GetParameters`` to score its episodes with the newest critic; the
 answer is one "up to date" chunk when it already holds that version.
+
+Population-based training:
+
+* ``GetTrainingState`` serves the critic's weights and Adam state (see
+  :mod:`spiral.rpc.training_state`), taken between two updates.
+* ``LoadFrom`` makes this discriminator a copy of a donor: it fetches the donor's training
+  state (``GetTrainingState`` on ``donor_address`` for ``donor_member``), hands it to
+  :meth:`DiscriminatorLearner.request_copy`, which applies it at the start of the next update
+  step, and waits up to ``copy_wait_seconds`` for that. The reply's ``applied`` says whether
+  the copy already took effect (then ``version`` is the version it was published as); when
+  it did not within the wait (the update loop is busy or not running), the copy stays
+  pending and is still applied before the next update, so no update after the reply ever
+  starts from the old critic, unless a newer ``LoadFrom`` replaces it.
+
+  Errors: wrong ``member``, empty ``donor_address`` or a negative ``donor_member`` are
+  ``INVALID_ARGUMENT``; a donor that cannot be reached (down, too slow) is ``UNAVAILABLE``;
+  a donor that refuses, or whose state does not fit this critic, is ``FAILED_PRECONDITION``.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Iterator
 
 import grpc
 
 from discriminator.learner import DiscriminatorLearner
-from spiral.rpc.errors import rejects_bad_messages
+from spiral.rpc.errors import InvalidMessage, PreconditionFailed, rejects_bad_messages
+from spiral.rpc.peers import PeerError, PeerRejected, PeerUnavailable
 from spiral.rpc.publish import ParameterPublisher
 from spiral.rpc.server import ServiceBinding
+from spiral.rpc.training_state import (InconsistentRead, UpdateGuard, consistent_export, fetch_training_state,
+                                         training_state_chunks)
 from spiral.v1 import discriminator_pb2, discriminator_pb2_grpc, parameters_pb2
 
 SERVICE = "spiral.v1.DiscriminatorLearner"
+log = logging.getLogger(__name__)
 
 
 class DiscriminatorLearnerServicer(discriminator_pb2_grpc.DiscriminatorLearnerServicer):
-    """Serves one :class:`DiscriminatorLearner` (one population member)."""
+    """Serves one :class:`DiscriminatorLearner` (one population member).
 
-    def __init__(self, learner: DiscriminatorLearner, member: int = 0) -> None:
+    Args:
+        learner: The discriminator learner.
+        member: Its population member.
+        donor_timeout: Deadline of fetching a donor's training state in ``LoadFrom``, seconds
+            (also bounded by the caller's own deadline).
+        copy_wait_seconds: How long ``LoadFrom`` waits for the copy to be applied (0: reply at once).
+    """
+
+    def __init__(self, learner: DiscriminatorLearner, member: int = 0, *, donor_timeout: float = 30.0,
+                 copy_wait_seconds: float = 30.0) -> None:
         self.learner = learner
         self.member = member
         self.publisher = ParameterPublisher(learner.published.latest, member)
+        self.donor_timeout = float(donor_timeout)
+        self.copy_wait_seconds = float(copy_wait_seconds)
+        # Count optimiser steps from now on (before the training thread starts), for GetTrainingState.
+        UpdateGuard.of(learner.trainer.optimizer)
 
     @rejects_bad_messages(SERVICE)
     def GetParameters(self, request: parameters_pb2.GetParametersRequest,
                       context: grpc.ServicerContext) -> Iterator[parameters_pb2.ParameterChunk]:
         yield from self.publisher.stream(request)
+
+    @rejects_bad_messages(SERVICE)
+    def GetTrainingState(self, request: parameters_pb2.GetTrainingStateRequest,
+                         context: grpc.ServicerContext) -> Iterator[parameters_pb2.ParameterChunk]:
+        if request.member != self.member:
+            raise PreconditionFailed("wrong_member", f"member: this discriminator serves member {self.member}, "
+                                                     f"the request asked for member {request.member}")
+        learner = self.learner
+        try:
+            version, tensors = consistent_export(
+                learner.trainer.export_state, "critic", learner.trainer.optimizer, lambda: learner.version,
+                learner.published.latest, lock=getattr(learner, "state_lock", None))
+        except InconsistentRead as exc:
+            context.abort(grpc.StatusCode.ABORTED, f"{exc}; retry")
+        yield from training_state_chunks(version, tensors, self.member)
+
+    @rejects_bad_messages(SERVICE)
+    def LoadFrom(self, request: discriminator_pb2.LoadFromRequest,
+                 context: grpc.ServicerContext) -> discriminator_pb2.LoadFromReply:
+        if request.member != self.member:
+            raise InvalidMessage("wrong_member", f"member: this discriminator serves member {self.member}, "
+                                                 f"the request is for member {request.member}")
+        if not request.donor_address:
+            raise InvalidMessage("missing_field", "donor_address: must name the donor discriminator (host:port)")
+        if request.donor_member < 0:
+            raise InvalidMessage("donor_member", f"donor_member must be >= 0, got {request.donor_member}")
+        timeout = self.donor_timeout
+        remaining = context.time_remaining()
+        if remaining is not None:
+            timeout = max(0.1, min(timeout, remaining - 0.5))
+        donor = f"donor discriminator member {request.donor_member} at {request.donor_address}"
+        try:
+            update = fetch_training_state(request.donor_address, self.learner.cfg.services, "discriminator",
+                                          request.donor_member, timeout=timeout)
+        except PeerUnavailable as exc:
+            context.abort(grpc.StatusCode.UNAVAILABLE, f"cannot reach {donor}: {exc}")
+        except PeerRejected as exc:
+            raise PreconditionFailed("donor_refused", f"{donor} refused GetTrainingState: {exc}") from None
+        except (PeerError, ValueError) as exc:
+            raise PreconditionFailed("donor_failed", f"cannot fetch the training state of {donor}: {exc}") from None
+        try:
+            pending = self.learner.request_copy(update.tensors, donor_version=update.version)
+        except ValueError as exc:
+            raise PreconditionFailed("donor_incompatible", f"{donor}: {exc}") from None
+        log.info("member %d: copying %s (version %d)", self.member, donor, update.version)
+        wait = self.copy_wait_seconds
+        if remaining is not None:
+            wait = max(0.0, min(wait, context.time_remaining() - 0.5))
+        if wait > 0:
+            pending.done.wait(wait)
+        return discriminator_pb2.LoadFromReply(donor_version=update.version, applied=pending.applied,
+                                               version=pending.version if pending.applied else 0)
 
     def Status(self, request: discriminator_pb2.DiscriminatorStatusRequest,
                context: grpc.ServicerContext) -> discriminator_pb2.DiscriminatorStatus:

@@ -14,7 +14,7 @@ their targets and the interpolation is exact.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 import torch
@@ -23,6 +23,7 @@ from spiral.config import ExperimentConfig
 from spiral.losses import critic_loss, gradient_penalty, wasserstein_estimate
 from spiral.nets import images_to_tensor
 from spiral.nets.discriminator import Discriminator
+from spiral.rpc.training_state import check_training_state, export_training_state, import_training_state
 
 
 @dataclass
@@ -115,3 +116,27 @@ class DiscriminatorTrainer:
             raise ValueError(f"discriminator trainer state lacks {sorted(missing)}")
         self.critic.load_state_dict(state["critic"])
         self.optimizer.load_state_dict(state["optimizer"])
+
+    # -- population-based training copies ------------------------------------------------------
+
+    def export_state(self) -> dict[str, np.ndarray]:
+        """Critic weights and Adam state as flat CPU numpy arrays (what a PBT exploit copies).
+
+        Names: ``"critic/<state_dict name>"`` and ``"optimizer/<param_index>/<key>"``; see
+        :mod:`spiral.rpc.training_state`. The gradient-penalty generator is not included.
+        """
+        return export_training_state("critic", self.critic, self.optimizer)
+
+    def check_state(self, tensors: Mapping[str, np.ndarray]) -> list[str]:
+        """Every way ``tensors`` does not fit this trainer (empty when :meth:`import_state` would succeed)."""
+        return check_training_state(tensors, "critic", self.critic, self.optimizer)
+
+    def import_state(self, tensors: Mapping[str, np.ndarray]) -> None:
+        """Become a copy of the trainer whose :meth:`export_state` gave ``tensors``.
+
+        Validates everything first and changes nothing unless all fits; Adam's settings stay.
+
+        Raises:
+            ValueError: (:class:`~spiral.rpc.training_state.TrainingStateError`) naming each bad entry.
+        """
+        import_training_state(tensors, "critic", self.critic, self.optimizer)

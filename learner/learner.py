@@ -25,13 +25,16 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
+
+import numpy as np
 
 import torch
 
 from learner.ingest import IngestQueue
 from learner.training import PolicyTrainer
 from spiral import metrics
+from spiral.visualize import json_safe
 from spiral.checkpoint import latest_checkpoint, save_checkpoint
 from spiral.config import ExperimentConfig
 from spiral.nets import build_discriminator, build_policy
@@ -51,7 +54,9 @@ class StaleUnroll(Exception):
 class ExploitRequest:
     """A PBT instruction: become a copy of a donor, with new hyperparameters."""
 
-    policy_state: dict[str, Any] | None
+    training_state: Mapping[str, np.ndarray] | None
+    """The donor's flattened trainer state (policy weights and optimizer state), or None to
+    change hyperparameters only."""
     hyperparameters: dict[str, float]
 
 
@@ -85,7 +90,11 @@ class PolicyLearner:
         self.updates = 0
         self._pending: ExploitRequest | None = None
         self._pending_lock = threading.Lock()
+        self.state_lock = threading.Lock()
+        """Held while weights, optimizer state and version change together (an update, a PBT copy),
+        so a reader of the training state (``GetTrainingState``) sees one consistent version."""
         self._log_path = self.run_dir / "learner.jsonl"
+        self.run_dir.mkdir(parents=True, exist_ok=True)
         restored = latest_checkpoint(self.checkpoint_dir)
         if restored is not None:
             self.version, state = restored
@@ -95,6 +104,7 @@ class PolicyLearner:
             log.info("resumed policy learner from checkpoint version %d", self.version)
         self.published = PublishedParameters(self._snapshot())
         self.last_stats: dict[str, float] = {}
+        self.last_final_canvases: np.ndarray | None = None
         metrics.LEARNER_PARAMETER_VERSION.labels(self.member).set(self.version)
 
     # -- what peers call ---------------------------------------------------------------------
@@ -153,14 +163,16 @@ class PolicyLearner:
             request, self._pending = self._pending, None
         if request is None:
             return
-        if request.policy_state is not None:
-            self.trainer.load_state_dict(request.policy_state)
-        self.trainer.set_hyperparameters(**request.hyperparameters)
-        # The version keeps rising so actors pick up the copied weights.
-        self.version += 1
-        self.published.publish(self._snapshot())
-        metrics.LEARNER_PARAMETER_VERSION.labels(self.member).set(self.version)
-        log.info("applied PBT update; hyperparameters now %s", self.trainer.hyperparameters)
+        with self.state_lock:
+            self.trainer.set_hyperparameters(**request.hyperparameters)
+            if request.training_state is not None:
+                self.trainer.import_state(request.training_state)
+                # The version keeps rising so actors pick up the copied weights.
+                self.version += 1
+                self.published.publish(self._snapshot())
+                metrics.LEARNER_PARAMETER_VERSION.labels(self.member).set(self.version)
+        log.info("applied PBT %s; hyperparameters now %s",
+                 "copy" if request.training_state is not None else "hyperparameters", self.trainer.hyperparameters)
 
     def step(self, timeout: float = 1.0) -> dict[str, float] | None:
         """One update if a full batch arrives within ``timeout``; returns its statistics."""
@@ -172,16 +184,18 @@ class PolicyLearner:
         self._refresh_critic()
         critic = self.critic if self.critic_version > 0 else None
         started = time.perf_counter()
-        stats = self.trainer.update(batch, critic, discriminator_version=self.critic_version)
+        with self.state_lock:
+            stats = self.trainer.update(batch, critic, discriminator_version=self.critic_version)
+            self.version += 1
+            self.updates += 1
+            self.frames += batch.num_steps * batch.batch_size
+            self.published.publish(self._snapshot())
         elapsed = time.perf_counter() - started
-        self.version += 1
-        self.updates += 1
-        self.frames += batch.num_steps * batch.batch_size
-        self.published.publish(self._snapshot())
         record = {k: float(v) for k, v in dataclasses.asdict(stats).items() if isinstance(v, (int, float))}
         record.update(update=self.version, frames=self.frames, seconds=elapsed,
                       policy_lag=float(self.version - 1 - batch.policy_version))
         self.last_stats = record
+        self.last_final_canvases = batch.final_canvases
         self._export_metrics(record, batch, elapsed)
         self._periodic(batch, record)
         return record
@@ -204,7 +218,7 @@ class PolicyLearner:
     def _periodic(self, batch: Unroll, record: dict[str, float]) -> None:
         lc = self.cfg.learner
         with open(self._log_path, "a") as handle:
-            handle.write(json.dumps({"time": time.time(), **record}) + "\n")
+            handle.write(json.dumps(json_safe({"time": time.time(), **record})) + "\n")
         if lc.checkpoint_every_updates and self.version % lc.checkpoint_every_updates == 0:
             self.checkpoint()
         if lc.sample_grid_every_updates and self.version % lc.sample_grid_every_updates == 0:

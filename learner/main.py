@@ -14,13 +14,30 @@ import logging
 import threading
 
 from learner.learner import PolicyLearner
+from learner.population import PopulationMember, conditional_fitness, critic_fitness
 from learner.service import PolicyLearnerServicer
+from spiral.config import ExperimentConfig
+from spiral.data import for_experiment
 from spiral.rpc.peers import RemoteParameterSource
 from spiral.rpc.server import build_server
 from spiral.service_options import add_service_arguments, resolve_service_options
 from spiral.service_runtime import ProgressLog, start_process
 
 log = logging.getLogger(__name__)
+
+
+def make_population_member(learner: PolicyLearner, member: int, cfg: ExperimentConfig) -> PopulationMember | None:
+    """The PBT side of this learner when the experiment trains a population (else None)."""
+    if cfg.pbt.population_size <= 1:
+        return None
+    if cfg.env.conditional:
+        holdout = for_experiment(cfg).holdout[:64]
+        fitness = conditional_fitness(cfg, holdout)
+    else:
+        fitness = critic_fitness
+    log.info("population member %d of %d; reporting to %s every %d updates", member, cfg.pbt.population_size,
+             cfg.services.pbt_address, cfg.pbt.report_every_updates)
+    return PopulationMember(learner, member, cfg.services.pbt_address, fitness)
 
 
 def register(parser: argparse.ArgumentParser) -> None:
@@ -37,6 +54,7 @@ def run(args: argparse.Namespace) -> int:
     critic_source = RemoteParameterSource(cfg.services.discriminator_address, cfg.services, "discriminator",
                                           member=opts.member, call_timeout=10.0, unavailable_retry_seconds=0.2)
     learner = PolicyLearner(cfg, opts.run_dir, member=opts.member, critic_source=critic_source, device=args.device)
+    population = make_population_member(learner, opts.member, cfg)
     servicer = PolicyLearnerServicer(learner, member=opts.member)
     server = build_server([servicer.binding()], opts.listen, cfg.services)
     server.start()
@@ -47,6 +65,8 @@ def run(args: argparse.Namespace) -> int:
     def train() -> None:
         progress = ProgressLog("learner updates")
         while not stop.is_set():
+            if population is not None:
+                population.maybe_report(stop)
             stats = learner.step(timeout=0.5)
             if stats is not None:
                 progress.maybe_log(learner.updates, version=learner.version, frames=learner.frames,
@@ -63,5 +83,7 @@ def run(args: argparse.Namespace) -> int:
 
     server.serve_until_signal(on_stopping=stopping, on_stopped=learner.checkpoint)
     critic_source.close()
+    if population is not None:
+        population.close()
     log.info("policy learner stopped at version %d (checkpoint written)", learner.version)
     return 0

@@ -8,6 +8,12 @@ unroll aborts its stream with INVALID_ARGUMENT or FAILED_PRECONDITION and a mess
 what was wrong (counted in ``spiral_rejected_messages_total``), while every other actor goes on.
 A full ingest queue pushes back with RESOURCE_EXHAUSTED after a bounded wait, so actors
 slow down instead of the learner running out of memory.
+
+``GetTrainingState`` serves the full trainer state (policy weights and Adam state, see
+:mod:`spiral.rpc.training_state`) to a population member that copies this one. The snapshot
+is taken between two updates: under the learner's ``state_lock`` if it has one, otherwise by
+an optimistic read that is retried until no update overlapped it (``ABORTED`` if the learner
+never paused).
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from spiral.rpc.errors import PreconditionFailed, rejects_bad_messages
 from spiral.rpc.messages import UnrollExpectation, decode_unroll
 from spiral.rpc.publish import ParameterPublisher
 from spiral.rpc.server import ServiceBinding
+from spiral.rpc.training_state import InconsistentRead, UpdateGuard, consistent_export, training_state_chunks
 from spiral.v1 import learner_pb2, learner_pb2_grpc, parameters_pb2
 
 SERVICE = "spiral.v1.PolicyLearner"
@@ -38,6 +45,8 @@ class PolicyLearnerServicer(learner_pb2_grpc.PolicyLearnerServicer):
         self.member = member
         self.expect = UnrollExpectation.for_experiment(learner.cfg, action_spec_for(learner.cfg))
         self.publisher = ParameterPublisher(learner.published.latest, member)
+        # Count optimiser steps from now on (before the training thread starts), for GetTrainingState.
+        UpdateGuard.of(learner.trainer.optimizer)
 
     @rejects_bad_messages(SERVICE)
     def GetParameters(self, request: parameters_pb2.GetParametersRequest,
@@ -61,6 +70,21 @@ class PolicyLearnerServicer(learner_pb2_grpc.PolicyLearnerServicer):
                 context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{exc}; retry later")
             accepted += 1
         return learner_pb2.SubmitSummary(accepted=accepted, rejected=0, latest_version=self.learner.version)
+
+    @rejects_bad_messages(SERVICE)
+    def GetTrainingState(self, request: parameters_pb2.GetTrainingStateRequest,
+                         context: grpc.ServicerContext) -> Iterator[parameters_pb2.ParameterChunk]:
+        if request.member != self.member:
+            raise PreconditionFailed("wrong_member", f"member: this learner trains member {self.member}, "
+                                                     f"the request asked for member {request.member}")
+        learner = self.learner
+        try:
+            version, tensors = consistent_export(
+                learner.trainer.export_state, "policy", learner.trainer.optimizer, lambda: learner.version,
+                learner.published.latest, lock=getattr(learner, "state_lock", None))
+        except InconsistentRead as exc:
+            context.abort(grpc.StatusCode.ABORTED, f"{exc}; retry")
+        yield from training_state_chunks(version, tensors, self.member)
 
     def Status(self, request: learner_pb2.StatusRequest, context: grpc.ServicerContext) -> learner_pb2.LearnerStatus:
         learner = self.learner

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 import torch
@@ -33,7 +33,8 @@ from spiral.losses import baseline_loss, entropy_loss, policy_gradient_loss, vtr
 from spiral.nets import observation_to_tensors
 from spiral.nets.discriminator import Discriminator
 from spiral.nets.policy import SpiralPolicy
-from spiral.rewards import episode_rewards, stroke_starts
+from spiral.rewards import episode_rewards, reconstruction_l2, stroke_starts
+from spiral.rpc.training_state import check_training_state, export_training_state, import_training_state
 from spiral.trajectory import Unroll
 
 
@@ -69,6 +70,17 @@ class PolicyUpdateStats:
     entropy_cost: float
     mean_entropy: float = math.nan
     blank_fraction: float = math.nan
+
+
+def pooled(images: np.ndarray, factor: int) -> np.ndarray:
+    """uint8 ``[B, H, W, C]`` images average-pooled by ``factor`` (``factor`` 1: unchanged)."""
+    if factor == 1:
+        return images
+    b, h, w, c = images.shape
+    if h % factor or w % factor:
+        raise ValueError(f"learner.reward.l2_pool: {factor} does not divide the image size {h}x{w}")
+    blocks = images.reshape(b, h // factor, factor, w // factor, factor, c).astype(np.float32)
+    return blocks.mean(axis=(2, 4)).round().astype(np.uint8)
 
 
 class PolicyTrainer:
@@ -124,7 +136,16 @@ class PolicyTrainer:
                                        device=self.device, empty_canvases=unroll.canvases[0])
         rewards = torch.zeros(t, b, dtype=torch.float32, device=self.device)
         rewards[-1] = final
-        penalty = self.cfg.learner.reward.stroke_start_penalty
+        reward_cfg = self.cfg.learner.reward
+        if reward_cfg.l2_shaping and reward_cfg.l2_weight and unroll.targets is not None:
+            # Potential-based shaping: trade the terminal -w*L2(final) for per-step drops in L2.
+            final_errors = reconstruction_l2(unroll.canvases[-1], unroll.targets)
+            rewards[-1] += reward_cfg.l2_weight * torch.from_numpy(final_errors).to(self.device)
+            targets = pooled(unroll.targets, reward_cfg.l2_pool)
+            errors = np.stack([reconstruction_l2(pooled(c, reward_cfg.l2_pool), targets)
+                               for c in unroll.canvases])  # [T+1, B]
+            rewards += reward_cfg.l2_weight * torch.from_numpy(errors[:-1] - errors[1:]).to(self.device)
+        penalty = reward_cfg.stroke_start_penalty
         starts = stroke_starts(unroll.actions[..., 0]) if self.cfg.env.kind == "paint" else np.zeros((t, b), np.float32)
         if penalty:
             rewards -= penalty * torch.from_numpy(starts).to(self.device)
@@ -198,3 +219,29 @@ class PolicyTrainer:
         self.policy.load_state_dict(state["policy"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.set_hyperparameters(**state["hyperparameters"])
+
+    # -- population-based training copies ------------------------------------------------------
+
+    def export_state(self) -> dict[str, np.ndarray]:
+        """Weights and Adam state as flat CPU numpy arrays (what a PBT exploit copies).
+
+        Names: ``"policy/<state_dict name>"`` and ``"optimizer/<param_index>/<key>"`` (``step``,
+        ``exp_avg``, ``exp_avg_sq``); see :mod:`spiral.rpc.training_state`. Hyperparameters
+        are not included: PBT sets them separately.
+        """
+        return export_training_state("policy", self.policy, self.optimizer)
+
+    def check_state(self, tensors: Mapping[str, np.ndarray]) -> list[str]:
+        """Every way ``tensors`` does not fit this trainer (empty when :meth:`import_state` would succeed)."""
+        return check_training_state(tensors, "policy", self.policy, self.optimizer)
+
+    def import_state(self, tensors: Mapping[str, np.ndarray]) -> None:
+        """Become a copy of the trainer whose :meth:`export_state` gave ``tensors``.
+
+        Validates every name, shape and dtype first and changes nothing unless all fit; the
+        learning rate, entropy cost and Adam's other settings stay as they are.
+
+        Raises:
+            ValueError: (:class:`~spiral.rpc.training_state.TrainingStateError`) naming each bad entry.
+        """
+        import_training_state(tensors, "policy", self.policy, self.optimizer)

@@ -86,10 +86,14 @@ class Controller:
         actor_timeout: Seconds after which a silent actor is forgotten.
         seed: Seed of the decision generator on a fresh start (a reloaded state keeps its own).
         clock: Unix time source (tests pass a fake one to expire actors).
+        initial_hyperparameters: Member -> hyperparameters that replace the sampled starting values
+            of a new member (e.g. to start one member deliberately badly); ignored for members
+            restored from saved state.
     """
 
     def __init__(self, pbt_cfg: PBTConfig, population_size: int, store: StateStore, discovery: Discovery,
-                 actor_timeout: float = 60.0, seed: int = 0, clock: Callable[[], float] = time.time) -> None:
+                 actor_timeout: float = 60.0, seed: int = 0, clock: Callable[[], float] = time.time,
+                 initial_hyperparameters: Mapping[int, Mapping[str, float]] | None = None) -> None:
         if population_size < 1:
             raise ValueError(f"population_size must be >= 1, got {population_size}")
         if actor_timeout <= 0:
@@ -109,6 +113,7 @@ class Controller:
         for member in range(population_size):
             if member not in self.state.members:
                 hyperparameters = pbt.sample_hyperparameters(self.cfg, self._rng)
+                hyperparameters.update((initial_hyperparameters or {}).get(member, {}))
                 self.state.members[member] = pbt.MemberRecord(member=member, hyperparameters=hyperparameters)
                 self.store.append_lineage({"time": self.clock(), "member": member, "event": "start", "donor": None,
                                            "hyperparameters_before": None, "hyperparameters_after": hyperparameters,

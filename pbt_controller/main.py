@@ -18,6 +18,7 @@ state saved, plot drawn, exit 0.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -47,6 +48,9 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--actor-timeout", type=float, default=60.0,
                         help="seconds after which an actor that has not called AssignActor is forgotten (default 60)")
     parser.add_argument("--seed", type=int, default=None, help="seed of the PBT decisions (default: experiment seed)")
+    parser.add_argument("--initial-hyperparameters", default=None, metavar="JSON",
+                        help='starting hyperparameters of chosen members instead of sampled ones, '
+                             'e.g. \'{"1": {"learning_rate": 1e-9}}\'')
     parser.add_argument("--plot-seconds", type=float, default=60.0,
                         help="redraw population.png at most this often (default 60; 0 only at shutdown)")
 
@@ -68,10 +72,13 @@ def run(args: argparse.Namespace) -> int:
     population = args.population if args.population is not None else cfg.pbt.population_size
     try:
         discovery = make_discovery(args.members)
+        initial = {int(k): {n: float(v) for n, v in hp.items()}
+                   for k, hp in json.loads(args.initial_hyperparameters or "{}").items()}
         controller = Controller(cfg.pbt, population, StateStore(opts.run_dir / "pbt"), discovery,
-                                actor_timeout=args.actor_timeout, seed=cfg.seed if args.seed is None else args.seed)
+                                actor_timeout=args.actor_timeout, seed=cfg.seed if args.seed is None else args.seed,
+                                initial_hyperparameters=initial)
         server = build_server([PBTControllerServicer(controller).binding()], opts.listen, cfg.services)
-    except (ValueError, BindError) as exc:
+    except (ValueError, BindError, json.JSONDecodeError, AttributeError) as exc:
         log.error("%s", exc)
         return 1
     server.start()

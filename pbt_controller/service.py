@@ -43,10 +43,16 @@ class PBTControllerServicer(pbt_pb2_grpc.PBTControllerServicer):
                                          policy_version=request.policy_version, fitness=request.fitness,
                                          hyperparameters=dict(request.hyperparameters))
         decided = outcome.decision
-        return pbt_pb2.Directive(action=_ACTIONS[decided.action],
-                                 donor_member=decided.donor if decided.donor is not None else 0,
-                                 donor_version=outcome.donor_version, hyperparameters=decided.hyperparameters,
-                                 reason=decided.reason)
+        directive = pbt_pb2.Directive(action=_ACTIONS[decided.action],
+                                      donor_member=decided.donor if decided.donor is not None else 0,
+                                      donor_version=outcome.donor_version, hyperparameters=decided.hyperparameters,
+                                      reason=decided.reason)
+        if decided.donor is not None:
+            donor = self.controller.discovery.members().get(decided.donor)
+            if donor is not None:
+                directive.donor_learner_address = donor.learner_address
+                directive.donor_discriminator_address = donor.discriminator_address
+        return directive
 
     @rejects_bad_messages(SERVICE)
     def AssignActor(self, request: pbt_pb2.AssignRequest, context: grpc.ServicerContext) -> pbt_pb2.Assignment:

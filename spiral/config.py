@@ -211,10 +211,20 @@ class RewardConfig:
     """Penalty for each continuous stroke sequence started (a paint step after a move)."""
     blank_penalty: float = 0.0
     """Penalty when the final canvas shows nothing visible."""
+    l2_shaping: bool = False
+    """Pay the L2 term as it accrues: each step earns ``l2_weight`` times the drop in error it
+    caused, instead of one ``-l2_weight * L2(final)`` at the end. The two differ per episode
+    by a constant (the blank canvas's error), so the best policy is the same (potential-based
+    shaping, Ng et al. 1999), but credit reaches the step that drew well at once."""
+    l2_pool: int = 1
+    """With ``l2_shaping``: measure the per-step error on images average-pooled by this factor,
+    so a stroke next to the target's ink already earns part of the credit (a smoother reward
+    for the location heads to climb). The reported reconstruction error stays full-resolution."""
 
     def validate(self, path: str) -> None:
         for name in ("l2_weight", "stroke_start_penalty", "blank_penalty"):
             _require(getattr(self, name) >= 0, f"{path}.{name}", "must be >= 0")
+        _require(self.l2_pool >= 1, f"{path}.l2_pool", "must be >= 1")
 
 
 @dataclass(frozen=True)

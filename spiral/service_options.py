@@ -21,6 +21,10 @@ flag                        environment variable            meaning
 ``--pbt-address``           ``SPIRAL_PBT_ADDRESS``          overrides ``services.pbt_address``
 =========================== =============================== =======================================
 
+A peer address may contain ``{member}``, replaced by the member index: in Kubernetes, replica
+*i* of each member StatefulSet finds its own member's services as
+``spiral-discriminator-{member}.spiral-discriminator:50052``.
+
 Default ports: learner 50051, discriminator 50052, replay buffer 50053, PBT controller 50054;
 metrics 9000 (one process per pod in Kubernetes; ``spiral up`` gives each process its own).
 """
@@ -121,6 +125,16 @@ def resolve_service_options(role: str, args: argparse.Namespace) -> ServiceOptio
             raise SystemExit(f"spiral {role}: {ENV_VARS[name]} / --{name.replace('_', '-')} must be an integer, "
                              f"got {raw!r}") from None
 
+    member = integer("member", 0)
+    if member < 0:
+        raise SystemExit(f"spiral {role}: {ENV_VARS['member']} / --member must be >= 0, got {member}")
+    # Peer addresses may name the member: "spiral-discriminator-{member}.spiral-discriminator:50052"
+    # lets every replica of a StatefulSet population find its own member's services.
+    services = config.services
+    expanded = {name: getattr(services, name).replace("{member}", str(member))
+                for name in ("learner_address", "discriminator_address", "replay_address", "pbt_address")}
+    config = dataclasses.replace(config, services=dataclasses.replace(services, **expanded))
+
     port = DEFAULT_PORTS.get(role)
     listen = _pick(args, "listen") or (f"127.0.0.1:{port}" if port else "")
     return ServiceOptions(
@@ -131,6 +145,6 @@ def resolve_service_options(role: str, args: argparse.Namespace) -> ServiceOptio
         listen=listen,
         metrics_port=integer("metrics_port", DEFAULT_METRICS_PORT),
         metrics_address=_pick(args, "metrics_address") or "127.0.0.1",
-        member=integer("member", 0),
+        member=member,
         actor_id=_pick(args, "actor_id") or f"{socket.gethostname()}-{os.getpid()}",
     )

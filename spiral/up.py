@@ -36,6 +36,7 @@ from typing import IO
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from pbt_controller.discovery import MemberAddresses, write_members_file
 from spiral.config import ExperimentConfig, dump_experiment, experiment_path, load_experiment
 
 STOP_ORDER = ("actor", "pbt-controller", "learner", "discriminator", "replaybuffer")
@@ -87,6 +88,10 @@ class Layout:
     def of_role(self, role: str) -> list[ProcessSpec]:
         return [p for p in self.processes if p.role == role]
 
+    def address_of(self, role: str, member: int) -> str:
+        """gRPC address of ``role`` in ``member``."""
+        return next(p.grpc_address for p in self.processes if p.role == role and p.member == member)
+
 
 def plan_layout(cfg: ExperimentConfig, config_path: Path, run_dir: Path, num_actors: int,
                 population: int) -> Layout:
@@ -120,10 +125,17 @@ def plan_layout(cfg: ExperimentConfig, config_path: Path, run_dir: Path, num_act
                 log_path=logs / f"{actor_id}.log"))
     if pbt_address:
         port = free_port()
+        members_file = run_dir / "members.json"
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_members_file(members_file, [
+            MemberAddresses(member=m, learner_address=layout.address_of("learner", m),
+                            discriminator_address=layout.address_of("discriminator", m),
+                            replay_address=layout.address_of("replaybuffer", m))
+            for m in range(population)])
         layout.processes.append(ProcessSpec(
             role="pbt-controller", member=-1, name="pbt-controller", grpc_address=pbt_address, metrics_port=port,
             args=["pbt-controller", *common, "--run-dir", str(run_dir), "--listen", pbt_address,
-                  "--metrics-port", str(port)],
+                  "--metrics-port", str(port), "--members", str(members_file), "--population", str(population)],
             log_path=logs / "pbt-controller.log"))
     return layout
 
@@ -297,14 +309,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"spiral up: config {config_path} does not exist", file=sys.stderr)
         return 2
     cfg = load_experiment(config_path)
-    population = args.population or 1
-    if population > 1:
-        print("spiral up: --population > 1 needs the PBT controller, which is not built yet; "
-              "run one member (omit --population)", file=sys.stderr)
-        return 2
-    if cfg.pbt.population_size > 1:
-        print(f"spiral up: the experiment asks for a population of {cfg.pbt.population_size}; "
-              "running one member (population-based training is not built yet)", flush=True)
+    population = args.population or cfg.pbt.population_size
     if population > 1:
         cfg = dataclasses.replace(cfg, pbt=dataclasses.replace(cfg.pbt, population_size=population))
     if args.actors < 1:

@@ -154,6 +154,14 @@ def overlay_kustomization(name: str) -> dict[str, Any]:
     return yaml.safe_load((DEPLOY / "overlays" / name / "kustomization.yaml").read_text())
 
 
+def experiment_copy(name: str) -> Path:
+    """The experiment file an overlay's ``spiral-experiment`` ConfigMap is generated from."""
+    (generator,) = [g for g in overlay_kustomization(name).get("configMapGenerator", [])
+                    if g["name"] == "spiral-experiment"]
+    (entry,) = generator["files"]
+    return DEPLOY / "overlays" / name / entry.partition("=")[2]
+
+
 # -- rendering and schema -----------------------------------------------------------------------
 
 @pytest.mark.parametrize("overlay", ALL_RENDERS)
@@ -383,6 +391,12 @@ def test_peer_addresses_name_services_and_their_ports(overlay: str) -> None:
     assert {"SPIRAL_LEARNER_ADDRESS", "SPIRAL_DISCRIMINATOR_ADDRESS", "SPIRAL_REPLAY_ADDRESS"} <= set(peers["data"])
     for variable, address in peers["data"].items():
         host, _, port = address.rpartition(":")
+        if "{member}" in host:
+            # A population: member i's pod of a StatefulSet, through its headless Service.
+            pod, _, host = host.partition(".")
+            assert pod == f"{host}-{{member}}", f"{variable}={address}: expected {host}-{{member}}.{host}"
+            assert services.get(host, {}).get("spec", {}).get("clusterIP") == "None", \
+                f"{variable}={address}: {host} must be a headless Service"
         assert host in services, f"{variable}={address}: no Service {host!r}"
         service = services[host]
         assert service["spec"]["selector"]["app.kubernetes.io/component"] == role_of_variable[variable]
@@ -694,7 +708,18 @@ def test_only_the_pbt_controller_reads_the_api_and_its_role_is_read_only() -> No
     (binding,) = by_kind(docs, "RoleBinding")
     assert binding["subjects"][0]["name"] == "spiral-pbt-controller"
     assert not by_kind(docs, "ClusterRole") and not by_kind(docs, "ClusterRoleBinding")
-    assert not any(by_kind(rendered(o), "Role") for o in OVERLAYS), "no shipped overlay runs PBT yet"
+    for overlay in OVERLAYS:
+        population = yaml.safe_load(experiment_copy(overlay).read_text()).get("pbt", {}).get("population_size", 1)
+        docs = rendered(overlay)
+        assert bool(by_kind(docs, "Role")) == (population > 1), \
+            f"{overlay}: the PBT controller (and its Role) belongs exactly to overlays with a population"
+        if population > 1:
+            for name in ("spiral-learner", "spiral-discriminator", "spiral-replaybuffer"):
+                (sts,) = [d for d in by_kind(docs, "StatefulSet") if d["metadata"]["name"] == name]
+                assert sts["spec"]["replicas"] == population, f"{overlay}: {name} replicas != pbt.population_size"
+                env = {e["name"]: e for e in sts["spec"]["template"]["spec"]["containers"][0]["env"]}
+                assert env["SPIRAL_MEMBER"]["valueFrom"]["fieldRef"]["fieldPath"] == \
+                    "metadata.labels['apps.kubernetes.io/pod-index']", f"{overlay}: {name} member from ordinal"
 
 
 # -- image --------------------------------------------------------------------------------------

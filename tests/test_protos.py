@@ -122,5 +122,5 @@ def test_stubs_import_and_describe_the_services() -> None:
     learner = importlib.import_module("spiral.v1.learner_pb2")
     assert hasattr(replay_grpc, "ReplayBufferServicer") and hasattr(replay_grpc, "add_ReplayBufferServicer_to_server")
     methods = {m.name for m in learner.DESCRIPTOR.services_by_name["PolicyLearner"].methods}
-    assert methods == {"GetParameters", "SubmitUnrolls", "Status"}
+    assert methods == {"GetParameters", "SubmitUnrolls", "Status", "GetTrainingState"}
     assert learner.DESCRIPTOR.package == "spiral.v1"

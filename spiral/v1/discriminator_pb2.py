@@ -15,7 +15,7 @@ _sym_db = _symbol_database.Default()
 from spiral.v1 import parameters_pb2 as spiral_dot_v1_dot_parameters__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dspiral/v1/discriminator.proto\x12\tspiral.v1\x1a\x1aspiral/v1/parameters.proto\"\x1c\n\x1a\x44iscriminatorStatusRequest\"\x85\x02\n\x13\x44iscriminatorStatus\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x0f\n\x07updates\x18\x02 \x01(\x03\x12\x0e\n\x06member\x18\x03 \x01(\x05\x12\x1c\n\x14wasserstein_estimate\x18\x04 \x01(\x01\x12\x18\n\x10samples_consumed\x18\x05 \x01(\x03\x12L\n\x0fhyperparameters\x18\x06 \x03(\x0b\x32\x33.spiral.v1.DiscriminatorStatus.HyperparametersEntry\x1a\x36\n\x14HyperparametersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x32\xb6\x01\n\x14\x44iscriminatorLearner\x12M\n\rGetParameters\x12\x1f.spiral.v1.GetParametersRequest\x1a\x19.spiral.v1.ParameterChunk0\x01\x12O\n\x06Status\x12%.spiral.v1.DiscriminatorStatusRequest\x1a\x1e.spiral.v1.DiscriminatorStatusb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dspiral/v1/discriminator.proto\x12\tspiral.v1\x1a\x1aspiral/v1/parameters.proto\"N\n\x0fLoadFromRequest\x12\x15\n\rdonor_address\x18\x01 \x01(\t\x12\x14\n\x0c\x64onor_member\x18\x02 \x01(\x05\x12\x0e\n\x06member\x18\x03 \x01(\x05\"H\n\rLoadFromReply\x12\x15\n\rdonor_version\x18\x01 \x01(\x03\x12\x0f\n\x07\x61pplied\x18\x02 \x01(\x08\x12\x0f\n\x07version\x18\x03 \x01(\x03\"\x1c\n\x1a\x44iscriminatorStatusRequest\"\x85\x02\n\x13\x44iscriminatorStatus\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x0f\n\x07updates\x18\x02 \x01(\x03\x12\x0e\n\x06member\x18\x03 \x01(\x05\x12\x1c\n\x14wasserstein_estimate\x18\x04 \x01(\x01\x12\x18\n\x10samples_consumed\x18\x05 \x01(\x03\x12L\n\x0fhyperparameters\x18\x06 \x03(\x0b\x32\x33.spiral.v1.DiscriminatorStatus.HyperparametersEntry\x1a\x36\n\x14HyperparametersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x32\xcd\x02\n\x14\x44iscriminatorLearner\x12M\n\rGetParameters\x12\x1f.spiral.v1.GetParametersRequest\x1a\x19.spiral.v1.ParameterChunk0\x01\x12O\n\x06Status\x12%.spiral.v1.DiscriminatorStatusRequest\x1a\x1e.spiral.v1.DiscriminatorStatus\x12S\n\x10GetTrainingState\x12\".spiral.v1.GetTrainingStateRequest\x1a\x19.spiral.v1.ParameterChunk0\x01\x12@\n\x08LoadFrom\x12\x1a.spiral.v1.LoadFromRequest\x1a\x18.spiral.v1.LoadFromReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -24,12 +24,16 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_DISCRIMINATORSTATUS_HYPERPARAMETERSENTRY']._loaded_options = None
   _globals['_DISCRIMINATORSTATUS_HYPERPARAMETERSENTRY']._serialized_options = b'8\001'
-  _globals['_DISCRIMINATORSTATUSREQUEST']._serialized_start=72
-  _globals['_DISCRIMINATORSTATUSREQUEST']._serialized_end=100
-  _globals['_DISCRIMINATORSTATUS']._serialized_start=103
-  _globals['_DISCRIMINATORSTATUS']._serialized_end=364
-  _globals['_DISCRIMINATORSTATUS_HYPERPARAMETERSENTRY']._serialized_start=310
-  _globals['_DISCRIMINATORSTATUS_HYPERPARAMETERSENTRY']._serialized_end=364
-  _globals['_DISCRIMINATORLEARNER']._serialized_start=367
-  _globals['_DISCRIMINATORLEARNER']._serialized_end=549
+  _globals['_LOADFROMREQUEST']._serialized_start=72
+  _globals['_LOADFROMREQUEST']._serialized_end=150
+  _globals['_LOADFROMREPLY']._serialized_start=152
+  _globals['_LOADFROMREPLY']._serialized_end=224
+  _globals['_DISCRIMINATORSTATUSREQUEST']._serialized_start=226
+  _globals['_DISCRIMINATORSTATUSREQUEST']._serialized_end=254
+  _globals['_DISCRIMINATORSTATUS']._serialized_start=257
+  _globals['_DISCRIMINATORSTATUS']._serialized_end=518
+  _globals['_DISCRIMINATORSTATUS_HYPERPARAMETERSENTRY']._serialized_start=464
+  _globals['_DISCRIMINATORSTATUS_HYPERPARAMETERSENTRY']._serialized_end=518
+  _globals['_DISCRIMINATORLEARNER']._serialized_start=521
+  _globals['_DISCRIMINATORLEARNER']._serialized_end=854
 # @@protoc_insertion_point(module_scope)

@@ -8,6 +8,26 @@ from typing import ClassVar as _ClassVar, Optional as _Optional
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class LoadFromRequest(_message.Message):
+    __slots__ = ("donor_address", "donor_member", "member")
+    DONOR_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    DONOR_MEMBER_FIELD_NUMBER: _ClassVar[int]
+    MEMBER_FIELD_NUMBER: _ClassVar[int]
+    donor_address: str
+    donor_member: int
+    member: int
+    def __init__(self, donor_address: _Optional[str] = ..., donor_member: _Optional[int] = ..., member: _Optional[int] = ...) -> None: ...
+
+class LoadFromReply(_message.Message):
+    __slots__ = ("donor_version", "applied", "version")
+    DONOR_VERSION_FIELD_NUMBER: _ClassVar[int]
+    APPLIED_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    donor_version: int
+    applied: bool
+    version: int
+    def __init__(self, donor_version: _Optional[int] = ..., applied: _Optional[bool] = ..., version: _Optional[int] = ...) -> None: ...
+
 class DiscriminatorStatusRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

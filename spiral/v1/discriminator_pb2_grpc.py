@@ -47,6 +47,16 @@ class DiscriminatorLearnerStub:
                 request_serializer=spiral_dot_v1_dot_discriminator__pb2.DiscriminatorStatusRequest.SerializeToString,
                 response_deserializer=spiral_dot_v1_dot_discriminator__pb2.DiscriminatorStatus.FromString,
                 _registered_method=True)
+        self.GetTrainingState = channel.unary_stream(
+                '/spiral.v1.DiscriminatorLearner/GetTrainingState',
+                request_serializer=spiral_dot_v1_dot_parameters__pb2.GetTrainingStateRequest.SerializeToString,
+                response_deserializer=spiral_dot_v1_dot_parameters__pb2.ParameterChunk.FromString,
+                _registered_method=True)
+        self.LoadFrom = channel.unary_unary(
+                '/spiral.v1.DiscriminatorLearner/LoadFrom',
+                request_serializer=spiral_dot_v1_dot_discriminator__pb2.LoadFromRequest.SerializeToString,
+                response_deserializer=spiral_dot_v1_dot_discriminator__pb2.LoadFromReply.FromString,
+                _registered_method=True)
 
 
 class DiscriminatorLearnerServicer:
@@ -67,6 +77,23 @@ class DiscriminatorLearnerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetTrainingState(self, request, context):
+        """Full trainer state for a population-based-training copy: critic weights under
+        "critic/<name>" and Adam state under "optimizer/<param_index>/<key>", chunked like
+        parameters, version = the discriminator's current version.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LoadFrom(self, request, context):
+        """Become a copy of a donor discriminator (PBT exploit): fetch the donor's training state
+        and apply it between this discriminator's own updates; its version keeps rising.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DiscriminatorLearnerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -79,6 +106,16 @@ def add_DiscriminatorLearnerServicer_to_server(servicer, server):
                     servicer.Status,
                     request_deserializer=spiral_dot_v1_dot_discriminator__pb2.DiscriminatorStatusRequest.FromString,
                     response_serializer=spiral_dot_v1_dot_discriminator__pb2.DiscriminatorStatus.SerializeToString,
+            ),
+            'GetTrainingState': grpc.unary_stream_rpc_method_handler(
+                    servicer.GetTrainingState,
+                    request_deserializer=spiral_dot_v1_dot_parameters__pb2.GetTrainingStateRequest.FromString,
+                    response_serializer=spiral_dot_v1_dot_parameters__pb2.ParameterChunk.SerializeToString,
+            ),
+            'LoadFrom': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadFrom,
+                    request_deserializer=spiral_dot_v1_dot_discriminator__pb2.LoadFromRequest.FromString,
+                    response_serializer=spiral_dot_v1_dot_discriminator__pb2.LoadFromReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -136,6 +173,60 @@ class DiscriminatorLearner:
             '/spiral.v1.DiscriminatorLearner/Status',
             spiral_dot_v1_dot_discriminator__pb2.DiscriminatorStatusRequest.SerializeToString,
             spiral_dot_v1_dot_discriminator__pb2.DiscriminatorStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetTrainingState(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/spiral.v1.DiscriminatorLearner/GetTrainingState',
+            spiral_dot_v1_dot_parameters__pb2.GetTrainingStateRequest.SerializeToString,
+            spiral_dot_v1_dot_parameters__pb2.ParameterChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LoadFrom(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/spiral.v1.DiscriminatorLearner/LoadFrom',
+            spiral_dot_v1_dot_discriminator__pb2.LoadFromRequest.SerializeToString,
+            spiral_dot_v1_dot_discriminator__pb2.LoadFromReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -52,6 +52,11 @@ class PolicyLearnerStub:
                 request_serializer=spiral_dot_v1_dot_learner__pb2.StatusRequest.SerializeToString,
                 response_deserializer=spiral_dot_v1_dot_learner__pb2.LearnerStatus.FromString,
                 _registered_method=True)
+        self.GetTrainingState = channel.unary_stream(
+                '/spiral.v1.PolicyLearner/GetTrainingState',
+                request_serializer=spiral_dot_v1_dot_parameters__pb2.GetTrainingStateRequest.SerializeToString,
+                response_deserializer=spiral_dot_v1_dot_parameters__pb2.ParameterChunk.FromString,
+                _registered_method=True)
 
 
 class PolicyLearnerServicer:
@@ -79,6 +84,15 @@ class PolicyLearnerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetTrainingState(self, request, context):
+        """Full trainer state for a population-based-training copy: policy weights under
+        "policy/<name>" and Adam state under "optimizer/<param_index>/<key>", chunked like
+        parameters, version = the learner's current version.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PolicyLearnerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -96,6 +110,11 @@ def add_PolicyLearnerServicer_to_server(servicer, server):
                     servicer.Status,
                     request_deserializer=spiral_dot_v1_dot_learner__pb2.StatusRequest.FromString,
                     response_serializer=spiral_dot_v1_dot_learner__pb2.LearnerStatus.SerializeToString,
+            ),
+            'GetTrainingState': grpc.unary_stream_rpc_method_handler(
+                    servicer.GetTrainingState,
+                    request_deserializer=spiral_dot_v1_dot_parameters__pb2.GetTrainingStateRequest.FromString,
+                    response_serializer=spiral_dot_v1_dot_parameters__pb2.ParameterChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -180,6 +199,33 @@ class PolicyLearner:
             '/spiral.v1.PolicyLearner/Status',
             spiral_dot_v1_dot_learner__pb2.StatusRequest.SerializeToString,
             spiral_dot_v1_dot_learner__pb2.LearnerStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetTrainingState(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/spiral.v1.PolicyLearner/GetTrainingState',
+            spiral_dot_v1_dot_parameters__pb2.GetTrainingStateRequest.SerializeToString,
+            spiral_dot_v1_dot_parameters__pb2.ParameterChunk.FromString,
             options,
             channel_credentials,
             insecure,

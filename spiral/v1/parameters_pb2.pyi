@@ -33,3 +33,9 @@ class ParameterChunk(_message.Message):
     total_tensors: int
     total_bytes: int
     def __init__(self, version: _Optional[int] = ..., index: _Optional[int] = ..., count: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[_tensor_pb2.NamedTensor, _Mapping]]] = ..., member: _Optional[int] = ..., total_tensors: _Optional[int] = ..., total_bytes: _Optional[int] = ...) -> None: ...
+
+class GetTrainingStateRequest(_message.Message):
+    __slots__ = ("member",)
+    MEMBER_FIELD_NUMBER: _ClassVar[int]
+    member: int
+    def __init__(self, member: _Optional[int] = ...) -> None: ...

@@ -30,7 +30,7 @@ class FitnessReport(_message.Message):
     def __init__(self, member: _Optional[int] = ..., policy_version: _Optional[int] = ..., updates: _Optional[int] = ..., fitness: _Optional[float] = ..., hyperparameters: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class Directive(_message.Message):
-    __slots__ = ("action", "donor_member", "donor_version", "hyperparameters", "reason")
+    __slots__ = ("action", "donor_member", "donor_version", "hyperparameters", "reason", "donor_learner_address", "donor_discriminator_address")
     class Action(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         ACTION_UNSPECIFIED: _ClassVar[Directive.Action]
@@ -51,12 +51,16 @@ class Directive(_message.Message):
     DONOR_VERSION_FIELD_NUMBER: _ClassVar[int]
     HYPERPARAMETERS_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    DONOR_LEARNER_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    DONOR_DISCRIMINATOR_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     action: Directive.Action
     donor_member: int
     donor_version: int
     hyperparameters: _containers.ScalarMap[str, float]
     reason: str
-    def __init__(self, action: _Optional[_Union[Directive.Action, str]] = ..., donor_member: _Optional[int] = ..., donor_version: _Optional[int] = ..., hyperparameters: _Optional[_Mapping[str, float]] = ..., reason: _Optional[str] = ...) -> None: ...
+    donor_learner_address: str
+    donor_discriminator_address: str
+    def __init__(self, action: _Optional[_Union[Directive.Action, str]] = ..., donor_member: _Optional[int] = ..., donor_version: _Optional[int] = ..., hyperparameters: _Optional[_Mapping[str, float]] = ..., reason: _Optional[str] = ..., donor_learner_address: _Optional[str] = ..., donor_discriminator_address: _Optional[str] = ...) -> None: ...
 
 class AssignRequest(_message.Message):
     __slots__ = ("actor_id", "previous_member")

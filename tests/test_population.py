@@ -1,0 +1,81 @@
+"""A real local population: one member starts with a hopeless learning rate and gets exploited.
+
+Two members (each a learner, a discriminator and a replay buffer), two actors the controller
+spreads over them, and the PBT controller, all as real processes. Member 1 starts with a
+learning rate of 1e-9, so its policy stays untrained while member 0's improves; within the
+test's budget the controller must tell member 1 to copy member 0 (the lineage names the
+donor and the hyperparameters change), and training must go on. Then the controller is
+killed and restarted: no lineage line and no member is lost.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+
+import grpc
+import pytest
+
+from spiral.rpc.client import make_channel
+from spiral.v1 import pbt_pb2, pbt_pb2_grpc
+from system_harness import System, write_config
+
+pytestmark = pytest.mark.slow
+
+
+def _lineage(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_bad_member_is_exploited_and_the_controller_survives_a_restart(tmp_path: Path) -> None:
+    config = write_config(tmp_path, {
+        "pbt": {"population_size": 2, "report_every_updates": 4, "ready_updates": 8, "truncation_fraction": 0.5},
+        "learner": {"checkpoint_every_updates": 20, "sample_grid_every_updates": 0},
+    })
+    system = System(tmp_path / "run", config, num_actors=1, population=2)
+    controller = system.child("pbt-controller")
+    controller.spec.args += ["--initial-hyperparameters", json.dumps({"1": {"learning_rate": 1e-9}})]
+    lineage_path = tmp_path / "run" / "pbt" / "lineage.jsonl"
+    with system:
+        def exploited() -> bool:
+            return any(e["event"] == "exploit" and e["member"] == 1 for e in _lineage(lineage_path))
+
+        system.wait_for("member 1 exploited", exploited, timeout=600)
+        event = next(e for e in _lineage(lineage_path) if e["event"] == "exploit" and e["member"] == 1)
+        assert event["donor"] == 0
+        assert event["hyperparameters_before"]["learning_rate"] == pytest.approx(1e-9)
+        assert event["hyperparameters_after"]["learning_rate"] > 1e-6
+        # The copy reached learner 1: its version jumped and it keeps training.
+        updates = system.value("learner-1", "spiral_learner_updates_total")
+        system.wait_for("learner 1 training after the copy",
+                        lambda: system.value("learner-1", "spiral_learner_updates_total") > updates + 2)
+
+        # Kill the controller and start it again: members, hyperparameters and lineage survive.
+        channel = make_channel(controller.spec.grpc_address, write_config_services(config))
+        stub = pbt_pb2_grpc.PBTControllerStub(channel)
+        before = stub.Population(pbt_pb2.PopulationRequest(), timeout=10)
+        lines_before = lineage_path.read_text()
+        system.kill("pbt-controller", signal.SIGKILL)
+        system.restart("pbt-controller")
+        grpc.channel_ready_future(channel).result(timeout=60)
+        after = stub.Population(pbt_pb2.PopulationRequest(), timeout=10)
+        assert lineage_path.read_text().startswith(lines_before)
+        assert [m.member for m in after.members] == [m.member for m in before.members] == [0, 1]
+        for old, new in zip(before.members, after.members):
+            assert new.exploits == old.exploits
+            assert dict(new.hyperparameters) == pytest.approx(dict(old.hyperparameters))
+        # Reports keep arriving after the restart.
+        reported = {m.member: m.updates for m in after.members}
+        system.wait_for("reports after the controller restart", lambda: any(
+            m.updates > reported[m.member]
+            for m in stub.Population(pbt_pb2.PopulationRequest(), timeout=10).members), timeout=180)
+        channel.close()
+    assert (tmp_path / "run" / "pbt" / "population.png").exists()
+
+
+def write_config_services(config: Path):  # noqa: ANN201 - ServicesConfig
+    from spiral.config import load_experiment
+    return load_experiment(config).services
