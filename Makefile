@@ -11,12 +11,13 @@ export MUJOCO_GL ?= egl
 export OMP_NUM_THREADS ?= 1
 PYTEST_ARGS ?=
 
-.PHONY: help deps test test-fast run proto proto-check bench clean kind-up kind-test kind-down
+.PHONY: help deps test test-fast run proto proto-check bench bench-learning clean kind-up kind-test kind-down
 
 help:
 	@echo "make run        run the whole system on this machine (spiral up, conditional MNIST)"
 	@echo "make test       install dependencies and run the test suite"
-	@echo "make bench      run the benchmarks in bench/"
+	@echo "make bench      run the benchmarks in bench/ (figures in bench/RESULTS.md)"
+	@echo "make bench-learning  30 minutes of spiral up, then held-out reconstruction error"
 	@echo "make proto      regenerate gRPC stubs from protos/"
 
 $(STAMP_DIR)/apt:
@@ -55,7 +56,11 @@ proto-check:
 
 bench: deps
 	$(PYTHON) bench/env_throughput.py
+	$(PYTHON) bench/learner_rpc.py
 	$(PYTHON) bench/policy_speed.py
+
+bench-learning: deps
+	$(PYTHON) bench/learning.py --minutes 10 30 --actors 2 --out bench/results/learning
 
 # Local Kubernetes (deploy/kind/): each script says what is missing and stops where Docker or
 # kind is not installed. See deploy/README.md.

@@ -30,7 +30,6 @@ import zlib
 from dataclasses import dataclass
 
 import grpc
-import numpy as np
 
 from actor.acting import EpisodeRunner
 from spiral import metrics

@@ -21,16 +21,15 @@ import argparse
 import json
 import logging
 import os
-import sys
 import threading
 
 from pbt_controller.controller import Controller
 from pbt_controller.discovery import make_discovery
 from pbt_controller.service import PBTControllerServicer
 from pbt_controller.state import StateStore
-from spiral import metrics
 from spiral.rpc.server import BindError, build_server
-from spiral.service_options import ServiceOptions, add_service_arguments, resolve_service_options
+from spiral.service_runtime import start_process
+from spiral.service_options import add_service_arguments, resolve_service_options
 
 log = logging.getLogger(__name__)
 
@@ -55,20 +54,10 @@ def register(parser: argparse.ArgumentParser) -> None:
                         help="redraw population.png at most this often (default 60; 0 only at shutdown)")
 
 
-def _start_process(opts: ServiceOptions) -> None:
-    """Logging, metrics endpoint and run directory (without torch: this service never needs it)."""
-    logging.basicConfig(level=os.environ.get("SPIRAL_LOG_LEVEL", "INFO"), stream=sys.stderr,
-                        format=f"%(asctime)s {opts.role} %(levelname)s %(name)s: %(message)s")
-    if opts.metrics_port:
-        metrics.serve_metrics(opts.metrics_port, opts.metrics_address)
-        log.info("metrics on http://%s:%d/metrics", opts.metrics_address, opts.metrics_port)
-    opts.run_dir.mkdir(parents=True, exist_ok=True)
-
-
 def run(args: argparse.Namespace) -> int:
     opts = resolve_service_options("pbt-controller", args)
     cfg = opts.config
-    _start_process(opts)
+    start_process(opts, member_in_log=False)
     population = args.population if args.population is not None else cfg.pbt.population_size
     try:
         discovery = make_discovery(args.members)

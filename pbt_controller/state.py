@@ -25,42 +25,18 @@ import json
 import math
 import os
 import random
-import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pbt_controller.decision import MemberRecord
+from spiral.atomic import atomic_write_bytes
 
 STATE_FILE = "state.json"
 LINEAGE_FILE = "lineage.jsonl"
 REPORTS_FILE = "reports.jsonl"
 PLOT_FILE = "population.png"
 STATE_FORMAT = 1
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Temp file + fsync + rename + directory fsync.
-
-    The same as :func:`spiral.checkpoint.atomic_write_bytes`, repeated here because that
-    module imports torch, which the controller (a small pod) does not otherwise need.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 def append_jsonl(path: Path, row: dict[str, Any]) -> None:

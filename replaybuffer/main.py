@@ -16,15 +16,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-import sys
 
 from replaybuffer.service import ReplayBufferServicer
 from replaybuffer.table import ReplayTable
-from spiral import metrics
 from spiral.rpc.messages import experiment_image_shape
 from spiral.rpc.server import BindError, build_server
-from spiral.service_options import ServiceOptions, add_service_arguments, resolve_service_options
+from spiral.service_runtime import start_process
+from spiral.service_options import add_service_arguments, resolve_service_options
 
 log = logging.getLogger(__name__)
 
@@ -40,20 +38,10 @@ def register(parser: argparse.ArgumentParser) -> None:
                         help="longest a Sample call waits for the rate limiter (default 5)")
 
 
-def _start_process(opts: ServiceOptions) -> None:
-    """Logging, metrics endpoint and run directory (without torch: this service never needs it)."""
-    logging.basicConfig(level=os.environ.get("SPIRAL_LOG_LEVEL", "INFO"), stream=sys.stderr,
-                        format=f"%(asctime)s {opts.role}[{opts.member}] %(levelname)s %(name)s: %(message)s")
-    if opts.metrics_port:
-        metrics.serve_metrics(opts.metrics_port, opts.metrics_address)
-        log.info("metrics on http://%s:%d/metrics", opts.metrics_address, opts.metrics_port)
-    opts.run_dir.mkdir(parents=True, exist_ok=True)
-
-
 def run(args: argparse.Namespace) -> int:
     opts = resolve_service_options("replaybuffer", args)
     cfg = opts.config
-    _start_process(opts)
+    start_process(opts)
     table = ReplayTable(capacity=cfg.replay.capacity, min_size=cfg.replay.min_size,
                         samples_per_insert=cfg.replay.samples_per_insert, seed=cfg.seed + 7919 * opts.member)
     checkpoint = opts.run_dir / "replaybuffer" / f"member-{opts.member}.npz"

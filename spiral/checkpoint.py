@@ -13,35 +13,16 @@ from __future__ import annotations
 
 import io
 import logging
-import os
 import re
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from spiral.atomic import atomic_write_bytes
+
 _NAME = re.compile(r"^ckpt-(\d{12})\.pt$")
 log = logging.getLogger(__name__)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (temp file + fsync + rename + directory fsync)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 def save_checkpoint(directory: Path, version: int, state: dict[str, Any], keep: int = 3) -> Path:

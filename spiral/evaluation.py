@@ -18,12 +18,7 @@ from spiral.config import ExperimentConfig
 from spiral.envs import make_env
 from spiral.nets import observation_to_tensors
 from spiral.nets.policy import SpiralPolicy
-
-
-def mean_l2(canvases: np.ndarray, targets: np.ndarray) -> np.ndarray:
-    """Per-image mean squared error between uint8 images, in [0, 1] pixel units."""
-    diff = canvases.astype(np.float32) / 255.0 - targets.astype(np.float32) / 255.0
-    return (diff ** 2).reshape(len(diff), -1).mean(axis=1)
+from spiral.rewards import reconstruction_l2
 
 
 @dataclass(frozen=True)
@@ -57,9 +52,9 @@ def reconstruct(cfg: ExperimentConfig, policy: SpiralPolicy, targets: np.ndarray
         canvases = env.canvases().copy()
     finally:
         env.close()
-    return Reconstruction(canvases=canvases, targets=targets, l2=mean_l2(canvases, targets))
+    return Reconstruction(canvases=canvases, targets=targets, l2=reconstruction_l2(canvases, targets))
 
 
 def blank_l2(targets: np.ndarray) -> float:
     """Mean error of painting nothing (a white canvas) on ``targets``."""
-    return float(mean_l2(np.full_like(targets, 255), targets).mean())
+    return float(reconstruction_l2(np.full_like(targets, 255), targets).mean())

@@ -12,19 +12,20 @@ import os
 import sys
 import time
 
-import torch
-
 from spiral import metrics
 from spiral.service_options import ServiceOptions
 
 log = logging.getLogger(__name__)
 
 
-def start_process(opts: ServiceOptions, torch_threads: int | None = None) -> None:
-    """Configure logging and torch threads and start the metrics endpoint of a service process."""
+def start_process(opts: ServiceOptions, torch_threads: int | None = None, member_in_log: bool = True) -> None:
+    """Configure logging (and torch threads) and start the metrics endpoint of a service process."""
     logging.basicConfig(level=os.environ.get("SPIRAL_LOG_LEVEL", "INFO"), stream=sys.stderr,
-                        format=f"%(asctime)s {opts.role}[{opts.member}] %(levelname)s %(name)s: %(message)s")
+                        format=f"%(asctime)s {opts.role}{f'[{opts.member}]' if member_in_log else ''} "
+                               "%(levelname)s %(name)s: %(message)s")
     if torch_threads is not None:
+        import torch  # only the services that run networks pay for importing torch
+
         torch.set_num_threads(max(1, torch_threads))
     if opts.metrics_port:
         metrics.serve_metrics(opts.metrics_port, opts.metrics_address)

@@ -14,7 +14,7 @@ from spiral.envs.base import Observation
 from spiral.nets import (build_discriminator, build_policy, images_to_tensor, observation_to_tensors)
 from spiral.nets.discriminator import Discriminator
 from spiral.nets.params import ParameterSnapshot, load_snapshot, snapshot_of
-from spiral.nets.policy import PolicyInputs, SpiralPolicy
+from spiral.nets.policy import PolicyInputs
 from spiral.trajectory import Unroll
 
 torch.set_num_threads(1)

@@ -35,6 +35,8 @@ from typing import Any, Callable, Iterator, Mapping
 import numpy as np
 from PIL import Image
 
+from spiral.atomic import fsync_dir
+
 log = logging.getLogger(__name__)
 
 CACHE_FORMAT_VERSION = 1
@@ -94,14 +96,6 @@ def cache_file(cache_dir: Path, name: str, image_size: int, channels: int, key: 
     return Path(cache_dir) / f"{name}-{image_size}px-{channels}ch-{digest}.npz"
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_prepared(path: Path, prepared: PreparedImages, key: str) -> None:
     """Write ``prepared`` to ``path`` atomically (temp file + fsync + rename + directory fsync)."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -122,7 +116,7 @@ def write_prepared(path: Path, prepared: PreparedImages, key: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp_name)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def read_prepared(path: Path, key: str) -> PreparedImages | None:

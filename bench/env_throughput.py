@@ -1,0 +1,145 @@
+"""Environment throughput: renderers alone, the actor loop in one process, and the whole system.
+
+Prints, measured in one run on this machine (so the ratios are fair on a noisy machine):
+
+1. renderer steps/s with random actions for N batched environments: libmypaint (the
+   baseline), the fast torch rasterizer, and MuJoCo scenes;
+2. the actor loop in one process with no gRPC (policy inference + libmypaint, N canvases):
+   environment frames/s;
+3. the one-machine system (replay buffer, discriminator, learner and ``--actors`` actors as
+   separate processes talking gRPC, the learner training all the while): environment
+   frames/s summed over actors, read from their Prometheus counters, and its ratio to (2).
+
+Usage::
+
+    python bench/env_throughput.py [--config tiny] [--num-envs 8] [--seconds 20] [--system-seconds 90]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+from actor.acting import EpisodeRunner  # noqa: E402
+from spiral.config import ExperimentConfig, load_experiment, experiment_path  # noqa: E402
+from spiral.envs import action_spec_for, make_env  # noqa: E402
+from spiral.nets import build_policy  # noqa: E402
+
+
+def random_actions(cfg: ExperimentConfig, rng: np.random.Generator, n: int) -> np.ndarray:
+    spec = action_spec_for(cfg)
+    actions = np.stack([rng.integers(0, head.size, size=n) for head in spec.heads], axis=1)
+    actions[:, 0] = 1 if cfg.env.kind == "paint" else rng.integers(0, 2, size=n)  # paint steps (the costly kind)
+    return actions
+
+
+def renderer_rate(cfg: ExperimentConfig, backend: str | None, num_envs: int, seconds: float) -> float:
+    """Batched env steps per second (one step = one action on one canvas)."""
+    env = make_env(cfg, num_envs, seed=0, backend=backend)
+    rng = np.random.default_rng(0)
+    steps = 0
+    start = time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        env.reset(None if not cfg.env.conditional else np.full((num_envs, *env.canvases().shape[1:]), 255, np.uint8))
+        while not env.done:
+            env.step(random_actions(cfg, rng, num_envs))
+            steps += num_envs
+    elapsed = time.perf_counter() - start
+    env.close()
+    return steps / elapsed
+
+
+def inprocess_actor_rate(cfg: ExperimentConfig, num_envs: int, seconds: float) -> float:
+    """Frames/s of the actor loop (policy forward + environment) in this process, no gRPC."""
+    env = make_env(cfg, num_envs, seed=0)
+    targets = None
+    if cfg.env.conditional:
+        from spiral.data import for_experiment
+        targets = for_experiment(cfg).images
+    runner = EpisodeRunner(cfg, env, build_policy(cfg), targets, seed=0, actor_id="bench")
+    frames = 0
+    start = time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        unroll = runner.run_episode()
+        frames += unroll.num_steps * unroll.batch_size
+    return frames / (time.perf_counter() - start)
+
+
+def system_actor_rate(config_path: Path, num_actors: int, seconds: float, warmup: float) -> dict[str, float]:
+    """Frames/s summed over the actors of a real one-machine system (after ``warmup`` seconds)."""
+    from system_harness import System  # the same harness the system tests use
+
+    with tempfile.TemporaryDirectory() as tmp:
+        with System(Path(tmp) / "run", config_path, num_actors=num_actors) as system:
+            actors = [f"actor-{i}" for i in range(num_actors)]
+
+            def total(metric: str, names: list[str]) -> float:
+                return sum(system.value(name, metric) for name in names)
+
+            system.wait_for("actors stepping", lambda: total("spiral_actor_env_steps_total", actors) > 0, timeout=300)
+            time.sleep(warmup)
+            steps0, updates0, t0 = (total("spiral_actor_env_steps_total", actors),
+                                    system.value("learner", "spiral_learner_updates_total"), time.monotonic())
+            time.sleep(seconds)
+            steps1, updates1, t1 = (total("spiral_actor_env_steps_total", actors),
+                                    system.value("learner", "spiral_learner_updates_total"), time.monotonic())
+    return {"frames_per_second": (steps1 - steps0) / (t1 - t0), "learner_updates_per_second": (updates1 - updates0) / (t1 - t0)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="tiny")
+    parser.add_argument("--num-envs", type=int, default=8)
+    parser.add_argument("--seconds", type=float, default=15.0, help="per in-process measurement")
+    parser.add_argument("--system-seconds", type=float, default=60.0, help="system measurement window")
+    parser.add_argument("--actors", type=int, default=1, help="actor processes in the system measurement")
+    parser.add_argument("--skip-system", action="store_true")
+    parser.add_argument("--json", help="also write the figures to this JSON file")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    cfg = load_experiment(experiment_path(args.config))
+    results: dict[str, float] = {}
+
+    print(f"renderers, {args.num_envs} batched canvases, random paint actions, 1 thread:")
+    base = renderer_rate(cfg, "libmypaint", args.num_envs, args.seconds)
+    results["libmypaint_steps_per_second"] = base
+    print(f"  libmypaint  {base:9.0f} steps/s   (baseline)")
+    fast = renderer_rate(cfg, "fast", args.num_envs, args.seconds)
+    results["fast_steps_per_second"] = fast
+    print(f"  fast        {fast:9.0f} steps/s   {fast / base:6.1f}x libmypaint")
+    scene_cfg = load_experiment(experiment_path("mujoco"))
+    scene = renderer_rate(scene_cfg, None, args.num_envs, args.seconds)
+    results["mujoco_steps_per_second"] = scene
+    print(f"  mujoco      {scene:9.0f} steps/s   {scene / base:6.2f}x libmypaint")
+
+    inproc = inprocess_actor_rate(cfg, args.num_envs, args.seconds)
+    results["inprocess_actor_frames_per_second"] = inproc
+    print(f"actor loop in one process, no gRPC ({cfg.name}, N={args.num_envs}): {inproc:8.0f} frames/s (baseline)")
+    if not args.skip_system:
+        sys_cfg_dir = Path(tempfile.mkdtemp())
+        from system_harness import write_config
+        config_path = write_config(sys_cfg_dir, {"actor": {"num_envs": args.num_envs}}, base=args.config)
+        system = system_actor_rate(config_path, args.actors, args.system_seconds, warmup=10.0)
+        rate = system["frames_per_second"]
+        results.update({f"system_{k}": v for k, v in system.items()})
+        results["system_over_inprocess"] = rate / inproc
+        print(f"one-machine system, {args.actors} actor process(es), learner training: {rate:8.0f} frames/s "
+              f"= {rate / inproc:.2f} of in-process (learner {system['learner_updates_per_second']:.2f} updates/s)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
