@@ -42,14 +42,15 @@ class EpisodeRunner:
         cfg: The experiment.
         env: N environments of the experiment's kind.
         policy: The acting policy (CPU); its parameters are replaced by :meth:`load_parameters`.
-        targets: Images to reconstruct in conditional mode (uint8 ``[M, H, W, C]``), else None.
+        targets: Images to reconstruct in conditional mode (uint8 ``[M, H, W, C]``), else None
+            (a conditional runner without them must be given targets per episode).
         seed: Seed for target choice and action sampling.
         actor_id: Identity stamped on every unroll.
     """
 
     def __init__(self, cfg: ExperimentConfig, env: BatchedEnv, policy: SpiralPolicy,
                  targets: np.ndarray | None, seed: int = 0, actor_id: str = "") -> None:
-        if cfg.env.conditional and (targets is None or len(targets) == 0):
+        if cfg.env.conditional and targets is not None and len(targets) == 0:
             raise ValueError("conditional experiments need target images")
         self.cfg = cfg
         self.env = env
@@ -67,12 +68,22 @@ class EpisodeRunner:
         self.policy_version = snapshot.version
 
     @torch.no_grad()
-    def run_episode(self) -> Unroll:
-        """One episode on every canvas; returns it as an unroll of T = episode_length - 1 steps."""
+    def run_episode(self, targets: np.ndarray | None = None) -> Unroll:
+        """One episode on every canvas; returns it as an unroll of T = episode_length - 1 steps.
+
+        Args:
+            targets: This episode's targets, one per canvas (conditional runs); by default they
+                are drawn uniformly from the runner's target images.
+        """
         env = self.env
         n = env.num_envs
-        batch_targets = None
-        if self.targets is not None:
+        batch_targets = targets
+        if batch_targets is not None:
+            if not self.cfg.env.conditional:
+                raise ValueError("targets given to an unconditional experiment")
+            if len(batch_targets) != n:
+                raise ValueError(f"targets: {len(batch_targets)} images for {n} canvases")
+        elif self.targets is not None:
             batch_targets = self.targets[self.rng.integers(0, len(self.targets), size=n)]
         obs = env.reset(batch_targets)
         state = self.policy.initial_state(n)

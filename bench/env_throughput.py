@@ -2,13 +2,15 @@
 
 Prints, measured in one run on this machine (so the ratios are fair on a noisy machine):
 
-1. renderer steps/s with random actions for N batched environments: libmypaint (the
-   baseline), the fast torch rasterizer, and MuJoCo scenes;
+1. renderer steps/s per core with random actions for N batched environments (N = 8 and 64):
+   libmypaint (the baseline), the fast torch rasterizer, and MuJoCo scenes;
 2. the actor loop in one process with no gRPC (policy inference + libmypaint, N canvases):
    environment frames/s;
 3. the one-machine system (replay buffer, discriminator, learner and ``--actors`` actors as
    separate processes talking gRPC, the learner training all the while): environment
    frames/s summed over actors, read from their Prometheus counters, and its ratio to (2).
+
+The last line is all figures as one JSON object.
 
 Usage::
 
@@ -48,10 +50,12 @@ def renderer_rate(cfg: ExperimentConfig, backend: str | None, num_envs: int, sec
     """Batched env steps per second (one step = one action on one canvas)."""
     env = make_env(cfg, num_envs, seed=0, backend=backend)
     rng = np.random.default_rng(0)
+    size = cfg.env.image_size
+    targets = np.full((num_envs, size, size, cfg.image_channels), 255, np.uint8) if cfg.env.conditional else None
     steps = 0
     start = time.perf_counter()
     while time.perf_counter() - start < seconds:
-        env.reset(None if not cfg.env.conditional else np.full((num_envs, *env.canvases().shape[1:]), 255, np.uint8))
+        env.reset(targets)
         while not env.done:
             env.step(random_actions(cfg, rng, num_envs))
             steps += num_envs
@@ -100,7 +104,9 @@ def system_actor_rate(config_path: Path, num_actors: int, seconds: float, warmup
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="tiny")
-    parser.add_argument("--num-envs", type=int, default=8)
+    parser.add_argument("--num-envs", type=int, default=8, help="canvases per actor (the tiny profile's 8)")
+    parser.add_argument("--renderer-envs", type=int, nargs="*", default=[64],
+                        help="further batch sizes for the renderer comparison")
     parser.add_argument("--seconds", type=float, default=15.0, help="per in-process measurement")
     parser.add_argument("--system-seconds", type=float, default=60.0, help="system measurement window")
     parser.add_argument("--actors", type=int, default=1, help="actor processes in the system measurement")
@@ -112,17 +118,19 @@ def main() -> None:
     cfg = load_experiment(experiment_path(args.config))
     results: dict[str, float] = {}
 
-    print(f"renderers, {args.num_envs} batched canvases, random paint actions, 1 thread:")
-    base = renderer_rate(cfg, "libmypaint", args.num_envs, args.seconds)
-    results["libmypaint_steps_per_second"] = base
-    print(f"  libmypaint  {base:9.0f} steps/s   (baseline)")
-    fast = renderer_rate(cfg, "fast", args.num_envs, args.seconds)
-    results["fast_steps_per_second"] = fast
-    print(f"  fast        {fast:9.0f} steps/s   {fast / base:6.1f}x libmypaint")
     scene_cfg = load_experiment(experiment_path("mujoco"))
-    scene = renderer_rate(scene_cfg, None, args.num_envs, args.seconds)
-    results["mujoco_steps_per_second"] = scene
-    print(f"  mujoco      {scene:9.0f} steps/s   {scene / base:6.2f}x libmypaint")
+    for n in sorted({args.num_envs, *args.renderer_envs}):
+        print(f"renderers, {n} batched canvases, random paint actions (same seed), 1 thread = 1 core:")
+        base = renderer_rate(cfg, "libmypaint", n, args.seconds)
+        fast = renderer_rate(cfg, "fast", n, args.seconds)
+        scene = renderer_rate(scene_cfg, None, n, args.seconds)
+        results.update({f"libmypaint_steps_per_second_per_core_n{n}": base,
+                        f"fast_steps_per_second_per_core_n{n}": fast,
+                        f"mujoco_steps_per_second_per_core_n{n}": scene,
+                        f"fast_over_libmypaint_n{n}": fast / base})
+        print(f"  libmypaint  {base:9.0f} steps/s   (baseline)")
+        print(f"  fast        {fast:9.0f} steps/s   {fast / base:6.1f}x libmypaint")
+        print(f"  mujoco      {scene:9.0f} steps/s   {scene / base:6.2f}x libmypaint")
 
     inproc = inprocess_actor_rate(cfg, args.num_envs, args.seconds)
     results["inprocess_actor_frames_per_second"] = inproc
@@ -137,6 +145,7 @@ def main() -> None:
         results["system_over_inprocess"] = rate / inproc
         print(f"one-machine system, {args.actors} actor process(es), learner training: {rate:8.0f} frames/s "
               f"= {rate / inproc:.2f} of in-process (learner {system['learner_updates_per_second']:.2f} updates/s)")
+    print(json.dumps({k: round(v, 3) for k, v in results.items()}))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 

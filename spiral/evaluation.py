@@ -12,11 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from spiral.config import ExperimentConfig
 from spiral.envs import make_env
-from spiral.nets import observation_to_tensors
 from spiral.nets.policy import SpiralPolicy
 from spiral.rewards import reconstruction_l2
 
@@ -34,24 +32,19 @@ class Reconstruction:
         return float(self.l2.mean())
 
 
-@torch.no_grad()
 def reconstruct(cfg: ExperimentConfig, policy: SpiralPolicy, targets: np.ndarray, seed: int = 0,
                 backend: str | None = None) -> Reconstruction:
     """Run one episode per target with ``policy`` (sampling its actions) and score the canvases."""
     if not cfg.env.conditional:
         raise ValueError("reconstruction needs a conditional experiment (env.conditional: true)")
-    policy = policy.eval()
+    from actor.acting import EpisodeRunner  # the actor's own loop, so evaluation acts exactly alike
+
     env = make_env(cfg, len(targets), seed=seed, backend=backend)
     try:
-        generator = torch.Generator().manual_seed(seed)
-        obs = env.reset(targets)
-        state = policy.initial_state(len(targets))
-        while not env.done:
-            out, state = policy(observation_to_tensors(obs), state, generator=generator)
-            obs = env.step(out.actions.numpy())
-        canvases = env.canvases().copy()
+        unroll = EpisodeRunner(cfg, env, policy, None, seed=seed).run_episode(targets)
     finally:
         env.close()
+    canvases = unroll.final_canvases
     return Reconstruction(canvases=canvases, targets=targets, l2=reconstruction_l2(canvases, targets))
 
 

@@ -18,9 +18,10 @@ from discriminator.training import DiscriminatorTrainer
 from learner.learner import PolicyLearner
 from learner.service import PolicyLearnerServicer
 from learner.training import PolicyTrainer
+from actor.acting import EpisodeRunner
 from spiral.config import ExperimentConfig, experiment_path, load_experiment
 from spiral.envs import make_env
-from spiral.nets import build_discriminator, build_policy, observation_to_tensors
+from spiral.nets import build_discriminator, build_policy
 from spiral.rpc.client import make_channel
 from spiral.rpc.peers import PeerRejected, PeerUnavailable
 from spiral.rpc.server import SpiralServer, build_server
@@ -58,26 +59,12 @@ def bar_targets(batch: int, offset: int = 0) -> np.ndarray:
 
 
 def collect(cfg: ExperimentConfig, policy, batch: int, seed: int) -> Unroll:
-    """Act one episode on ``batch`` real environments, as an actor does."""
+    """Act one episode on ``batch`` real environments with the actor's own loop."""
     env = make_env(cfg, batch, seed)
-    targets = bar_targets(batch)
-    obs = env.reset(targets)
-    state = policy.initial_state(batch)
-    generator = torch.Generator().manual_seed(seed)
-    canvases, actions, masks, log_probs = [obs.canvas], [], [], []
-    with torch.no_grad():
-        while not env.done:
-            out, state = policy(observation_to_tensors(obs), state, generator=generator)
-            obs = env.step(out.actions.numpy())
-            canvases.append(obs.canvas)
-            actions.append(out.actions.numpy())
-            masks.append(out.mask.numpy())
-            log_probs.append(out.log_prob.numpy())
-    env.close()
-    return Unroll(canvases=np.stack(canvases), actions=np.stack(actions).astype(np.int64),
-                  masks=np.stack(masks).astype(np.float32),
-                  behaviour_log_probs=np.stack(log_probs).astype(np.float32), noise=obs.noise,
-                  targets=targets, policy_version=0, actor_id="test")
+    try:
+        return EpisodeRunner(cfg, env, policy, None, seed=seed, actor_id="test").run_episode(bar_targets(batch))
+    finally:
+        env.close()
 
 
 def serve(binding, cfg: ExperimentConfig) -> SpiralServer:
