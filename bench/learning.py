@@ -15,6 +15,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 import signal
@@ -30,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from learner.training import PolicyTrainer  # noqa: E402
 from spiral.checkpoint import list_checkpoints  # noqa: E402
-from spiral.config import experiment_path, load_experiment  # noqa: E402
+from spiral.config import dump_experiment, experiment_path, load_experiment  # noqa: E402
 from spiral.data import for_experiment  # noqa: E402
 from spiral.evaluation import blank_l2, reconstruct  # noqa: E402
 from spiral.nets import build_policy  # noqa: E402
@@ -51,14 +52,22 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, nargs="+", default=[10.0, 30.0])
     parser.add_argument("--actors", type=int, default=1)
     parser.add_argument("--out", default="bench/results/learning")
+    parser.add_argument("--backend", choices=["libmypaint", "fast"], default=None,
+                        help="paint backend for training and evaluation (default: the experiment's)")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     cfg = load_experiment(experiment_path(args.config))
+    config_arg = args.config
+    if args.backend:
+        cfg = dataclasses.replace(cfg, env=dataclasses.replace(
+            cfg.env, paint=dataclasses.replace(cfg.env.paint, backend=args.backend)))
+        config_arg = str(out / "experiment.yaml")
+        dump_experiment(cfg, config_arg)
     run_dir = out / "run"
     shutil.rmtree(run_dir, ignore_errors=True)
     marks = sorted(args.minutes)
-    proc = subprocess.Popen([sys.executable, "-m", "spiral.cli", "up", "--config", args.config, "--name", "run",
+    proc = subprocess.Popen([sys.executable, "-m", "spiral.cli", "up", "--config", config_arg, "--name", "run",
                              "--runs-dir", str(out), "--actors", str(args.actors), "--status-every", "30",
                              "--no-restart"], stdout=open(out / "up.log", "wb"), stderr=subprocess.STDOUT)  # noqa: SIM115
     started = time.monotonic()
@@ -96,7 +105,8 @@ def main() -> None:
     if (run_dir / "learner.jsonl").exists():
         plot_curves(run_dir / "learner.jsonl", ["reconstruction_l2", "mean_reward"], out / "curves.png")
     (out / "learning.json").write_text(json.dumps(results, indent=2))
-    print(f"held-out {cfg.dataset.name} digits: {len(holdout)}; mean L2 (lower is better)")
+    print(f"held-out {cfg.dataset.name} digits: {len(holdout)}, {cfg.env.paint.backend} renderer; "
+          f"mean L2 (lower is better)")
     blank = results["blank canvas"]["l2"]
     for name, row in results.items():
         print(f"  {name:20s} {row['l2']:.4f}   {row['l2'] / blank:.2f}x blank")
