@@ -56,6 +56,7 @@ proto-check:
 
 bench: deps
 	$(PYTHON) bench/env_throughput.py
+	$(PYTHON) bench/env_throughput.py --config mnist --skip-system
 	$(PYTHON) bench/learner_rpc.py
 	$(PYTHON) bench/policy_speed.py
 

@@ -46,10 +46,13 @@ class EpisodeRunner:
             (a conditional runner without them must be given targets per episode).
         seed: Seed for target choice and action sampling.
         actor_id: Identity stamped on every unroll.
+        greedy: Act with each head's most likely value instead of sampling (evaluation only:
+            training needs the exploration that sampling gives).
     """
 
     def __init__(self, cfg: ExperimentConfig, env: BatchedEnv, policy: SpiralPolicy,
-                 targets: np.ndarray | None, seed: int = 0, actor_id: str = "") -> None:
+                 targets: np.ndarray | None, seed: int = 0, actor_id: str = "",
+                 greedy: bool = False) -> None:
         if cfg.env.conditional and targets is not None and len(targets) == 0:
             raise ValueError("conditional experiments need target images")
         self.cfg = cfg
@@ -59,6 +62,7 @@ class EpisodeRunner:
         self.rng = np.random.default_rng(seed)
         self.generator = torch.Generator().manual_seed(seed)
         self.actor_id = actor_id
+        self.greedy = greedy
         self.policy_version = 0
         self.timing = EpisodeTiming()
 
@@ -91,7 +95,8 @@ class EpisodeRunner:
         actions, masks, log_probs = [], [], []
         while not env.done:
             t0 = time.perf_counter()
-            out, state = self.policy(observation_to_tensors(obs), state, generator=self.generator)
+            out, state = self.policy(observation_to_tensors(obs), state, generator=self.generator,
+                                     greedy=self.greedy)
             step_actions = out.actions.numpy()
             t1 = time.perf_counter()
             obs = env.step(step_actions)

@@ -41,7 +41,7 @@ from spiral.nets import build_policy  # noqa: E402
 
 def random_actions(cfg: ExperimentConfig, rng: np.random.Generator, n: int) -> np.ndarray:
     spec = action_spec_for(cfg)
-    actions = np.stack([rng.integers(0, head.size, size=n) for head in spec.heads], axis=1)
+    actions = np.stack([rng.integers(0, size, size=n) for size in spec.sizes], axis=1)
     actions[:, 0] = 1 if cfg.env.kind == "paint" else rng.integers(0, 2, size=n)  # paint steps (the costly kind)
     return actions
 

@@ -134,6 +134,7 @@ def main() -> None:
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
+    print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in results.items()}))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 

@@ -54,6 +54,8 @@ def main() -> None:
     parser.add_argument("--out", default="bench/results/learning")
     parser.add_argument("--backend", choices=["libmypaint", "fast"], default=None,
                         help="paint backend for training and evaluation (default: the experiment's)")
+    parser.add_argument("--evaluate", nargs="+", metavar="MINUTES=CHECKPOINT",
+                        help="only score these checkpoints (e.g. 10=policy-10min.pt), without training")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -64,6 +66,9 @@ def main() -> None:
             cfg.env, paint=dataclasses.replace(cfg.env.paint, backend=args.backend)))
         config_arg = str(out / "experiment.yaml")
         dump_experiment(cfg, config_arg)
+    if args.evaluate:
+        evaluate(cfg, {float(m): Path(p) for m, p in (item.split("=", 1) for item in args.evaluate)}, out)
+        return
     run_dir = out / "run"
     shutil.rmtree(run_dir, ignore_errors=True)
     marks = sorted(args.minutes)
@@ -87,31 +92,47 @@ def main() -> None:
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=120)
 
+    evaluate(cfg, copies, out)
+
+
+def evaluate(cfg, copies: dict[float, Path], out: Path) -> dict[str, dict[str, float]]:  # noqa: ANN001
+    """Score the blank canvas, an untrained policy and each checkpoint on the held-out digits.
+
+    Each policy paints every held-out target twice: sampling its actions as the actors do
+    (``l2``) and taking each head's most likely value (``l2_greedy``).
+    """
     holdout = for_experiment(cfg).holdout
     results: dict[str, dict[str, float]] = {}
     rows = [holdout]
     results["blank canvas"] = {"l2": blank_l2(holdout)}
-    random_rec = reconstruct(cfg, build_policy(cfg), holdout, seed=0)
-    results["untrained policy"] = {"l2": random_rec.mean_l2}
+    torch.manual_seed(cfg.seed)  # the same untrained weights in every run
+    untrained = build_policy(cfg)
+    random_rec = reconstruct(cfg, untrained, holdout, seed=0)
+    results["untrained policy"] = {"l2": random_rec.mean_l2,
+                                   "l2_greedy": reconstruct(cfg, untrained, holdout, seed=0, greedy=True).mean_l2}
     rows.append(random_rec.canvases)
-    for minutes, path in copies.items():
+    for minutes, path in sorted(copies.items()):
         policy, version = load_policy(cfg, path)
         rec = reconstruct(cfg, policy, holdout, seed=0)
-        results[f"trained {minutes:g} min"] = {"l2": rec.mean_l2, "version": version}
-        rows.append(rec.canvases)
+        greedy = reconstruct(cfg, policy, holdout, seed=0, greedy=True)
+        results[f"trained {minutes:g} min"] = {"l2": rec.mean_l2, "l2_greedy": greedy.mean_l2, "version": version}
+        rows.extend([rec.canvases, greedy.canvases])
     count = min(16, len(holdout))
     picture = np.concatenate([image_grid(r[:count], columns=count) for r in rows], axis=0)
     save_png(picture, out / "reconstructions.png")
+    run_dir = out / "run"
     if (run_dir / "learner.jsonl").exists():
         plot_curves(run_dir / "learner.jsonl", ["reconstruction_l2", "mean_reward"], out / "curves.png")
     (out / "learning.json").write_text(json.dumps(results, indent=2))
-    print(f"held-out {cfg.dataset.name} digits: {len(holdout)}, {cfg.env.paint.backend} renderer; "
-          f"mean L2 (lower is better)")
+    print(f"held-out {cfg.dataset.name} images: {len(holdout)}, {cfg.env.paint.backend} renderer; "
+          f"mean L2 (lower is better), sampled / greedy actions")
     blank = results["blank canvas"]["l2"]
     for name, row in results.items():
-        print(f"  {name:20s} {row['l2']:.4f}   {row['l2'] / blank:.2f}x blank")
-    print(f"picture: {out / 'reconstructions.png'} (rows: targets, untrained, then each time)")
-
+        greedy_text = f"   greedy {row['l2_greedy']:.4f}  {row['l2_greedy'] / blank:.2f}x" if "l2_greedy" in row else ""
+        print(f"  {name:20s} {row['l2']:.4f}  {row['l2'] / blank:.2f}x blank{greedy_text}")
+    print(f"picture: {out / 'reconstructions.png'} (rows: targets, untrained, then per time sampled and greedy)")
+    print(json.dumps(results))
+    return results
 
 if __name__ == "__main__":
     main()

@@ -10,13 +10,14 @@ component and no location decoders or per-head residual MLPs):
 2. learning: ``unroll`` over a ``[T, B]`` batch of episodes (T = episode_length - 1) plus the
    backward pass of a loss on its log-probabilities, entropies and values, in milliseconds.
 
-The two networks are timed in alternating rounds and the median round is reported. Parameter
-counts of both, for the chosen profile and for the paper profile, are printed too. The last
-line of output is one JSON object with every number.
+Both are measured at batch 64 (N = B = 64) for each profile given, by default the CPU profile
+(``tiny``) and the paper profile (``mnist``: the released agent's widths). The two networks
+are timed in alternating rounds and the median round is reported, with their parameter
+counts. The last line of output is one JSON object with every number.
 
 Usage::
 
-    python bench/policy_speed.py [--config tiny] [--num-envs 8] [--batch 16] [--threads 1]
+    python bench/policy_speed.py [--config tiny mnist] [--num-envs 64] [--batch 64] [--threads 1]
                                  [--seconds 3] [--device cpu]
 """
 
@@ -142,21 +143,10 @@ def rounds(fns: dict[str, Callable[[], None]], seconds: float, sync: Callable[[]
     return {name: statistics.median(v) for name, v in per_call.items()}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="tiny", help="experiment name or YAML path (default tiny)")
-    parser.add_argument("--num-envs", type=int, default=8, help="N environments per acting forward")
-    parser.add_argument("--batch", type=int, default=16, help="B episodes per learning unroll")
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
-    parser.add_argument("--seconds", type=float, default=3.0, help="timing seconds per network and phase")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    args = parser.parse_args()
-
-    torch.set_num_threads(args.threads)
+def measure(cfg: ExperimentConfig, args: argparse.Namespace, device: torch.device,
+            sync: Callable[[], None]) -> dict[str, object]:
+    """Acting and learning times of the SPIRAL policy and the baseline for one profile."""
     torch.manual_seed(0)
-    device = torch.device(args.device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    cfg = load_experiment(experiment_path(args.config))
     rng = np.random.default_rng(0)
     policy = build_policy(cfg).to(device)
     baseline = ConvLSTMBaseline(cfg).to(device)
@@ -177,7 +167,7 @@ def main() -> None:
 
     acting = rounds({name: act(net) for name, net in nets.items()}, args.seconds, sync)
 
-    # 2. Learning: unroll over [T, B] and backward.
+    # 2. Learning: unroll (the forward over [T, B]) and backward.
     t = cfg.env.episode_length - 1
     inputs = observation_to_tensors(random_observation(cfg, (t, args.batch), rng)).to(device)
     spec = action_spec_for(cfg)
@@ -191,12 +181,8 @@ def main() -> None:
         return step
 
     learning = rounds({name: learn(net) for name, net in nets.items()}, args.seconds, sync)
-
-    paper = ExperimentConfig()
-    result = {
+    result: dict[str, object] = {
         "config": cfg.name,
-        "device": str(device),
-        "threads": args.threads,
         "num_envs": args.num_envs,
         "act_steps_per_s": round(args.num_envs / acting["spiral"], 1),
         "act_forward_ms": round(acting["spiral"] * 1e3, 3),
@@ -209,19 +195,35 @@ def main() -> None:
         "learn_slowdown_vs_baseline": round(learning["spiral"] / learning["baseline"], 2),
         "params": count(policy),
         "baseline_params": count(baseline),
-        "paper_params": count(build_policy(paper)),
-        "paper_baseline_params": count(ConvLSTMBaseline(paper)),
     }
-    print(f"{cfg.name} on {device} ({args.threads} thread(s))")
-    print(f"  acting, N={args.num_envs}: SPIRAL {result['act_steps_per_s']} steps/s "
+    print(f"{cfg.name}: acting, N={args.num_envs}: SPIRAL {result['act_steps_per_s']} steps/s "
           f"({result['act_forward_ms']} ms/forward); baseline {result['baseline_act_steps_per_s']} steps/s; "
           f"SPIRAL/baseline time x{result['act_slowdown_vs_baseline']}")
-    print(f"  unroll+backward, T={t} B={args.batch}: SPIRAL {result['unroll_backward_ms']} ms; baseline "
-          f"{result['baseline_unroll_backward_ms']} ms; SPIRAL/baseline time x{result['learn_slowdown_vs_baseline']}")
-    print(f"  parameters: SPIRAL {result['params']:,} (paper profile {result['paper_params']:,}); baseline "
-          f"{result['baseline_params']:,} (paper profile {result['paper_baseline_params']:,})")
-    print(json.dumps(result))
+    print(f"{cfg.name}: forward+backward of an unroll, T={t} B={args.batch}: SPIRAL {result['unroll_backward_ms']} ms; "
+          f"baseline {result['baseline_unroll_backward_ms']} ms; SPIRAL/baseline time "
+          f"x{result['learn_slowdown_vs_baseline']}")
+    print(f"{cfg.name}: parameters: SPIRAL {result['params']:,}; baseline {result['baseline_params']:,}", flush=True)
+    return result
 
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", nargs="+", default=["tiny", "mnist"],
+                        help="experiment names or YAML paths (default: the CPU profile tiny and the paper "
+                             "profile mnist)")
+    parser.add_argument("--num-envs", type=int, default=64, help="N environments per acting forward")
+    parser.add_argument("--batch", type=int, default=64, help="B episodes per learning unroll")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument("--seconds", type=float, default=3.0, help="timing seconds per network and phase")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    args = parser.parse_args()
+
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    print(f"policy speed on {device} ({args.threads} thread(s))")
+    profiles = [measure(load_experiment(experiment_path(name)), args, device, sync) for name in args.config]
+    print(json.dumps({"device": str(device), "threads": args.threads, "profiles": profiles}))
 
 if __name__ == "__main__":
     main()

@@ -33,15 +33,19 @@ class Reconstruction:
 
 
 def reconstruct(cfg: ExperimentConfig, policy: SpiralPolicy, targets: np.ndarray, seed: int = 0,
-                backend: str | None = None) -> Reconstruction:
-    """Run one episode per target with ``policy`` (sampling its actions) and score the canvases."""
+                backend: str | None = None, greedy: bool = False) -> Reconstruction:
+    """Run one episode per target with ``policy`` and score the canvases.
+
+    Actions are sampled, as the actors act, unless ``greedy``: then each head takes its most
+    likely value (the policy's best guess, without exploration noise).
+    """
     if not cfg.env.conditional:
         raise ValueError("reconstruction needs a conditional experiment (env.conditional: true)")
     from actor.acting import EpisodeRunner  # the actor's own loop, so evaluation acts exactly alike
 
     env = make_env(cfg, len(targets), seed=seed, backend=backend)
     try:
-        unroll = EpisodeRunner(cfg, env, policy, None, seed=seed).run_episode(targets)
+        unroll = EpisodeRunner(cfg, env, policy, None, seed=seed, greedy=greedy).run_episode(targets)
     finally:
         env.close()
     canvases = unroll.final_canvases

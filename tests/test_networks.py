@@ -286,6 +286,22 @@ def test_generator_makes_sampling_deterministic() -> None:
     assert not torch.equal(sample(11), sample(12))
 
 
+@pytest.mark.parametrize("variant", ["tiny-conditional", "tiny-color", "scene"])
+def test_greedy_acting_takes_each_heads_most_likely_value_given_the_earlier_ones(variant: str) -> None:
+    cfg = VARIANTS[variant]()
+    torch.manual_seed(0)
+    policy = build_policy(cfg)
+    inputs = random_inputs(cfg, (8,))
+    state = policy.initial_state(8)
+    with torch.no_grad():
+        runs = [policy(inputs, state, generator=torch.Generator().manual_seed(seed), greedy=True)[0]
+                for seed in (1, 2)]
+        assert torch.equal(runs[0].actions, runs[1].actions), "greedy acting must not depend on the random source"
+        logits = policy.head_logits(inputs, state, runs[0].actions)
+    for k, head_logits in enumerate(logits):
+        assert torch.equal(head_logits.argmax(-1), runs[0].actions[:, k]), f"head {k} is not its argmax"
+
+
 def test_bad_inputs_are_named() -> None:
     cfg = tiny()
     policy = build_policy(cfg)

@@ -252,9 +252,12 @@ class SpiralPolicy(nn.Module):
         h = self.encoder(h)
         return self.torso_out(h.flatten(1))
 
-    def _heads(self, z: torch.Tensor, actions: torch.Tensor | None,
-               generator: torch.Generator | None) -> tuple[list[torch.Tensor], torch.Tensor]:
+    def _heads(self, z: torch.Tensor, actions: torch.Tensor | None, generator: torch.Generator | None,
+               greedy: bool = False) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Run the heads in order; sample each (``actions`` None) or take the given value.
+
+        With ``greedy`` each head takes its most likely value (given the values chosen before
+        it) instead of a sample.
 
         Returns the per-head logits and the ``[N, K]`` actions.
         """
@@ -264,7 +267,9 @@ class SpiralPolicy(nn.Module):
         for k, head in enumerate(self.heads):
             logits = head(z)
             logits_list.append(logits)
-            if actions is None:
+            if actions is None and greedy:
+                value = logits.argmax(dim=-1)
+            elif actions is None:
                 probs = torch.softmax(logits.float(), dim=-1)
                 value = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
             else:
@@ -315,7 +320,7 @@ class SpiralPolicy(nn.Module):
         return out[0], (h2[0], c2[0])
 
     def forward(self, inputs: PolicyInputs, state: LSTMState, actions: torch.Tensor | None = None,
-                generator: torch.Generator | None = None) -> tuple[PolicyOutput, LSTMState]:
+                generator: torch.Generator | None = None, greedy: bool = False) -> tuple[PolicyOutput, LSTMState]:
         """One step for N environments.
 
         Args:
@@ -323,6 +328,8 @@ class SpiralPolicy(nn.Module):
             state: LSTM state from :meth:`initial_state` or the previous step.
             actions: ``[N, K]`` actions to score (teacher forcing); None samples new ones.
             generator: Random source for sampling (makes acting reproducible).
+            greedy: Take each head's most likely value instead of sampling (evaluation: the
+                policy's single most likely program, head by head).
 
         Returns:
             The step's output and the next LSTM state.
@@ -333,7 +340,7 @@ class SpiralPolicy(nn.Module):
             actions = self._check_actions(actions, n)
         core, new_state = self._core_step(self._torso(inputs), state)
         value = self.value_head(core).squeeze(-1)
-        logits, chosen = self._heads(core, actions, generator)
+        logits, chosen = self._heads(core, actions, generator, greedy=greedy)
         log_prob, entropy, mask = self._score(logits, chosen)
         return PolicyOutput(actions=chosen, log_prob=log_prob, entropy=entropy, value=value, mask=mask), new_state
 

@@ -1,0 +1,68 @@
+"""The benchmarks run: each script, at toy sizes, prints its closing JSON line with its figures.
+
+No wall time is asserted (these machines are noisy); only that every figure is there and is a
+positive number, so a benchmark that broke is caught by ``make test`` and not by a user.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from learner.training import PolicyTrainer
+from spiral.checkpoint import save_checkpoint
+from spiral.config import load_experiment
+from spiral.nets import build_policy
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run_bench(*args: str) -> dict:
+    result = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_env_throughput_bench_measures_every_renderer_and_the_actor_loop() -> None:
+    figures = run_bench("bench/env_throughput.py", "--seconds", "0.3", "--num-envs", "4", "--renderer-envs",
+                        "--skip-system")
+    for key in ("libmypaint_steps_per_second_per_core_n4", "fast_steps_per_second_per_core_n4",
+                "mujoco_steps_per_second_per_core_n4", "fast_over_libmypaint_n4", "inprocess_actor_frames_per_second"):
+        assert figures[key] > 0, key
+
+
+def test_policy_speed_bench_times_both_profiles() -> None:
+    figures = run_bench("bench/policy_speed.py", "--config", "tiny", "mnist", "--num-envs", "2", "--batch", "2",
+                        "--seconds", "0.05")
+    assert [p["config"] for p in figures["profiles"]] == ["tiny", "mnist"]
+    for profile in figures["profiles"]:
+        for key in ("act_steps_per_s", "unroll_backward_ms", "baseline_unroll_backward_ms", "params"):
+            assert profile[key] > 0, (profile["config"], key)
+    assert figures["profiles"][1]["params"] > figures["profiles"][0]["params"], "the paper profile is the larger"
+
+
+def test_learning_bench_scores_checkpoints_against_both_baselines(tmp_path: Path) -> None:
+    cfg = load_experiment(REPO / "experiments" / "tiny.yaml")
+    torch.manual_seed(1)
+    trainer = PolicyTrainer(cfg, build_policy(cfg))
+    path = save_checkpoint(tmp_path / "learner", 5, {"trainer": trainer.state_dict()})
+    figures = run_bench("bench/learning.py", "--out", str(tmp_path / "out"), "--evaluate", f"1={path}")
+    assert set(figures) == {"blank canvas", "untrained policy", "trained 1 min"}
+    assert figures["trained 1 min"]["version"] == 5
+    for row in figures.values():
+        assert 0 < row["l2"] < 1
+    assert figures["untrained policy"]["l2_greedy"] > 0
+    assert (tmp_path / "out" / "reconstructions.png").read_bytes()[:4] == b"\x89PNG"
+    shutil.rmtree(tmp_path / "out")
+
+
+def test_learner_rpc_bench_measures_ingest_and_parameter_fetches() -> None:
+    figures = run_bench("bench/learner_rpc.py", "--seconds", "1", "--clients", "1")
+    for key in ("grpc_ingest_unrolls_per_second", "full_fetch_ms", "poll_ms", "inprocess_snapshot_ms",
+                "parameter_bytes"):
+        assert figures[key] > 0, key
