@@ -36,7 +36,10 @@ from learner.training import PolicyTrainer
 from spiral import metrics
 from spiral.visualize import json_safe
 from spiral.checkpoint import latest_checkpoint, save_checkpoint
+from spiral.atomic import atomic_write_bytes
 from spiral.config import ExperimentConfig
+from spiral.envs import action_spec_for
+from spiral.envs.programs import program_from_actions, save_program, to_svg
 from spiral.nets import build_discriminator, build_policy
 from spiral.nets.params import ParameterSnapshot, load_snapshot, snapshot_of
 from spiral.sources import ParameterSource, PublishedParameters
@@ -225,12 +228,21 @@ class PolicyLearner:
             self.save_samples(batch)
 
     def save_samples(self, batch: Unroll, count: int = 16) -> Path:
-        """Sample grid PNG of final canvases (next to their targets in conditional runs)."""
+        """Sample grid PNG of final canvases (next to their targets in conditional runs).
+
+        The first episode of the grid is also written as its program, ``update-N.json`` (what
+        ``spiral render`` re-executes) and ``update-N.svg``; ``latest.*`` are the newest copies.
+        """
         renders = batch.final_canvases[:count]
         targets = None if batch.targets is None else batch.targets[:count]
         grid = pair_grid(renders, targets, columns=4 if targets is not None else 8)
-        path = save_png(grid, self.samples_dir / f"update-{self.version:08d}.png")
+        stem = f"update-{self.version:08d}"
+        path = save_png(grid, self.samples_dir / f"{stem}.png")
         save_png(grid, self.samples_dir / "latest.png")
+        program = program_from_actions(self.cfg.env, batch.actions[:, 0], action_spec_for(self.cfg))
+        for name in (stem, "latest"):
+            save_program(program, self.samples_dir / f"{name}.json")
+            atomic_write_bytes(self.samples_dir / f"{name}.svg", to_svg(program).encode())
         return path
 
     def checkpoint(self) -> Path:

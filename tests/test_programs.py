@@ -288,3 +288,26 @@ def test_spiral_render_grayscale_png_and_clear_errors(tmp_path: Path, capsys: py
     assert spiral_main(["render", str(tmp_path / "bad_head.json"), "--out", str(tmp_path / "x.png")]) == 2
     assert "steps[0]: unknown head 'sizes'" in capsys.readouterr().err
     assert not (tmp_path / "x.png").exists()
+
+
+def test_the_learners_sample_grid_comes_with_the_program_of_its_first_episode(tmp_path: Path) -> None:
+    """A run leaves programs, not only pictures: ``samples/update-N.json`` re-renders pixel for pixel."""
+    from actor.acting import EpisodeRunner
+    from learner.learner import PolicyLearner
+    from spiral.config import load_experiment
+
+    cfg = load_experiment(REPO_ROOT / "experiments" / "tiny.yaml")
+    learner = PolicyLearner(cfg, tmp_path)
+    env = make_env(cfg, num_envs=3, seed=4)
+    targets = np.full((3, 64, 64, 1), 255, np.uint8)
+    targets[:, 20:44, 28:36] = 0
+    try:
+        unroll = EpisodeRunner(cfg, env, learner.policy, None, seed=4).run_episode(targets)
+    finally:
+        env.close()
+    png = learner.save_samples(unroll)
+    program = load_program(png.with_suffix(".json"))
+    assert load_program(tmp_path / "samples" / "latest.json") == program
+    np.testing.assert_array_equal(unroll.actions[:, 0], program.actions())
+    np.testing.assert_array_equal(execute(program, backend="libmypaint"), unroll.final_canvases[0])
+    ET.fromstring((tmp_path / "samples" / "latest.svg").read_text())
