@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import signal
 import threading
 import time
@@ -278,6 +279,9 @@ def register(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # libmypaint links the system libgomp, which reads OMP_NUM_THREADS once, when the first
+    # environment loads it: an actor process paints on one core unless its deployment says so.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
     opts = resolve_service_options("actor", args)
     start_process(opts, torch_threads=opts.config.actor.torch_threads)
     stop = threading.Event()

@@ -14,7 +14,7 @@ import logging
 import threading
 
 from learner.learner import PolicyLearner
-from learner.population import PopulationMember, conditional_fitness, critic_fitness
+from learner.population import PopulationMember, fitness_for
 from learner.service import PolicyLearnerServicer
 from spiral.config import ExperimentConfig
 from spiral.data import for_experiment
@@ -30,11 +30,8 @@ def make_population_member(learner: PolicyLearner, member: int, cfg: ExperimentC
     """The PBT side of this learner when the experiment trains a population (else None)."""
     if cfg.pbt.population_size <= 1:
         return None
-    if cfg.env.conditional:
-        holdout = for_experiment(cfg).holdout[:64]
-        fitness = conditional_fitness(cfg, holdout)
-    else:
-        fitness = critic_fitness
+    holdout = for_experiment(cfg).holdout if cfg.pbt.fitness_kind(cfg.env.conditional) == "reconstruction" else None
+    fitness = fitness_for(cfg, holdout)
     log.info("population member %d of %d; reporting to %s every %d updates", member, cfg.pbt.population_size,
              cfg.services.pbt_address, cfg.pbt.report_every_updates)
     return PopulationMember(learner, member, cfg.services.pbt_address, fitness)

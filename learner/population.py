@@ -13,14 +13,18 @@ The controller answers with a :class:`~spiral.v1.pbt_pb2.Directive`:
   next update (never in the middle of one) and raises its parameter version, so its actors
   pick the copied weights up.
 
-Fitness (higher is better):
+Fitness (higher is better; ``pbt.fitness``, ``auto`` by default):
 
-* conditional runs: minus the mean L2 reconstruction error on a fixed held-out batch
-  (``dataset.holdout`` images, the same seed every time), the number the task is about;
-* unconditional runs: the mean score that the member's current discriminator gives the final
-  canvases of its latest batch. Its weakness: each member's critic is its own, so scores of
-  different members are on different scales and drift as the critics train; prefer a
-  conditional task, or a fixed reference critic, when comparing members matters.
+* ``reconstruction`` (``auto`` in conditional runs): minus the mean L2 reconstruction error on
+  a fixed held-out batch (``pbt.fitness_images`` of the ``dataset.holdout`` images, seed
+  ``pbt.fitness_seed`` every time), the number the task is about;
+* ``critic`` (``auto`` in unconditional runs): the mean score a critic gives the final canvases
+  of the member's latest batch. With ``pbt.reference_critic`` (a discriminator checkpoint)
+  every member is scored by that one frozen critic: comparable across members and over time,
+  but only as good as that discriminator, and a policy may learn to please it. Without one,
+  each member's own current critic is used, and that is weak: members' critics have their own
+  scales and drift as they train, so rankings are noisy; prefer a conditional task or a
+  reference critic when comparing members matters.
 
 A controller that is down only delays the next report: training never waits for it.
 """
@@ -30,6 +34,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
+from pathlib import Path
 from typing import Callable
 
 import grpc
@@ -37,18 +42,15 @@ import numpy as np
 import torch
 
 from learner.learner import ExploitRequest, PolicyLearner
+from spiral.checkpoint import latest_checkpoint
 from spiral.config import ExperimentConfig
 from spiral.evaluation import reconstruct
-from spiral.nets import images_to_tensor
+from spiral.nets import build_discriminator, images_to_tensor
 from spiral.rpc.client import make_channel
 from spiral.rpc.training_state import fetch_training_state
 from spiral.v1 import discriminator_pb2, discriminator_pb2_grpc, pbt_pb2, pbt_pb2_grpc
 
 log = logging.getLogger(__name__)
-
-FITNESS_SEED = 12345
-"""Seed of the held-out evaluation, the same at every report so members are compared fairly."""
-
 
 def conditional_fitness(cfg: ExperimentConfig, holdout: np.ndarray) -> Callable[[PolicyLearner], float]:
     """Minus the mean held-out reconstruction error of the learner's current policy."""
@@ -56,7 +58,7 @@ def conditional_fitness(cfg: ExperimentConfig, holdout: np.ndarray) -> Callable[
     def fitness(learner: PolicyLearner) -> float:
         policy = learner.policy
         try:
-            return -reconstruct(cfg, policy, holdout, seed=FITNESS_SEED).mean_l2
+            return -reconstruct(cfg, policy, holdout, seed=cfg.pbt.fitness_seed).mean_l2
         finally:
             policy.train()
 
@@ -65,12 +67,69 @@ def conditional_fitness(cfg: ExperimentConfig, holdout: np.ndarray) -> Callable[
 
 @torch.no_grad()
 def critic_fitness(learner: PolicyLearner) -> float:
-    """Mean critic score of the latest batch's final canvases (see the module docstring's caveat)."""
+    """Mean score the member's own critic gives its latest batch's final canvases (see the caveat)."""
     canvases = learner.last_final_canvases
     if canvases is None or learner.critic_version == 0:
         return 0.0
     scores = learner.critic(images_to_tensor(canvases).to(learner.device))
     return float(scores.mean())
+
+
+def load_reference_critic(cfg: ExperimentConfig, path: str | Path) -> torch.nn.Module:
+    """A frozen critic from a discriminator checkpoint file, or the newest one in a directory.
+
+    Raises:
+        ValueError: naming ``pbt.reference_critic`` when nothing loadable is there or the
+            weights do not fit the experiment's discriminator.
+    """
+    path = Path(path)
+    if path.is_dir():
+        found = latest_checkpoint(path)
+        if found is None:
+            raise ValueError(f"pbt.reference_critic: no discriminator checkpoint in {path}")
+        state = found[1]
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)["state"]
+        except (OSError, KeyError, RuntimeError, ValueError) as exc:
+            raise ValueError(f"pbt.reference_critic: cannot read {path}: {exc}") from exc
+    critic = build_discriminator(cfg)
+    try:
+        critic.load_state_dict(state["trainer"]["critic"])
+    except (KeyError, RuntimeError, TypeError) as exc:
+        raise ValueError(f"pbt.reference_critic: {path} is not a discriminator checkpoint of this "
+                         f"experiment: {exc}") from exc
+    return critic.eval().requires_grad_(False)
+
+
+def reference_critic_fitness(critic: torch.nn.Module) -> Callable[[PolicyLearner], float]:
+    """Mean score a fixed reference critic gives the member's latest final canvases.
+
+    Every member is scored by the same frozen network, so the numbers are comparable across
+    members and over time (unlike :func:`critic_fitness`); the reference is only as good as
+    the discriminator it was trained as, and a policy can overfit to it over long runs.
+    """
+
+    @torch.no_grad()
+    def fitness(learner: PolicyLearner) -> float:
+        canvases = learner.last_final_canvases
+        if canvases is None:
+            return 0.0
+        critic.to(learner.device)
+        return float(critic(images_to_tensor(canvases).to(learner.device)).mean())
+
+    return fitness
+
+
+def fitness_for(cfg: ExperimentConfig, holdout: np.ndarray | None) -> Callable[[PolicyLearner], float]:
+    """The fitness function ``cfg.pbt`` asks for (``holdout``: held-out targets, conditional runs)."""
+    if cfg.pbt.fitness_kind(cfg.env.conditional) == "reconstruction":
+        if holdout is None or not len(holdout):
+            raise ValueError("pbt.fitness: reconstruction fitness needs held-out images (dataset.holdout > 0)")
+        return conditional_fitness(cfg, holdout[:cfg.pbt.fitness_images])
+    if cfg.pbt.reference_critic:
+        return reference_critic_fitness(load_reference_critic(cfg, cfg.pbt.reference_critic))
+    return critic_fitness
 
 
 class PopulationMember:
@@ -89,7 +148,9 @@ class PopulationMember:
         self.discriminator_channel = make_channel(cfg.services.discriminator_address, cfg.services)
         self.discriminator = discriminator_pb2_grpc.DiscriminatorLearnerStub(self.discriminator_channel)
         self._next_report = 0
+        self._failed_donor: int | None = None
         self.exploits = 0
+        self.failed_exploits = 0
         self.last_fitness = math.nan
 
     def close(self) -> None:
@@ -104,7 +165,9 @@ class PopulationMember:
         self.last_fitness = float(self.fitness(learner))
         report = pbt_pb2.FitnessReport(member=self.member, policy_version=learner.version, updates=learner.updates,
                                        fitness=self.last_fitness if math.isfinite(self.last_fitness) else -1e9,
-                                       hyperparameters=learner.hyperparameters)
+                                       hyperparameters=learner.hyperparameters,
+                                       exploit_failed=self._failed_donor is not None,
+                                       failed_donor=self._failed_donor if self._failed_donor is not None else 0)
         try:
             directive = self.stub.Report(report, timeout=self.report_timeout)
         except grpc.RpcError as error:
@@ -112,6 +175,7 @@ class PopulationMember:
             self._next_report = learner.updates + min(5, self.every)
             return
         self._next_report = learner.updates + self.every
+        self._failed_donor = None  # the controller has heard of it
         self.apply(directive)
 
     def apply(self, directive: pbt_pb2.Directive) -> None:
@@ -125,8 +189,12 @@ class PopulationMember:
         try:
             donor = fetch_training_state(directive.donor_learner_address, services, "learner", directive.donor_member)
         except Exception as exc:  # noqa: BLE001 - a donor that went away: keep training as we are
-            log.warning("could not copy member %d from %s: %s", directive.donor_member,
+            log.warning("could not copy member %d from %s: %s; keeping this member's weights and "
+                        "hyperparameters and telling the controller at the next update", directive.donor_member,
                         directive.donor_learner_address, exc)
+            self._failed_donor = int(directive.donor_member)
+            self.failed_exploits += 1
+            self._next_report = self.learner.updates  # say so at once, not M updates later
             return
         try:
             self.discriminator.LoadFrom(discriminator_pb2.LoadFromRequest(

@@ -157,12 +157,27 @@ class Controller:
                                                        f"got {value}")
 
     def report(self, member: int, updates: int, policy_version: int, fitness: float,
-               hyperparameters: Mapping[str, float]) -> ReportOutcome:
-        """Record a member's report and decide whether it continues or copies a donor."""
+               hyperparameters: Mapping[str, float], failed_donor: int | None = None) -> ReportOutcome:
+        """Record a member's report and decide whether it continues or copies a donor.
+
+        ``failed_donor`` says the member could not carry out its last exploit (the donor was
+        unreachable) and kept its own weights and the reported hyperparameters: the lineage gets
+        an ``exploit_failed`` line and the controller takes the reported values back as the
+        member's, so the record matches what the member trains with.
+        """
         self.validate_report(member, updates, policy_version, fitness, hyperparameters)
         with self._lock:
             now = self.clock()
             record = self.state.members[member]
+            if failed_donor is not None and hyperparameters:
+                self.store.append_lineage({"time": now, "member": member, "event": "exploit_failed",
+                                           "donor": int(failed_donor), "fitness": float(fitness), "updates": updates,
+                                           "hyperparameters_before": dict(record.hyperparameters),
+                                           "hyperparameters_after": dict(hyperparameters)})
+                record.hyperparameters = dict(hyperparameters)
+                metrics.PBT_FAILED_EXPLOITS_TOTAL.labels(str(member)).inc()
+                log.warning("member %d could not copy member %d; it keeps its weights and hyperparameters %s",
+                            member, failed_donor, _fmt(hyperparameters))
             if updates < record.updates_at_last_change:
                 record.updates_at_last_change = updates
             if hyperparameters and not _same_hyperparameters(hyperparameters, record.hyperparameters):

@@ -258,8 +258,18 @@ def _kubernetes_pod_lister() -> Callable[[str, str], list[PodInfo]]:
     return list_pods
 
 
-def make_discovery(members_file: str | Path | None) -> Discovery:
+def predicted_members(population_size: int, namespace: str) -> dict[int, MemberAddresses]:
+    """The addresses members 0..K-1 have by spiral's StatefulSet convention (no API call)."""
+    pods = [PodInfo(name=f"{DEFAULT_LEARNER.name}-{i}", subdomain=DEFAULT_LEARNER.name) for i in range(population_size)]
+    return members_from_pods(pods, namespace)
+
+
+def make_discovery(members_file: str | Path | None, population_size: int = 0) -> Discovery:
     """The static file when given; else Kubernetes when in a cluster; else no members.
+
+    In a cluster whose API cannot be used (no RBAC, client missing), the members are the
+    ``population_size`` StatefulSet ordinals at their predictable headless-Service addresses
+    (:func:`predicted_members`), so actors can still be assigned.
 
     Raises:
         ValueError: the members file is unreadable or invalid.
@@ -274,7 +284,12 @@ def make_discovery(members_file: str | Path | None) -> Discovery:
             log.info("discovering members from Kubernetes (namespace %s, selector %s)", discovery.namespace,
                      discovery.selector)
             return discovery
-        except Exception as exc:  # noqa: BLE001 - degrade to no members rather than crash-loop
+        except Exception as exc:  # noqa: BLE001 - degrade to static addresses rather than crash-loop
+            if population_size > 0 and NAMESPACE_FILE.exists():
+                known = predicted_members(population_size, NAMESPACE_FILE.read_text().strip())
+                log.warning("Kubernetes discovery unavailable (%s); assuming the %d StatefulSet members at %s",
+                            exc, population_size, [m.learner_address for m in known.values()])
+                return StaticDiscovery(known)
             log.warning("Kubernetes discovery unavailable (%s); no members known", exc)
     else:
         log.warning("no --members file and not in a Kubernetes cluster: no member addresses known "

@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     start_process(opts, member_in_log=False)
     population = args.population if args.population is not None else cfg.pbt.population_size
     try:
-        discovery = make_discovery(args.members)
+        discovery = make_discovery(args.members, population)
         initial = {int(k): {n: float(v) for n, v in hp.items()}
                    for k, hp in json.loads(args.initial_hyperparameters or "{}").items()}
         controller = Controller(cfg.pbt, population, StateStore(opts.run_dir / "pbt"), discovery,

@@ -41,7 +41,8 @@ class PBTControllerServicer(pbt_pb2_grpc.PBTControllerServicer):
     def Report(self, request: pbt_pb2.FitnessReport, context: grpc.ServicerContext) -> pbt_pb2.Directive:
         outcome = self.controller.report(member=request.member, updates=request.updates,
                                          policy_version=request.policy_version, fitness=request.fitness,
-                                         hyperparameters=dict(request.hyperparameters))
+                                         hyperparameters=dict(request.hyperparameters),
+                                         failed_donor=request.failed_donor if request.exploit_failed else None)
         decided = outcome.decision
         directive = pbt_pb2.Directive(action=_ACTIONS[decided.action],
                                       donor_member=decided.donor if decided.donor is not None else 0,

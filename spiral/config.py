@@ -213,9 +213,10 @@ class RewardConfig:
     """Penalty when the final canvas shows nothing visible."""
     l2_shaping: bool = False
     """Pay the L2 term as it accrues: each step earns ``l2_weight`` times the drop in error it
-    caused, instead of one ``-l2_weight * L2(final)`` at the end. The two differ per episode
-    by a constant (the blank canvas's error), so the best policy is the same (potential-based
-    shaping, Ng et al. 1999), but credit reaches the step that drew well at once."""
+    caused, instead of one ``-l2_weight * L2(final)`` at the end. With ``l2_pool`` 1 the two
+    differ per episode by a constant (the blank canvas's error), so the best policy is the same
+    (potential-based shaping, Ng et al. 1999), but credit reaches the step that drew well at
+    once; with pooling the return measures the pooled error instead."""
     l2_pool: int = 1
     """With ``l2_shaping``: measure the per-step error on images average-pooled by this factor,
     so a stroke next to the target's ink already earns part of the credit (a smoother reward
@@ -331,9 +332,30 @@ class PBTConfig:
     truncation_fraction: float = 0.2
     perturb_factors: tuple[float, float] = (0.8, 1.2)
     resample_probability: float = 0.25
+    fitness: str = "auto"
+    """How members are ranked: ``reconstruction`` (minus the held-out L2, conditional runs),
+    ``critic`` (mean critic score of the latest renders), or ``auto`` (the first for
+    conditional runs, else the second)."""
+    reference_critic: str = ""
+    """With ``critic`` fitness: a discriminator checkpoint file (or a directory of them, the
+    newest is used) that every member scores with, frozen. Empty: each member's own critic,
+    whose scale differs between members and drifts as it trains."""
+    fitness_images: int = 64
+    """Held-out images per reconstruction-fitness evaluation (at most ``dataset.holdout``)."""
+    fitness_seed: int = 12345
+    """Seed of every fitness evaluation, the same at each report so members compare fairly."""
+
+    def fitness_kind(self, conditional: bool) -> str:
+        """``reconstruction`` or ``critic``: what ``fitness`` means for this run."""
+        if self.fitness == "auto":
+            return "reconstruction" if conditional else "critic"
+        return self.fitness
 
     def validate(self, path: str) -> None:
         _require(self.population_size >= 1, f"{path}.population_size", "must be >= 1")
+        _require(self.fitness in ("auto", "reconstruction", "critic"), f"{path}.fitness",
+                 f"must be auto, reconstruction or critic, got {self.fitness!r}")
+        _require(self.fitness_images >= 1, f"{path}.fitness_images", "must be >= 1")
         for name in ("learning_rate_range", "entropy_cost_range"):
             lo, hi = getattr(self, name)
             _require(0 < lo <= hi, f"{path}.{name}", "must be 0 < low <= high")
@@ -388,6 +410,10 @@ class ExperimentConfig:
         if self.env.kind == "mujoco":
             _require(self.dataset.name == "mujoco-scenes" or not self.env.conditional, "dataset.name",
                      "conditional mujoco runs reconstruct 'mujoco-scenes'")
+        _require(self.pbt.fitness != "reconstruction" or self.env.conditional, "pbt.fitness",
+                 "reconstruction fitness needs a conditional run (env.conditional: true)")
+        _require(not self.pbt.reference_critic or self.pbt.fitness_kind(self.env.conditional) == "critic",
+                 "pbt.reference_critic", "is only used with critic fitness")
         return self
 
     @property
@@ -443,27 +469,31 @@ def _deep_merge(base: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str,
     return merged
 
 
-def _coerce_floats(cls: type, data: dict[str, Any]) -> dict[str, Any]:
-    """YAML reads ``1e-4`` as a string and ``1`` as an int: accept both where a float is due."""
+def _coerce_floats(cls: type, data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """YAML reads ``1e-4`` as a string and ``1`` as an int: accept both where a float is due.
+
+    Errors name the field by its dotted path (``learner.reward.l2_weight``).
+    """
     out = dict(data)
     for f in dataclasses.fields(cls):
         if f.name not in out:
             continue
         value = out[f.name]
+        path = f"{prefix}{f.name}"
         ftype = f.type if not isinstance(f.type, str) else f.type
         sub = _dataclass_for(ftype)
         if sub is not None and isinstance(value, Mapping):
-            out[f.name] = _coerce_floats(sub, dict(value))
+            out[f.name] = _coerce_floats(sub, dict(value), prefix=f"{path}.")
         elif ftype == "float" and isinstance(value, (int, str)) and not isinstance(value, bool):
             try:
                 out[f.name] = float(value)
             except ValueError as exc:
-                raise ConfigError(f"{f.name}: expected a number, got {value!r}") from exc
+                raise ConfigError(f"{path}: expected a number, got {value!r}") from exc
         elif ftype.startswith("tuple[float") and isinstance(value, (list, tuple)):
             try:
                 out[f.name] = [float(v) for v in value]
             except (TypeError, ValueError) as exc:
-                raise ConfigError(f"{f.name}: expected numbers, got {value!r}") from exc
+                raise ConfigError(f"{path}: expected numbers, got {value!r}") from exc
     return out
 
 

@@ -95,6 +95,8 @@ PBT_FITNESS = Gauge("spiral_pbt_fitness", "Last reported fitness of each member.
 PBT_HYPERPARAMETER = Gauge("spiral_pbt_hyperparameter", "Current hyperparameters of each member.",
                            ["member", "name"])
 PBT_EXPLOITS_TOTAL = Counter("spiral_pbt_exploits_total", "Exploit events (a member copied a donor).", ["member"])
+PBT_FAILED_EXPLOITS_TOTAL = Counter("spiral_pbt_failed_exploits_total",
+                                    "Exploits a member could not carry out (donor unreachable).", ["member"])
 PBT_EXPLORES_TOTAL = Counter("spiral_pbt_explores_total", "Explore events (hyperparameters perturbed).", ["member"])
 PBT_ACTORS = Gauge("spiral_pbt_actors", "Actors assigned to each member.", ["member"])
 

@@ -310,8 +310,12 @@ def run(args: argparse.Namespace) -> int:
         return 2
     cfg = load_experiment(config_path)
     population = args.population or cfg.pbt.population_size
-    if population > 1:
-        cfg = dataclasses.replace(cfg, pbt=dataclasses.replace(cfg.pbt, population_size=population))
+    if population < 1:
+        print(f"spiral up: --population must be >= 1, got {population}", file=sys.stderr)
+        return 2
+    # Always write the effective size: a population experiment run with --population 1 has no
+    # controller, so its learner must not report to one nor its actors ask one for a member.
+    cfg = dataclasses.replace(cfg, pbt=dataclasses.replace(cfg.pbt, population_size=population))
     if args.actors < 1:
         print("spiral up: --actors must be >= 1", file=sys.stderr)
         return 2

@@ -33,7 +33,9 @@ def test_expected_experiments_exist() -> None:
     ({"env": {"paint": {"brush_sizes": [1, -2]}}}, "env.paint.brush_sizes"),
     ({"dataset": {"name": "celeba"}}, "dataset.path"),
     ({"replay": {"min_size": 10_000}}, "replay.min_size"),
-    ({"learner": {"learning_rate": "fast"}}, "learning_rate"),
+    ({"learner": {"learning_rate": "fast"}}, "learner.learning_rate"),
+    ({"learner": {"reward": {"l2_weight": "abc"}}}, "learner.reward.l2_weight"),
+    ({"env": {"paint": {"brush_sizes": ["big"]}}}, "env.paint.brush_sizes"),
 ])
 def test_invalid_fields_are_named(data: dict, field: str) -> None:
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):

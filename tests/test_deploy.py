@@ -103,7 +103,7 @@ def _pbt_test_overlay() -> Path:
         kind: Kustomization
         namespace: spiral-pbt-test
         resources: [{deploy}/base]
-        components: [{deploy}/components/gpu, {deploy}/components/monitoring, {deploy}/components/pbt-controller]
+        components: [{deploy}/components/gpu, {deploy}/components/pbt-controller, {deploy}/components/monitoring]
         labels:
           - pairs: {{app.kubernetes.io/instance: spiral-pbt-test}}
             includeSelectors: false
@@ -342,6 +342,19 @@ def env_vars_read_by_the_code() -> frozenset[str]:
 def test_env_var_scan_finds_the_variables_the_code_reads() -> None:
     assert "SPIRAL_CACHE" in env_vars_read_by_the_code()  # spiral/config.py
     assert "SPIRAL_NO_SUCH_VARIABLE" not in env_vars_read_by_the_code()
+
+
+@pytest.mark.parametrize("overlay", ALL_RENDERS)
+def test_with_monitoring_every_workload_carries_the_scrape_annotations(overlay: str) -> None:
+    """Components patch what exists when they run: monitoring must come after the components
+    that add workloads (the PBT controller), or those pods go unannotated."""
+    docs = rendered(overlay)
+    if not by_kind(docs, "PodMonitor"):
+        pytest.skip(f"{overlay} does not use the monitoring component")
+    for workload in workloads(docs):
+        annotations = workload["spec"]["template"]["metadata"].get("annotations", {})
+        assert annotations.get("prometheus.io/scrape") == "true", \
+            f"{overlay}: {workload['metadata']['name']} lacks prometheus.io/scrape (component order?)"
 
 
 @pytest.mark.parametrize("overlay", ALL_RENDERS)

@@ -167,6 +167,36 @@ def test_bad_member_copies_the_best_and_survives_a_restart(tmp_path: Path, clock
         r2.close()
 
 
+def test_a_failed_exploit_is_recorded_and_the_member_keeps_its_own_hyperparameters(tmp_path: Path,
+                                                                                    clock: Clock) -> None:
+    r = start(tmp_path, clock)
+    try:
+        sampled = {m.member: dict(m.hyperparameters) for m in r.population()}
+        for member in range(4):
+            r.report(member, 5, 0.0, DEFAULT_HP)
+        for member, fitness in ((0, 1.0), (1, 2.0), (2, 3.0)):
+            r.report(member, 20, fitness, sampled[member])
+        d = r.report(3, 20, -5.0, sampled[3])
+        assert d.action == pbt_pb2.Directive.EXPLOIT
+        failed_before = metric("spiral_pbt_failed_exploits_total", member="3")
+        # The donor was unreachable: member 3 trained on with its own weights and values.
+        d = r.stub.Report(pbt_pb2.FitnessReport(member=3, updates=21, fitness=-5.0, policy_version=21,
+                                                hyperparameters=sampled[3], exploit_failed=True,
+                                                failed_donor=d.donor_member), timeout=10)
+        assert d.action == pbt_pb2.Directive.CONTINUE
+        assert dict(d.hyperparameters) == pytest.approx(sampled[3]), "the controller takes the member's values back"
+        assert metric("spiral_pbt_failed_exploits_total", member="3") == failed_before + 1
+        lineage = r.controller.store.lineage()
+        assert [e["event"] for e in lineage][-3:] == ["exploit", "explore", "exploit_failed"]
+        failed = lineage[-1]
+        assert failed["member"] == 3 and failed["donor"] == 2
+        assert failed["hyperparameters_before"] == pytest.approx(lineage[-2]["hyperparameters_after"])
+        assert failed["hyperparameters_after"] == pytest.approx(sampled[3])
+        assert dict({m.member: m for m in r.population()}[3].hyperparameters) == pytest.approx(sampled[3])
+    finally:
+        r.close()
+
+
 def test_actors_are_balanced_and_rebalanced_after_a_timeout(tmp_path: Path, clock: Clock) -> None:
     r = start(tmp_path, clock, population=2)
     try:
@@ -330,3 +360,32 @@ def test_killed_controller_restarts_without_losing_members_or_lineage(tmp_path: 
     finally:
         process.kill()
         process.wait()
+
+
+def test_a_member_whose_donor_is_unreachable_keeps_training_and_tells_the_controller(tmp_path: Path,
+                                                                                     clock: Clock) -> None:
+    from learner.learner import PolicyLearner
+    from learner.population import PopulationMember
+    from spiral.config import load_experiment
+
+    cfg = load_experiment(REPO / "experiments" / "tiny.yaml")
+    r = start(tmp_path, clock, population=2, cfg=PBTConfig(population_size=2, ready_updates=1,
+                                                           truncation_fraction=0.5, report_every_updates=1))
+    learner = PolicyLearner(cfg, tmp_path / "member-1", member=1)
+    member = PopulationMember(learner, 1, r.server.address, fitness=lambda _learner: -5.0)
+    try:
+        before = dict(learner.hyperparameters)
+        dead_donor = f"127.0.0.1:{free_port()}"
+        member.apply(pbt_pb2.Directive(action=pbt_pb2.Directive.EXPLOIT, donor_member=0,
+                                       donor_learner_address=dead_donor, donor_discriminator_address=dead_donor,
+                                       hyperparameters={"learning_rate": 1e-5, "entropy_cost": 0.05}))
+        assert member.failed_exploits == 1 and member.exploits == 0
+        assert learner.hyperparameters == before, "no weights copied, so no donor hyperparameters either"
+        member.maybe_report()  # due at once
+        events = [(e["event"], e["member"], e.get("donor")) for e in r.controller.store.lineage()]
+        assert events[-1] == ("exploit_failed", 1, 0)
+        member.maybe_report()
+        assert [e["event"] for e in r.controller.store.lineage()].count("exploit_failed") == 1, "said once"
+    finally:
+        member.close()
+        r.close()

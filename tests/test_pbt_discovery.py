@@ -92,3 +92,24 @@ def test_kubernetes_discovery_refreshes_and_keeps_members_when_the_api_fails() -
 def test_no_file_outside_a_cluster_knows_no_members(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     assert make_discovery(None).members() == {}
+
+
+def test_in_a_cluster_without_api_access_members_are_the_predictable_statefulset_ordinals(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import pbt_controller.discovery as discovery_module
+
+    namespace_file = tmp_path / "namespace"
+    namespace_file.write_text("spiral-celeba\n")
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.0.0.1")
+    monkeypatch.setattr(discovery_module, "NAMESPACE_FILE", namespace_file)
+
+    def no_api(*_args: object, **_kwargs: object) -> None:
+        raise RuntimeError("no RBAC")
+
+    monkeypatch.setattr(discovery_module, "KubernetesDiscovery", no_api)
+    members = make_discovery(None, population_size=3).members()
+    assert sorted(members) == [0, 1, 2]
+    assert members[2].learner_address == "spiral-learner-2.spiral-learner.spiral-celeba.svc:50051"
+    assert members[2].replay_address.startswith("spiral-replaybuffer-2.spiral-replaybuffer.spiral-celeba.")
+    assert members == discovery_module.predicted_members(3, "spiral-celeba")
+    assert make_discovery(None).members() == {}, "without a population size nothing is assumed"

@@ -14,7 +14,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13spiral/v1/pbt.proto\x12\tspiral.v1\"\xd9\x01\n\rFitnessReport\x12\x0e\n\x06member\x18\x01 \x01(\x05\x12\x16\n\x0epolicy_version\x18\x02 \x01(\x03\x12\x0f\n\x07updates\x18\x03 \x01(\x03\x12\x0f\n\x07\x66itness\x18\x04 \x01(\x01\x12\x46\n\x0fhyperparameters\x18\x05 \x03(\x0b\x32-.spiral.v1.FitnessReport.HyperparametersEntry\x1a\x36\n\x14HyperparametersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xf2\x02\n\tDirective\x12+\n\x06\x61\x63tion\x18\x01 \x01(\x0e\x32\x1b.spiral.v1.Directive.Action\x12\x14\n\x0c\x64onor_member\x18\x02 \x01(\x05\x12\x15\n\rdonor_version\x18\x03 \x01(\x03\x12\x42\n\x0fhyperparameters\x18\x04 \x03(\x0b\x32).spiral.v1.Directive.HyperparametersEntry\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x1d\n\x15\x64onor_learner_address\x18\x06 \x01(\t\x12#\n\x1b\x64onor_discriminator_address\x18\x07 \x01(\t\x1a\x36\n\x14HyperparametersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\";\n\x06\x41\x63tion\x12\x16\n\x12\x41\x43TION_UNSPECIFIED\x10\x00\x12\x0c\n\x08\x43ONTINUE\x10\x01\x12\x0b\n\x07\x45XPLOIT\x10\x02\":\n\rAssignRequest\x12\x10\n\x08\x61\x63tor_id\x18\x01 \x01(\t\x12\x17\n\x0fprevious_member\x18\x02 \x01(\x05\"l\n\nAssignment\x12\x0e\n\x06member\x18\x01 \x01(\x05\x12\x17\n\x0flearner_address\x18\x02 \x01(\t\x12\x1d\n\x15\x64iscriminator_address\x18\x03 \x01(\t\x12\x16\n\x0ereplay_address\x18\x04 \x01(\t\"\x13\n\x11PopulationRequest\"\x8b\x02\n\x0cMemberStatus\x12\x0e\n\x06member\x18\x01 \x01(\x05\x12\x0f\n\x07\x66itness\x18\x02 \x01(\x01\x12\x16\n\x0epolicy_version\x18\x03 \x01(\x03\x12\x0f\n\x07updates\x18\x04 \x01(\x03\x12\x45\n\x0fhyperparameters\x18\x05 \x03(\x0b\x32,.spiral.v1.MemberStatus.HyperparametersEntry\x12\x0e\n\x06\x61\x63tors\x18\x06 \x01(\x05\x12\x10\n\x08\x65xploits\x18\x07 \x01(\x03\x12\x10\n\x08reported\x18\x08 \x01(\x08\x1a\x36\n\x14HyperparametersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"<\n\x10PopulationStatus\x12(\n\x07members\x18\x01 \x03(\x0b\x32\x17.spiral.v1.MemberStatus2\xd2\x01\n\rPBTController\x12\x38\n\x06Report\x12\x18.spiral.v1.FitnessReport\x1a\x14.spiral.v1.Directive\x12>\n\x0b\x41ssignActor\x12\x18.spiral.v1.AssignRequest\x1a\x15.spiral.v1.Assignment\x12G\n\nPopulation\x12\x1c.spiral.v1.PopulationRequest\x1a\x1b.spiral.v1.PopulationStatusb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13spiral/v1/pbt.proto\x12\tspiral.v1\"\x87\x02\n\rFitnessReport\x12\x0e\n\x06member\x18\x01 \x01(\x05\x12\x16\n\x0epolicy_version\x18\x02 \x01(\x03\x12\x0f\n\x07updates\x18\x03 \x01(\x03\x12\x0f\n\x07\x66itness\x18\x04 \x01(\x01\x12\x46\n\x0fhyperparameters\x18\x05 \x03(\x0b\x32-.spiral.v1.FitnessReport.HyperparametersEntry\x12\x16\n\x0e\x65xploit_failed\x18\x06 \x01(\x08\x12\x14\n\x0c\x66\x61iled_donor\x18\x07 \x01(\x05\x1a\x36\n\x14HyperparametersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xf2\x02\n\tDirective\x12+\n\x06\x61\x63tion\x18\x01 \x01(\x0e\x32\x1b.spiral.v1.Directive.Action\x12\x14\n\x0c\x64onor_member\x18\x02 \x01(\x05\x12\x15\n\rdonor_version\x18\x03 \x01(\x03\x12\x42\n\x0fhyperparameters\x18\x04 \x03(\x0b\x32).spiral.v1.Directive.HyperparametersEntry\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x1d\n\x15\x64onor_learner_address\x18\x06 \x01(\t\x12#\n\x1b\x64onor_discriminator_address\x18\x07 \x01(\t\x1a\x36\n\x14HyperparametersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\";\n\x06\x41\x63tion\x12\x16\n\x12\x41\x43TION_UNSPECIFIED\x10\x00\x12\x0c\n\x08\x43ONTINUE\x10\x01\x12\x0b\n\x07\x45XPLOIT\x10\x02\":\n\rAssignRequest\x12\x10\n\x08\x61\x63tor_id\x18\x01 \x01(\t\x12\x17\n\x0fprevious_member\x18\x02 \x01(\x05\"l\n\nAssignment\x12\x0e\n\x06member\x18\x01 \x01(\x05\x12\x17\n\x0flearner_address\x18\x02 \x01(\t\x12\x1d\n\x15\x64iscriminator_address\x18\x03 \x01(\t\x12\x16\n\x0ereplay_address\x18\x04 \x01(\t\"\x13\n\x11PopulationRequest\"\x8b\x02\n\x0cMemberStatus\x12\x0e\n\x06member\x18\x01 \x01(\x05\x12\x0f\n\x07\x66itness\x18\x02 \x01(\x01\x12\x16\n\x0epolicy_version\x18\x03 \x01(\x03\x12\x0f\n\x07updates\x18\x04 \x01(\x03\x12\x45\n\x0fhyperparameters\x18\x05 \x03(\x0b\x32,.spiral.v1.MemberStatus.HyperparametersEntry\x12\x0e\n\x06\x61\x63tors\x18\x06 \x01(\x05\x12\x10\n\x08\x65xploits\x18\x07 \x01(\x03\x12\x10\n\x08reported\x18\x08 \x01(\x08\x1a\x36\n\x14HyperparametersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"<\n\x10PopulationStatus\x12(\n\x07members\x18\x01 \x03(\x0b\x32\x17.spiral.v1.MemberStatus2\xd2\x01\n\rPBTController\x12\x38\n\x06Report\x12\x18.spiral.v1.FitnessReport\x1a\x14.spiral.v1.Directive\x12>\n\x0b\x41ssignActor\x12\x18.spiral.v1.AssignRequest\x1a\x15.spiral.v1.Assignment\x12G\n\nPopulation\x12\x1c.spiral.v1.PopulationRequest\x1a\x1b.spiral.v1.PopulationStatusb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -28,27 +28,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MEMBERSTATUS_HYPERPARAMETERSENTRY']._loaded_options = None
   _globals['_MEMBERSTATUS_HYPERPARAMETERSENTRY']._serialized_options = b'8\001'
   _globals['_FITNESSREPORT']._serialized_start=35
-  _globals['_FITNESSREPORT']._serialized_end=252
-  _globals['_FITNESSREPORT_HYPERPARAMETERSENTRY']._serialized_start=198
-  _globals['_FITNESSREPORT_HYPERPARAMETERSENTRY']._serialized_end=252
-  _globals['_DIRECTIVE']._serialized_start=255
-  _globals['_DIRECTIVE']._serialized_end=625
-  _globals['_DIRECTIVE_HYPERPARAMETERSENTRY']._serialized_start=198
-  _globals['_DIRECTIVE_HYPERPARAMETERSENTRY']._serialized_end=252
-  _globals['_DIRECTIVE_ACTION']._serialized_start=566
-  _globals['_DIRECTIVE_ACTION']._serialized_end=625
-  _globals['_ASSIGNREQUEST']._serialized_start=627
-  _globals['_ASSIGNREQUEST']._serialized_end=685
-  _globals['_ASSIGNMENT']._serialized_start=687
-  _globals['_ASSIGNMENT']._serialized_end=795
-  _globals['_POPULATIONREQUEST']._serialized_start=797
-  _globals['_POPULATIONREQUEST']._serialized_end=816
-  _globals['_MEMBERSTATUS']._serialized_start=819
-  _globals['_MEMBERSTATUS']._serialized_end=1086
-  _globals['_MEMBERSTATUS_HYPERPARAMETERSENTRY']._serialized_start=198
-  _globals['_MEMBERSTATUS_HYPERPARAMETERSENTRY']._serialized_end=252
-  _globals['_POPULATIONSTATUS']._serialized_start=1088
-  _globals['_POPULATIONSTATUS']._serialized_end=1148
-  _globals['_PBTCONTROLLER']._serialized_start=1151
-  _globals['_PBTCONTROLLER']._serialized_end=1361
+  _globals['_FITNESSREPORT']._serialized_end=298
+  _globals['_FITNESSREPORT_HYPERPARAMETERSENTRY']._serialized_start=244
+  _globals['_FITNESSREPORT_HYPERPARAMETERSENTRY']._serialized_end=298
+  _globals['_DIRECTIVE']._serialized_start=301
+  _globals['_DIRECTIVE']._serialized_end=671
+  _globals['_DIRECTIVE_HYPERPARAMETERSENTRY']._serialized_start=244
+  _globals['_DIRECTIVE_HYPERPARAMETERSENTRY']._serialized_end=298
+  _globals['_DIRECTIVE_ACTION']._serialized_start=612
+  _globals['_DIRECTIVE_ACTION']._serialized_end=671
+  _globals['_ASSIGNREQUEST']._serialized_start=673
+  _globals['_ASSIGNREQUEST']._serialized_end=731
+  _globals['_ASSIGNMENT']._serialized_start=733
+  _globals['_ASSIGNMENT']._serialized_end=841
+  _globals['_POPULATIONREQUEST']._serialized_start=843
+  _globals['_POPULATIONREQUEST']._serialized_end=862
+  _globals['_MEMBERSTATUS']._serialized_start=865
+  _globals['_MEMBERSTATUS']._serialized_end=1132
+  _globals['_MEMBERSTATUS_HYPERPARAMETERSENTRY']._serialized_start=244
+  _globals['_MEMBERSTATUS_HYPERPARAMETERSENTRY']._serialized_end=298
+  _globals['_POPULATIONSTATUS']._serialized_start=1134
+  _globals['_POPULATIONSTATUS']._serialized_end=1194
+  _globals['_PBTCONTROLLER']._serialized_start=1197
+  _globals['_PBTCONTROLLER']._serialized_end=1407
 # @@protoc_insertion_point(module_scope)

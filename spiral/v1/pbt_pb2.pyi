@@ -9,7 +9,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class FitnessReport(_message.Message):
-    __slots__ = ("member", "policy_version", "updates", "fitness", "hyperparameters")
+    __slots__ = ("member", "policy_version", "updates", "fitness", "hyperparameters", "exploit_failed", "failed_donor")
     class HyperparametersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -22,12 +22,16 @@ class FitnessReport(_message.Message):
     UPDATES_FIELD_NUMBER: _ClassVar[int]
     FITNESS_FIELD_NUMBER: _ClassVar[int]
     HYPERPARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    EXPLOIT_FAILED_FIELD_NUMBER: _ClassVar[int]
+    FAILED_DONOR_FIELD_NUMBER: _ClassVar[int]
     member: int
     policy_version: int
     updates: int
     fitness: float
     hyperparameters: _containers.ScalarMap[str, float]
-    def __init__(self, member: _Optional[int] = ..., policy_version: _Optional[int] = ..., updates: _Optional[int] = ..., fitness: _Optional[float] = ..., hyperparameters: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    exploit_failed: bool
+    failed_donor: int
+    def __init__(self, member: _Optional[int] = ..., policy_version: _Optional[int] = ..., updates: _Optional[int] = ..., fitness: _Optional[float] = ..., hyperparameters: _Optional[_Mapping[str, float]] = ..., exploit_failed: _Optional[bool] = ..., failed_donor: _Optional[int] = ...) -> None: ...
 
 class Directive(_message.Message):
     __slots__ = ("action", "donor_member", "donor_version", "hyperparameters", "reason", "donor_learner_address", "donor_discriminator_address")
