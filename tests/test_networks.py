@@ -84,7 +84,8 @@ def test_observation_to_tensors_single_and_stacked() -> None:
     assert single.prev_action.dtype == torch.long and single.step.dtype == torch.long
     assert single.prev_mask.dtype == torch.float32 and single.noise.shape == (3, cfg.env.noise_dim)
     stacked = random_inputs(cfg, (4, 3))
-    assert stacked.canvas.shape == (4, 3, 1, 64, 64) and stacked.prev_action.shape == (4, 3, 4)
+    num_heads = action_spec_for(cfg).num_heads
+    assert stacked.canvas.shape == (4, 3, 1, 64, 64) and stacked.prev_action.shape == (4, 3, num_heads)
     assert stacked.flatten_time().canvas.shape == (12, 1, 64, 64)
     unconditional = random_inputs(tiny(conditional=False), (2,))
     assert unconditional.target is None and unconditional.to("cpu").target is None
@@ -126,7 +127,7 @@ def test_paper_profile_location_heads_decode_the_full_grid() -> None:
 
 
 def test_move_steps_ignore_masked_heads() -> None:
-    cfg = tiny()
+    cfg = tiny(paint={"brush_sizes": [1.0, 2.0]})  # two sizes: a size head that a move ignores
     spec = action_spec_for(cfg)
     policy = build_policy(cfg)
     inputs = random_inputs(cfg, (4,))
@@ -310,10 +311,11 @@ def test_bad_inputs_are_named() -> None:
         policy(dataclasses.replace(inputs, target=None), policy.initial_state(2))
     with pytest.raises(ValueError, match="canvas"):
         policy(random_inputs(cfg, (2, 2)), policy.initial_state(2))
+    spec = action_spec_for(cfg)
     with pytest.raises(ValueError, match="actions"):
-        policy(inputs, policy.initial_state(2), actions=torch.zeros(2, 3, dtype=torch.long))
-    too_big = torch.zeros(2, 4, dtype=torch.long)
-    too_big[:, 1] = 16 * 16
+        policy(inputs, policy.initial_state(2), actions=torch.zeros(2, spec.num_heads + 1, dtype=torch.long))
+    too_big = torch.zeros(2, spec.num_heads, dtype=torch.long)
+    too_big[:, spec.index("end")] = spec.sizes[spec.index("end")]
     with pytest.raises(ValueError, match="out of range"):
         policy(inputs, policy.initial_state(2), actions=too_big)
     with pytest.raises(ValueError, match="mlp_hidden"):
