@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from actor.acting import EpisodeRunner  # noqa: E402
-from spiral.config import ExperimentConfig, load_experiment, experiment_path  # noqa: E402
+from spiral.config import ExperimentConfig, dump_experiment, experiment_path, load_experiment  # noqa: E402
 from spiral.envs import action_spec_for, make_env  # noqa: E402
 from spiral.nets import build_policy  # noqa: E402
 
@@ -136,9 +136,11 @@ def main() -> None:
     results["inprocess_actor_frames_per_second"] = inproc
     print(f"actor loop in one process, no gRPC ({cfg.name}, N={args.num_envs}): {inproc:8.0f} frames/s (baseline)")
     if not args.skip_system:
-        sys_cfg_dir = Path(tempfile.mkdtemp())
-        from system_harness import write_config
-        config_path = write_config(sys_cfg_dir, {"actor": {"num_envs": args.num_envs}}, base=args.config)
+        # The experiment as shipped (its checkpoint, sample-grid and refresh intervals), not the
+        # test harness's quick-turnover settings; only the canvases per actor are the baseline's.
+        config_path = Path(tempfile.mkdtemp()) / "experiment.yaml"
+        dump_experiment(load_experiment(experiment_path(args.config), {"actor": {"num_envs": args.num_envs}}),
+                        config_path)
         system = system_actor_rate(config_path, args.actors, args.system_seconds, warmup=10.0)
         rate = system["frames_per_second"]
         results.update({f"system_{k}": v for k, v in system.items()})
