@@ -30,20 +30,21 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from learner.training import PolicyTrainer  # noqa: E402
-from spiral.checkpoint import list_checkpoints  # noqa: E402
-from spiral.config import dump_experiment, experiment_path, load_experiment  # noqa: E402
+from spiral.checkpoint import list_checkpoints, load_checkpoint  # noqa: E402
+from spiral.config import ExperimentConfig, dump_experiment, experiment_path, load_experiment  # noqa: E402
 from spiral.data import for_experiment  # noqa: E402
 from spiral.evaluation import blank_l2, reconstruct  # noqa: E402
 from spiral.nets import build_policy  # noqa: E402
+from spiral.nets.policy import SpiralPolicy  # noqa: E402
 from spiral.visualize import image_grid, plot_curves, save_png  # noqa: E402
 
 
-def load_policy(cfg, path: Path):  # noqa: ANN001, ANN201
+def load_policy(cfg: ExperimentConfig, path: Path) -> tuple[SpiralPolicy, int]:
+    """The policy of a learner checkpoint file and its version."""
     policy = build_policy(cfg)
-    trainer = PolicyTrainer(cfg, policy)
-    saved = torch.load(path, map_location="cpu", weights_only=False)
-    trainer.load_state_dict(saved["state"]["trainer"])
-    return policy, int(saved["version"])
+    version, state = load_checkpoint(path)
+    PolicyTrainer(cfg, policy).load_state_dict(state["trainer"])
+    return policy, version
 
 
 def main() -> None:
@@ -95,7 +96,7 @@ def main() -> None:
     evaluate(cfg, copies, out)
 
 
-def evaluate(cfg, copies: dict[float, Path], out: Path) -> dict[str, dict[str, float]]:  # noqa: ANN001
+def evaluate(cfg: ExperimentConfig, copies: dict[float, Path], out: Path) -> dict[str, dict[str, float]]:
     """Score the blank canvas, an untrained policy and each checkpoint on the held-out digits.
 
     Each policy paints every held-out target twice: sampling its actions as the actors do

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from learner.learner import ExploitRequest, PolicyLearner
-from spiral.checkpoint import latest_checkpoint
+from spiral.checkpoint import latest_checkpoint, load_checkpoint
 from spiral.config import ExperimentConfig
 from spiral.evaluation import reconstruct
 from spiral.nets import build_discriminator, images_to_tensor
@@ -90,7 +90,7 @@ def load_reference_critic(cfg: ExperimentConfig, path: str | Path) -> torch.nn.M
         state = found[1]
     else:
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)["state"]
+            state = load_checkpoint(path)[1]
         except (OSError, KeyError, RuntimeError, ValueError) as exc:
             raise ValueError(f"pbt.reference_critic: cannot read {path}: {exc}") from exc
     critic = build_discriminator(cfg)

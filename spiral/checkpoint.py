@@ -44,12 +44,21 @@ def list_checkpoints(directory: Path) -> list[Path]:
     return sorted(p for p in directory.iterdir() if _NAME.match(p.name))
 
 
+def load_checkpoint(path: Path) -> tuple[int, dict[str, Any]]:
+    """``(version, state)`` of one checkpoint file (tensors on the CPU).
+
+    Raises:
+        OSError, KeyError, RuntimeError, ValueError: the file is missing or not a checkpoint.
+    """
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    return int(payload["version"]), payload["state"]
+
+
 def latest_checkpoint(directory: Path) -> tuple[int, dict[str, Any]] | None:
     """``(version, state)`` of the newest checkpoint that loads, or None when there is none."""
     for path in reversed(list_checkpoints(directory)):
         try:
-            payload = torch.load(path, map_location="cpu", weights_only=True)
-            return int(payload["version"]), payload["state"]
+            return load_checkpoint(path)
         except Exception as exc:  # noqa: BLE001 - a corrupt file is skipped, the next older one is tried
             log.warning("skipping unreadable checkpoint %s: %s", path, exc)
     return None
