@@ -59,6 +59,7 @@ bench: deps
 	$(PYTHON) bench/env_throughput.py --config mnist --skip-system
 	$(PYTHON) bench/learner_rpc.py
 	$(PYTHON) bench/policy_speed.py
+	$(PYTHON) bench/update_memory.py
 
 bench-learning: deps
 	$(PYTHON) bench/learning.py --minutes 10 30 --actors 2 --out bench/results/learning

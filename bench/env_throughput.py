@@ -4,11 +4,16 @@ Prints, measured in one run on this machine (so the ratios are fair on a noisy m
 
 1. renderer steps/s per core with random actions for N batched environments (N = 8 and 64):
    libmypaint (the baseline), the fast torch rasterizer, and MuJoCo scenes;
-2. the actor loop in one process with no gRPC (policy inference + libmypaint, N canvases):
-   environment frames/s;
-3. the one-machine system (replay buffer, discriminator, learner and ``--actors`` actors as
+2. baseline 1, the actor loop alone in one process with no gRPC (policy inference +
+   libmypaint, N canvases, one thread): environment frames/s. Nothing consumes its episodes.
+3. baseline 2, the whole training loop in one process with no gRPC: the same actor loop, the
+   policy update, the replay table and the discriminator updates in turn, on as many torch
+   threads as the machine has cores (:func:`inprocess_training_rate`): the same work per
+   frame as the system;
+4. the one-machine system (replay buffer, discriminator, learner and ``--actors`` actors as
    separate processes talking gRPC, the learner training all the while): environment
-   frames/s summed over actors, read from their Prometheus counters, and its ratio to (2).
+   frames/s summed over actors, read from their Prometheus counters, and its ratios to (2)
+   and (3). The baselines are measured before and after the system and averaged.
 
 The last line is all figures as one JSON object.
 
@@ -34,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from actor.acting import EpisodeRunner  # noqa: E402
+from spiral.allocator import retain_freed_memory  # noqa: E402
 from spiral.config import ExperimentConfig, dump_experiment, experiment_path, load_experiment  # noqa: E402
 from spiral.envs import action_spec_for, make_env  # noqa: E402
 from spiral.nets import build_policy  # noqa: E402
@@ -80,6 +86,70 @@ def inprocess_actor_rate(cfg: ExperimentConfig, num_envs: int, seconds: float) -
     return frames / (time.perf_counter() - start)
 
 
+def inprocess_training_rate(cfg: ExperimentConfig, num_envs: int, seconds: float, threads: int) -> dict[str, float]:
+    """Frames/s of the whole training loop in one process, no gRPC, on ``threads`` torch threads.
+
+    The same work per frame as the system: the actor loop (acting with the learner's own
+    policy, so no lag), a policy update per ``learner.batch_size`` episodes scored by the
+    critic, every final render into a :class:`~replaybuffer.table.ReplayTable` with the
+    experiment's limits, and as many discriminator updates as its ``samples_per_insert`` allows,
+    all in turn on one Python thread.
+    """
+    from discriminator.training import DiscriminatorTrainer
+    from learner.training import PolicyTrainer
+    from replaybuffer.table import RateLimited, ReplayItem, ReplayTable
+    from spiral.data import for_experiment
+    from spiral.nets import build_discriminator
+    from spiral.trajectory import Unroll
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        data = for_experiment(cfg)
+        images = data.images
+        trainer = PolicyTrainer(cfg, build_policy(cfg))
+        critic = build_discriminator(cfg)
+        critic_trainer = DiscriminatorTrainer(cfg, critic)
+        runner = EpisodeRunner(cfg, make_env(cfg, num_envs, seed=0), trainer.policy,
+                               images if cfg.env.conditional else None, seed=0, actor_id="bench")
+        rc = cfg.replay
+        table = ReplayTable(rc.capacity, rc.min_size, rc.samples_per_insert, seed=0)
+        rng = np.random.default_rng(0)
+        d_batch = cfg.discriminator_learner.batch_size
+        frames = updates = critic_updates = 0
+        pending: list[Unroll] = []
+        start = time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            unroll = runner.run_episode()
+            frames += unroll.num_steps * unroll.batch_size
+            pending.append(unroll)
+            targets = unroll.targets if unroll.targets is not None else [None] * unroll.batch_size
+            table.insert(ReplayItem(render, target, updates, "bench") for render, target in zip(unroll.final_canvases, targets))
+            if sum(u.batch_size for u in pending) >= cfg.learner.batch_size:
+                batch = Unroll.concatenate(pending)
+                pending = []
+                trainer.update(batch, critic.eval() if critic_updates else None, critic_updates)
+                updates += 1
+            while True:
+                try:
+                    items = table.sample(d_batch)
+                except RateLimited:
+                    break
+                fake = np.stack([item.render for item in items])
+                if cfg.env.conditional:
+                    real = fake_targets = np.stack([item.target for item in items])
+                else:
+                    real, fake_targets = images[rng.integers(0, len(images), size=d_batch)], None
+                critic.train()
+                critic_trainer.update(real, fake, fake_targets)
+                critic_updates += 1
+        elapsed = time.perf_counter() - start
+    finally:
+        torch.set_num_threads(previous)
+    return {"frames_per_second": frames / elapsed, "learner_updates_per_second": updates / elapsed,
+            "discriminator_updates_per_second": critic_updates / elapsed}
+
+
 def system_actor_rate(config_path: Path, num_actors: int, seconds: float, warmup: float) -> dict[str, float]:
     """Frames/s summed over the actors of a real one-machine system (after ``warmup`` seconds)."""
     from system_harness import System  # the same harness the system tests use
@@ -98,7 +168,8 @@ def system_actor_rate(config_path: Path, num_actors: int, seconds: float, warmup
             time.sleep(seconds)
             steps1, updates1, t1 = (total("spiral_actor_env_steps_total", actors),
                                     system.value("learner", "spiral_learner_updates_total"), time.monotonic())
-    return {"frames_per_second": (steps1 - steps0) / (t1 - t0), "learner_updates_per_second": (updates1 - updates0) / (t1 - t0)}
+    return {"frames_per_second": (steps1 - steps0) / (t1 - t0),
+            "learner_updates_per_second": (updates1 - updates0) / (t1 - t0)}
 
 
 def main() -> None:
@@ -114,6 +185,7 @@ def main() -> None:
     parser.add_argument("--json", help="also write the figures to this JSON file")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    retain_freed_memory()  # allocate as the learner does (the actor loop is unaffected: its blocks are small)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     cfg = load_experiment(experiment_path(args.config))
     results: dict[str, float] = {}
@@ -132,21 +204,44 @@ def main() -> None:
         print(f"  fast        {fast:9.0f} steps/s   {fast / base:6.1f}x libmypaint")
         print(f"  mujoco      {scene:9.0f} steps/s   {scene / base:6.2f}x libmypaint")
 
-    inproc = inprocess_actor_rate(cfg, args.num_envs, args.seconds)
-    results["inprocess_actor_frames_per_second"] = inproc
-    print(f"actor loop in one process, no gRPC ({cfg.name}, N={args.num_envs}): {inproc:8.0f} frames/s (baseline)")
+    # The two in-process baselines are measured before and, when the system runs, again after
+    # it; their means are what the system is compared with (this machine drifts by ~15%).
+    threads = os.cpu_count() or 1
+    shipped = load_experiment(experiment_path(args.config), {"actor": {"num_envs": args.num_envs}})
+
+    def baselines(when: str) -> tuple[float, dict[str, float]]:
+        actor = inprocess_actor_rate(cfg, args.num_envs, args.seconds)
+        print(f"[{when}] actor loop alone in one process, no gRPC, 1 thread ({cfg.name}, N={args.num_envs}): "
+              f"{actor:8.0f} frames/s (baseline 1)")
+        training = inprocess_training_rate(shipped, args.num_envs, args.seconds * 2, threads)
+        print(f"[{when}] whole training loop in one process, no gRPC, {threads} threads: "
+              f"{training['frames_per_second']:8.0f} frames/s (baseline 2; learner "
+              f"{training['learner_updates_per_second']:.2f} updates/s, discriminator "
+              f"{training['discriminator_updates_per_second']:.2f})")
+        return actor, training
+
+    rounds = [baselines("before")]
     if not args.skip_system:
         # The experiment as shipped (its checkpoint, sample-grid and refresh intervals), not the
         # test harness's quick-turnover settings; only the canvases per actor are the baseline's.
         config_path = Path(tempfile.mkdtemp()) / "experiment.yaml"
-        dump_experiment(load_experiment(experiment_path(args.config), {"actor": {"num_envs": args.num_envs}}),
-                        config_path)
+        dump_experiment(shipped, config_path)
         system = system_actor_rate(config_path, args.actors, args.system_seconds, warmup=10.0)
+        rounds.append(baselines("after"))
+    inproc = float(np.mean([actor for actor, _ in rounds]))
+    training = {key: float(np.mean([t[key] for _, t in rounds])) for key in rounds[0][1]}
+    results["inprocess_actor_frames_per_second"] = inproc
+    results.update({f"inprocess_training_{k}": v for k, v in training.items()})
+    if not args.skip_system:
         rate = system["frames_per_second"]
         results.update({f"system_{k}": v for k, v in system.items()})
         results["system_over_inprocess"] = rate / inproc
+        results["system_over_inprocess_training"] = rate / training["frames_per_second"]
         print(f"one-machine system, {args.actors} actor process(es), learner training: {rate:8.0f} frames/s "
-              f"= {rate / inproc:.2f} of in-process (learner {system['learner_updates_per_second']:.2f} updates/s)")
+              f"(learner {system['learner_updates_per_second']:.2f} updates/s)")
+        print(f"  = {rate / inproc:.2f} of the actor loop alone ({inproc:.0f}, mean of before and after)")
+        print(f"  = {rate / training['frames_per_second']:.2f} of the whole training loop in one process "
+              f"({training['frames_per_second']:.0f}, mean of before and after)")
     print(json.dumps({k: round(v, 3) for k, v in results.items()}))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))

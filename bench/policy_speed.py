@@ -37,6 +37,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from spiral.allocator import retain_freed_memory  # noqa: E402
 from spiral.config import ExperimentConfig, experiment_path, load_experiment  # noqa: E402
 from spiral.envs import action_spec_for  # noqa: E402
 from spiral.envs.base import Observation  # noqa: E402
@@ -219,6 +220,7 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
+    retain_freed_memory()  # allocate as the learner does (the actor loop is unaffected: its blocks are small)
     device = torch.device(args.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     print(f"policy speed on {device} ({args.threads} thread(s))")

@@ -45,7 +45,7 @@ def register(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     opts = resolve_service_options("learner", args)
     cfg = opts.config
-    start_process(opts)
+    start_process(opts, retain_memory=True)
     # Short deadlines: a discriminator that is down must not stall policy updates (they go on
     # scoring with the critic they have, or with the reconstruction term alone).
     critic_source = RemoteParameterSource(cfg.services.discriminator_address, cfg.services, "discriminator",

@@ -1,8 +1,10 @@
-"""What every service process does around its own work: logging, metrics, torch threads, shutdown.
+"""What every service process does around its own work: logging, metrics, torch threads, memory, shutdown.
 
 Each ``spiral ROLE`` entry point calls :func:`start_process` first (log format, Prometheus
-endpoint, thread limits) and then runs its own loop; :class:`ProgressLog` prints a periodic
-one-line progress report (a rate and totals) so a long run is never silent.
+endpoint, thread limits, for the learner :func:`spiral.allocator.retain_freed_memory`) and then
+runs its own loop; :class:`ProgressLog` prints a periodic one-line progress report (a rate and
+totals) so a long run is never silent, and :class:`Watchdog` turns a loop's heartbeat into the
+``/healthz`` answer of a liveness probe.
 """
 
 from __future__ import annotations
@@ -13,13 +15,20 @@ import sys
 import time
 
 from spiral import metrics
+from spiral.allocator import retain_freed_memory
 from spiral.service_options import ServiceOptions
 
 log = logging.getLogger(__name__)
 
 
-def start_process(opts: ServiceOptions, torch_threads: int | None = None, member_in_log: bool = True) -> None:
-    """Configure logging (and torch threads) and start the metrics endpoint of a service process."""
+def start_process(opts: ServiceOptions, torch_threads: int | None = None, member_in_log: bool = True,
+                  health: metrics.HealthCheck | None = None, retain_memory: bool = False) -> None:
+    """Configure logging (and torch threads) and start the metrics endpoint of a service process.
+
+    ``health`` is what the endpoint's ``/healthz`` reports (e.g. :meth:`Watchdog.check`);
+    ``retain_memory`` calls :func:`spiral.allocator.retain_freed_memory` (the policy learner,
+    whose CPU updates allocate activations far above glibc's mmap threshold).
+    """
     logging.basicConfig(level=os.environ.get("SPIRAL_LOG_LEVEL", "INFO"), stream=sys.stderr,
                         format=f"%(asctime)s {opts.role}{f'[{opts.member}]' if member_in_log else ''} "
                                "%(levelname)s %(name)s: %(message)s")
@@ -27,10 +36,36 @@ def start_process(opts: ServiceOptions, torch_threads: int | None = None, member
         import torch  # only the services that run networks pay for importing torch
 
         torch.set_num_threads(max(1, torch_threads))
+    if retain_memory:
+        retain_freed_memory()  # CPU updates reuse their activations' memory instead of page-faulting it
     if opts.metrics_port:
-        metrics.serve_metrics(opts.metrics_port, opts.metrics_address)
+        metrics.serve_metrics(opts.metrics_port, opts.metrics_address, health=health)
         log.info("metrics on http://%s:%d/metrics", opts.metrics_address, opts.metrics_port)
     opts.run_dir.mkdir(parents=True, exist_ok=True)
+
+
+class Watchdog:
+    """A loop's heartbeat, for a liveness probe: healthy while the loop beat within ``stall_seconds``.
+
+    A loop that waits on a peer must still beat between bounded waits (a retry that gives up
+    and tries again is progress); only a loop stuck inside one iteration goes stale.
+    """
+
+    def __init__(self, what: str, stall_seconds: float) -> None:
+        if not stall_seconds > 0:
+            raise ValueError(f"stall_seconds must be > 0, got {stall_seconds}")
+        self.what = what
+        self.stall_seconds = stall_seconds
+        self._last = time.monotonic()
+
+    def beat(self) -> None:
+        self._last = time.monotonic()
+
+    def check(self) -> tuple[bool, str]:
+        age = time.monotonic() - self._last
+        healthy = age <= self.stall_seconds
+        return healthy, (f"{self.what}: last progress {age:.1f} s ago "
+                         f"({'within' if healthy else 'over'} the {self.stall_seconds:g} s limit)")
 
 
 class ProgressLog:

@@ -32,7 +32,8 @@ def test_env_throughput_bench_measures_every_renderer_and_the_actor_loop() -> No
     figures = run_bench("bench/env_throughput.py", "--seconds", "0.3", "--num-envs", "4", "--renderer-envs",
                         "--skip-system")
     for key in ("libmypaint_steps_per_second_per_core_n4", "fast_steps_per_second_per_core_n4",
-                "mujoco_steps_per_second_per_core_n4", "fast_over_libmypaint_n4", "inprocess_actor_frames_per_second"):
+                "mujoco_steps_per_second_per_core_n4", "fast_over_libmypaint_n4", "inprocess_actor_frames_per_second",
+                "inprocess_training_frames_per_second"):
         assert figures[key] > 0, key
 
 
@@ -66,3 +67,11 @@ def test_learner_rpc_bench_measures_ingest_and_parameter_fetches() -> None:
     for key in ("grpc_ingest_unrolls_per_second", "full_fetch_ms", "poll_ms", "inprocess_snapshot_ms",
                 "parameter_bytes"):
         assert figures[key] > 0, key
+
+
+def test_update_memory_bench_times_both_trainers_with_and_without_retained_memory() -> None:
+    figures = run_bench("bench/update_memory.py", "--updates", "1")
+    for what in ("policy_update", "discriminator_update"):
+        for key in ("ms_default", "ms_retained", "speedup"):
+            assert figures[f"{what}_{key}"] > 0, (what, key)
+    assert figures["learner_frames_per_second_per_core_retained"] > 0
