@@ -43,7 +43,7 @@ from spiral.rpc.errors import InvalidMessage
 from spiral.rpc.messages import encode_insert_request, encode_unroll
 from spiral.rpc.parameters import fetch_parameters
 from spiral.service_options import ServiceOptions, add_service_arguments, resolve_service_options
-from spiral.service_runtime import ProgressLog, start_process
+from spiral.service_runtime import ProgressLog, Watchdog, start_process
 from spiral.trajectory import Unroll
 from spiral.v1 import learner_pb2_grpc, pbt_pb2, pbt_pb2_grpc, replay_pb2_grpc
 
@@ -121,7 +121,9 @@ class RemoteActor:
         if not force and self.has_parameters and now - self._last_refresh < self.cfg.actor.parameter_refresh_seconds:
             return
         have = self.runner.policy_version if self.has_parameters else -1
-        deadline = None if not self.has_parameters else 10.0
+        # Bounded even before the first parameters: the loop then goes round (and beats its
+        # watchdog) while the learner is down, instead of waiting inside one call for ever.
+        deadline = 30.0 if not self.has_parameters else 10.0
         try:
             update = call_with_retry(
                 lambda timeout: fetch_parameters(self.learner, have, member=self.member, timeout=timeout),
@@ -212,9 +214,11 @@ class RemoteActor:
         self.insert_renders(unroll)
         return unroll
 
-    def run(self, assigner: "MemberAssigner | None" = None) -> None:
+    def run(self, assigner: "MemberAssigner | None" = None, watchdog: Watchdog | None = None) -> None:
         progress = ProgressLog("actor env steps")
         while not self.stop.is_set():
+            if watchdog is not None:
+                watchdog.beat()
             if assigner is not None:
                 assigner.maybe_assign(self)
                 if assigner.member is None:
@@ -283,7 +287,8 @@ def run(args: argparse.Namespace) -> int:
     # environment loads it: an actor process paints on one core unless its deployment says so.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     opts = resolve_service_options("actor", args)
-    start_process(opts, torch_threads=opts.config.actor.torch_threads)
+    watchdog = Watchdog("actor episode loop", opts.config.actor.stall_seconds)
+    start_process(opts, torch_threads=opts.config.actor.torch_threads, health=watchdog.check)
     stop = threading.Event()
 
     def handle(signum: int, _frame: object) -> None:
@@ -302,7 +307,7 @@ def run(args: argparse.Namespace) -> int:
         log.info("population of %d: asking the PBT controller at %s which member to serve",
                  opts.config.pbt.population_size, opts.config.services.pbt_address)
     try:
-        actor.run(assigner)
+        actor.run(assigner, watchdog)
     finally:
         actor.close()
         if assigner is not None:

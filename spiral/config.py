@@ -313,9 +313,14 @@ class ActorConfig:
     parameter_refresh_seconds: float = 1.0
     """How often to ask the learner for newer parameters."""
     torch_threads: int = 1
+    stall_seconds: float = 300.0
+    """The actor's ``/healthz`` fails (and Kubernetes restarts it) when its episode loop has not
+    finished an iteration for this long. Waiting for a peer that is down is not a stall: every
+    wait is bounded and the loop goes round again."""
 
     def validate(self, path: str) -> None:
         _require(self.num_envs >= 1, f"{path}.num_envs", "must be >= 1")
+        _require(self.stall_seconds > 0, f"{path}.stall_seconds", "must be > 0")
         _require(self.parameter_refresh_seconds >= 0, f"{path}.parameter_refresh_seconds", "must be >= 0")
         _require(self.torch_threads >= 1, f"{path}.torch_threads", "must be >= 1")
 

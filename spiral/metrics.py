@@ -3,8 +3,9 @@
 Services import the metrics they update from here, so dashboards, alert rules and the tests
 that check them against the code read one list. Names carry their unit (``_seconds``,
 ``_bytes``, ``_total`` for counters) as Prometheus recommends. Each process serves the default
-registry over HTTP with :func:`serve_metrics`; a metric a process never touches is simply
-absent from its samples (labelled metrics) or stays at zero.
+registry over HTTP with :func:`serve_metrics` (which also answers ``/healthz`` for liveness
+probes); a metric a process never touches is simply absent from its samples (labelled
+metrics) or stays at zero.
 
 Labels: ``member`` is the population member a learner, discriminator, replay buffer or actor
 serves (``"0"`` outside PBT); ``actor`` identifies an actor process; ``method`` and ``code``
@@ -13,7 +14,13 @@ describe gRPC calls.
 
 from __future__ import annotations
 
-from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
+import socket
+import threading
+from socketserver import ThreadingMixIn
+from typing import Callable, Iterable
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram, make_wsgi_app
 
 # -- gRPC, every service ----------------------------------------------------------------------
 GRPC_HANDLING_SECONDS = Histogram(
@@ -111,6 +118,45 @@ def metric_names() -> set[str]:
     return names
 
 
-def serve_metrics(port: int, address: str = "0.0.0.0") -> None:
-    """Serve the default registry at ``http://address:port/metrics`` from a daemon thread."""
-    start_http_server(port, addr=address)
+HealthCheck = Callable[[], tuple[bool, str]]
+"""Returns ``(healthy, detail)``: what ``/healthz`` answers (200 or 503, with the detail as text)."""
+
+
+class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - the base class's name
+        """Scrapes and probes every few seconds would drown the service's own log."""
+
+
+def metrics_app(health: HealthCheck | None = None) -> Callable[..., Iterable[bytes]]:
+    """WSGI app: ``/healthz`` answers ``health()`` (always healthy without one); every other path
+    is prometheus-client's exposition of the default registry."""
+    exposition = make_wsgi_app()
+
+    def app(environ: dict, start_response: Callable) -> Iterable[bytes]:  # type: ignore[type-arg]
+        if environ.get("PATH_INFO") == "/healthz":
+            healthy, detail = health() if health is not None else (True, "ok")
+            start_response("200 OK" if healthy else "503 Service Unavailable",
+                           [("Content-Type", "text/plain; charset=utf-8")])
+            return [detail.encode() + b"\n"]
+        return exposition(environ, start_response)
+
+    return app
+
+
+def serve_metrics(port: int, address: str = "0.0.0.0", health: HealthCheck | None = None) -> WSGIServer:
+    """Serve ``/metrics`` (the default registry) and ``/healthz`` on ``address:port`` from a daemon thread.
+
+    Args:
+        port: TCP port (0 picks a free one: read it from the returned server's ``server_port``).
+        address: Interface to bind (IPv4 or IPv6).
+        health: What ``/healthz`` reports (the actor's episode-loop watchdog); None: always healthy.
+    """
+    family = socket.getaddrinfo(address, port, type=socket.SOCK_STREAM)[0][0]
+    server_class = type("MetricsServer", (_ThreadingWSGIServer,), {"address_family": family})
+    server = make_server(address, port, metrics_app(health), server_class, _QuietHandler)
+    threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
+    return server

@@ -36,6 +36,7 @@ def test_expected_experiments_exist() -> None:
     ({"learner": {"learning_rate": "fast"}}, "learner.learning_rate"),
     ({"learner": {"reward": {"l2_weight": "abc"}}}, "learner.reward.l2_weight"),
     ({"env": {"paint": {"brush_sizes": ["big"]}}}, "env.paint.brush_sizes"),
+    ({"actor": {"stall_seconds": 0}}, "actor.stall_seconds"),
 ])
 def test_invalid_fields_are_named(data: dict, field: str) -> None:
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):

@@ -829,3 +829,24 @@ def test_kind_cluster_runs_the_validated_kubernetes_version() -> None:
     image = cluster["nodes"][0]["image"]
     assert re.fullmatch(r"kindest/node:v\d+\.\d+\.\d+(@sha256:[0-9a-f]{64})?", image), image
     assert image.split(":v")[1].split(".")[:2] == K8S_VERSION.split(".")[:2]
+
+
+def kubernetes_api_calls() -> set[tuple[str, str]]:
+    """``(verb, resource)`` of every call on the controller's ``api`` (its CoreV1Api), e.g. ("list", "pods")."""
+    calls = set()
+    for path in (ROOT / "pbt_controller").glob("*.py"):
+        for verb, scope, kind in re.findall(r"\bapi\.(list|read|watch|create|patch|delete)_(namespaced_)?(\w+?)\(",
+                                            path.read_text()):
+            calls.add((verb if verb != "read" else "get", kind if kind.endswith("s") else kind + "s"))
+    return calls
+
+
+def test_the_controllers_role_grants_exactly_the_api_calls_it_makes() -> None:
+    calls = kubernetes_api_calls()
+    assert ("list", "pods") in calls, "the scan must find discovery's list_namespaced_pod"
+    docs = rendered("pbt-test")
+    [role] = [r for r in by_kind(docs, "Role") if r["metadata"]["name"] == "spiral-pbt-controller"]
+    granted = {(verb, resource) for rule in role["rules"] for verb in rule["verbs"] for resource in rule["resources"]}
+    assert all(rule["apiGroups"] == [""] for rule in role["rules"])
+    assert granted == calls, f"least privilege: the Role grants {sorted(granted)}, the code calls {sorted(calls)}"
+    assert not by_kind(docs, "ClusterRole") and not by_kind(docs, "ClusterRoleBinding")

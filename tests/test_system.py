@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import signal
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,16 @@ from spiral.checkpoint import latest_checkpoint
 from system_harness import System, write_config
 
 pytestmark = pytest.mark.slow
+
+
+def healthz(system: System, name: str) -> tuple[int, bool]:
+    """An actor's ``/healthz``: HTTP status, and whether its text reports the episode loop."""
+    url = system.child(name).spec.metrics_url.rsplit("/", 1)[0] + "/healthz"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:  # noqa: S310 - loopback URL
+            return response.status, "actor episode loop" in response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, "actor episode loop" in error.read().decode()
 
 
 def test_parameters_flow_and_services_survive_kills_and_restarts(tmp_path: Path) -> None:
@@ -35,6 +47,7 @@ def test_parameters_flow_and_services_survive_kills_and_restarts(tmp_path: Path)
         system.wait_for("learner scoring with a discriminator version > 0",
                         lambda: system.value("learner", "spiral_learner_discriminator_version") > 0)
         assert system.value("learner", "spiral_learner_frames_total") > 0
+        assert healthz(system, "actor-0") == (200, True), "a running actor's liveness endpoint"
 
         # Kill one actor: the learner keeps training on the other.
         system.kill("actor-0", signal.SIGKILL)
@@ -56,6 +69,8 @@ def test_parameters_flow_and_services_survive_kills_and_restarts(tmp_path: Path)
         system.wait_for("updates of the restarted learner",
                         lambda: system.value("learner", "spiral_learner_updates_total") >= 2)
         assert system.value("learner", "spiral_learner_parameter_version") >= checkpoint_version + 2
+        # Waiting on the dead learner was not a stall: the surviving actor stayed alive.
+        assert healthz(system, "actor-1") == (200, True)
 
         # Restart the replay buffer (graceful stop): actors and the discriminator reconnect.
         system.kill("replaybuffer", signal.SIGTERM)
