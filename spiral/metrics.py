@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import socket
 import threading
-from socketserver import ThreadingMixIn
 from typing import Callable, Iterable
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram, make_wsgi_app
+from prometheus_client.exposition import ThreadingWSGIServer
 
 # -- gRPC, every service ----------------------------------------------------------------------
 GRPC_HANDLING_SECONDS = Histogram(
@@ -122,10 +122,6 @@ HealthCheck = Callable[[], tuple[bool, str]]
 """Returns ``(healthy, detail)``: what ``/healthz`` answers (200 or 503, with the detail as text)."""
 
 
-class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
-    daemon_threads = True
-
-
 class _QuietHandler(WSGIRequestHandler):
     def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - the base class's name
         """Scrapes and probes every few seconds would drown the service's own log."""
@@ -156,7 +152,7 @@ def serve_metrics(port: int, address: str = "0.0.0.0", health: HealthCheck | Non
         health: What ``/healthz`` reports (the actor's episode-loop watchdog); None: always healthy.
     """
     family = socket.getaddrinfo(address, port, type=socket.SOCK_STREAM)[0][0]
-    server_class = type("MetricsServer", (_ThreadingWSGIServer,), {"address_family": family})
+    server_class = type("MetricsServer", (ThreadingWSGIServer,), {"address_family": family})
     server = make_server(address, port, metrics_app(health), server_class, _QuietHandler)
     threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
     return server
