@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from actor.acting import EpisodeRunner  # noqa: E402
+from replaybuffer.table import RateLimited, ReplayItem, ReplayTable  # noqa: E402
 from spiral.allocator import retain_freed_memory  # noqa: E402
 from spiral.config import ExperimentConfig, dump_experiment, experiment_path, load_experiment  # noqa: E402
 from spiral.envs import action_spec_for, make_env  # noqa: E402
@@ -86,68 +87,66 @@ def inprocess_actor_rate(cfg: ExperimentConfig, num_envs: int, seconds: float) -
     return frames / (time.perf_counter() - start)
 
 
+class TableSampler:
+    """A :class:`~discriminator.learner.RenderSampler` over an in-process replay table."""
+
+    def __init__(self, table: ReplayTable) -> None:
+        self.table = table
+
+    def sample(self, batch_size: int) -> tuple[np.ndarray, np.ndarray | None] | None:
+        try:
+            items = self.table.sample(batch_size)
+        except RateLimited:
+            return None
+        targets = None if items[0].target is None else np.stack([item.target for item in items])
+        return np.stack([item.render for item in items]), targets
+
+
 def inprocess_training_rate(cfg: ExperimentConfig, num_envs: int, seconds: float, threads: int) -> dict[str, float]:
     """Frames/s of the whole training loop in one process, no gRPC, on ``threads`` torch threads.
 
-    The same work per frame as the system: the actor loop (acting with the learner's own
-    policy, so no lag), a policy update per ``learner.batch_size`` episodes scored by the
-    critic, every final render into a :class:`~replaybuffer.table.ReplayTable` with the
-    experiment's limits, and as many discriminator updates as its ``samples_per_insert`` allows,
-    all in turn on one Python thread.
+    The same work per frame as the system, done by the same classes the services wrap: the
+    actor loop (acting with the learner's own policy, so no lag), a
+    :class:`~learner.learner.PolicyLearner` step per ``learner.batch_size`` episodes scored by
+    the :class:`~discriminator.learner.DiscriminatorLearner`'s critic, every final render into a
+    :class:`~replaybuffer.table.ReplayTable` with the experiment's limits, and as many
+    discriminator steps as its ``samples_per_insert`` allows, all in turn on one Python thread
+    (checkpoints, logs and sample grids go to a temporary run directory, as the services write theirs).
     """
-    from discriminator.training import DiscriminatorTrainer
-    from learner.training import PolicyTrainer
-    from replaybuffer.table import RateLimited, ReplayItem, ReplayTable
+    from discriminator.learner import DiscriminatorLearner
+    from learner.learner import PolicyLearner
     from spiral.data import for_experiment
-    from spiral.nets import build_discriminator
-    from spiral.trajectory import Unroll
 
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        data = for_experiment(cfg)
-        images = data.images
-        trainer = PolicyTrainer(cfg, build_policy(cfg))
-        critic = build_discriminator(cfg)
-        critic_trainer = DiscriminatorTrainer(cfg, critic)
-        runner = EpisodeRunner(cfg, make_env(cfg, num_envs, seed=0), trainer.policy,
-                               images if cfg.env.conditional else None, seed=0, actor_id="bench")
-        rc = cfg.replay
-        table = ReplayTable(rc.capacity, rc.min_size, rc.samples_per_insert, seed=0)
-        rng = np.random.default_rng(0)
-        d_batch = cfg.discriminator_learner.batch_size
-        frames = updates = critic_updates = 0
-        pending: list[Unroll] = []
-        start = time.perf_counter()
-        while time.perf_counter() - start < seconds:
-            unroll = runner.run_episode()
-            frames += unroll.num_steps * unroll.batch_size
-            pending.append(unroll)
-            targets = unroll.targets if unroll.targets is not None else [None] * unroll.batch_size
-            table.insert(ReplayItem(render, target, updates, "bench") for render, target in zip(unroll.final_canvases, targets))
-            if sum(u.batch_size for u in pending) >= cfg.learner.batch_size:
-                batch = Unroll.concatenate(pending)
-                pending = []
-                trainer.update(batch, critic.eval() if critic_updates else None, critic_updates)
-                updates += 1
-            while True:
-                try:
-                    items = table.sample(d_batch)
-                except RateLimited:
-                    break
-                fake = np.stack([item.render for item in items])
-                if cfg.env.conditional:
-                    real = fake_targets = np.stack([item.target for item in items])
-                else:
-                    real, fake_targets = images[rng.integers(0, len(images), size=d_batch)], None
-                critic.train()
-                critic_trainer.update(real, fake, fake_targets)
-                critic_updates += 1
-        elapsed = time.perf_counter() - start
+        with tempfile.TemporaryDirectory() as run_dir:
+            images = for_experiment(cfg).images
+            rc = cfg.replay
+            table = ReplayTable(rc.capacity, rc.min_size, rc.samples_per_insert, seed=0)
+            critic = DiscriminatorLearner(cfg, Path(run_dir), images, TableSampler(table), seed=cfg.seed + 1000)
+            learner = PolicyLearner(cfg, Path(run_dir), critic_source=critic)
+            runner = EpisodeRunner(cfg, make_env(cfg, num_envs, seed=0), learner.policy,
+                                   images if cfg.env.conditional else None, seed=0, actor_id="bench")
+            frames = 0
+            start = time.perf_counter()
+            while time.perf_counter() - start < seconds:
+                runner.policy_version = learner.version  # it acts with the learner's own weights
+                unroll = runner.run_episode()
+                frames += unroll.num_steps * unroll.batch_size
+                learner.submit(unroll)
+                targets = unroll.targets if unroll.targets is not None else [None] * unroll.batch_size
+                table.insert(ReplayItem(render, target, unroll.policy_version, "bench")
+                             for render, target in zip(unroll.final_canvases, targets))
+                if learner.queue.depth >= cfg.learner.batch_size:
+                    learner.step(timeout=0)
+                while critic.step() is not None:
+                    pass
+            elapsed = time.perf_counter() - start
     finally:
         torch.set_num_threads(previous)
-    return {"frames_per_second": frames / elapsed, "learner_updates_per_second": updates / elapsed,
-            "discriminator_updates_per_second": critic_updates / elapsed}
+    return {"frames_per_second": frames / elapsed, "learner_updates_per_second": learner.updates / elapsed,
+            "discriminator_updates_per_second": critic.updates / elapsed}
 
 
 def system_actor_rate(config_path: Path, num_actors: int, seconds: float, warmup: float) -> dict[str, float]:
