@@ -59,9 +59,14 @@ def test_bad_member_is_exploited_and_the_controller_survives_a_restart(tmp_path:
         before = stub.Population(pbt_pb2.PopulationRequest(), timeout=10)
         lines_before = lineage_path.read_text()
         system.kill("pbt-controller", signal.SIGKILL)
+        channel.close()
         system.restart("pbt-controller")
+        # A fresh channel: the old one may still read READY from before the kill, so waiting on
+        # it could return at once and the call would race the restarted process's bind.
+        channel = make_channel(controller.spec.grpc_address, write_config_services(config))
+        stub = pbt_pb2_grpc.PBTControllerStub(channel)
         grpc.channel_ready_future(channel).result(timeout=60)
-        after = stub.Population(pbt_pb2.PopulationRequest(), timeout=10)
+        after = stub.Population(pbt_pb2.PopulationRequest(), timeout=30, wait_for_ready=True)
         assert lineage_path.read_text().startswith(lines_before)
         assert [m.member for m in after.members] == [m.member for m in before.members] == [0, 1]
         for old, new in zip(before.members, after.members):
