@@ -123,7 +123,8 @@ def evaluate(cfg: ExperimentConfig, copies: dict[float, Path], out: Path) -> dic
     save_png(picture, out / "reconstructions.png")
     run_dir = out / "run"
     if (run_dir / "learner.jsonl").exists():
-        plot_curves(run_dir / "learner.jsonl", ["reconstruction_l2", "mean_reward"], out / "curves.png")
+        plot_curves(run_dir / "learner.jsonl", ["reconstruction_l2", "mean_reward", "paint_fraction"],
+                    out / "curves.png")
     (out / "learning.json").write_text(json.dumps(results, indent=2))
     print(f"held-out {cfg.dataset.name} images: {len(holdout)}, {cfg.env.paint.backend} renderer; "
           f"mean L2 (lower is better), sampled / greedy actions")

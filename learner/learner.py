@@ -101,7 +101,12 @@ class PolicyLearner:
         restored = latest_checkpoint(self.checkpoint_dir)
         if restored is not None:
             self.version, state = restored
-            self.trainer.load_state_dict(state["trainer"])
+            try:
+                self.trainer.load_state_dict(state["trainer"])
+            except (RuntimeError, ValueError) as exc:  # torch names the missing / misshaped tensors
+                raise ValueError(f"the newest checkpoint in {self.checkpoint_dir} (version {self.version}) does not "
+                                 f"fit this experiment's policy: were the policy.* settings changed since the run "
+                                 f"wrote it? Start a new run directory or restore those settings. {exc}") from exc
             self.frames = int(state.get("frames", 0))
             self.updates = int(state.get("updates", 0))
             log.info("resumed policy learner from checkpoint version %d", self.version)

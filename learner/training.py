@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from spiral.config import ExperimentConfig
+from spiral.envs.spec import FLAG_PAINT
 from spiral.losses import baseline_loss, entropy_loss, policy_gradient_loss, vtrace
 from spiral.nets import observation_to_tensors
 from spiral.nets.discriminator import Discriminator
@@ -54,6 +55,9 @@ class PolicyUpdateStats:
         learning_rate, entropy_cost: The hyperparameters in force.
         mean_entropy: Mean per-step policy entropy (summed over kept heads).
         blank_fraction: Fraction of final renders that show nothing.
+        paint_fraction: Fraction of steps that paint (flag 1; NaN outside the painting
+            environment). An agent that learns to paint less on its way to a blank canvas shows
+            here first.
     """
 
     loss: float
@@ -70,6 +74,7 @@ class PolicyUpdateStats:
     entropy_cost: float
     mean_entropy: float = math.nan
     blank_fraction: float = math.nan
+    paint_fraction: float = math.nan
 
 
 def pooled(images: np.ndarray, factor: int) -> np.ndarray:
@@ -150,6 +155,8 @@ class PolicyTrainer:
         if penalty:
             rewards -= penalty * torch.from_numpy(starts).to(self.device)
         parts["stroke_starts"] = float(starts.sum(0).mean())
+        if self.cfg.env.kind == "paint":
+            parts["paint_fraction"] = float((unroll.actions[..., 0] == FLAG_PAINT).mean())
         return rewards, parts
 
     # -- the update ----------------------------------------------------------------------------
@@ -202,6 +209,7 @@ class PolicyTrainer:
             discriminator_version=float(discriminator_version), learning_rate=self._learning_rate,
             entropy_cost=self._entropy_cost, mean_entropy=float(out.entropy.detach().mean()),
             blank_fraction=float(parts.get("blank_fraction", math.nan)),
+            paint_fraction=float(parts.get("paint_fraction", math.nan)),
         )
 
     # -- checkpoints ---------------------------------------------------------------------------

@@ -171,6 +171,12 @@ class PolicyConfig:
     """Width of the Linear after the encoder and of the LSTM."""
     blind: bool = False
     """Paper ablation: the policy does not see the canvas."""
+    location_skip: bool = False
+    """Not in the paper: add a 1x1 conv of the encoder's 8x8 feature map to every location
+    head's logits (resampled to the head's grid), a U-Net-style shortcut around the LSTM. Where
+    to paint next then depends on where the target has ink without passing through the core
+    vector, which a small core (the CPU profile's 64) carries poorly. Zero-initialised, so an
+    untrained policy acts exactly as without it."""
 
     def validate(self, path: str) -> None:
         for name in ("conv_channels", "action_embed_dim", "core_dim"):

@@ -35,6 +35,7 @@ VARIANTS = {
     "tiny-blind": lambda: with_policy(tiny(), blind=True),
     "tiny-blind-unconditional": lambda: with_policy(tiny(conditional=False), blind=True),
     "tiny-color": lambda: tiny(paint={"use_color": True, "use_pressure": True}),
+    "tiny-location-skip": lambda: with_policy(tiny(), location_skip=True),
     "paper-paint": lambda: ExperimentConfig(),
     "scene": lambda: load_experiment("experiments/mujoco.yaml"),
 }
@@ -124,6 +125,30 @@ def test_paper_profile_location_heads_decode_the_full_grid() -> None:
     inputs = random_inputs(ExperimentConfig(), (2,))
     logits = policy.head_logits(inputs, policy.initial_state(2), random_actions(ExperimentConfig(), (2,)))
     assert [tuple(l.shape) for l in logits] == [(2, 2), (2, 32 * 32), (2, 32 * 32), (2, 3), (2, 10)]
+
+
+@pytest.mark.parametrize("grid_size", [4, 8, 16])
+def test_location_skip_starts_as_the_policy_without_it_then_reads_the_encoder_map(grid_size: int) -> None:
+    base = tiny(paint={"grid_size": grid_size})
+    plain = build_policy(with_policy(base, location_skip=False))
+    skip = build_policy(with_policy(base, location_skip=True))
+    missing, unexpected = skip.load_state_dict(plain.state_dict(), strict=False)
+    assert sorted(missing) == sorted(f"location_skips.{k}.{p}" for k in (1, 2) for p in ("weight", "bias"))
+    assert not unexpected
+    cfg = with_policy(base, location_skip=True)
+    inputs, actions = random_inputs(cfg, (3,)), random_actions(cfg, (3,))
+    with torch.no_grad():
+        before = plain.head_logits(inputs, plain.initial_state(3), actions)
+        same = skip.head_logits(inputs, skip.initial_state(3), actions)
+        for a, b in zip(before, same):
+            torch.testing.assert_close(a, b)  # zero-initialised: acts exactly as without it
+        for conv in skip.location_skips.values():
+            conv.weight.normal_()
+        changed = skip.head_logits(inputs, skip.initial_state(3), actions)
+    torch.testing.assert_close(changed[0], before[0])  # flag has no shortcut
+    for k in (1, 2):
+        assert changed[k].shape == (3, grid_size * grid_size)
+        assert not torch.allclose(changed[k], before[k])
 
 
 def test_move_steps_ignore_masked_heads() -> None:
@@ -259,7 +284,8 @@ def test_unroll_equals_forward_loop_from_a_nonzero_state() -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("variant", ["tiny-conditional", "tiny-blind-unconditional", "tiny-color", "scene"])
+@pytest.mark.parametrize("variant", ["tiny-conditional", "tiny-blind-unconditional", "tiny-color",
+                                     "tiny-location-skip", "scene"])
 def test_gradients_reach_every_parameter(variant: str) -> None:
     cfg = VARIANTS[variant]()
     policy = build_policy(cfg)

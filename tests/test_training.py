@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from discriminator.training import DiscriminatorTrainer, DiscriminatorUpdateStats
+from learner.learner import PolicyLearner
 from learner.training import PolicyTrainer, PolicyUpdateStats
 from actor.acting import EpisodeRunner
 from spiral.config import ExperimentConfig, experiment_path, load_experiment
@@ -109,6 +112,7 @@ def test_rewards_sit_at_the_last_step_with_stroke_penalties(cfg):
     np.testing.assert_allclose(rewards.numpy(), expected, atol=1e-6)
     assert parts["stroke_starts"] == pytest.approx(starts.sum(0).mean())
     stats = trainer.update(unroll, None)
+    assert stats.paint_fraction == pytest.approx(float((flags == 1).mean()))
     assert math.isnan(stats.discriminator_score)
     assert stats.mean_reward == pytest.approx(float(expected.sum(0).mean()), abs=1e-6)
 
@@ -278,3 +282,12 @@ def test_reconstruction_reward_improves_with_training(cfg):
         unroll = collect(cfg, policy, batch=16, seed=100 + iteration)
         l2.append(trainer.update(unroll, None).reconstruction_l2)
     assert np.mean(l2[-10:]) < 0.8 * np.mean(l2[:10]), l2
+
+
+def test_learner_refuses_a_checkpoint_of_another_policy_architecture(cfg, tmp_path):
+    PolicyLearner(cfg, Path(tmp_path)).checkpoint()
+    other = dataclasses.replace(cfg, policy=dataclasses.replace(cfg.policy, location_skip=not cfg.policy.location_skip))
+    expected = r"(?s)does not fit this experiment.s policy.*policy\.\* settings.*location_skips"
+    with pytest.raises(ValueError, match=expected):
+        PolicyLearner(other, Path(tmp_path))
+    assert PolicyLearner(cfg, Path(tmp_path)).version == 0  # the same settings resume

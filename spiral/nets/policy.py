@@ -18,6 +18,10 @@ The architecture follows DeepMind's released ``spiral/agents/default.py``:
    ``end``, colours know the location, and so on.
 4. **Value.** A Linear baseline on the core output.
 
+With ``policy.location_skip`` (not in DeepMind's agent) each location head also adds a 1x1
+conv of the encoder's 8x8 map, resampled to its grid, to its logits: a spatial shortcut that
+lets "paint where the target has ink" skip the LSTM's flat bottleneck.
+
 The sampled ``flag`` decides which heads matter (:meth:`ActionSpec.masks_for`): a move ignores
 size, pressure and colour. Every head is still sampled (the environment needs a full action
 row), but log-probabilities and entropies are summed only over the heads the mask keeps.
@@ -187,6 +191,15 @@ class SpiralPolicy(nn.Module):
             else:
                 heads.append(nn.Linear(config.core_dim, head.num_values))
         self.heads = nn.ModuleList(heads)
+        # Optional spatial shortcut: encoder map -> one logit per grid cell, per location head.
+        self.location_skips = nn.ModuleDict()
+        if config.location_skip:
+            for k, head in enumerate(spec.heads):
+                if head.spatial:
+                    skip = nn.Conv2d(ch, 1, 1)
+                    nn.init.zeros_(skip.weight)
+                    nn.init.zeros_(skip.bias)
+                    self.location_skips[str(k)] = skip
         # The last head's choice feeds nothing, so it has no embedding or residual MLP.
         self.action_embeds = nn.ModuleList(nn.Linear(self._encoding_width(k), config.action_embed_dim)
                                            for k in range(spec.num_heads - 1))
@@ -232,8 +245,8 @@ class SpiralPolicy(nn.Module):
         if self.conditional and inputs.target is None:
             raise ValueError("this policy is conditional: inputs.target (the image to reconstruct) is required")
 
-    def _torso(self, inputs: PolicyInputs) -> torch.Tensor:
-        """``[N, ...]`` inputs to ``[N, core_dim]`` features for the LSTM."""
+    def _torso(self, inputs: PolicyInputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[N, ...]`` inputs to ``[N, core_dim]`` features for the LSTM and the encoder's 8x8 map."""
         n = inputs.canvas.shape[0]
         spatial = [] if self.blind else [inputs.canvas]
         if self.conditional:
@@ -250,14 +263,24 @@ class SpiralPolicy(nn.Module):
         # full-resolution allocations saves page faults (most of the acting time on small N).
         h = h.add_(cond[:, :, None, None]).relu_()
         h = self.encoder(h)
-        return self.torso_out(h.flatten(1))
+        return self.torso_out(h.flatten(1)), h
 
-    def _heads(self, z: torch.Tensor, actions: torch.Tensor | None, generator: torch.Generator | None,
-               greedy: bool = False) -> tuple[list[torch.Tensor], torch.Tensor]:
+    def _skip_logits(self, k: int, encoded: torch.Tensor) -> torch.Tensor:
+        """Location head ``k``'s shortcut logits ``[N, G * G]`` from the encoder's 8x8 map."""
+        grid = self.spec.heads[k].grid_size
+        logits = self.location_skips[str(k)](encoded)
+        if grid > ENCODED_SIZE:
+            logits = F.interpolate(logits, size=(grid, grid), mode="nearest")
+        elif grid < ENCODED_SIZE:
+            logits = F.adaptive_avg_pool2d(logits, grid)
+        return logits.flatten(1)
+
+    def _heads(self, z: torch.Tensor, encoded: torch.Tensor, actions: torch.Tensor | None,
+               generator: torch.Generator | None, greedy: bool = False) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Run the heads in order; sample each (``actions`` None) or take the given value.
 
         With ``greedy`` each head takes its most likely value (given the values chosen before
-        it) instead of a sample.
+        it) instead of a sample. ``encoded`` is the torso's 8x8 map (read by location skips).
 
         Returns the per-head logits and the ``[N, K]`` actions.
         """
@@ -266,6 +289,8 @@ class SpiralPolicy(nn.Module):
         last = self.spec.num_heads - 1
         for k, head in enumerate(self.heads):
             logits = head(z)
+            if str(k) in self.location_skips:
+                logits = logits + self._skip_logits(k, encoded)
             logits_list.append(logits)
             if actions is None and greedy:
                 value = logits.argmax(dim=-1)
@@ -310,8 +335,9 @@ class SpiralPolicy(nn.Module):
         """Per-head logits ``[N, num_values_k]`` when the heads are conditioned on ``actions``."""
         self._check_inputs(inputs, leading=1)
         actions = self._check_actions(actions, inputs.canvas.shape[0])
-        core, _ = self._core_step(self._torso(inputs), state)
-        logits, _ = self._heads(core, actions, None)
+        features, encoded = self._torso(inputs)
+        core, _ = self._core_step(features, state)
+        logits, _ = self._heads(core, encoded, actions, None)
         return logits
 
     def _core_step(self, z: torch.Tensor, state: LSTMState) -> tuple[torch.Tensor, LSTMState]:
@@ -338,9 +364,10 @@ class SpiralPolicy(nn.Module):
         n = inputs.canvas.shape[0]
         if actions is not None:
             actions = self._check_actions(actions, n)
-        core, new_state = self._core_step(self._torso(inputs), state)
+        features, encoded = self._torso(inputs)
+        core, new_state = self._core_step(features, state)
         value = self.value_head(core).squeeze(-1)
-        logits, chosen = self._heads(core, actions, generator, greedy=greedy)
+        logits, chosen = self._heads(core, encoded, actions, generator, greedy=greedy)
         log_prob, entropy, mask = self._score(logits, chosen)
         return PolicyOutput(actions=chosen, log_prob=log_prob, entropy=entropy, value=value, mask=mask), new_state
 
@@ -355,12 +382,13 @@ class SpiralPolicy(nn.Module):
         if actions.shape != (t, b, self.spec.num_heads):
             raise ValueError(f"actions must be [{t}, {b}, {self.spec.num_heads}], got {tuple(actions.shape)}")
         flat_actions = self._check_actions(actions.reshape(t * b, -1), t * b)
-        features = self._torso(inputs.flatten_time()).view(t, b, -1)
+        features, encoded = self._torso(inputs.flatten_time())
+        features = features.view(t, b, -1)
         h, c = state
         core, _ = self.core(features, (h.unsqueeze(0), c.unsqueeze(0)))
         core = core.reshape(t * b, -1)
         value = self.value_head(core).squeeze(-1)
-        logits, _ = self._heads(core, flat_actions, None)
+        logits, _ = self._heads(core, encoded, flat_actions, None)
         log_prob, entropy, _ = self._score(logits, flat_actions)
         return UnrollOutput(log_prob=log_prob.view(t, b), entropy=entropy.view(t, b), value=value.view(t, b))
 
