@@ -151,12 +151,15 @@ class PolicyTrainer:
                                for c in unroll.canvases])  # [T+1, B]
             rewards += reward_cfg.l2_weight * torch.from_numpy(errors[:-1] - errors[1:]).to(self.device)
         penalty = reward_cfg.stroke_start_penalty
-        starts = stroke_starts(unroll.actions[..., 0]) if self.cfg.env.kind == "paint" else np.zeros((t, b), np.float32)
+        flags = unroll.actions[..., 0]
+        if self.cfg.env.kind == "paint":
+            starts = stroke_starts(flags)
+            parts["paint_fraction"] = float((flags == FLAG_PAINT).mean())
+        else:
+            starts = np.zeros((t, b), np.float32)
         if penalty:
             rewards -= penalty * torch.from_numpy(starts).to(self.device)
         parts["stroke_starts"] = float(starts.sum(0).mean())
-        if self.cfg.env.kind == "paint":
-            parts["paint_fraction"] = float((unroll.actions[..., 0] == FLAG_PAINT).mean())
         return rewards, parts
 
     # -- the update ----------------------------------------------------------------------------

@@ -8,6 +8,8 @@ exercise exactly what a user runs.
 from __future__ import annotations
 
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any, Callable
 
@@ -22,6 +24,15 @@ FAST_SYSTEM = {
     "actor": {"num_envs": 4, "parameter_refresh_seconds": 0.2},
 }
 """Overrides of the tiny experiment that make a system turn over quickly on 2 cores."""
+
+
+def http_get(url: str, timeout: float = 5.0) -> tuple[int, str]:
+    """``(HTTP status, body text)`` of a GET, error statuses included (e.g. ``/healthz``'s 503)."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 - loopback URL
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
 
 
 def write_config(directory: Path, overrides: dict[str, Any] | None = None, base: str = "tiny") -> Path:

@@ -7,21 +7,12 @@ state is set directly.
 from __future__ import annotations
 
 import time
-import urllib.error
-import urllib.request
 
 import pytest
 
 from spiral.metrics import serve_metrics
 from spiral.service_runtime import Watchdog
-
-
-def get(url: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as response:  # noqa: S310 - loopback URL
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as error:
-        return error.code, error.read().decode()
+from system_harness import http_get
 
 
 def test_healthz_answers_the_check_and_metrics_are_still_served() -> None:
@@ -29,10 +20,10 @@ def test_healthz_answers_the_check_and_metrics_are_still_served() -> None:
     server = serve_metrics(0, "127.0.0.1", health=lambda: (state["healthy"], f"healthy={state['healthy']}"))
     base = f"http://127.0.0.1:{server.server_port}"
     try:
-        assert get(f"{base}/healthz") == (200, "healthy=True\n")
+        assert http_get(f"{base}/healthz") == (200, "healthy=True\n")
         state["healthy"] = False
-        assert get(f"{base}/healthz") == (503, "healthy=False\n")
-        status, text = get(f"{base}/metrics")
+        assert http_get(f"{base}/healthz") == (503, "healthy=False\n")
+        status, text = http_get(f"{base}/metrics")
         assert status == 200 and "spiral_actor_env_steps_total" in text
     finally:
         server.shutdown()
@@ -42,7 +33,7 @@ def test_healthz_answers_the_check_and_metrics_are_still_served() -> None:
 def test_without_a_check_healthz_is_always_healthy() -> None:
     server = serve_metrics(0, "127.0.0.1")
     try:
-        assert get(f"http://127.0.0.1:{server.server_port}/healthz") == (200, "ok\n")
+        assert http_get(f"http://127.0.0.1:{server.server_port}/healthz") == (200, "ok\n")
     finally:
         server.shutdown()
         server.server_close()

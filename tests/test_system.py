@@ -9,26 +9,20 @@ from __future__ import annotations
 
 import json
 import signal
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from spiral.checkpoint import latest_checkpoint
-from system_harness import System, write_config
+from system_harness import System, http_get, write_config
 
 pytestmark = pytest.mark.slow
 
 
 def healthz(system: System, name: str) -> tuple[int, bool]:
     """An actor's ``/healthz``: HTTP status, and whether its text reports the episode loop."""
-    url = system.child(name).spec.metrics_url.rsplit("/", 1)[0] + "/healthz"
-    try:
-        with urllib.request.urlopen(url, timeout=5) as response:  # noqa: S310 - loopback URL
-            return response.status, "actor episode loop" in response.read().decode()
-    except urllib.error.HTTPError as error:
-        return error.code, "actor episode loop" in error.read().decode()
+    status, text = http_get(system.child(name).spec.metrics_url.rsplit("/", 1)[0] + "/healthz")
+    return status, "actor episode loop" in text
 
 
 def test_parameters_flow_and_services_survive_kills_and_restarts(tmp_path: Path) -> None:
