@@ -60,6 +60,7 @@ bench: deps
 	$(PYTHON) bench/learner_rpc.py
 	$(PYTHON) bench/policy_speed.py
 	$(PYTHON) bench/update_memory.py
+	$(PYTHON) bench/stroke_rewards.py
 
 bench-learning: deps
 	$(PYTHON) bench/learning.py --minutes 10 30 --actors 2 --out bench/results/learning

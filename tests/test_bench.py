@@ -75,3 +75,11 @@ def test_update_memory_bench_times_both_trainers_with_and_without_retained_memor
         for key in ("ms_default", "ms_retained", "speedup"):
             assert figures[f"{what}_{key}"] > 0, (what, key)
     assert figures["learner_frames_per_second_per_core_retained"] > 0
+
+
+def test_stroke_rewards_bench_pays_random_and_ink_strokes_at_every_pool() -> None:
+    figures = run_bench("bench/stroke_rewards.py", "--targets", "8")
+    for pool in (1, 2, 4, 8):
+        for policy in ("random", "ink"):
+            assert f"{policy}_paint_step_reward_pool{pool}" in figures, (policy, pool)
+    assert figures["random_final_l2_over_blank"] > 0 and figures["ink_final_l2_over_blank"] > 0
