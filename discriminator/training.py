@@ -1,14 +1,22 @@
-"""One discriminator update: WGAN-GP on real images vs the agent's renders, free of networking.
+"""One discriminator update on real images vs the agent's renders, free of networking.
 
 :class:`DiscriminatorTrainer` takes uint8 batches (real images, renders from the replay buffer
 and, in conditional runs, the targets the renders were made for) and performs one Adam step on
-``mean(D(fake)) - mean(D(real)) + gradient_penalty`` (see :mod:`spiral.losses.wgan_gp`).
+the critic's loss, by ``discriminator_learner.objective``:
 
-In conditional mode the critic judges pairs: a real pair is ``(real, real)`` (a target
-reconstructs itself perfectly) and a fake pair is ``(render, its target)``. The gradient
-penalty interpolates the images between the real and fake pairs and keeps the fake pairs'
-targets fixed; the discriminator learner passes ``real = fake_targets``, so both pairs share
-their targets and the interpolation is exact.
+* ``wgan-gp`` (SPIRAL): ``mean(D(fake)) - mean(D(real)) + gradient_penalty + level_penalty``
+  (:mod:`spiral.losses.wgan_gp`); the level penalty keeps D's mean over the half-real,
+  half-fake batch near 0, so the reward has a fixed level.
+* ``sngan`` (SPIRAL++): the non-saturating GAN loss of a spectrally normalised critic
+  (:mod:`spiral.losses.nonsaturating`).
+
+What the critic sees is decided by :func:`spiral.critic.critic_inputs`, the rule the policy
+learner scores with too. In conditional mode a real pair is ``(real, real)`` (a target
+reconstructs itself perfectly) and a fake pair is ``(render, its target)``; the gradient
+penalty interpolates the images and keeps the fake pairs' targets fixed (the discriminator
+learner passes ``real = fake_targets``, so both pairs share their targets). With the
+complement discriminator each sample draws a half: the fake is its target with that half
+replaced by the render, the real is the target itself.
 """
 
 from __future__ import annotations
@@ -20,7 +28,9 @@ import numpy as np
 import torch
 
 from spiral.config import ExperimentConfig
-from spiral.losses import critic_loss, gradient_penalty, wasserstein_estimate
+from spiral.critic import critic_inputs, random_halves
+from spiral.losses import (critic_loss, gradient_penalty, level_penalty, nonsaturating_critic_loss,
+                           wasserstein_estimate)
 from spiral.nets import images_to_tensor
 from spiral.nets.discriminator import Discriminator
 from spiral.rpc.training_state import check_training_state, export_training_state, import_training_state
@@ -31,10 +41,13 @@ class DiscriminatorUpdateStats:
     """What one critic update measured.
 
     Attributes:
-        loss: ``mean(D(fake)) - mean(D(real)) + gp``.
-        gp: The weighted gradient penalty.
-        d_real, d_fake: Mean critic scores of real and fake samples.
-        wasserstein: ``d_real - d_fake``, the critic's Wasserstein-distance estimate.
+        loss: The whole loss that was minimised.
+        gp: The weighted gradient penalty (``wgan-gp``; 0 for ``sngan``).
+        d_real, d_fake: Mean critic outputs on real and fake samples.
+        wasserstein: ``d_real - d_fake``, the critic's Wasserstein-distance estimate
+            (``wgan-gp``; for ``sngan`` the gap between the mean logits).
+        level: ``(d_real + d_fake) / 2``, the critic's mean over the half-real, half-fake batch.
+        level_penalty: The weighted penalty on ``level ** 2`` (``wgan-gp``; 0 for ``sngan``).
     """
 
     loss: float
@@ -42,6 +55,8 @@ class DiscriminatorUpdateStats:
     d_real: float
     d_fake: float
     wasserstein: float
+    level: float = 0.0
+    level_penalty: float = 0.0
 
 
 class DiscriminatorTrainer:
@@ -51,7 +66,7 @@ class DiscriminatorTrainer:
         cfg: The experiment.
         critic: The discriminator to train (moved to ``device``).
         device: Torch device.
-        seed: Seed of the gradient-penalty interpolation.
+        seed: Seed of the gradient-penalty interpolation and of the complement halves.
     """
 
     def __init__(self, cfg: ExperimentConfig, critic: Discriminator, device: str | torch.device = "cpu",
@@ -63,6 +78,7 @@ class DiscriminatorTrainer:
         self.optimizer = torch.optim.Adam(self.critic.parameters(), lr=dc.learning_rate,
                                           betas=(dc.adam_beta1, dc.adam_beta2))
         self.generator = torch.Generator().manual_seed(seed)
+        self.halves_rng = np.random.default_rng(seed)
 
     def _images(self, name: str, images: np.ndarray, like: tuple[int, ...] | None = None) -> torch.Tensor:
         images = np.asarray(images)
@@ -73,37 +89,50 @@ class DiscriminatorTrainer:
         return images_to_tensor(images).to(self.device)
 
     def update(self, real: np.ndarray, fake: np.ndarray, fake_targets: np.ndarray | None = None) -> DiscriminatorUpdateStats:
-        """One WGAN-GP step on uint8 ``[B, H, W, C]`` batches.
+        """One step of the critic's loss on uint8 ``[B, H, W, C]`` batches.
 
         Args:
             real: Real images.
             fake: Renders.
-            fake_targets: The renders' targets; required by (and only accepted by) a conditional critic.
+            fake_targets: The renders' targets; required by (and only accepted by) a conditional run.
         """
+        cfg = self.cfg
+        dc = cfg.discriminator_learner
+        shape = tuple(np.asarray(real).shape)
         real_t = self._images("real", real)
-        fake_t = self._images("fake", fake, like=tuple(np.asarray(real).shape))
+        fake_t = self._images("fake", fake, like=shape)
         self.critic.train()
-        if self.critic.conditional:
+        if cfg.env.conditional:
             if fake_targets is None:
                 raise ValueError("the critic is conditional: update() needs fake_targets (the renders' targets)")
-            targets_t = self._images("fake_targets", fake_targets, like=tuple(np.asarray(real).shape))
-            d_real = self.critic(real_t, real_t)
-            d_fake = self.critic(fake_t, targets_t)
+            targets_t = self._images("fake_targets", fake_targets, like=shape)
         else:
             if fake_targets is not None:
                 raise ValueError("the critic is unconditional: pass fake_targets=None")
             targets_t = None
-            d_real = self.critic(real_t)
-            d_fake = self.critic(fake_t)
-        gp = gradient_penalty(self.critic, real_t, fake_t, targets_t,
-                              weight=self.cfg.discriminator_learner.gradient_penalty, generator=self.generator)
-        loss = critic_loss(d_real, d_fake) + gp
+        halves = random_halves(self.halves_rng, shape[0]) if cfg.discriminator.complement else None
+        real_in = critic_inputs(cfg, real_t, real_t if targets_t is not None else None, halves)
+        fake_in = critic_inputs(cfg, fake_t, targets_t, halves)
+        d_real = self.critic(*real_in)
+        d_fake = self.critic(*fake_in)
+        zero = torch.zeros((), device=self.device)
+        if dc.objective == "sngan":
+            gp = level = zero
+            loss = nonsaturating_critic_loss(d_real, d_fake)
+        else:
+            gp = gradient_penalty(self.critic, real_in[0], fake_in[0], fake_in[1] if len(fake_in) == 2 else None,
+                                  weight=dc.gradient_penalty, generator=self.generator)
+            level = level_penalty(d_real, d_fake, dc.level_penalty) if dc.level_penalty else zero
+            loss = critic_loss(d_real, d_fake) + gp + level
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
+        d_real, d_fake = d_real.detach(), d_fake.detach()
         return DiscriminatorUpdateStats(loss=float(loss.detach()), gp=float(gp.detach()),
-                                        d_real=float(d_real.detach().mean()), d_fake=float(d_fake.detach().mean()),
-                                        wasserstein=float(wasserstein_estimate(d_real.detach(), d_fake.detach())))
+                                        d_real=float(d_real.mean()), d_fake=float(d_fake.mean()),
+                                        wasserstein=float(wasserstein_estimate(d_real, d_fake)),
+                                        level=float(0.5 * (d_real.mean() + d_fake.mean())),
+                                        level_penalty=float(level.detach()))
 
     def state_dict(self) -> dict[str, Any]:
         """Critic weights and optimiser state."""

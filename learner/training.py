@@ -3,10 +3,11 @@
 :class:`PolicyTrainer` turns a batch of finished episodes (:class:`~spiral.trajectory.Unroll`)
 into one optimiser step of SPIRAL's off-policy actor-critic (A2C with V-trace, as IMPALA):
 
-1. **Rewards.** The final render of each episode is scored once
-   (:func:`spiral.rewards.episode_rewards`: discriminator score, optional negative L2 to the
-   target, blank-canvas penalty); that reward sits at the last step ``T - 1`` and every other
-   step gets 0, minus ``stroke_start_penalty`` where a paint step starts a new stroke.
+1. **Rewards** (:meth:`PolicyTrainer.step_rewards`). The final render of each episode is
+   scored (:func:`spiral.rewards.episode_rewards`: the critic's score, optional negative L2 to
+   the target, blank-canvas penalty); that reward sits at the last step ``T - 1`` and every
+   other step gets 0, minus ``stroke_start_penalty`` where a paint step starts a new stroke.
+   With ``temporal_credit`` the critic's score is paid per step instead, as its change.
 2. **Re-evaluation.** The learner's policy scores the actors' actions from a fresh LSTM state
    (:meth:`SpiralPolicy.unroll`): log-probabilities, entropies and values, all ``[T, B]``.
 3. **V-trace.** With the behaviour log-probabilities the actors recorded, discount ``gamma``
@@ -34,7 +35,8 @@ from spiral.losses import baseline_loss, entropy_loss, policy_gradient_loss, vtr
 from spiral.nets import observation_to_tensors
 from spiral.nets.discriminator import Discriminator
 from spiral.nets.policy import SpiralPolicy
-from spiral.rewards import episode_rewards, reconstruction_l2, stroke_starts
+from spiral.critic import random_halves, reward_scores, score_images
+from spiral.rewards import RunningScoreNormalizer, episode_rewards, reconstruction_l2, stroke_starts
 from spiral.rpc.training_state import check_training_state, export_training_state, import_training_state
 from spiral.trajectory import Unroll
 
@@ -58,6 +60,11 @@ class PolicyUpdateStats:
         paint_fraction: Fraction of steps that paint (flag 1; NaN outside the painting
             environment). An agent that learns to paint less on its way to a blank canvas shows
             here first.
+        reward_critic, reward_l2, reward_blank, reward_stroke: Each reward term's mean
+            per-episode return; together they make ``mean_reward``.
+        discriminator_score_empty: Mean critic output on the empty canvases (temporal credit).
+        normalizer_mean, normalizer_std: The statistics the critic's scores were normalised with
+            (``normalize: running``; 0 and 1 otherwise).
     """
 
     loss: float
@@ -75,6 +82,18 @@ class PolicyUpdateStats:
     mean_entropy: float = math.nan
     blank_fraction: float = math.nan
     paint_fraction: float = math.nan
+    reward_critic: float = math.nan
+    reward_l2: float = math.nan
+    reward_blank: float = math.nan
+    reward_stroke: float = math.nan
+    discriminator_score_empty: float = math.nan
+    normalizer_mean: float = math.nan
+    normalizer_std: float = math.nan
+
+
+_REWARD_PARTS = ("reward_critic", "reward_l2", "reward_blank", "reward_stroke", "discriminator_score_empty",
+                 "normalizer_mean", "normalizer_std")
+"""Fields of :class:`PolicyUpdateStats` copied from :meth:`PolicyTrainer.step_rewards`'s parts."""
 
 
 def pooled(images: np.ndarray, factor: int) -> np.ndarray:
@@ -107,6 +126,12 @@ class PolicyTrainer:
         self._entropy_cost = float(lc.entropy_cost)
         self.optimizer = torch.optim.Adam(self.policy.parameters(), lr=self._learning_rate,
                                           betas=(lc.adam_beta1, lc.adam_beta2), eps=lc.adam_eps)
+        rc = lc.reward
+        self.normalizer = (RunningScoreNormalizer(rc.normalize_decay, rc.normalize_freeze_updates)
+                           if rc.normalize == "running" else None)
+        """The critic scores' running statistics (``learner.reward.normalize: running``), else None."""
+        self.halves_rng = np.random.default_rng(cfg.seed)
+        """Draws each episode's complement half (``discriminator.complement``)."""
 
     # -- hyperparameters -----------------------------------------------------------------------
 
@@ -133,15 +158,30 @@ class PolicyTrainer:
     def step_rewards(self, unroll: Unroll, critic: Discriminator | None) -> tuple[torch.Tensor, dict[str, float]]:
         """Per-step rewards ``[T, B]`` of an unroll and the reward's parts (batch means).
 
-        The episode reward sits at step ``T - 1``; the stroke-start penalty (painting only) is
-        paid at the step that starts the stroke.
+        * The critic's term: ``discriminator_weight * S(final)`` at step ``T - 1``, or with
+          ``temporal_credit`` ``discriminator_weight * (S(canvas t+1) - S(canvas t))`` at every
+          step t (canvas 0 is the empty canvas the episode started from). All scored canvases
+          go through the critic in one batched call; ``normalize: running`` rescales the scores
+          first.
+        * L2 and the blank penalty at step ``T - 1`` (:func:`spiral.rewards.episode_rewards`);
+          with ``l2_shaping`` the L2 term is paid per step as the (pooled) error drops.
+        * The stroke-start penalty (painting only) at the step that starts the stroke.
+
+        The parts hold the mean per-episode return of each term (``reward_critic``,
+        ``reward_l2``, ``reward_blank``, ``reward_stroke``), the critic's raw output on the
+        final and on the empty canvases (``discriminator_score``, ``discriminator_score_empty``)
+        and the normaliser's statistics.
         """
         t, b = unroll.num_steps, unroll.batch_size
-        final, parts = episode_rewards(unroll.final_canvases, unroll.targets, critic, self.cfg.learner.reward,
-                                       device=self.device, empty_canvases=unroll.canvases[0])
+        reward_cfg = self.cfg.learner.reward
+        final, parts = episode_rewards(unroll.final_canvases, unroll.targets, reward_cfg, device=self.device,
+                                       empty_canvases=unroll.canvases[0])
         rewards = torch.zeros(t, b, dtype=torch.float32, device=self.device)
         rewards[-1] = final
-        reward_cfg = self.cfg.learner.reward
+        if critic is not None:
+            critic_rewards = self._critic_rewards(unroll, critic, parts)
+            rewards += critic_rewards
+            parts["reward_critic"] = float(critic_rewards.sum(0).mean())
         if reward_cfg.l2_shaping and reward_cfg.l2_weight and unroll.targets is not None:
             # Potential-based shaping: trade the terminal -w*L2(final) for per-step drops in L2.
             final_errors = reconstruction_l2(unroll.canvases[-1], unroll.targets)
@@ -150,6 +190,7 @@ class PolicyTrainer:
             errors = np.stack([reconstruction_l2(pooled(c, reward_cfg.l2_pool), targets)
                                for c in unroll.canvases])  # [T+1, B]
             rewards += reward_cfg.l2_weight * torch.from_numpy(errors[:-1] - errors[1:]).to(self.device)
+            parts["reward_l2"] = float(reward_cfg.l2_weight * (errors[0] - errors[-1]).mean())
         penalty = reward_cfg.stroke_start_penalty
         flags = unroll.actions[..., 0]
         if self.cfg.env.kind == "paint":
@@ -160,7 +201,43 @@ class PolicyTrainer:
         if penalty:
             rewards -= penalty * torch.from_numpy(starts).to(self.device)
         parts["stroke_starts"] = float(starts.sum(0).mean())
+        parts["reward_stroke"] = float(-penalty * starts.sum(0).mean())
         return rewards, parts
+
+    def _critic_rewards(self, unroll: Unroll, critic: Discriminator, parts: dict[str, float]) -> torch.Tensor:
+        """The critic's term of :meth:`step_rewards`, ``[T, B]``; records its figures in ``parts``."""
+        t, b = unroll.num_steps, unroll.batch_size
+        reward_cfg = self.cfg.learner.reward
+        # Temporal credit scores every canvas (T + 1 per episode); otherwise the empty and the
+        # final ones (the empty canvas's score is logged: it shows where the critic's level is).
+        scored = unroll.canvases if reward_cfg.temporal_credit else unroll.canvases[[0, -1]]
+        k = len(scored)
+        targets = None
+        if unroll.targets is not None:
+            targets = np.broadcast_to(unroll.targets, scored.shape).reshape(k * b, *scored.shape[2:])
+        halves = None
+        if self.cfg.discriminator.complement:
+            halves = np.tile(random_halves(self.halves_rng, b), k)  # one half per episode, all its canvases
+        outputs = score_images(critic, self.cfg, scored.reshape(k * b, *scored.shape[2:]), targets, halves,
+                               self.device).reshape(k, b)
+        parts["discriminator_score"] = float(outputs[-1].mean())
+        parts["discriminator_score_empty"] = float(outputs[0].mean())
+        scores = reward_scores(outputs, self.cfg)
+        if reward_cfg.temporal_credit:
+            scores = self._normalized(scores, parts)
+            return reward_cfg.discriminator_weight * (scores[1:] - scores[:-1])
+        critic_rewards = torch.zeros(t, b, dtype=torch.float32, device=self.device)
+        critic_rewards[-1] = reward_cfg.discriminator_weight * self._normalized(scores[-1:], parts)[0]
+        return critic_rewards
+
+    def _normalized(self, scores: torch.Tensor, parts: dict[str, float]) -> torch.Tensor:
+        """``scores`` through the running normaliser (identity when ``normalize`` is ``none``)."""
+        if self.normalizer is None:
+            parts.update(normalizer_mean=0.0, normalizer_std=1.0)
+            return scores
+        scores = self.normalizer(scores)
+        parts.update(normalizer_mean=self.normalizer.mean, normalizer_std=self.normalizer.std)
+        return scores
 
     # -- the update ----------------------------------------------------------------------------
 
@@ -213,14 +290,18 @@ class PolicyTrainer:
             entropy_cost=self._entropy_cost, mean_entropy=float(out.entropy.detach().mean()),
             blank_fraction=float(parts.get("blank_fraction", math.nan)),
             paint_fraction=float(parts.get("paint_fraction", math.nan)),
+            **{name: float(parts.get(name, math.nan)) for name in _REWARD_PARTS},
         )
 
     # -- checkpoints ---------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
         """Policy weights, optimiser state and hyperparameters (a checkpoint or a PBT copy)."""
-        return {"policy": self.policy.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "hyperparameters": self.hyperparameters}
+        state = {"policy": self.policy.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "hyperparameters": self.hyperparameters}
+        if self.normalizer is not None:
+            state["reward_normalizer"] = self.normalizer.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned (tensors are copied onto this trainer's device)."""
@@ -230,6 +311,8 @@ class PolicyTrainer:
         self.policy.load_state_dict(state["policy"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.set_hyperparameters(**state["hyperparameters"])
+        if self.normalizer is not None and "reward_normalizer" in state:
+            self.normalizer.load_state_dict(state["reward_normalizer"])
 
     # -- population-based training copies ------------------------------------------------------
 

@@ -194,6 +194,11 @@ class DiscriminatorConfig:
     """Channels of the first conv; doubled at each stride-2 layer."""
     num_layers: int = 4
     """Stride-2 conv layers."""
+    complement: bool = False
+    """SPIRAL++'s complement discriminator (conditional runs): instead of judging the pair
+    (render, target), the critic sees one image, the target with a random half (left, right,
+    top or bottom) replaced by the render; the real example is the target itself. A render
+    passes only where it continues its target seamlessly."""
 
     def validate(self, path: str) -> None:
         _require(self.channels >= 1, f"{path}.channels", "must be >= 1")
@@ -227,11 +232,30 @@ class RewardConfig:
     """With ``l2_shaping``: measure the per-step error on images average-pooled by this factor,
     so a stroke next to the target's ink already earns part of the credit (a smoother reward
     for the location heads to climb). The reported reconstruction error stays full-resolution."""
+    temporal_credit: bool = False
+    """SPIRAL++'s temporal credit assignment: step t earns ``discriminator_weight *
+    (S(canvas after t) - S(canvas before t))``, with the empty canvas's score before the first
+    step, instead of one ``discriminator_weight * S(final)`` at the end. Every canvas of an
+    unroll is scored in one batched critic call. At ``learner.discount`` 1 the return is the
+    final score minus the empty canvas's (the same optimum); below 1 nearer strokes count more."""
+    normalize: Literal["none", "running"] = "none"
+    """``running``: the critic's reward score S is replaced by ``(S - mean) / std``, with mean and
+    variance exponential moving averages (``normalize_decay`` per update) over every canvas the
+    learner scores. The reward then has unit scale whatever level the critic drifts to."""
+    normalize_decay: float = 0.99
+    """Per-update decay of the running mean and variance (``normalize: running``)."""
+    normalize_freeze_updates: int = 0
+    """Freeze the running statistics after this many policy updates (0: never freeze), as
+    community ports do once the critic has settled, so the reward's scale stops moving."""
 
     def validate(self, path: str) -> None:
         for name in ("l2_weight", "stroke_start_penalty", "blank_penalty"):
             _require(getattr(self, name) >= 0, f"{path}.{name}", "must be >= 0")
         _require(self.l2_pool >= 1, f"{path}.l2_pool", "must be >= 1")
+        _require(self.normalize in ("none", "running"), f"{path}.normalize",
+                 f"must be none or running, got {self.normalize!r}")
+        _require(0.0 < self.normalize_decay < 1.0, f"{path}.normalize_decay", "must be in (0, 1)")
+        _require(self.normalize_freeze_updates >= 0, f"{path}.normalize_freeze_updates", "must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -277,20 +301,36 @@ class LearnerConfig:
 
 @dataclass(frozen=True)
 class DiscriminatorLearnerConfig:
-    """The discriminator learner: WGAN-GP on real images vs renders from the replay buffer."""
+    """The discriminator learner: a critic of real images vs renders from the replay buffer."""
 
+    objective: Literal["wgan-gp", "sngan"] = "wgan-gp"
+    """``wgan-gp`` (SPIRAL): a Wasserstein critic with a gradient penalty, whose reward score is
+    D itself. ``sngan`` (SPIRAL++): a spectrally normalised critic trained with the
+    non-saturating GAN loss, whose reward score is ``log sigmoid(D)``, the log-probability it
+    gives the render of being real."""
     batch_size: int = 64
+    """Renders (and as many real images) per update."""
     learning_rate: float = 1e-4
+    """Adam learning rate."""
     adam_beta1: float = 0.5
     adam_beta2: float = 0.999
     gradient_penalty: float = 10.0
-    """Weight of the WGAN-GP gradient penalty."""
+    """Weight of the WGAN-GP gradient penalty (``wgan-gp`` only)."""
+    level_penalty: float = 1.0
+    """``wgan-gp`` only: weight of ``(mean of the real and fake batch means of D)^2`` in the
+    critic's loss. WGAN-GP fixes D only up to an additive constant, so without this its level
+    (and the reward's) drifts; SPIRAL pins D's mean over the half-real, half-rendered mixture
+    near 0. 0 turns it off."""
     checkpoint_every_updates: int = 200
+    """Write an atomic checkpoint every this many updates (0: only on shutdown)."""
 
     def validate(self, path: str) -> None:
+        _require(self.objective in ("wgan-gp", "sngan"), f"{path}.objective",
+                 f"must be wgan-gp or sngan, got {self.objective!r}")
         _require(self.batch_size >= 1, f"{path}.batch_size", "must be >= 1")
         _require(self.learning_rate > 0, f"{path}.learning_rate", "must be > 0")
         _require(self.gradient_penalty >= 0, f"{path}.gradient_penalty", "must be >= 0")
+        _require(self.level_penalty >= 0, f"{path}.level_penalty", "must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -355,6 +395,22 @@ class PBTConfig:
     """Held-out images per reconstruction-fitness evaluation (at most ``dataset.holdout``)."""
     fitness_seed: int = 12345
     """Seed of every fitness evaluation, the same at each report so members compare fairly."""
+    shared_discriminator: bool = False
+    """SPIRAL++'s population discriminator: every member's learner scores its episodes with one
+    discriminator (member 0's), fed by one replay buffer (member 0's) into which every member's
+    actors insert their renders; members 1..K-1 run no discriminator or replay buffer of their
+    own. An exploit then copies the donor's policy, Adam state and hyperparameters only (there
+    is no per-member critic to copy), and with ``critic`` fitness all members are scored by the
+    same critic. A no-op with ``population_size`` 1 (one member has one discriminator anyway).
+    In Kubernetes, ``SPIRAL_SHARED_DISCRIMINATOR`` (or ``--shared-discriminator``) overrides it."""
+
+    def served_members(self, member: int) -> frozenset[int]:
+        """Members whose requests the discriminator and replay buffer of ``member`` accept:
+        the whole population ``0 .. population_size - 1`` when the discriminator is shared,
+        else ``member`` alone."""
+        if self.shared_discriminator and self.population_size > 1:
+            return frozenset(range(self.population_size)) | {int(member)}
+        return frozenset({int(member)})
 
     def fitness_kind(self, conditional: bool) -> str:
         """``reconstruction`` or ``critic``: what ``fitness`` means for this run."""
@@ -425,6 +481,8 @@ class ExperimentConfig:
                  "reconstruction fitness needs a conditional run (env.conditional: true)")
         _require(not self.pbt.reference_critic or self.pbt.fitness_kind(self.env.conditional) == "critic",
                  "pbt.reference_critic", "is only used with critic fitness")
+        _require(not self.discriminator.complement or self.env.conditional, "discriminator.complement",
+                 "the complement discriminator needs a conditional run (env.conditional: true)")
         return self
 
     @property

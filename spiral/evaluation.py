@@ -3,8 +3,8 @@
 The conditional agent's task is to paint a given target. Its quality is the mean squared
 error, in [0, 1] pixel units, between its final canvas and the target, averaged over a fixed
 held-out batch (``dataset.holdout`` images that training never samples). Two baselines put
-the number in context: a blank canvas (painting nothing) and an untrained policy (random
-strokes). The same figure, negated, is the default fitness of population-based training.
+the number in context: the empty canvas (painting nothing: white paper, or the empty floor of a
+MuJoCo scene) and an untrained policy (random strokes). The same figure, negated, is the default fitness of population-based training.
 """
 
 from __future__ import annotations
@@ -55,3 +55,16 @@ def reconstruct(cfg: ExperimentConfig, policy: SpiralPolicy, targets: np.ndarray
 def blank_l2(targets: np.ndarray) -> float:
     """Mean error of painting nothing (a white canvas) on ``targets``."""
     return float(reconstruction_l2(np.full_like(targets, 255), targets).mean())
+
+
+def empty_canvas_l2(cfg: ExperimentConfig, targets: np.ndarray, backend: str | None = None) -> float:
+    """Mean error of doing nothing on ``targets``: the environment's own empty canvas.
+
+    White paper for painting (the same as :func:`blank_l2`), the empty floor for MuJoCo scenes.
+    """
+    env = make_env(cfg, 1, seed=0, backend=backend)
+    try:
+        empty = env.reset(targets[:1] if cfg.env.conditional else None).canvas
+    finally:
+        env.close()
+    return float(reconstruction_l2(np.broadcast_to(empty, targets.shape).copy(), targets).mean())

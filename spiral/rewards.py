@@ -2,8 +2,12 @@
 
 The reward arrives once, at the end of an episode, from its final render (paper, section 3):
 
-* ``discriminator_weight * D(final)``: the critic's score of the render (or of the pair
-  ``(render, target)`` in conditional mode). This is the adversarial reward.
+* ``discriminator_weight * S(final)``: the critic's reward score of the render (or of the pair
+  ``(render, target)`` in conditional mode; :mod:`spiral.critic` says what the critic sees and
+  how its output becomes the score S). This is the adversarial reward. With
+  ``temporal_credit`` (SPIRAL++) it is paid per step instead, as the score's changes (see
+  :meth:`learner.training.PolicyTrainer.step_rewards`), and with ``normalize: running`` S is
+  first put to unit scale (:class:`RunningScoreNormalizer`).
 * ``- l2_weight * L2(final, target)``: conditional runs may add the negative mean squared
   error to the target, in [0, 1] pixel units (an optional, denser reconstruction signal).
 * ``- blank_penalty``: when the final canvas shows nothing visible (no pixel differs from the
@@ -80,52 +84,104 @@ def stroke_starts(flags: np.ndarray) -> np.ndarray:
     return (paint & ~previous).astype(np.float32)
 
 
-@torch.no_grad()
-def episode_rewards(final_canvases: np.ndarray, targets: np.ndarray | None, critic: torch.nn.Module | None,
-                    reward_cfg: RewardConfig, device: str | torch.device = "cpu",
+def episode_rewards(final_canvases: np.ndarray, targets: np.ndarray | None, reward_cfg: RewardConfig,
+                    critic_scores: torch.Tensor | None = None, device: str | torch.device = "cpu",
                     empty_canvases: np.ndarray | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """The end-of-episode reward of each render (see the module docstring).
 
     Args:
         final_canvases: uint8 ``[B, H, W, C]`` renders.
         targets: uint8 ``[B, H, W, C]`` targets (conditional runs), else None.
-        critic: The discriminator, or None (no adversarial term, e.g. before it is published).
         reward_cfg: The weights.
-        device: Where the critic runs and the rewards live.
+        critic_scores: ``[B]`` the critic's reward scores of the renders
+            (:func:`spiral.critic.reward_scores`), or None for no adversarial term (no critic
+            yet, or a run that pays the critic per step).
+        device: Where the rewards live.
         empty_canvases: Empty-scene renders for the blank test (None: white paper).
 
     Returns:
         ``(rewards [B] float32 on device, parts)`` where ``parts`` holds batch means:
-        ``discriminator_score`` (NaN without a critic), ``reconstruction_l2`` (NaN without
-        targets), ``blank_fraction`` and ``reward``.
+        ``discriminator_score`` (NaN without critic scores), ``reconstruction_l2`` (NaN
+        without targets), ``blank_fraction``, ``reward`` and each term's share of it
+        (``reward_critic``, ``reward_l2``, ``reward_blank``).
     """
     final_canvases = _check_images("final_canvases", final_canvases)
     batch = len(final_canvases)
     rewards = torch.zeros(batch, dtype=torch.float32, device=device)
-    parts: dict[str, float] = {"discriminator_score": math.nan, "reconstruction_l2": math.nan}
+    parts: dict[str, float] = {"discriminator_score": math.nan, "reconstruction_l2": math.nan,
+                               "reward_critic": 0.0, "reward_l2": 0.0}
 
-    if critic is not None:
-        from spiral.nets import images_to_tensor  # local: keeps this module free of the nets at import
-
-        images = images_to_tensor(final_canvases).to(device)
-        if getattr(critic, "conditional", False):
-            if targets is None:
-                raise ValueError("the critic is conditional: episode_rewards needs the episodes' targets")
-            scores = critic(images, images_to_tensor(_check_images("targets", targets)).to(device))
-        else:
-            scores = critic(images)
-        scores = scores.float().reshape(batch)
+    if critic_scores is not None:
+        scores = critic_scores.to(device=device, dtype=torch.float32).reshape(batch)
         rewards += reward_cfg.discriminator_weight * scores
         parts["discriminator_score"] = float(scores.mean())
+        parts["reward_critic"] = float(reward_cfg.discriminator_weight * scores.mean())
 
     if targets is not None:
         l2 = torch.from_numpy(reconstruction_l2(final_canvases, targets)).to(device)
         rewards -= reward_cfg.l2_weight * l2
         parts["reconstruction_l2"] = float(l2.mean())
+        parts["reward_l2"] = float(-reward_cfg.l2_weight * l2.mean())
 
     blank = torch.from_numpy(is_blank(final_canvases, empty_canvases)).to(device)
     if reward_cfg.blank_penalty:
         rewards -= reward_cfg.blank_penalty * blank.float()
     parts["blank_fraction"] = float(blank.float().mean())
+    parts["reward_blank"] = float(-reward_cfg.blank_penalty * blank.float().mean())
     parts["reward"] = float(rewards.mean())
     return rewards, parts
+
+
+class RunningScoreNormalizer:
+    """``normalize: running``: the critic's reward scores divided into unit scale by running statistics.
+
+    Each call takes one update's scores (every canvas the learner scored), folds their mean
+    and variance into exponential moving averages (weight ``1 - decay`` for the new batch; the
+    first batch initialises them) and returns ``(scores - mean) / std``. After
+    ``freeze_after`` updates (0: never) the statistics stop moving, so the reward's scale is
+    fixed from then on. The state is part of the policy learner's checkpoint.
+
+    Args:
+        decay: Per-update decay of the averages, in (0, 1).
+        freeze_after: Updates after which the statistics freeze (0: never).
+    """
+
+    MIN_STD = 1e-3
+    """Floor of the standard deviation: an untrained critic may score every canvas alike."""
+
+    def __init__(self, decay: float = 0.99, freeze_after: int = 0) -> None:
+        self.decay = float(decay)
+        self.freeze_after = int(freeze_after)
+        self.mean = 0.0
+        self.var = 1.0
+        self.updates = 0
+
+    @property
+    def frozen(self) -> bool:
+        """Whether the statistics have stopped moving."""
+        return bool(self.freeze_after) and self.updates >= self.freeze_after
+
+    @property
+    def std(self) -> float:
+        return max(math.sqrt(self.var), self.MIN_STD)
+
+    def __call__(self, scores: torch.Tensor) -> torch.Tensor:
+        """Update the statistics with ``scores`` (unless frozen) and return them normalised."""
+        if not self.frozen:
+            batch_mean = float(scores.mean())
+            batch_var = float(scores.var(unbiased=False)) if scores.numel() > 1 else 0.0
+            if self.updates == 0:
+                self.mean, self.var = batch_mean, batch_var
+            else:
+                new_mean = self.decay * self.mean + (1 - self.decay) * batch_mean
+                self.var = (self.decay * (self.var + (self.mean - new_mean) ** 2)
+                            + (1 - self.decay) * (batch_var + (batch_mean - new_mean) ** 2))
+                self.mean = new_mean
+            self.updates += 1
+        return (scores - self.mean) / self.std
+
+    def state_dict(self) -> dict[str, float]:
+        return {"mean": self.mean, "var": self.var, "updates": self.updates}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.mean, self.var, self.updates = float(state["mean"]), float(state["var"]), int(state["updates"])

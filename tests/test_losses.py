@@ -206,24 +206,26 @@ def test_episode_rewards_combine_l2_blank_and_critic():
     finals = targets.copy()
     finals[0] = 255  # blank canvas vs a perfect reconstruction
     cfg = RewardConfig(discriminator_weight=0.0, l2_weight=2.0, blank_penalty=0.5)
-    rewards, parts = episode_rewards(finals, targets, None, cfg)
+    rewards, parts = episode_rewards(finals, targets, cfg)
     l2 = reconstruction_l2(finals, targets)
     assert l2[0] > 0.01 and l2[1] == 0.0
     torch.testing.assert_close(rewards, torch.tensor([-2.0 * l2[0] - 0.5, 0.0]))
     assert parts["blank_fraction"] == 0.5 and math.isnan(parts["discriminator_score"])
     assert parts["reconstruction_l2"] == pytest.approx(l2.mean())
+    assert parts["reward_l2"] + parts["reward_blank"] + parts["reward_critic"] == pytest.approx(parts["reward"])
 
     critic = Discriminator(1, 16, conditional=True, channels=4, num_layers=2)
     cfg = RewardConfig(discriminator_weight=3.0, l2_weight=0.0)
-    rewards, parts = episode_rewards(finals, targets, critic, cfg)
     from spiral.nets import images_to_tensor
     with torch.no_grad():
-        expected = 3.0 * critic(images_to_tensor(finals), images_to_tensor(targets))
+        scores = critic(images_to_tensor(finals), images_to_tensor(targets))
+    rewards, parts = episode_rewards(finals, targets, cfg, critic_scores=scores)
+    expected = 3.0 * scores
     torch.testing.assert_close(rewards, expected)
     assert parts["discriminator_score"] == pytest.approx(float(expected.mean() / 3.0), rel=1e-5)
-    with pytest.raises(ValueError, match="targets"):
-        episode_rewards(finals, None, critic, cfg)
+    assert parts["reward_critic"] == pytest.approx(float(expected.mean()), rel=1e-5)
+    with pytest.raises(RuntimeError, match="shape"):
+        episode_rewards(finals, None, cfg, critic_scores=scores[:1])
 
-    unconditional = Discriminator(1, 16, conditional=False, channels=4, num_layers=2)
-    rewards, parts = episode_rewards(finals, None, unconditional, RewardConfig(l2_weight=1.0))
+    rewards, parts = episode_rewards(finals, None, RewardConfig(l2_weight=1.0), critic_scores=torch.zeros(2))
     assert rewards.shape == (2,) and math.isnan(parts["reconstruction_l2"])

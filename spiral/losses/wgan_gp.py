@@ -54,3 +54,15 @@ def gradient_penalty(critic: Critic, real: torch.Tensor, fake: torch.Tensor, tar
     (grads,) = torch.autograd.grad(scores.sum(), interpolates, create_graph=True)
     norms = grads.flatten(1).norm(2, dim=1)
     return weight * ((norms - 1.0) ** 2).mean()
+
+
+def level_penalty(d_real: torch.Tensor, d_fake: torch.Tensor, weight: float) -> torch.Tensor:
+    """``weight * ((mean(D(real)) + mean(D(fake))) / 2)^2``: pins the critic's level (SPIRAL).
+
+    The WGAN loss is unchanged when a constant is added to D, so nothing fixes the critic's
+    level and, with it, the reward's: it drifts with the optimiser. Penalising the square of
+    D's mean over the half-real, half-fake mixture keeps that mean near 0 and leaves the
+    difference ``D(real) - D(fake)``, what the critic learns, free.
+    """
+    level = 0.5 * (d_real.mean() + d_fake.mean())
+    return weight * level * level

@@ -30,9 +30,16 @@ def build_policy(cfg: ExperimentConfig) -> SpiralPolicy:
 
 
 def build_discriminator(cfg: ExperimentConfig) -> Discriminator:
-    """The critic for ``cfg`` (conditional experiments judge (render, target) pairs)."""
-    return Discriminator(cfg.image_channels, cfg.env.image_size, conditional=cfg.env.conditional,
-                         channels=cfg.discriminator.channels, num_layers=cfg.discriminator.num_layers)
+    """The critic for ``cfg``.
+
+    Conditional experiments judge (render, target) pairs, unless ``discriminator.complement``
+    mixes each pair into one image first (:mod:`spiral.critic`); ``discriminator_learner.objective``
+    ``sngan`` makes the critic spectrally normalised.
+    """
+    return Discriminator(cfg.image_channels, cfg.env.image_size,
+                         conditional=cfg.env.conditional and not cfg.discriminator.complement,
+                         channels=cfg.discriminator.channels, num_layers=cfg.discriminator.num_layers,
+                         spectral_norm=cfg.discriminator_learner.objective == "sngan")
 
 
 def images_to_tensor(images: np.ndarray) -> torch.Tensor:

@@ -8,6 +8,11 @@ couple the samples. Layer normalisation (per sample) may be switched on instead.
 In conditional mode the critic judges (image, target) pairs: the two are concatenated along
 channels, so it learns whether a render reconstructs *its* target, not merely whether it looks
 real. Images come in as floats in [0, 1] and are shifted to [-1, 1] inside.
+
+With ``spectral_norm`` (SPIRAL++), every conv and the final Linear are reparametrised by
+``torch.nn.utils.parametrizations.spectral_norm``: each weight is divided by its largest
+singular value (one power iteration per training forward), which bounds the critic's
+Lipschitz constant without a gradient penalty.
 """
 
 from __future__ import annotations
@@ -26,10 +31,11 @@ class Discriminator(nn.Module):
         channels: Channels of the first conv; doubled by each further layer.
         num_layers: Number of stride-2 conv layers.
         layer_norm: Add LayerNorm after every conv but the first.
+        spectral_norm: Spectrally normalise every conv and the score layer.
     """
 
     def __init__(self, image_channels: int, image_size: int, conditional: bool, channels: int = 64,
-                 num_layers: int = 4, layer_norm: bool = False) -> None:
+                 num_layers: int = 4, layer_norm: bool = False, spectral_norm: bool = False) -> None:
         super().__init__()
         final_size = image_size >> num_layers
         if final_size < 1 or image_size % (1 << num_layers):
@@ -38,19 +44,21 @@ class Discriminator(nn.Module):
         self.image_channels = image_channels
         self.image_size = image_size
         self.conditional = conditional
+        self.spectral_norm = spectral_norm
+        normalised = nn.utils.parametrizations.spectral_norm if spectral_norm else (lambda module: module)
         layers: list[nn.Module] = []
         width = image_channels * (2 if conditional else 1)
         size = image_size
         for i in range(num_layers):
             out = channels * (2 ** i)
             size //= 2
-            layers.append(nn.Conv2d(width, out, 4, stride=2, padding=1))
+            layers.append(normalised(nn.Conv2d(width, out, 4, stride=2, padding=1)))
             if layer_norm and i > 0:
                 layers.append(nn.LayerNorm([out, size, size]))
             layers.append(nn.LeakyReLU(0.2))
             width = out
         self.features = nn.Sequential(*layers)
-        self.score = nn.Linear(width * final_size * final_size, 1)
+        self.score = normalised(nn.Linear(width * final_size * final_size, 1))
 
     def _check(self, name: str, x: torch.Tensor) -> None:
         expected = (self.image_channels, self.image_size, self.image_size)
