@@ -6,7 +6,8 @@ and publishes the critic with version + 1 for the policy learner to score episod
 conditional mode the critic judges pairs: real pairs are (target, target), fake pairs are
 (render, target), so real images come from the targets the renders were made for.
 
-Checkpoints are atomic and the learner resumes from the newest one.
+Checkpoints are atomic and the learner resumes from the newest one. Every update's statistics
+also go to TensorBoard (:class:`spiral.tensorboard.TrainingBoard`, ``tensorboard/discriminator``).
 
 Population-based training copies a donor discriminator into this one
 (:meth:`DiscriminatorLearner.request_copy`): the donor's training state is stored and applied
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import Mapping, Protocol
 
 import numpy as np
+import torch
 
 from discriminator.training import DiscriminatorTrainer
 from spiral import metrics
@@ -35,6 +37,7 @@ from spiral.config import ExperimentConfig
 from spiral.nets import build_discriminator
 from spiral.nets.params import ParameterSnapshot, snapshot_of
 from spiral.sources import PublishedParameters
+from spiral.tensorboard import TrainingBoard
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +74,8 @@ class DiscriminatorLearner:
 
     Args:
         cfg: The experiment.
-        run_dir: Where checkpoints (``discriminator/``) and the log go.
+        run_dir: Where checkpoints (``discriminator/``), the log and TensorBoard event files
+            (``tensorboard/discriminator[-MEMBER]``) go.
         real_images: Training images (uint8 ``[N, H, W, C]``) for unconditional runs.
         renders: The replay buffer (or anything that samples renders).
         member: Population member index (metric label).
@@ -88,7 +92,9 @@ class DiscriminatorLearner:
         self.real_images = real_images
         self.renders = renders
         self.rng = np.random.default_rng(seed)
-        self.critic = build_discriminator(cfg).to(device)
+        with torch.random.fork_rng(devices=[]):  # the seed picks the initial weights
+            torch.manual_seed(seed)
+            self.critic = build_discriminator(cfg).to(device)
         self.trainer = DiscriminatorTrainer(cfg, self.critic, device=device)
         self.version = 0
         self.updates = 0
@@ -104,6 +110,7 @@ class DiscriminatorLearner:
         self.last_stats: dict[str, float] = {}
         self._pending_copy: PendingCopy | None = None
         self._pending_copy_lock = threading.Lock()
+        self.board = TrainingBoard(self.run_dir, "discriminator", member)
         metrics.DISCRIMINATOR_PARAMETER_VERSION.labels(self.member).set(self.version)
 
     def fetch(self, have_version: int) -> ParameterSnapshot | None:
@@ -189,11 +196,12 @@ class DiscriminatorLearner:
                 metrics.DISCRIMINATOR_SCORE.labels(m, kind).set(record[key])
         if "wasserstein" in record:
             metrics.DISCRIMINATOR_WASSERSTEIN.labels(m).set(record["wasserstein"])
-        for key in ("loss", "gp"):
+        for key in ("loss", "gp", "level_penalty"):
             if key in record:
                 metrics.DISCRIMINATOR_LOSS.labels(m, key).set(record[key])
         with open(self._log_path, "a") as handle:
             handle.write(json.dumps(json_safe({"time": time.time(), **record})) + "\n")
+        self.board.scalars(record, step=self.version)
         every = self.cfg.discriminator_learner.checkpoint_every_updates
         if every and self.version % every == 0:
             self.checkpoint()
@@ -202,9 +210,17 @@ class DiscriminatorLearner:
     def checkpoint(self) -> Path:
         return save_checkpoint(self.checkpoint_dir, self.version, {"trainer": self.trainer.state_dict()})
 
+    def close(self) -> None:
+        """Flush and close the TensorBoard event file."""
+        self.board.close()
+
     def run(self, stop: threading.Event, idle_sleep: float = 0.2) -> None:
-        """Update until ``stop`` is set (sleeping while the replay buffer is short), then checkpoint."""
-        while not stop.is_set():
-            if self.step() is None:
-                stop.wait(idle_sleep)
-        self.checkpoint()
+        """Update until ``stop`` is set (sleeping while the replay buffer is short), then checkpoint
+        and close TensorBoard."""
+        try:
+            while not stop.is_set():
+                if self.step() is None:
+                    stop.wait(idle_sleep)
+            self.checkpoint()
+        finally:
+            self.close()

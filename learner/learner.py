@@ -8,7 +8,8 @@ critic copy that scores episodes. Its loop:
 2. refresh the critic from the discriminator learner if a newer version exists;
 3. score the final canvases, compute V-trace and update (the critic version is recorded);
 4. publish the new parameters with version + 1;
-5. every few updates write an atomic checkpoint, a JSON-lines log row and a sample grid.
+5. write a JSON-lines log row and TensorBoard scalars (:class:`spiral.tensorboard.TrainingBoard`)
+   after every update, and every few updates an atomic checkpoint and a sample grid.
 
 ``submit`` is what the gRPC service (or an in-process actor) calls; it refuses unrolls whose
 policy is too far behind (``learner.max_policy_lag`` versions) with :class:`StaleUnroll`.
@@ -43,6 +44,7 @@ from spiral.envs.programs import program_from_actions, save_program, to_svg
 from spiral.nets import build_discriminator, build_policy
 from spiral.nets.params import ParameterSnapshot, load_snapshot, snapshot_of
 from spiral.sources import ParameterSource, PublishedParameters
+from spiral.tensorboard import TrainingBoard
 from spiral.trajectory import Unroll
 from spiral.visualize import pair_grid, save_png
 
@@ -68,7 +70,8 @@ class PolicyLearner:
 
     Args:
         cfg: The experiment.
-        run_dir: Where checkpoints (``learner/``), samples (``samples/``) and logs go.
+        run_dir: Where checkpoints (``learner/``), samples (``samples/``), logs and TensorBoard
+            event files (``tensorboard/learner[-MEMBER]``) go.
         member: Population member index (metric label).
         critic_source: Where discriminator parameters come from (None: reward without a critic).
         device: Torch device for updates.
@@ -82,7 +85,9 @@ class PolicyLearner:
         self.samples_dir = self.run_dir / "samples"
         self.member = str(member)
         self.device = device
-        self.policy = build_policy(cfg).to(device)
+        with torch.random.fork_rng(devices=[]):  # the experiment's seed picks the initial weights
+            torch.manual_seed(cfg.seed + member)
+            self.policy = build_policy(cfg).to(device)
         self.critic = build_discriminator(cfg).to(device).eval()
         self.critic_version = 0
         self.critic_source = critic_source
@@ -113,6 +118,9 @@ class PolicyLearner:
         self.published = PublishedParameters(self._snapshot())
         self.last_stats: dict[str, float] = {}
         self.last_final_canvases: np.ndarray | None = None
+        self.board = TrainingBoard(self.run_dir, "learner", member)
+        self._last_update_wall: float | None = None
+        """``time.monotonic()`` at the end of the previous update (frames/s between updates)."""
         metrics.LEARNER_PARAMETER_VERSION.labels(self.member).set(self.version)
 
     # -- what peers call ---------------------------------------------------------------------
@@ -205,8 +213,18 @@ class PolicyLearner:
         self.last_stats = record
         self.last_final_canvases = batch.final_canvases
         self._export_metrics(record, batch, elapsed)
+        self._write_board(record, batch)
         self._periodic(batch, record)
         return record
+
+    def _write_board(self, record: dict[str, float], batch: Unroll) -> None:
+        """TensorBoard scalars of one update, plus frames/s since the previous update."""
+        now = time.monotonic()
+        scalars = dict(record)
+        if self._last_update_wall is not None and now > self._last_update_wall:
+            scalars["frames_per_second"] = batch.num_steps * batch.batch_size / (now - self._last_update_wall)
+        self._last_update_wall = now
+        self.board.scalars(scalars, step=self.version)
 
     def _export_metrics(self, record: dict[str, float], batch: Unroll, elapsed: float) -> None:
         m = self.member
@@ -244,6 +262,7 @@ class PolicyLearner:
         stem = f"update-{self.version:08d}"
         path = save_png(grid, self.samples_dir / f"{stem}.png")
         save_png(grid, self.samples_dir / "latest.png")
+        self.board.image("samples/grid", grid, step=self.version)
         program = program_from_actions(self.cfg.env, batch.actions[:, 0], action_spec_for(self.cfg))
         for name in (stem, "latest"):
             save_program(program, self.samples_dir / f"{name}.json")
@@ -256,10 +275,17 @@ class PolicyLearner:
                                {"trainer": self.trainer.state_dict(), "frames": self.frames, "updates": self.updates,
                                 "critic_version": self.critic_version})
 
+    def close(self) -> None:
+        """Flush and close the TensorBoard event file."""
+        self.board.close()
+
     def run(self, stop: threading.Event) -> None:
-        """Update until ``stop`` is set, then write a last checkpoint."""
+        """Update until ``stop`` is set, then write a last checkpoint and close TensorBoard."""
         torch.set_num_threads(max(1, torch.get_num_threads()))
-        while not stop.is_set():
-            self.step(timeout=0.5)
-        self.checkpoint()
+        try:
+            while not stop.is_set():
+                self.step(timeout=0.5)
+            self.checkpoint()
+        finally:
+            self.close()
 

@@ -2,9 +2,9 @@
 
 Serves ``spiral.v1.PolicyLearner`` on ``--listen``, pulls discriminator parameters from
 ``services.discriminator_address`` to score episodes, trains on a background thread, writes
-checkpoints, samples and ``learner.jsonl`` under ``--run-dir/learner``-side folders, and on
-SIGTERM stops taking calls, finishes in-flight ones and writes a last checkpoint. A restarted
-learner resumes from its latest checkpoint.
+checkpoints, samples, ``learner.jsonl`` and TensorBoard event files (``tensorboard/``) under
+``--run-dir``, and on SIGTERM stops taking calls, finishes in-flight ones, writes a last
+checkpoint and closes the event file. A restarted learner resumes from its latest checkpoint.
 """
 
 from __future__ import annotations
@@ -79,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
         trainer.join(timeout=60)
 
     server.serve_until_signal(on_stopping=stopping, on_stopped=learner.checkpoint)
+    learner.close()  # flush the TensorBoard event file
     critic_source.close()
     if population is not None:
         population.close()
