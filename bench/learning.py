@@ -29,22 +29,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from learner.training import PolicyTrainer  # noqa: E402
-from spiral.checkpoint import list_checkpoints, load_checkpoint  # noqa: E402
+from spiral.checkpoint import list_checkpoints  # noqa: E402
 from spiral.config import ExperimentConfig, dump_experiment, experiment_path, load_experiment  # noqa: E402
 from spiral.data import for_experiment  # noqa: E402
-from spiral.evaluation import blank_l2, reconstruct  # noqa: E402
+from spiral.evaluation import empty_canvas_l2, reconstruct  # noqa: E402
 from spiral.nets import build_policy  # noqa: E402
-from spiral.nets.policy import SpiralPolicy  # noqa: E402
+from spiral.sampling import load_policy  # noqa: E402
 from spiral.visualize import image_grid, plot_curves, save_png  # noqa: E402
-
-
-def load_policy(cfg: ExperimentConfig, path: Path) -> tuple[SpiralPolicy, int]:
-    """The policy of a learner checkpoint file and its version."""
-    policy = build_policy(cfg)
-    version, state = load_checkpoint(path)
-    PolicyTrainer(cfg, policy).load_state_dict(state["trainer"])
-    return policy, version
 
 
 def main() -> None:
@@ -55,6 +46,7 @@ def main() -> None:
     parser.add_argument("--out", default="bench/results/learning")
     parser.add_argument("--backend", choices=["libmypaint", "fast"], default=None,
                         help="paint backend for training and evaluation (default: the experiment's)")
+    parser.add_argument("--seed", type=int, default=None, help="the experiment's seed (default: the file's)")
     parser.add_argument("--evaluate", nargs="+", metavar="MINUTES=CHECKPOINT",
                         help="only score these checkpoints (e.g. 10=policy-10min.pt), without training")
     args = parser.parse_args()
@@ -65,6 +57,9 @@ def main() -> None:
     if args.backend:
         cfg = dataclasses.replace(cfg, env=dataclasses.replace(
             cfg.env, paint=dataclasses.replace(cfg.env.paint, backend=args.backend)))
+    if args.seed is not None:
+        cfg = dataclasses.replace(cfg, seed=args.seed)
+    if args.backend or args.seed is not None:
         config_arg = str(out / "experiment.yaml")
         dump_experiment(cfg, config_arg)
     if args.evaluate:
@@ -105,7 +100,7 @@ def evaluate(cfg: ExperimentConfig, copies: dict[float, Path], out: Path) -> dic
     holdout = for_experiment(cfg).holdout
     results: dict[str, dict[str, float]] = {}
     rows = [holdout]
-    results["blank canvas"] = {"l2": blank_l2(holdout)}
+    results["blank canvas"] = {"l2": empty_canvas_l2(cfg, holdout)}
     torch.manual_seed(cfg.seed)  # the same untrained weights in every run
     untrained = build_policy(cfg)
     random_rec = reconstruct(cfg, untrained, holdout, seed=0)
@@ -123,10 +118,13 @@ def evaluate(cfg: ExperimentConfig, copies: dict[float, Path], out: Path) -> dic
     save_png(picture, out / "reconstructions.png")
     run_dir = out / "run"
     if (run_dir / "learner.jsonl").exists():
-        plot_curves(run_dir / "learner.jsonl", ["reconstruction_l2", "mean_reward", "paint_fraction"],
-                    out / "curves.png")
+        plot_curves(run_dir / "learner.jsonl", ["reconstruction_l2", "mean_reward", "reward_critic", "paint_fraction",
+                                                "grad_norm"], out / "curves.png")
+    if (run_dir / "discriminator.jsonl").exists():
+        plot_curves(run_dir / "discriminator.jsonl", ["d_real", "d_fake", "level", "gp"], out / "critic_curves.png")
     (out / "learning.json").write_text(json.dumps(results, indent=2))
-    print(f"held-out {cfg.dataset.name} images: {len(holdout)}, {cfg.env.paint.backend} renderer; "
+    renderer = cfg.env.paint.backend if cfg.env.kind == "paint" else "MuJoCo"
+    print(f"held-out {cfg.dataset.name} images: {len(holdout)}, {renderer} renderer; "
           f"mean L2 (lower is better), sampled / greedy actions")
     blank = results["blank canvas"]["l2"]
     for name, row in results.items():

@@ -15,6 +15,7 @@ from typing import Sequence
 
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "render": ("spiral.envs.render_cli", "re-execute a program JSON and write the canvas as PNG"),
+    "sample": ("spiral.sample_cli", "paint N episodes with a run's trained policy (canvases, grid, programs)"),
     "data": ("spiral.data.cli", "prepare and inspect datasets (spiral data prepare NAME)"),
     "actor": ("actor.main", "run an actor: environments + lagging policy, streams unrolls"),
     "learner": ("learner.main", "run the policy learner service"),

@@ -1,0 +1,92 @@
+"""``spiral sample``: paint N episodes with a trained agent and keep canvases, a grid and programs.
+
+Usage::
+
+    spiral sample RUN_DIR|CHECKPOINT --num N --out DIR [--targets FILE.npz] [--seed S]
+                  [--greedy] [--backend libmypaint|fast] [--config FILE.yaml]
+
+``RUN_DIR`` is a ``spiral up`` run directory (its newest ``learner/ckpt-*.pt``; a PBT member
+directory ``member-K`` works too) and ``CHECKPOINT`` one checkpoint file, whose config is read
+from ``<ckpt dir>/../config.yaml`` unless ``--config`` names one. Conditional runs paint the
+experiment's held-out images, or those of ``--targets`` (one uint8 ``[N, H, W, C]`` array),
+cycled when ``--num`` exceeds them; ``--num`` defaults to the number of targets (conditional)
+or 64 (unconditional). See :mod:`spiral.sampling` for what is written. Exit status: 0 on
+success, 2 for a missing run, config or checkpoint, a bad targets file or bad arguments, 1 when
+the outputs cannot be written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+UNCONDITIONAL_DEFAULT_NUM = 64
+"""Episodes painted by an unconditional run when ``--num`` is not given."""
+
+
+def register(parser: argparse.ArgumentParser) -> None:
+    """Add ``spiral sample``'s arguments."""
+    parser.add_argument("run", metavar="RUN_DIR|CHECKPOINT",
+                        help="a spiral up run directory (newest learner checkpoint) or a checkpoint file")
+    parser.add_argument("--num", type=int, default=None, metavar="N",
+                        help="episodes to paint (default: every target, or 64 for unconditional runs)")
+    parser.add_argument("--out", required=True, metavar="DIR", help="directory for canvases.npz, grid.png, programs/")
+    parser.add_argument("--targets", default=None, metavar="FILE.npz",
+                        help="conditional runs: paint these uint8 [N, H, W, C] images instead of the holdout")
+    parser.add_argument("--seed", type=int, default=0, help="seed of noise, environments and sampling (default: 0)")
+    parser.add_argument("--greedy", action="store_true", help="take each head's most likely action instead of sampling")
+    parser.add_argument("--backend", choices=("libmypaint", "fast"), default=None,
+                        help="paint renderer (default: the experiment's env.paint.backend)")
+    parser.add_argument("--config", default=None, metavar="FILE.yaml",
+                        help="experiment config (default: the run's config.yaml)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Sample the policy and write the outputs; returns the exit status."""
+    from spiral.sampling import (SampleError, check_targets, load_targets, policy_from_state, resolve_run,
+                                 sample_policy, with_backend, write_samples)
+
+    try:
+        resolved = resolve_run(args.run, args.config)
+        cfg = with_backend(resolved.cfg, args.backend)
+        targets = None
+        if args.targets is not None:
+            if not cfg.env.conditional:
+                raise SampleError(f"{args.targets}: --targets needs a conditional experiment "
+                                  f"({resolved.config_path} has env.conditional: false)")
+            targets = load_targets(args.targets, cfg)
+        elif cfg.env.conditional:
+            from spiral.data import for_experiment
+
+            try:
+                targets = check_targets(for_experiment(cfg).holdout, cfg,
+                                        source=f"dataset {cfg.dataset.name!r} holdout")
+            except (OSError, ImportError, ValueError) as exc:
+                raise SampleError(f"held-out targets of dataset {cfg.dataset.name!r}: {exc}") from exc
+        num = args.num if args.num is not None else (len(targets) if targets is not None else UNCONDITIONAL_DEFAULT_NUM)
+        try:
+            policy = policy_from_state(cfg, resolved.state)
+        except (KeyError, ValueError, RuntimeError) as exc:
+            raise SampleError(f"{resolved.checkpoint}: not a learner checkpoint of {resolved.config_path}: "
+                              f"{type(exc).__name__}: {exc}") from exc
+        result = sample_policy(cfg, policy, num, seed=args.seed, targets=targets, greedy=args.greedy)
+    except SampleError as exc:
+        return _fail(2, str(exc))
+    try:
+        outputs = write_samples(result, Path(args.out))
+    except OSError as exc:
+        return _fail(1, f"{args.out}: cannot write the samples: {exc}")
+    mode = "greedy" if args.greedy else "sampled"
+    renderer = result.cfg.env.paint.backend if result.cfg.env.kind == "paint" else "mujoco"
+    l2 = "" if result.mean_l2 is None else (
+        f", mean {'held-out' if args.targets is None else 'target'} L2 {result.mean_l2:.4f}")
+    print(f"painted {len(result)} episodes ({mode}, {renderer}) "
+          f"with policy version {resolved.version} from {resolved.checkpoint}{l2}; wrote {outputs.canvases}, "
+          f"{outputs.grid} and {len(result)} programs in {outputs.programs}/")
+    return 0
+
+
+def _fail(status: int, message: str) -> int:
+    print(f"spiral sample: error: {message}", file=sys.stderr)
+    return status

@@ -1,0 +1,335 @@
+"""Sampling a trained agent: paint N episodes with a checkpoint's policy, exactly as actors act.
+
+:func:`sample_policy` runs the actor's own episode loop (:class:`actor.acting.EpisodeRunner`)
+in chunks of at most ``chunk_size`` canvases, so a thousand episodes need no more memory than
+one chunk. Unconditional runs paint from fresh noise; conditional runs paint a pool of target
+images (by default the experiment's held-out ``dataset.holdout``), cycled when more episodes
+than targets are asked for: episode ``i`` paints target ``i % len(pool)``.
+
+:func:`write_samples` writes what ``spiral sample`` leaves behind: ``canvases.npz``, a grid
+PNG and one program JSON per episode (which ``spiral render`` re-executes; on libmypaint it
+reproduces the episode's canvas pixel for pixel).
+
+Loading weights: :func:`load_policy` reads a learner checkpoint (``{"trainer": ...}``, see
+``learner/learner.py``) into a fresh policy; :func:`resolve_run` finds a run's config and
+newest checkpoint. Service packages (``actor``, ``learner``) are imported lazily, inside the
+functions that need them, so importing this module pulls in neither.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from spiral.checkpoint import latest_checkpoint, load_checkpoint
+from spiral.config import ExperimentConfig, load_experiment
+from spiral.envs import action_spec_for, make_env
+from spiral.envs.programs import Program, program_from_actions, save_program
+from spiral.nets import build_policy
+from spiral.nets.policy import SpiralPolicy
+from spiral.rewards import reconstruction_l2
+from spiral.visualize import pair_grid, save_png
+
+DEFAULT_CHUNK_SIZE = 64
+"""Episodes run side by side in one batched environment."""
+GRID_EPISODES = 64
+"""Episodes shown in the grid PNG (the first ones); every episode is in ``canvases.npz``."""
+
+
+class SampleError(ValueError):
+    """Bad input to sampling: a missing run, config or checkpoint, or a malformed targets file."""
+
+
+@dataclass(frozen=True)
+class SampleResult:
+    """The finished episodes of :func:`sample_policy`.
+
+    Attributes:
+        cfg: The experiment the episodes ran in, with ``env.paint.backend`` set to the renderer
+            that painted them (so each program's default backend is that renderer).
+        canvases: Final canvases, uint8 ``[N, H, W, C]``.
+        actions: Every episode's actions, int64 ``[N, T, K]`` in action-spec head order.
+        targets: The target each episode painted, uint8 ``[N, H, W, C]``; None when unconditional.
+        l2: Per-episode reconstruction error ``[N]`` against ``targets``; None when unconditional.
+    """
+
+    cfg: ExperimentConfig
+    canvases: np.ndarray
+    actions: np.ndarray
+    targets: np.ndarray | None = None
+    l2: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.canvases)
+
+    @property
+    def mean_l2(self) -> float | None:
+        """Mean reconstruction error over the episodes (None for unconditional runs)."""
+        return None if self.l2 is None else float(self.l2.mean())
+
+    def program(self, index: int) -> Program:
+        """The program episode ``index`` executed."""
+        return program_from_actions(self.cfg.env, self.actions[index], action_spec_for(self.cfg))
+
+
+@dataclass(frozen=True)
+class SampleOutputs:
+    """Paths :func:`write_samples` wrote."""
+
+    canvases: Path
+    grid: Path
+    programs: Path
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading a run
+# ---------------------------------------------------------------------------------------------
+
+
+def policy_from_state(cfg: ExperimentConfig, state: dict[str, Any]) -> SpiralPolicy:
+    """A policy for ``cfg`` holding the weights of a learner checkpoint's ``state``.
+
+    Args:
+        cfg: The experiment the checkpoint was trained for (it decides the architecture).
+        state: A learner checkpoint's state: ``{"trainer": PolicyTrainer.state_dict(), ...}``.
+
+    Raises:
+        KeyError, ValueError, RuntimeError: the state is not a learner checkpoint of ``cfg``.
+    """
+    from learner.training import PolicyTrainer  # a service package: imported only when used
+
+    policy = build_policy(cfg)
+    PolicyTrainer(cfg, policy).load_state_dict(state["trainer"])
+    return policy
+
+
+def load_policy(cfg: ExperimentConfig, path: str | Path) -> tuple[SpiralPolicy, int]:
+    """The policy of a learner checkpoint file and its version.
+
+    Raises:
+        OSError, KeyError, RuntimeError, ValueError: the file is missing, not a checkpoint,
+            or not one of ``cfg``'s policy.
+    """
+    version, state = load_checkpoint(Path(path))
+    return policy_from_state(cfg, state), version
+
+
+@dataclass(frozen=True)
+class ResolvedRun:
+    """What ``spiral sample`` samples: an experiment and one of its learner checkpoints."""
+
+    cfg: ExperimentConfig
+    config_path: Path
+    version: int
+    state: dict[str, Any]
+    checkpoint: str
+    """Where the checkpoint came from: a file, or ``DIR (newest)`` for a run directory."""
+
+
+def resolve_run(path: str | Path, config: str | Path | None = None) -> ResolvedRun:
+    """Find the config and checkpoint a run directory or checkpoint file names.
+
+    Args:
+        path: A ``spiral up`` run directory (``config.yaml`` and ``learner/ckpt-*.pt``; the
+            newest loadable checkpoint is used), a PBT member directory (``member-K``, its
+            config one level up), or a checkpoint file (its config at ``<dir>/../config.yaml``).
+        config: An experiment YAML that overrides the one found next to the run.
+
+    Raises:
+        SampleError: no such path, no config, no loadable checkpoint.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise SampleError(f"{path}: no such run directory or checkpoint file")
+    if path.is_dir():
+        ckpt_dir = path / "learner"
+        if not ckpt_dir.is_dir():
+            members = sorted(p.name for p in path.glob("member-*") if p.is_dir())
+            hint = f" (a population run: sample one member, e.g. {path / members[0]})" if members else ""
+            raise SampleError(f"{path}: not a run directory, it has no learner/ checkpoints{hint}")
+        candidates = [path / "config.yaml", path.parent / "config.yaml"]
+    else:
+        ckpt_dir = None
+        candidates = [path.parent.parent / "config.yaml"]
+    config_path = Path(config) if config is not None else next((c for c in candidates if c.is_file()), candidates[0])
+    if not config_path.is_file():
+        raise SampleError(f"{config_path}: no experiment config (pass --config FILE.yaml)")
+    try:
+        cfg = load_experiment(config_path)
+    except (ValueError, OSError) as exc:  # ConfigError is a ValueError and names the file
+        raise SampleError(f"bad experiment config: {exc}") from exc
+    if ckpt_dir is not None:
+        latest = latest_checkpoint(ckpt_dir)
+        if latest is None:
+            raise SampleError(f"{ckpt_dir}: no checkpoint (ckpt-VERSION.pt) yet; has the learner run long enough?")
+        version, state = latest
+        where = f"{ckpt_dir} (newest)"
+    else:
+        try:
+            version, state = load_checkpoint(path)
+        except Exception as exc:  # noqa: BLE001 - torch raises many kinds for a file that is no checkpoint
+            raise SampleError(f"{path}: not a readable checkpoint: {exc}") from exc
+        where = str(path)
+    return ResolvedRun(cfg=cfg, config_path=config_path, version=version, state=state, checkpoint=where)
+
+
+def load_targets(path: str | Path, cfg: ExperimentConfig) -> np.ndarray:
+    """Target images from an ``.npz`` file, checked against the experiment.
+
+    The file holds one uint8 ``[N, H, W, C]`` array: under the key ``targets``, or as its only
+    array. ``H = W = env.image_size`` and ``C`` is the experiment's image channels.
+
+    Raises:
+        SampleError: the file is missing, not an npz, or its array has the wrong dtype or shape.
+    """
+    path = Path(path)
+    expected = f"uint8 [N, {cfg.env.image_size}, {cfg.env.image_size}, {cfg.image_channels}]"
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except FileNotFoundError as exc:
+        raise SampleError(f"{path}: no such targets file") from exc
+    except IsADirectoryError as exc:
+        raise SampleError(f"{path}: is a directory, not a targets .npz file") from exc
+    except (OSError, ValueError, EOFError) as exc:
+        raise SampleError(f"{path}: not an .npz file of {expected}: {exc}") from exc
+    if not isinstance(loaded, np.lib.npyio.NpzFile):
+        raise SampleError(f"{path}: not an .npz archive (expected an .npz holding {expected})")
+    with loaded as archive:
+        keys = list(archive.keys())
+        if "targets" in keys:
+            key = "targets"
+        elif len(keys) == 1:
+            key = keys[0]
+        else:
+            raise SampleError(f"{path}: expected a 'targets' array (or a single array) of {expected}, "
+                              f"found arrays {keys}")
+        try:
+            targets = archive[key]
+        except (OSError, ValueError, EOFError) as exc:
+            raise SampleError(f"{path}: array {key!r} is unreadable: {exc}") from exc
+    return check_targets(targets, cfg, source=str(path))
+
+
+def check_targets(targets: np.ndarray, cfg: ExperimentConfig, source: str = "targets") -> np.ndarray:
+    """``targets`` if they are uint8 ``[N >= 1, H, W, C]`` images of the experiment's size.
+
+    Raises:
+        SampleError: naming ``source`` and the expected shape.
+    """
+    size, channels = cfg.env.image_size, cfg.image_channels
+    expected = f"uint8 [N, {size}, {size}, {channels}]"
+    if targets.dtype != np.uint8:
+        raise SampleError(f"{source}: targets must be {expected}, got dtype {targets.dtype}")
+    if targets.ndim != 4 or tuple(targets.shape[1:]) != (size, size, channels):
+        raise SampleError(f"{source}: targets must be {expected}, got shape {list(targets.shape)}")
+    if len(targets) == 0:
+        raise SampleError(f"{source}: no target images (expected {expected} with N >= 1)")
+    return targets
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling
+# ---------------------------------------------------------------------------------------------
+
+
+def with_backend(cfg: ExperimentConfig, backend: str | None) -> ExperimentConfig:
+    """``cfg`` with its paint renderer set to ``backend`` (unchanged when None).
+
+    Raises:
+        SampleError: a backend for a MuJoCo experiment, or an unknown one.
+    """
+    if backend is None:
+        return cfg
+    if cfg.env.kind != "paint":
+        raise SampleError(f"backend {backend!r} is a paint renderer; {cfg.env.kind} experiments render with MuJoCo")
+    if backend not in ("libmypaint", "fast"):
+        raise SampleError(f"unknown paint backend {backend!r} (libmypaint, fast)")
+    paint = dataclasses.replace(cfg.env.paint, backend=backend)
+    return dataclasses.replace(cfg, env=dataclasses.replace(cfg.env, paint=paint))
+
+
+def sample_policy(cfg: ExperimentConfig, policy: SpiralPolicy, num: int, seed: int = 0,
+                  targets: np.ndarray | None = None, greedy: bool = False, backend: str | None = None,
+                  chunk_size: int = DEFAULT_CHUNK_SIZE) -> SampleResult:
+    """Paint ``num`` episodes with ``policy`` using the actor's episode loop.
+
+    Args:
+        cfg: The experiment the policy was trained for.
+        policy: The acting policy (CPU); it is put in eval mode.
+        num: Episodes to paint (>= 1).
+        seed: Seed of environments, noise and action sampling; the same seed paints the same
+            episodes.
+        targets: Conditional runs: the pool of target images (uint8 ``[M, H, W, C]``), cycled
+            so that episode ``i`` paints ``targets[i % M]``; default the experiment's held-out
+            images. Unconditional runs take None.
+        greedy: Each head takes its most likely value instead of a sample.
+        backend: Paint renderer override (``libmypaint`` or ``fast``); default the experiment's.
+        chunk_size: Episodes run side by side in one batched environment.
+
+    Raises:
+        SampleError: ``num`` < 1, targets for an unconditional run, malformed targets, or a
+            backend that does not apply.
+    """
+    if num < 1:
+        raise SampleError(f"--num must be >= 1, got {num}")
+    if chunk_size < 1:
+        raise SampleError(f"chunk_size must be >= 1, got {chunk_size}")
+    cfg = with_backend(cfg, backend)
+    episode_targets = None
+    if cfg.env.conditional:
+        if targets is None:
+            from spiral.data import for_experiment
+
+            targets = check_targets(for_experiment(cfg).holdout, cfg, source=f"dataset {cfg.dataset.name!r} holdout")
+        else:
+            targets = check_targets(np.asarray(targets), cfg)
+        episode_targets = targets[np.arange(num) % len(targets)]
+    elif targets is not None:
+        raise SampleError("targets given for an unconditional experiment (env.conditional: false)")
+
+    from actor.acting import EpisodeRunner  # the actor's own loop, so sampling acts exactly alike
+
+    canvases, actions = [], []
+    for index, start in enumerate(range(0, num, chunk_size)):
+        stop = min(start + chunk_size, num)
+        chunk_seed = int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
+        env = make_env(cfg, stop - start, seed=chunk_seed)
+        try:
+            runner = EpisodeRunner(cfg, env, policy, None, seed=chunk_seed, greedy=greedy)
+            unroll = runner.run_episode(None if episode_targets is None else episode_targets[start:stop])
+        finally:
+            env.close()
+        canvases.append(unroll.final_canvases)
+        actions.append(np.swapaxes(unroll.actions, 0, 1))  # [T, n, K] -> [n, T, K]
+    final = np.concatenate(canvases).astype(np.uint8, copy=False)
+    l2 = None if episode_targets is None else reconstruction_l2(final, episode_targets)
+    return SampleResult(cfg=cfg, canvases=final, actions=np.concatenate(actions).astype(np.int64),
+                        targets=episode_targets, l2=l2)
+
+
+def write_samples(result: SampleResult, out_dir: str | Path, grid_episodes: int = GRID_EPISODES) -> SampleOutputs:
+    """Write ``canvases.npz``, ``grid.png`` and ``programs/episode-NNNNN.json`` into ``out_dir``.
+
+    ``canvases.npz`` holds ``canvases`` (uint8 ``[N, H, W, C]``) and, for conditional runs,
+    ``targets`` (the same shape, episode by episode). The grid shows the first
+    ``grid_episodes`` episodes (target left of render in conditional runs).
+    """
+    out = Path(out_dir)
+    programs = out / "programs"
+    programs.mkdir(parents=True, exist_ok=True)
+    arrays = {"canvases": result.canvases}
+    if result.targets is not None:
+        arrays["targets"] = result.targets
+    canvases_path = out / "canvases.npz"
+    np.savez_compressed(canvases_path, **arrays)
+    shown = slice(0, grid_episodes)
+    targets = None if result.targets is None else result.targets[shown]
+    grid = pair_grid(result.canvases[shown], targets, columns=4 if targets is not None else 8)
+    grid_path = save_png(grid, out / "grid.png")
+    for index in range(len(result)):
+        save_program(result.program(index), programs / f"episode-{index:05d}.json")
+    return SampleOutputs(canvases=canvases_path, grid=grid_path, programs=programs)
