@@ -4,7 +4,8 @@ Real images come from the experiment's dataset (prepared into the local cache on
 fake ones from the replay buffer at ``services.replay_address``. Serves
 ``spiral.v1.DiscriminatorLearner`` on ``--listen``; trains on a background thread while the
 replay buffer can serve batches (and waits, retrying, while it cannot or is down); checkpoints
-under ``--run-dir/discriminator`` and resumes from the latest on start.
+under ``--run-dir/discriminator`` (TensorBoard event files under ``--run-dir/tensorboard``) and
+resumes from the latest on start.
 """
 
 from __future__ import annotations
@@ -34,10 +35,14 @@ def run(args: argparse.Namespace) -> int:
     cfg = opts.config
     start_process(opts)
     dataset = for_experiment(cfg)
-    sampler = RemoteRenderSampler(cfg.services.replay_address, cfg.services)
+    # Sample as this member: a member's replay buffer refuses another member's requests.
+    sampler = RemoteRenderSampler(cfg.services.replay_address, cfg.services, member=opts.member)
     learner = DiscriminatorLearner(cfg, opts.run_dir, dataset.images, sampler, member=opts.member,
                                    device=args.device, seed=cfg.seed + 1000 * opts.member)
-    servicer = DiscriminatorLearnerServicer(learner, member=opts.member)
+    serves = cfg.pbt.served_members(opts.member)
+    servicer = DiscriminatorLearnerServicer(learner, member=opts.member, serves=serves)
+    if len(serves) > 1:
+        log.info("population discriminator: scoring for members %s", sorted(serves))
     server = build_server([servicer.binding()], opts.listen, cfg.services)
     server.start()
     log.info("discriminator serving on %s at version %d (%d real images of %s)", server.address,
@@ -72,6 +77,7 @@ def run(args: argparse.Namespace) -> int:
         trainer.join(timeout=60)
 
     server.serve_until_signal(on_stopping=stopping, on_stopped=learner.checkpoint)
+    learner.close()  # flush the TensorBoard event file
     sampler.close()
     log.info("discriminator stopped at version %d (checkpoint written)", learner.version)
     return 0

@@ -19,17 +19,23 @@ Population-based training:
   Errors: wrong ``member``, empty ``donor_address`` or a negative ``donor_member`` are
   ``INVALID_ARGUMENT``; a donor that cannot be reached (down, too slow) is ``UNAVAILABLE``;
   a donor that refuses, or whose state does not fit this critic, is ``FAILED_PRECONDITION``.
+
+A population discriminator (``pbt.shared_discriminator``: member 0's discriminator scores
+every member's episodes) answers ``GetParameters`` for every member of the population
+(``serves``) and still refuses members outside it. ``GetTrainingState`` stays its own member's.
+It never copies a donor: ``LoadFrom`` is ``FAILED_PRECONDITION`` (``shared``), since replacing
+the one critic would change every member's reward, not only the exploiting member's.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Iterator
+from typing import Collection, Iterator
 
 import grpc
 
 from discriminator.learner import DiscriminatorLearner
-from spiral.rpc.errors import InvalidMessage, PreconditionFailed, rejects_bad_messages
+from spiral.rpc.errors import InvalidMessage, PreconditionFailed, describe_members, rejects_bad_messages
 from spiral.rpc.peers import PeerError, PeerRejected, PeerUnavailable
 from spiral.rpc.publish import ParameterPublisher
 from spiral.rpc.server import ServiceBinding
@@ -50,13 +56,17 @@ class DiscriminatorLearnerServicer(discriminator_pb2_grpc.DiscriminatorLearnerSe
         donor_timeout: Deadline of fetching a donor's training state in ``LoadFrom``, seconds
             (also bounded by the caller's own deadline).
         copy_wait_seconds: How long ``LoadFrom`` waits for the copy to be applied (0: reply at once).
+        serves: Members whose ``GetParameters`` it answers (default: ``member`` alone; a shared
+            discriminator: the whole population, :meth:`spiral.config.PBTConfig.served_members`).
     """
 
     def __init__(self, learner: DiscriminatorLearner, member: int = 0, *, donor_timeout: float = 30.0,
-                 copy_wait_seconds: float = 30.0) -> None:
+                 copy_wait_seconds: float = 30.0, serves: Collection[int] | None = None) -> None:
         self.learner = learner
         self.member = member
-        self.publisher = ParameterPublisher(learner.published.latest, member)
+        self.serves = frozenset(serves) if serves is not None else frozenset({member})
+        self.shared = self.serves != {member}
+        self.publisher = ParameterPublisher(learner.published.latest, member, serves=self.serves)
         self.donor_timeout = float(donor_timeout)
         self.copy_wait_seconds = float(copy_wait_seconds)
         # Count optimiser steps from now on (before the training thread starts), for GetTrainingState.
@@ -85,6 +95,10 @@ class DiscriminatorLearnerServicer(discriminator_pb2_grpc.DiscriminatorLearnerSe
     @rejects_bad_messages(SERVICE)
     def LoadFrom(self, request: discriminator_pb2.LoadFromRequest,
                  context: grpc.ServicerContext) -> discriminator_pb2.LoadFromReply:
+        if self.shared:
+            raise PreconditionFailed("shared", f"this discriminator is shared by members "
+                                               f"{describe_members(self.serves)} and copies no donor "
+                                               f"(an exploit copies the policy only)")
         if request.member != self.member:
             raise InvalidMessage("wrong_member", f"member: this discriminator serves member {self.member}, "
                                                  f"the request is for member {request.member}")

@@ -11,7 +11,10 @@ The controller answers with a :class:`~spiral.v1.pbt_pb2.Directive`:
   discriminator to copy the donor's discriminator (``LoadFrom``), and queues the copy with the
   explored hyperparameters; :class:`~learner.learner.PolicyLearner` applies it before its
   next update (never in the middle of one) and raises its parameter version, so its actors
-  pick the copied weights up.
+  pick the copied weights up. With a population discriminator (``pbt.shared_discriminator``:
+  every member scores with member 0's critic) there is no discriminator of the member's own,
+  so the copy is skipped and logged (:func:`discriminator_copy_skipped`); the controller's
+  lineage line says ``"discriminator": "shared"``.
 
 Fitness (higher is better; ``pbt.fitness``, ``auto`` by default):
 
@@ -132,6 +135,21 @@ def fitness_for(cfg: ExperimentConfig, holdout: np.ndarray | None) -> Callable[[
     return critic_fitness
 
 
+def discriminator_copy_skipped(cfg: ExperimentConfig, directive: pbt_pb2.Directive) -> str | None:
+    """Why an exploit must not ask this member's discriminator to copy the donor's (None: copy it).
+
+    Skipped with a population discriminator (``pbt.shared_discriminator``: one critic serves
+    every member, and copying into it would change every member's reward), and whenever the
+    donor's discriminator is this member's own (the same address: a copy into itself).
+    """
+    if cfg.pbt.shared_discriminator and cfg.pbt.population_size > 1:
+        return "the population shares one discriminator"
+    if directive.donor_discriminator_address and \
+            directive.donor_discriminator_address == cfg.services.discriminator_address:
+        return f"the donor's discriminator is this member's own ({directive.donor_discriminator_address})"
+    return None
+
+
 class PopulationMember:
     """Connects one :class:`PolicyLearner` to the PBT controller (called from its training loop)."""
 
@@ -151,6 +169,7 @@ class PopulationMember:
         self._failed_donor: int | None = None
         self.exploits = 0
         self.failed_exploits = 0
+        self.discriminator_copies_skipped = 0
         self.last_fitness = math.nan
 
     def close(self) -> None:
@@ -196,13 +215,19 @@ class PopulationMember:
             self.failed_exploits += 1
             self._next_report = self.learner.updates  # say so at once, not M updates later
             return
-        try:
-            self.discriminator.LoadFrom(discriminator_pb2.LoadFromRequest(
-                donor_address=directive.donor_discriminator_address, donor_member=directive.donor_member,
-                member=self.member), timeout=60)
-        except grpc.RpcError as error:
-            log.warning("own discriminator could not copy member %d's: %s %s", directive.donor_member,
-                        error.code().name, error.details())
+        skipped = discriminator_copy_skipped(self.learner.cfg, directive)
+        if skipped is not None:
+            self.discriminator_copies_skipped += 1
+            log.info("exploit of member %d: not copying a discriminator (%s); policy, Adam state and "
+                     "hyperparameters only", directive.donor_member, skipped)
+        else:
+            try:
+                self.discriminator.LoadFrom(discriminator_pb2.LoadFromRequest(
+                    donor_address=directive.donor_discriminator_address, donor_member=directive.donor_member,
+                    member=self.member), timeout=60)
+            except grpc.RpcError as error:
+                log.warning("own discriminator could not copy member %d's: %s %s", directive.donor_member,
+                            error.code().name, error.details())
         self.learner.request_exploit(ExploitRequest(training_state=dict(donor.tensors),
                                                     hyperparameters=hyperparameters))
         self.exploits += 1

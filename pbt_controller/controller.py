@@ -25,6 +25,12 @@ Actors (:meth:`Controller.assign`):
   actors including it, otherwise it moves to the member with the fewest actors (ties: lowest
   index). So new actors fill the emptiest members, and when actors leave (``kubectl scale``)
   the survivors move over on their next heartbeat until the spread is within one.
+
+Population discriminator (``pbt.shared_discriminator``, :attr:`Controller.shared_discriminator`):
+  the members share one discriminator, so an exploit copies the donor's policy, Adam state and
+  hyperparameters only. Its ``exploit`` lineage line says so (``"discriminator": "shared"``,
+  absent otherwise), the directive names no donor discriminator, and the log line says
+  "policy only".
 """
 
 from __future__ import annotations
@@ -100,6 +106,8 @@ class Controller:
             raise ValueError(f"actor_timeout must be > 0, got {actor_timeout}")
         self.cfg = pbt_cfg
         self.population_size = population_size
+        self.shared_discriminator = bool(pbt_cfg.shared_discriminator) and population_size > 1
+        """Whether the members share one discriminator (so an exploit copies none)."""
         self.store = store
         self.discovery = discovery
         self.actor_timeout = float(actor_timeout)
@@ -195,9 +203,11 @@ class Controller:
                 donor_version = donor.policy_version
                 common = {"time": now, "member": member, "donor": donor.member, "fitness": record.fitness,
                           "donor_fitness": donor.fitness, "donor_version": donor_version, "updates": updates}
-                self.store.append_lineage({**common, "event": "exploit",
-                                           "hyperparameters_before": dict(record.hyperparameters),
-                                           "hyperparameters_after": dict(decided.donor_hyperparameters)})
+                exploit = {**common, "event": "exploit", "hyperparameters_before": dict(record.hyperparameters),
+                           "hyperparameters_after": dict(decided.donor_hyperparameters)}
+                if self.shared_discriminator:
+                    exploit["discriminator"] = "shared"  # one critic for all: nothing to copy
+                self.store.append_lineage(exploit)
                 self.store.append_lineage({**common, "event": "explore",
                                            "hyperparameters_before": dict(decided.donor_hyperparameters),
                                            "hyperparameters_after": dict(decided.hyperparameters)})
@@ -206,7 +216,8 @@ class Controller:
                 record.exploits += 1
                 metrics.PBT_EXPLOITS_TOTAL.labels(str(member)).inc()
                 metrics.PBT_EXPLORES_TOTAL.labels(str(member)).inc()
-                log.info("member %d exploits member %d: %s; hyperparameters %s", member, donor.member,
+                log.info("member %d exploits member %d%s: %s; hyperparameters %s", member, donor.member,
+                         " (policy only: the discriminator is shared)" if self.shared_discriminator else "",
                          decided.reason, _fmt(decided.hyperparameters))
             self.store.append_report({"time": now, "member": member, "updates": updates,
                                       "policy_version": policy_version, "fitness": record.fitness,

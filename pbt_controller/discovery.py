@@ -17,6 +17,11 @@ donor lives. Two sources:
 
 :func:`make_discovery` picks Kubernetes when running in a cluster (and no file was given) and
 falls back to the static file elsewhere.
+
+With a population discriminator (``pbt.shared_discriminator``) every member's
+``discriminator_address`` and ``replay_address`` are member 0's: Kubernetes discovery then
+names ordinal 0 of the discriminator and replay-buffer StatefulSets for every member, and
+``spiral up`` writes the shared addresses into its members file.
 """
 
 from __future__ import annotations
@@ -177,11 +182,12 @@ class PodInfo:
 
 def members_from_pods(pods: Iterable[PodInfo], namespace: str, learner: StatefulSetRef = DEFAULT_LEARNER,
                       discriminator: StatefulSetRef = DEFAULT_DISCRIMINATOR,
-                      replay: StatefulSetRef = DEFAULT_REPLAY) -> dict[int, MemberAddresses]:
+                      replay: StatefulSetRef = DEFAULT_REPLAY, shared: bool = False) -> dict[int, MemberAddresses]:
     """Members from the learner pods: member = ordinal; addresses from the headless Services.
 
     Pods that are not Running, are being deleted, or whose name has no ordinal are skipped.
-    The discriminator and replay buffer of member ``i`` are ordinal ``i`` of their StatefulSets.
+    The discriminator and replay buffer of member ``i`` are ordinal ``i`` of their StatefulSets,
+    or ordinal 0 for every member when ``shared`` (a population discriminator).
     """
     found: dict[int, MemberAddresses] = {}
     for pod in pods:
@@ -193,12 +199,13 @@ def members_from_pods(pods: Iterable[PodInfo], namespace: str, learner: Stateful
             log.warning("skipping learner pod %s: no StatefulSet ordinal in its name", pod.name)
             continue
         service = pod.subdomain or set_name
+        peer = 0 if shared else ordinal
         found[ordinal] = MemberAddresses(
             member=ordinal,
             learner_address=headless_address(pod.name, service, namespace, learner.port),
-            discriminator_address=headless_address(f"{discriminator.name}-{ordinal}", discriminator.name, namespace,
+            discriminator_address=headless_address(f"{discriminator.name}-{peer}", discriminator.name, namespace,
                                                    discriminator.port),
-            replay_address=headless_address(f"{replay.name}-{ordinal}", replay.name, namespace, replay.port),
+            replay_address=headless_address(f"{replay.name}-{peer}", replay.name, namespace, replay.port),
         )
     return found
 
@@ -212,18 +219,20 @@ class KubernetesDiscovery:
     """Members from the Kubernetes API, refreshed at most every ``refresh_seconds``.
 
     Needs RBAC to list pods in its namespace (``deploy/components/pbt-controller/rbac.yaml``).
-    When a refresh fails the last known members are kept (and the error logged).
+    When a refresh fails the last known members are kept (and the error logged). ``shared``: a
+    population discriminator, every member's discriminator and replay buffer are ordinal 0's.
     """
 
     def __init__(self, namespace: str | None = None, selector: str = "app.kubernetes.io/component=learner",
                  refresh_seconds: float = 10.0, list_pods: Callable[[str, str], list[PodInfo]] | None = None,
                  learner: StatefulSetRef = DEFAULT_LEARNER, discriminator: StatefulSetRef = DEFAULT_DISCRIMINATOR,
-                 replay: StatefulSetRef = DEFAULT_REPLAY) -> None:
+                 replay: StatefulSetRef = DEFAULT_REPLAY, shared: bool = False) -> None:
         self.namespace = namespace or NAMESPACE_FILE.read_text().strip()
         self.selector = selector
         self.refresh_seconds = refresh_seconds
         self._list_pods = list_pods or _kubernetes_pod_lister()
         self._refs = (learner, discriminator, replay)
+        self.shared = bool(shared)
         self._lock = threading.Lock()
         self._known: dict[int, MemberAddresses] = {}
         self._refreshed = -float("inf")
@@ -235,7 +244,7 @@ class KubernetesDiscovery:
                 self._refreshed = now
                 try:
                     pods = self._list_pods(self.namespace, self.selector)
-                    self._known = members_from_pods(pods, self.namespace, *self._refs)
+                    self._known = members_from_pods(pods, self.namespace, *self._refs, shared=self.shared)
                 except Exception as exc:  # noqa: BLE001 - API trouble must not take the controller down
                     log.warning("listing pods %r in %s failed (%s); keeping %d known members",
                                 self.selector, self.namespace, exc, len(self._known))
@@ -258,18 +267,20 @@ def _kubernetes_pod_lister() -> Callable[[str, str], list[PodInfo]]:
     return list_pods
 
 
-def predicted_members(population_size: int, namespace: str) -> dict[int, MemberAddresses]:
+def predicted_members(population_size: int, namespace: str, shared: bool = False) -> dict[int, MemberAddresses]:
     """The addresses members 0..K-1 have by spiral's StatefulSet convention (no API call)."""
     pods = [PodInfo(name=f"{DEFAULT_LEARNER.name}-{i}", subdomain=DEFAULT_LEARNER.name) for i in range(population_size)]
-    return members_from_pods(pods, namespace)
+    return members_from_pods(pods, namespace, shared=shared)
 
 
-def make_discovery(members_file: str | Path | None, population_size: int = 0) -> Discovery:
+def make_discovery(members_file: str | Path | None, population_size: int = 0, shared: bool = False) -> Discovery:
     """The static file when given; else Kubernetes when in a cluster; else no members.
 
     In a cluster whose API cannot be used (no RBAC, client missing), the members are the
     ``population_size`` StatefulSet ordinals at their predictable headless-Service addresses
-    (:func:`predicted_members`), so actors can still be assigned.
+    (:func:`predicted_members`), so actors can still be assigned. ``shared``: a population
+    discriminator (``pbt.shared_discriminator``); a members file is used as written, with a
+    warning when it names more than one discriminator or replay buffer.
 
     Raises:
         ValueError: the members file is unreadable or invalid.
@@ -277,16 +288,22 @@ def make_discovery(members_file: str | Path | None, population_size: int = 0) ->
     if members_file:
         known = load_members_file(members_file)
         log.info("members from %s: %s", members_file, sorted(known))
+        if shared:
+            for field_name in ("discriminator_address", "replay_address"):
+                distinct = sorted({getattr(m, field_name) for m in known.values()})
+                if len(distinct) > 1:
+                    log.warning("pbt.shared_discriminator is on but %s names %d %ss (%s); members use them as "
+                                "written", members_file, len(distinct), field_name, ", ".join(distinct))
         return StaticDiscovery(known)
     if in_cluster():
         try:
-            discovery = KubernetesDiscovery()
+            discovery = KubernetesDiscovery(shared=shared)
             log.info("discovering members from Kubernetes (namespace %s, selector %s)", discovery.namespace,
                      discovery.selector)
             return discovery
         except Exception as exc:  # noqa: BLE001 - degrade to static addresses rather than crash-loop
             if population_size > 0 and NAMESPACE_FILE.exists():
-                known = predicted_members(population_size, NAMESPACE_FILE.read_text().strip())
+                known = predicted_members(population_size, NAMESPACE_FILE.read_text().strip(), shared=shared)
                 log.warning("Kubernetes discovery unavailable (%s); assuming the %d StatefulSet members at %s",
                             exc, population_size, [m.learner_address for m in known.values()])
                 return StaticDiscovery(known)

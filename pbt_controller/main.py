@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     start_process(opts, member_in_log=False)
     population = args.population if args.population is not None else cfg.pbt.population_size
     try:
-        discovery = make_discovery(args.members, population)
+        discovery = make_discovery(args.members, population, shared=cfg.pbt.shared_discriminator)
         initial = {int(k): {n: float(v) for n, v in hp.items()}
                    for k, hp in json.loads(args.initial_hyperparameters or "{}").items()}
         controller = Controller(cfg.pbt, population, StateStore(opts.run_dir / "pbt"), discovery,
@@ -73,6 +73,9 @@ def run(args: argparse.Namespace) -> int:
     server.start()
     log.info("PBT controller serving on %s: %d members (%s), state in %s", server.address, population,
              "restored" if controller.restored else "new", controller.store.directory)
+    if cfg.pbt.shared_discriminator and population > 1:
+        log.info("population discriminator: the members share one discriminator and replay buffer; exploits "
+                 "copy the policy only")
 
     stop = threading.Event()
 

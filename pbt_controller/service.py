@@ -13,7 +13,9 @@ What a learner does with a :class:`Directive` (``Report`` answer):
 * ``CONTINUE``: nothing else;
 * ``EXPLOIT``: between two updates, copy member ``donor_member``'s policy weights, optimizer
   state and discriminator weights (at least version ``donor_version``), keep its own update
-  counter, and bump its own parameter version so its actors fetch the copied weights.
+  counter, and bump its own parameter version so its actors fetch the copied weights. With a
+  population discriminator (``pbt.shared_discriminator``) the directive leaves
+  ``donor_discriminator_address`` empty and the learner copies no discriminator.
 """
 
 from __future__ import annotations
@@ -52,7 +54,8 @@ class PBTControllerServicer(pbt_pb2_grpc.PBTControllerServicer):
             donor = self.controller.discovery.members().get(decided.donor)
             if donor is not None:
                 directive.donor_learner_address = donor.learner_address
-                directive.donor_discriminator_address = donor.discriminator_address
+                if not self.controller.shared_discriminator:
+                    directive.donor_discriminator_address = donor.discriminator_address
         return directive
 
     @rejects_bad_messages(SERVICE)

@@ -60,9 +60,12 @@ def run(args: argparse.Namespace) -> int:
         except (OSError, ValueError) as exc:
             log.warning("could not restore %s (%s); starting empty", checkpoint, exc)
 
+    serves = cfg.pbt.served_members(opts.member)
     servicer = ReplayBufferServicer(table, image_shape, cfg.env.conditional, member=opts.member,
                                     max_wait_seconds=args.max_wait_seconds,
-                                    max_batch_size=max(cfg.replay.capacity, 1024))
+                                    max_batch_size=max(cfg.replay.capacity, 1024), serves=serves)
+    if len(serves) > 1:
+        log.info("population replay buffer: taking the renders of members %s", sorted(serves))
     try:
         server = build_server([servicer.binding()], opts.listen, cfg.services)
     except BindError as exc:

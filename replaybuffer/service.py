@@ -14,20 +14,25 @@
   broken peer.
 * ``Info``: size, capacity, counters and limits.
 
+With ``pbt.shared_discriminator`` member 0's buffer is the population's: it takes every
+member's renders (``serves``: members ``0 .. K-1``) into one table and serves the one shared
+discriminator; a member outside the population is still refused (FAILED_PRECONDITION).
+
 The ``spiral_replay_*`` gauges and counters are updated on every insert and sample.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Iterable
+from typing import Collection, Iterable
 
 import grpc
 import numpy as np
 
 from replaybuffer.table import RateLimited, ReplayItem, ReplayTable, TableClosed
 from spiral import metrics
-from spiral.rpc.errors import RATE_LIMITED_PREFIX, InvalidMessage, PreconditionFailed, rejects_bad_messages
+from spiral.rpc.errors import (RATE_LIMITED_PREFIX, InvalidMessage, PreconditionFailed, describe_members,
+                               rejects_bad_messages)
 from spiral.rpc.messages import ImageShape, RenderBatch, decode_insert_request, encode_sample_response
 from spiral.rpc.server import ServiceBinding
 from spiral.v1 import replay_pb2, replay_pb2_grpc
@@ -49,14 +54,18 @@ class ReplayBufferServicer(replay_pb2_grpc.ReplayBufferServicer):
         member: Population member served (requests for another are refused).
         max_wait_seconds: Longest a Sample call waits for the rate limiter.
         max_batch_size: Largest batch one Sample (or one InsertRequest) may ask for or carry.
+        serves: Members whose requests are accepted (default: ``member`` alone; a shared buffer:
+            the whole population, :meth:`spiral.config.PBTConfig.served_members`).
     """
 
     def __init__(self, table: ReplayTable, image_shape: ImageShape, conditional: bool, member: int = 0,
-                 max_wait_seconds: float = 5.0, max_batch_size: int = 4096) -> None:
+                 max_wait_seconds: float = 5.0, max_batch_size: int = 4096,
+                 serves: Collection[int] | None = None) -> None:
         self.table = table
         self.image_shape = tuple(int(d) for d in image_shape)
         self.conditional = bool(conditional)
         self.member = int(member)
+        self.serves = frozenset(int(m) for m in serves) if serves is not None else frozenset({self.member})
         self.max_wait_seconds = float(max_wait_seconds)
         self.max_batch_size = int(max_batch_size)
         self._label = str(self.member)
@@ -64,9 +73,13 @@ class ReplayBufferServicer(replay_pb2_grpc.ReplayBufferServicer):
         metrics.REPLAY_SIZE.labels(self._label).set(len(table))
 
     def _check_member(self, member: int) -> None:
-        if member != self.member:
+        if member in self.serves:
+            return
+        if self.serves == {self.member}:
             raise PreconditionFailed("wrong_member", f"member: this replay buffer serves member {self.member}, "
                                                      f"the request is for member {member}")
+        raise PreconditionFailed("wrong_member", f"member: this replay buffer is shared by members "
+                                                 f"{describe_members(self.serves)}, the request is for member {member}")
 
     @rejects_bad_messages(SERVICE)
     def Insert(self, request_iterator: Iterable[replay_pb2.InsertRequest],

@@ -19,7 +19,13 @@ flag                        environment variable            meaning
 ``--discriminator-address`` ``SPIRAL_DISCRIMINATOR_ADDRESS`` overrides ``services.discriminator_address``
 ``--replay-address``        ``SPIRAL_REPLAY_ADDRESS``       overrides ``services.replay_address``
 ``--pbt-address``           ``SPIRAL_PBT_ADDRESS``          overrides ``services.pbt_address``
+``--shared-discriminator``  ``SPIRAL_SHARED_DISCRIMINATOR`` overrides ``pbt.shared_discriminator``
 =========================== =============================== =======================================
+
+``SPIRAL_SHARED_DISCRIMINATOR`` is ``true``/``false`` (also ``1``/``0``, ``yes``/``no``); on the
+command line ``--shared-discriminator`` / ``--no-shared-discriminator``. It lets a Kubernetes
+component switch a population to one shared discriminator and replay buffer
+(``deploy/components/population-discriminator``) while the experiment file stays a verbatim copy.
 
 A peer address may contain ``{member}``, replaced by the member index: in Kubernetes, replica
 *i* of each member StatefulSet finds its own member's services as
@@ -55,6 +61,7 @@ ENV_VARS = {
     "discriminator_address": "SPIRAL_DISCRIMINATOR_ADDRESS",
     "replay_address": "SPIRAL_REPLAY_ADDRESS",
     "pbt_address": "SPIRAL_PBT_ADDRESS",
+    "shared_discriminator": "SPIRAL_SHARED_DISCRIMINATOR",
 }
 """Option name -> environment variable read when the flag is absent."""
 
@@ -88,6 +95,9 @@ def add_service_arguments(parser: argparse.ArgumentParser) -> None:
     for peer in ("learner", "discriminator", "replay", "pbt"):
         parser.add_argument(f"--{peer}-address", help=f"address of the {peer} service "
                             f"[{ENV_VARS[peer + '_address']}]")
+    parser.add_argument("--shared-discriminator", action=argparse.BooleanOptionalAction, default=None,
+                        help="population: one discriminator and replay buffer (member 0's) serve every member "
+                             "(overrides pbt.shared_discriminator) [SPIRAL_SHARED_DISCRIMINATOR]")
 
 
 def _pick(args: argparse.Namespace, name: str) -> str | None:
@@ -95,6 +105,26 @@ def _pick(args: argparse.Namespace, name: str) -> str | None:
     if value is None:
         value = os.environ.get(ENV_VARS[name])
     return None if value is None or value == "" else str(value)
+
+
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
+def parse_switch(raw: str | None, what: str) -> bool | None:
+    """``true``/``false`` (``1``/``0``, ``yes``/``no``, ``on``/``off``, any case); None when unset.
+
+    Raises:
+        SystemExit: naming ``what`` when ``raw`` is none of those.
+    """
+    if raw is None:
+        return None
+    value = raw.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise SystemExit(f"{what} must be true or false, got {raw!r}")
 
 
 def resolve_service_options(role: str, args: argparse.Namespace) -> ServiceOptions:
@@ -114,6 +144,10 @@ def resolve_service_options(role: str, args: argparse.Namespace) -> ServiceOptio
     overrides = {k: v for k, v in overrides.items() if v}
     if overrides:
         config = dataclasses.replace(config, services=dataclasses.replace(config.services, **overrides))
+    shared = parse_switch(_pick(args, "shared_discriminator"), f"spiral {role}: {ENV_VARS['shared_discriminator']} "
+                                                               "/ --shared-discriminator")
+    if shared is not None and shared != config.pbt.shared_discriminator:
+        config = dataclasses.replace(config, pbt=dataclasses.replace(config.pbt, shared_discriminator=shared))
 
     def integer(name: str, default: int) -> int:
         raw = _pick(args, name)

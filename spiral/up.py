@@ -6,7 +6,8 @@ the PBT controller) as separate ``spiral ROLE`` processes bound to 127.0.0.1 on 
 exactly as they run in Kubernetes, and supervises them:
 
 * everything a run produces lands under ``runs/NAME/``: the resolved ``config.yaml``, one log
-  per process in ``logs/``, checkpoints and sample grids written by the services, and
+  per process in ``logs/``, checkpoints, sample grids and TensorBoard event files
+  (``tensorboard/``, printed as a ``tensorboard --logdir`` line at start) written by the services, and
   ``cluster.json`` listing each process (role, member, pid, gRPC address, metrics URL, log) so
   other tools (tests, Prometheus, dashboards) can find the services;
 * a live one-line status, scraped from the services' own Prometheus endpoints: environment
@@ -16,6 +17,11 @@ exactly as they run in Kubernetes, and supervises them:
   resumes from its checkpoint and the actors reconnect);
 * Ctrl-C, SIGTERM or ``--duration SECONDS`` stop every process cleanly: actors first, then
   the learners and the replay buffer, each with SIGTERM and a grace period before SIGKILL.
+
+With ``--shared-discriminator`` (or ``pbt.shared_discriminator``) a population runs SPIRAL++'s
+population discriminator: one replay buffer and one discriminator, member 0's, serve every
+member. Every member's learner scores with that discriminator and every member's actors insert
+into that replay buffer; members 1..K-1 run only a learner and actors.
 """
 
 from __future__ import annotations
@@ -81,9 +87,14 @@ class ManagedProcess:
 
 @dataclass
 class Layout:
-    """Ports and processes of one system: members (learner + discriminator + replay + actors)."""
+    """Ports and processes of one system: members (learner + discriminator + replay + actors).
+
+    ``members``: the services each member uses (with a shared discriminator, every member's
+    discriminator and replay buffer are member 0's); what the PBT controller's members file says.
+    """
 
     processes: list[ProcessSpec] = field(default_factory=list)
+    members: list[MemberAddresses] = field(default_factory=list)
 
     def of_role(self, role: str) -> list[ProcessSpec]:
         return [p for p in self.processes if p.role == role]
@@ -95,20 +106,37 @@ class Layout:
 
 def plan_layout(cfg: ExperimentConfig, config_path: Path, run_dir: Path, num_actors: int,
                 population: int) -> Layout:
-    """Assign ports and command lines to every process of the system."""
+    """Assign ports and command lines to every process of the system.
+
+    With ``cfg.pbt.shared_discriminator`` and ``population > 1``, member 0's replay buffer and
+    discriminator are the only ones: every member's learner and actors are pointed at them, and
+    every process is started with ``--shared-discriminator``.
+    """
     layout = Layout()
     logs = run_dir / "logs"
     pbt_address = f"127.0.0.1:{free_port()}" if population > 1 else ""
-    common = ["--config", str(config_path)]
+    shared = cfg.pbt.shared_discriminator and population > 1
+    common = ["--config", str(config_path)] + (["--shared-discriminator"] if shared else [])
+    shared_addresses: dict[str, str] = {}
     for member in range(population):
         member_dir = run_dir if population == 1 else run_dir / f"member-{member}"
-        addresses = {role: f"127.0.0.1:{free_port()}" for role in ("learner", "discriminator", "replaybuffer")}
+        own_roles = ("learner",) if shared and member > 0 else ("learner", "discriminator", "replaybuffer")
+        addresses = {role: f"127.0.0.1:{free_port()}" for role in own_roles}
+        if shared:
+            if member == 0:
+                shared_addresses = {role: addresses[role] for role in ("discriminator", "replaybuffer")}
+            addresses.update(shared_addresses)
+        layout.members.append(MemberAddresses(member=member, learner_address=addresses["learner"],
+                                              discriminator_address=addresses["discriminator"],
+                                              replay_address=addresses["replaybuffer"]))
         peers = ["--learner-address", addresses["learner"], "--discriminator-address", addresses["discriminator"],
                  "--replay-address", addresses["replaybuffer"], "--member", str(member)]
         if pbt_address:
             peers += ["--pbt-address", pbt_address]
         suffix = "" if population == 1 else f"-{member}"
         for role in ("replaybuffer", "discriminator", "learner"):
+            if role not in own_roles:
+                continue
             port = free_port()
             layout.processes.append(ProcessSpec(
                 role=role, member=member, name=f"{role}{suffix}", grpc_address=addresses[role], metrics_port=port,
@@ -127,11 +155,7 @@ def plan_layout(cfg: ExperimentConfig, config_path: Path, run_dir: Path, num_act
         port = free_port()
         members_file = run_dir / "members.json"
         run_dir.mkdir(parents=True, exist_ok=True)
-        write_members_file(members_file, [
-            MemberAddresses(member=m, learner_address=layout.address_of("learner", m),
-                            discriminator_address=layout.address_of("discriminator", m),
-                            replay_address=layout.address_of("replaybuffer", m))
-            for m in range(population)])
+        write_members_file(members_file, layout.members)
         layout.processes.append(ProcessSpec(
             role="pbt-controller", member=-1, name="pbt-controller", grpc_address=pbt_address, metrics_port=port,
             args=["pbt-controller", *common, "--run-dir", str(run_dir), "--listen", pbt_address,
@@ -298,6 +322,9 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--actors", type=int, default=2, help="actor processes per member (default: 2)")
     parser.add_argument("--population", type=int, default=None,
                         help="population members (default: the config's pbt.population_size)")
+    parser.add_argument("--shared-discriminator", action=argparse.BooleanOptionalAction, default=None,
+                        help="population: one discriminator and replay buffer (member 0's) serve every member "
+                             "(default: the config's pbt.shared_discriminator)")
     parser.add_argument("--duration", type=float, default=0.0, help="stop after this many seconds (0: until Ctrl-C)")
     parser.add_argument("--status-every", type=float, default=2.0, help="seconds between status lines")
     parser.add_argument("--no-restart", action="store_true", help="do not restart processes that exit")
@@ -315,7 +342,9 @@ def run(args: argparse.Namespace) -> int:
         return 2
     # Always write the effective size: a population experiment run with --population 1 has no
     # controller, so its learner must not report to one nor its actors ask one for a member.
-    cfg = dataclasses.replace(cfg, pbt=dataclasses.replace(cfg.pbt, population_size=population))
+    shared = cfg.pbt.shared_discriminator if args.shared_discriminator is None else args.shared_discriminator
+    cfg = dataclasses.replace(cfg, pbt=dataclasses.replace(cfg.pbt, population_size=population,
+                                                           shared_discriminator=shared))
     if args.actors < 1:
         print("spiral up: --actors must be >= 1", file=sys.stderr)
         return 2
@@ -335,6 +364,8 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, request_stop)
     print(f"spiral up: {len(layout.processes)} processes, run directory {run_dir} "
           f"(cluster.json, logs/); Ctrl-C stops", flush=True)
+    board_dir = run_dir / "tensorboard" if population == 1 else run_dir  # members: member-N/tensorboard/
+    print(f"spiral up: tensorboard --logdir {board_dir}", flush=True)
     supervisor.start()
     started = time.monotonic()
     interactive = sys.stdout.isatty()

@@ -410,6 +410,14 @@ def test_peer_addresses_name_services_and_their_ports(overlay: str) -> None:
             assert pod == f"{host}-{{member}}", f"{variable}={address}: expected {host}-{{member}}.{host}"
             assert services.get(host, {}).get("spec", {}).get("clusterIP") == "None", \
                 f"{variable}={address}: {host} must be a headless Service"
+        elif "." in host:
+            # One fixed pod of a StatefulSet (the population discriminator: ordinal 0 for every member).
+            pod, _, host = host.partition(".")
+            assert re.fullmatch(rf"{re.escape(host)}-\d+", pod), f"{variable}={address}: expected {host}-N.{host}"
+            assert services.get(host, {}).get("spec", {}).get("clusterIP") == "None", \
+                f"{variable}={address}: {host} must be a headless Service"
+            (sts,) = [d for d in by_kind(docs, "StatefulSet") if d["spec"]["serviceName"] == host]
+            assert int(pod.rpartition("-")[2]) < sts["spec"]["replicas"], f"{variable}={address}: no such replica"
         assert host in services, f"{variable}={address}: no Service {host!r}"
         service = services[host]
         assert service["spec"]["selector"]["app.kubernetes.io/component"] == role_of_variable[variable]
@@ -727,12 +735,43 @@ def test_only_the_pbt_controller_reads_the_api_and_its_role_is_read_only() -> No
         assert bool(by_kind(docs, "Role")) == (population > 1), \
             f"{overlay}: the PBT controller (and its Role) belongs exactly to overlays with a population"
         if population > 1:
+            (disc,) = [d for d in by_kind(docs, "StatefulSet") if d["metadata"]["name"] == "spiral-discriminator"]
+            # components/population-discriminator: one discriminator and replay buffer for all members.
+            disc_env = env_of(disc["spec"]["template"]["spec"]["containers"][0])
+            shared = disc_env.get("SPIRAL_SHARED_DISCRIMINATOR") == "true"
             for name in ("spiral-learner", "spiral-discriminator", "spiral-replaybuffer"):
                 (sts,) = [d for d in by_kind(docs, "StatefulSet") if d["metadata"]["name"] == name]
-                assert sts["spec"]["replicas"] == population, f"{overlay}: {name} replicas != pbt.population_size"
+                expected = 1 if shared and name != "spiral-learner" else population
+                assert sts["spec"]["replicas"] == expected, \
+                    f"{overlay}: {name} replicas {sts['spec']['replicas']}, expected {expected} (population " \
+                    f"{population}{', shared discriminator' if shared else ''})"
                 env = {e["name"]: e for e in sts["spec"]["template"]["spec"]["containers"][0]["env"]}
                 assert env["SPIRAL_MEMBER"]["valueFrom"]["fieldRef"]["fieldPath"] == \
                     "metadata.labels['apps.kubernetes.io/pod-index']", f"{overlay}: {name} member from ordinal"
+
+
+def test_population_discriminator_overlay_shares_one_discriminator_and_replay_buffer() -> None:
+    """celeba-shared (components/population-discriminator): 12 learners, one D, one replay buffer."""
+    from pbt_controller.discovery import DEFAULT_DISCRIMINATOR, DEFAULT_REPLAY
+    from spiral.service_options import parse_switch
+
+    docs = rendered("celeba-shared")
+    (peers,) = [c for c in by_kind(docs, "ConfigMap") if c["metadata"]["name"].startswith("spiral-peers")]
+    data = peers["data"]
+    assert "{member}" in data["SPIRAL_LEARNER_ADDRESS"], "each member keeps its own learner"
+    # The addresses the pods use are the ones the controller hands out (ordinal 0 for every member).
+    assert data["SPIRAL_DISCRIMINATOR_ADDRESS"] == \
+        f"{DEFAULT_DISCRIMINATOR.name}-0.{DEFAULT_DISCRIMINATOR.name}:{DEFAULT_DISCRIMINATOR.port}"
+    assert data["SPIRAL_REPLAY_ADDRESS"] == f"{DEFAULT_REPLAY.name}-0.{DEFAULT_REPLAY.name}:{DEFAULT_REPLAY.port}"
+    replicas = {d["metadata"]["name"]: d["spec"]["replicas"] for d in by_kind(docs, "StatefulSet")}
+    population = load_experiment(experiment_copy("celeba-shared")).pbt.population_size
+    assert replicas == {"spiral-learner": population, "spiral-discriminator": 1, "spiral-replaybuffer": 1}
+    assert by_kind(docs, "Role"), "a population needs the PBT controller"
+    for workload in workloads(docs):
+        for container in containers(workload):
+            switch = env_of(container).get("SPIRAL_SHARED_DISCRIMINATOR")
+            assert parse_switch(switch, "SPIRAL_SHARED_DISCRIMINATOR") is True, \
+                f"{workload['metadata']['name']}: every spiral process must know the discriminator is shared"
 
 
 # -- image --------------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
-from typing import Any, Callable, NoReturn, TypeVar
+from typing import Any, Callable, Iterable, NoReturn, TypeVar
 
 import grpc
 
@@ -126,3 +126,11 @@ def rejects_bad_messages(service: str) -> Callable[[F], F]:
         return unary  # type: ignore[return-value]
 
     return decorate
+
+
+def describe_members(members: Iterable[int]) -> str:
+    """``{0, 1, 2, 3}`` -> ``"0-3"``; other sets as a sorted list (``"0, 2"``)."""
+    ordered = sorted(members)
+    if len(ordered) > 1 and ordered == list(range(ordered[0], ordered[-1] + 1)):
+        return f"{ordered[0]}-{ordered[-1]}"
+    return ", ".join(str(m) for m in ordered)

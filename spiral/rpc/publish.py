@@ -12,10 +12,10 @@ The policy learner and the discriminator learner publish versioned parameters th
 from __future__ import annotations
 
 import threading
-from typing import Callable, Iterator
+from typing import Callable, Collection, Iterator
 
 from spiral.nets.params import ParameterSnapshot
-from spiral.rpc.errors import PreconditionFailed
+from spiral.rpc.errors import PreconditionFailed, describe_members
 from spiral.rpc.parameters import DEFAULT_CHUNK_BYTES, chunk_parameters, up_to_date_chunk
 from spiral.v1 import parameters_pb2
 
@@ -26,12 +26,17 @@ class ParameterPublisher:
     The chunked encoding of a version is built once and reused for every caller that asks
     for it (many actors poll the same version), so a poll costs one comparison when the
     caller is current and no re-encoding when it is not.
+
+    ``serves``: the members whose requests are answered (default: ``member`` alone). A shared
+    discriminator (``pbt.shared_discriminator``) answers every member of the population; its
+    chunks still carry its own ``member``.
     """
 
     def __init__(self, latest: Callable[[], ParameterSnapshot], member: int,
-                 max_chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> None:
+                 max_chunk_bytes: int = DEFAULT_CHUNK_BYTES, serves: Collection[int] | None = None) -> None:
         self._latest = latest
         self._member = member
+        self._serves = frozenset(serves) if serves is not None else frozenset({member})
         self._max_chunk_bytes = max_chunk_bytes
         self._lock = threading.Lock()
         self._cached: tuple[int, list[parameters_pb2.ParameterChunk]] | None = None
@@ -49,8 +54,12 @@ class ParameterPublisher:
         Raises:
             PreconditionFailed: The request asks for another population member's parameters.
         """
-        if request.member != self._member:
-            raise PreconditionFailed("wrong_member", f"member: this server trains member {self._member}, "
+        if request.member not in self._serves:
+            if self._serves == {self._member}:
+                raise PreconditionFailed("wrong_member", f"member: this server trains member {self._member}, "
+                                                         f"the request asked for member {request.member}")
+            raise PreconditionFailed("wrong_member", f"member: this server is shared by members "
+                                                     f"{describe_members(self._serves)}, "
                                                      f"the request asked for member {request.member}")
         snapshot = self._latest()
         if request.have_version == snapshot.version:
