@@ -15,13 +15,8 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
-import shutil
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -29,8 +24,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from spiral.checkpoint import list_checkpoints  # noqa: E402
-from spiral.config import ExperimentConfig, dump_experiment, experiment_path, load_experiment  # noqa: E402
+from training_run import bench_experiment, train_and_copy  # noqa: E402
+from spiral.config import ExperimentConfig  # noqa: E402
 from spiral.data import for_experiment  # noqa: E402
 from spiral.evaluation import empty_canvas_l2, reconstruct  # noqa: E402
 from spiral.nets import build_policy  # noqa: E402
@@ -52,41 +47,11 @@ def main() -> None:
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    cfg = load_experiment(experiment_path(args.config))
-    config_arg = args.config
-    if args.backend:
-        cfg = dataclasses.replace(cfg, env=dataclasses.replace(
-            cfg.env, paint=dataclasses.replace(cfg.env.paint, backend=args.backend)))
-    if args.seed is not None:
-        cfg = dataclasses.replace(cfg, seed=args.seed)
-    if args.backend or args.seed is not None:
-        config_arg = str(out / "experiment.yaml")
-        dump_experiment(cfg, config_arg)
+    cfg, config_arg = bench_experiment(args.config, out, backend=args.backend, seed=args.seed)
     if args.evaluate:
         evaluate(cfg, {float(m): Path(p) for m, p in (item.split("=", 1) for item in args.evaluate)}, out)
         return
-    run_dir = out / "run"
-    shutil.rmtree(run_dir, ignore_errors=True)
-    marks = sorted(args.minutes)
-    proc = subprocess.Popen([sys.executable, "-m", "spiral.cli", "up", "--config", config_arg, "--name", "run",
-                             "--runs-dir", str(out), "--actors", str(args.actors), "--status-every", "30",
-                             "--no-restart"], stdout=open(out / "up.log", "wb"), stderr=subprocess.STDOUT)  # noqa: SIM115
-    started = time.monotonic()
-    copies: dict[float, Path] = {}
-    try:
-        for minutes in marks:
-            while time.monotonic() - started < 60 * minutes:
-                time.sleep(5)
-                elapsed = (time.monotonic() - started) / 60
-                print(f"\r{elapsed:5.1f}/{marks[-1]:.0f} min", end="", flush=True)
-            ckpts = list_checkpoints(run_dir / "learner")
-            if not ckpts:
-                raise SystemExit(f"no learner checkpoint after {minutes} minutes; see {out / 'up.log'}")
-            copies[minutes] = Path(shutil.copy(ckpts[-1], out / f"policy-{minutes:g}min.pt"))
-            print(f"\n{minutes:g} min: copied {ckpts[-1].name}")
-    finally:
-        proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=120)
+    copies = train_and_copy(config_arg, out, args.minutes, args.actors)
 
     evaluate(cfg, copies, out)
 

@@ -1,0 +1,73 @@
+"""What the learning benchmarks share: the experiment they run and a timed ``spiral up`` run.
+
+``bench/learning.py`` (held-out reconstruction) and ``bench/unconditional.py`` (a digit
+Fréchet distance) both train the one-machine system for a few minutes, copy the learner's
+newest checkpoint at given times and then score the copies. This module holds those two steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from spiral.checkpoint import list_checkpoints
+from spiral.config import ExperimentConfig, dump_experiment, experiment_path, load_experiment
+
+
+def bench_experiment(config: str, out: Path, backend: str | None = None,
+                     seed: int | None = None) -> tuple[ExperimentConfig, str]:
+    """The experiment ``config`` with the benchmark's overrides, and the ``--config`` to run it with.
+
+    With an override (``backend``, ``seed``) the changed experiment is written to
+    ``out/experiment.yaml`` and that file is what ``spiral up`` is given.
+    """
+    cfg = load_experiment(experiment_path(config))
+    if backend:
+        cfg = dataclasses.replace(cfg, env=dataclasses.replace(
+            cfg.env, paint=dataclasses.replace(cfg.env.paint, backend=backend)))
+    if seed is not None:
+        cfg = dataclasses.replace(cfg, seed=seed)
+    if not backend and seed is None:
+        return cfg, config
+    path = out / "experiment.yaml"
+    dump_experiment(cfg, path)
+    return cfg, str(path)
+
+
+def train_and_copy(config_arg: str, out: Path, minutes: list[float], actors: int) -> dict[float, Path]:
+    """Run ``spiral up`` under ``out/run`` until the last of ``minutes``; copy a checkpoint at each.
+
+    At each mark the learner's newest checkpoint is copied to ``out/policy-<M>min.pt``. The run
+    is stopped with SIGINT (a clean shutdown) at the end or on an error; its log is ``out/up.log``.
+
+    Returns:
+        ``{minutes: copied checkpoint}``.
+    """
+    run_dir = out / "run"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    marks = sorted(minutes)
+    proc = subprocess.Popen([sys.executable, "-m", "spiral.cli", "up", "--config", config_arg, "--name", "run",
+                             "--runs-dir", str(out), "--actors", str(actors), "--status-every", "30",
+                             "--no-restart"], stdout=open(out / "up.log", "wb"), stderr=subprocess.STDOUT)  # noqa: SIM115
+    started = time.monotonic()
+    copies: dict[float, Path] = {}
+    try:
+        for mark in marks:
+            while time.monotonic() - started < 60 * mark:
+                time.sleep(5)
+                elapsed = (time.monotonic() - started) / 60
+                print(f"\r{elapsed:5.1f}/{marks[-1]:.0f} min", end="", flush=True)
+            ckpts = list_checkpoints(run_dir / "learner")
+            if not ckpts:
+                raise SystemExit(f"no learner checkpoint after {mark} minutes; see {out / 'up.log'}")
+            copies[mark] = Path(shutil.copy(ckpts[-1], out / f"policy-{mark:g}min.pt"))
+            print(f"\n{mark:g} min: copied {ckpts[-1].name}")
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=120)
+    return copies
