@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import logging
 import threading
 import time
@@ -49,6 +50,11 @@ from spiral.trajectory import Unroll
 from spiral.visualize import pair_grid, save_png
 
 log = logging.getLogger(__name__)
+
+
+def reward_in_band(mean_reward: float, band: tuple[float, float]) -> bool:
+    """Whether a batch's mean episode return is finite and inside ``learner.reward.band``."""
+    return math.isfinite(mean_reward) and band[0] <= mean_reward <= band[1]
 
 
 class StaleUnroll(Exception):
@@ -238,6 +244,11 @@ class PolicyLearner:
                 metrics.LEARNER_LOSS.labels(m, key).set(value)
         if "mean_reward" in record:
             metrics.LEARNER_REWARD.labels(m).set(record["mean_reward"])
+            if not reward_in_band(record["mean_reward"], self.cfg.learner.reward.band):
+                metrics.LEARNER_REWARD_OUT_OF_BAND.labels(m).inc()
+                log.warning("update %d: mean episode return %.4g is outside learner.reward.band %s: the reward "
+                            "has lost its scale", self.version, record["mean_reward"],
+                            list(self.cfg.learner.reward.band))
         if "reconstruction_l2" in record:
             metrics.LEARNER_RECONSTRUCTION_L2.labels(m).set(record["reconstruction_l2"])
 

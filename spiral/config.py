@@ -247,6 +247,11 @@ class RewardConfig:
     normalize_freeze_updates: int = 0
     """Freeze the running statistics after this many policy updates (0: never freeze), as
     community ports do once the critic has settled, so the reward's scale stops moving."""
+    band: tuple[float, float] = (-10.0, 10.0)
+    """Where a batch's mean episode return is expected to stay. A return outside it, or not
+    finite, means the reward has lost its scale (a drifting critic, a diverged update): the
+    learner logs a warning, counts ``spiral_learner_reward_out_of_band_total`` and the
+    ``SpiralRewardOutOfBand`` alert fires. It stops nothing."""
 
     def validate(self, path: str) -> None:
         for name in ("l2_weight", "stroke_start_penalty", "blank_penalty"):
@@ -256,6 +261,7 @@ class RewardConfig:
                  f"must be none or running, got {self.normalize!r}")
         _require(0.0 < self.normalize_decay < 1.0, f"{path}.normalize_decay", "must be in (0, 1)")
         _require(self.normalize_freeze_updates >= 0, f"{path}.normalize_freeze_updates", "must be >= 0")
+        _require(len(self.band) == 2 and self.band[0] < self.band[1], f"{path}.band", "must be [low, high] with low < high")
 
 
 @dataclass(frozen=True)

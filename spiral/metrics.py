@@ -69,6 +69,9 @@ LEARNER_LOSS = Gauge(
     "spiral_learner_loss", "Last update's loss terms.", ["member", "term"])
 LEARNER_REWARD = Gauge(
     "spiral_learner_episode_reward", "Mean final reward of the last batch.", ["member"])
+LEARNER_REWARD_OUT_OF_BAND = Counter(
+    "spiral_learner_reward_out_of_band_total",
+    "Updates whose mean episode return was outside learner.reward.band or not finite.", ["member"])
 LEARNER_DISCRIMINATOR_VERSION = Gauge(
     "spiral_learner_discriminator_version", "Discriminator version that scored the last batch.", ["member"])
 LEARNER_RECONSTRUCTION_L2 = Gauge(

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from discriminator.training import DiscriminatorTrainer
+from learner.learner import reward_in_band
 from learner.training import PolicyTrainer
 from spiral.config import ConfigError, ExperimentConfig, experiment_path, load_experiment
 from spiral.critic import HALVES, complement_mix, critic_inputs, half_masks, random_halves, reward_scores
@@ -39,6 +40,7 @@ def experiment(**sections) -> ExperimentConfig:
     ({"learner": {"reward": {"normalize_decay": 1.0}}}, "learner.reward.normalize_decay"),
     ({"learner": {"reward": {"normalize_freeze_updates": -2}}}, "learner.reward.normalize_freeze_updates"),
     ({"discriminator": {"complement": True}, "env": {"conditional": False}}, "discriminator.complement"),
+    ({"learner": {"reward": {"band": [1.0, -1.0]}}}, "learner.reward.band"),
 ])
 def test_config_errors_name_the_field(overrides, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
@@ -299,3 +301,10 @@ def test_normalised_rewards_have_unit_scale_and_survive_a_checkpoint():
     restored = PolicyTrainer(cfg, build_policy(cfg))
     restored.load_state_dict(trainer.state_dict())
     assert restored.normalizer.state_dict() == trainer.normalizer.state_dict()
+
+
+def test_reward_band():
+    band = (-2.0, 3.0)
+    assert reward_in_band(0.5, band) and reward_in_band(-2.0, band) and reward_in_band(3.0, band)
+    assert not reward_in_band(3.5, band) and not reward_in_band(-92.0, band)
+    assert not reward_in_band(math.nan, band) and not reward_in_band(math.inf, band)
