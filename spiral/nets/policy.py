@@ -196,9 +196,10 @@ class SpiralPolicy(nn.Module):
         if config.location_skip:
             for k, head in enumerate(spec.heads):
                 if head.spatial:
-                    skip = nn.Conv2d(ch, 1, 1)
+                    # No bias: a constant added to every logit of a softmax changes nothing, so
+                    # a bias could not learn (its gradient is zero, at times exactly 0.0).
+                    skip = nn.Conv2d(ch, 1, 1, bias=False)
                     nn.init.zeros_(skip.weight)
-                    nn.init.zeros_(skip.bias)
                     self.location_skips[str(k)] = skip
         # The last head's choice feeds nothing, so it has no embedding or residual MLP.
         self.action_embeds = nn.ModuleList(nn.Linear(self._encoding_width(k), config.action_embed_dim)
