@@ -158,7 +158,7 @@ def test_loss_decreases_on_a_repeated_fixed_batch(cfg):
     policy = build_policy(cfg)
     unroll = collect(cfg, policy, batch=8, seed=4)
     trainer = PolicyTrainer(cfg, policy)
-    history = [trainer.update(unroll, None) for _ in range(12)]
+    history = [trainer.update(unroll, None) for _ in range(24)]
     # The baseline loss has fixed targets on a fixed batch and must fall; the total loss need not
     # (its advantages change as the baseline learns), but the advantages shrink with the baseline
     # error, and with them the policy-gradient term.
