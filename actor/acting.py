@@ -24,6 +24,7 @@ from spiral.envs.base import BatchedEnv
 from spiral.nets import observation_to_tensors
 from spiral.nets.params import ParameterSnapshot, load_snapshot
 from spiral.nets.policy import SpiralPolicy
+from spiral.precision import autocast, resolve_precision
 from spiral.trajectory import Unroll
 
 
@@ -65,6 +66,8 @@ class EpisodeRunner:
         self.greedy = greedy
         self.policy_version = 0
         self.timing = EpisodeTiming()
+        self.precision = resolve_precision(cfg.actor.precision, "cpu", "actor.precision")
+        """The acting forward's arithmetic (``actor.precision`` where native, else fp32)."""
 
     def load_parameters(self, snapshot: ParameterSnapshot) -> None:
         """Act with ``snapshot`` from the next episode on."""
@@ -95,8 +98,9 @@ class EpisodeRunner:
         actions, masks, log_probs = [], [], []
         while not env.done:
             t0 = time.perf_counter()
-            out, state = self.policy(observation_to_tensors(obs), state, generator=self.generator,
-                                     greedy=self.greedy)
+            with autocast(self.precision, "cpu"):  # sampling and log-probabilities stay fp32
+                out, state = self.policy(observation_to_tensors(obs), state, generator=self.generator,
+                                         greedy=self.greedy)
             step_actions = out.actions.numpy()
             t1 = time.perf_counter()
             obs = env.step(step_actions)

@@ -10,6 +10,10 @@ the critic's loss, by ``discriminator_learner.objective``:
 * ``sngan`` (SPIRAL++): the non-saturating GAN loss of a spectrally normalised critic
   (:mod:`spiral.losses.nonsaturating`).
 
+With ``discriminator_learner.precision: bf16`` the critic's forward passes and the gradient
+penalty's double backward run under bf16 autocast (:mod:`spiral.precision`); the losses, the
+penalty's norms and Adam's fp32 master weights do not.
+
 What the critic sees is decided by :func:`spiral.critic.critic_inputs`, the rule the policy
 learner scores with too. In conditional mode a real pair is ``(real, real)`` (a target
 reconstructs itself perfectly) and a fake pair is ``(render, its target)``; the gradient
@@ -33,6 +37,7 @@ from spiral.losses import (critic_loss, gradient_penalty, level_penalty, nonsatu
                            wasserstein_estimate)
 from spiral.nets import images_to_tensor
 from spiral.nets.discriminator import Discriminator
+from spiral.precision import autocast, resolve_precision
 from spiral.rpc.training_state import check_training_state, export_training_state, import_training_state
 
 
@@ -79,6 +84,8 @@ class DiscriminatorTrainer:
                                           betas=(dc.adam_beta1, dc.adam_beta2))
         self.generator = torch.Generator().manual_seed(seed)
         self.halves_rng = np.random.default_rng(seed)
+        self.precision = resolve_precision(dc.precision, self.device, "discriminator_learner.precision")
+        """The critic's arithmetic in updates (``discriminator_learner.precision`` where native, else fp32)."""
 
     def _images(self, name: str, images: np.ndarray, like: tuple[int, ...] | None = None) -> torch.Tensor:
         images = np.asarray(images)
@@ -113,15 +120,17 @@ class DiscriminatorTrainer:
         halves = random_halves(self.halves_rng, shape[0]) if cfg.discriminator.complement else None
         real_in = critic_inputs(cfg, real_t, real_t if targets_t is not None else None, halves)
         fake_in = critic_inputs(cfg, fake_t, targets_t, halves)
-        d_real = self.critic(*real_in)
-        d_fake = self.critic(*fake_in)
+        with autocast(self.precision, self.device):  # the critic's outputs and the penalty's norms are fp32
+            d_real = self.critic(*real_in).float()
+            d_fake = self.critic(*fake_in).float()
+            if dc.objective == "wgan-gp":
+                gp = gradient_penalty(self.critic, real_in[0], fake_in[0], fake_in[1] if len(fake_in) == 2 else None,
+                                      weight=dc.gradient_penalty, generator=self.generator)
         zero = torch.zeros((), device=self.device)
         if dc.objective == "sngan":
             gp = level = zero
             loss = nonsaturating_critic_loss(d_real, d_fake)
         else:
-            gp = gradient_penalty(self.critic, real_in[0], fake_in[0], fake_in[1] if len(fake_in) == 2 else None,
-                                  weight=dc.gradient_penalty, generator=self.generator)
             level = level_penalty(d_real, d_fake, dc.level_penalty) if dc.level_penalty else zero
             loss = critic_loss(d_real, d_fake) + gp + level
         self.optimizer.zero_grad(set_to_none=True)

@@ -15,6 +15,9 @@ into one optimiser step of SPIRAL's off-policy actor-critic (A2C with V-trace, a
 4. **Loss and step.** ``pg + baseline_cost * baseline + entropy_cost * entropy`` (sums, see
    :mod:`spiral.losses.actor_critic`), global gradient-norm clipping, Adam.
 
+With ``learner.precision: bf16`` steps 1's critic and 2 run under bf16 autocast
+(:mod:`spiral.precision`); V-trace, the losses and Adam's fp32 master weights do not.
+
 The learning rate and entropy cost are the hyperparameters population-based training tunes
 (:meth:`set_hyperparameters`); they live in the checkpointed state with the weights and the
 optimiser moments.
@@ -35,6 +38,7 @@ from spiral.losses import baseline_loss, entropy_loss, policy_gradient_loss, vtr
 from spiral.nets import observation_to_tensors
 from spiral.nets.discriminator import Discriminator
 from spiral.nets.policy import SpiralPolicy
+from spiral.precision import autocast, resolve_precision
 from spiral.critic import random_halves, reward_scores, score_images
 from spiral.rewards import RunningScoreNormalizer, episode_rewards, reconstruction_l2, stroke_starts
 from spiral.rpc.training_state import check_training_state, export_training_state, import_training_state
@@ -132,6 +136,9 @@ class PolicyTrainer:
         """The critic scores' running statistics (``learner.reward.normalize: running``), else None."""
         self.halves_rng = np.random.default_rng(cfg.seed)
         """Draws each episode's complement half (``discriminator.complement``)."""
+        self.precision = resolve_precision(lc.precision, self.device, "learner.precision")
+        """The arithmetic of the unroll's forward and backward and of the critic's scoring
+        (``learner.precision`` where this device runs it natively, else fp32)."""
 
     # -- hyperparameters -----------------------------------------------------------------------
 
@@ -218,8 +225,9 @@ class PolicyTrainer:
         halves = None
         if self.cfg.discriminator.complement:
             halves = np.tile(random_halves(self.halves_rng, b), k)  # one half per episode, all its canvases
-        outputs = score_images(critic, self.cfg, scored.reshape(k * b, *scored.shape[2:]), targets, halves,
-                               self.device).reshape(k, b)
+        with autocast(self.precision, self.device):
+            outputs = score_images(critic, self.cfg, scored.reshape(k * b, *scored.shape[2:]), targets, halves,
+                                   self.device).reshape(k, b)
         parts["discriminator_score"] = float(outputs[-1].mean())
         parts["discriminator_score_empty"] = float(outputs[0].mean())
         scores = reward_scores(outputs, self.cfg)
@@ -262,7 +270,8 @@ class PolicyTrainer:
         behaviour = torch.from_numpy(np.ascontiguousarray(unroll.behaviour_log_probs)).float().to(device)
         rewards = rewards.to(device=device, dtype=torch.float32)
 
-        out = self.policy.unroll(inputs, actions, self.policy.initial_state(b, device))
+        with autocast(self.precision, device):  # log-probs, entropies and values come out fp32
+            out = self.policy.unroll(inputs, actions, self.policy.initial_state(b, device))
         discounts = torch.full((t, b), float(lc.discount), device=device)
         discounts[-1] = 0.0
         returns = vtrace(behaviour, out.log_prob.detach(), discounts, rewards, out.value.detach(),

@@ -31,6 +31,10 @@ class ConfigError(ValueError):
     """A configuration value is unknown, mistyped or out of range; the message names the field."""
 
 
+PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
+"""The values of the ``precision`` fields (learner, discriminator learner, actor); see :mod:`spiral.precision`."""
+
+
 def _require(condition: bool, field_path: str, message: str) -> None:
     if not condition:
         raise ConfigError(f"{field_path}: {message}")
@@ -290,6 +294,11 @@ class LearnerConfig:
     """Trajectories held in the ingest queue before submitters are pushed back."""
     max_policy_lag: int = 100
     """Trajectories from policies more than this many versions old are refused."""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """Arithmetic of the policy's forward and backward (:mod:`spiral.precision`): ``bf16`` runs
+    them under bfloat16 autocast (AMX/AVX-512-BF16 CPUs, CUDA), with fp32 master weights, Adam
+    state, log-probabilities, V-trace and losses; it falls back to fp32 where the device has no
+    native bf16."""
     checkpoint_every_updates: int = 100
     sample_grid_every_updates: int = 50
     reward: RewardConfig = field(default_factory=RewardConfig)
@@ -302,6 +311,7 @@ class LearnerConfig:
         _require(self.max_grad_norm >= 0, f"{path}.max_grad_norm", "must be >= 0")
         _require(self.queue_capacity >= 1, f"{path}.queue_capacity", "must be >= 1")
         _require(self.max_policy_lag >= 0, f"{path}.max_policy_lag", "must be >= 0")
+        _require(self.precision in PRECISIONS, f"{path}.precision", f"must be one of {list(PRECISIONS)}, got {self.precision!r}")
         self.reward.validate(f"{path}.reward")
 
 
@@ -329,6 +339,9 @@ class DiscriminatorLearnerConfig:
     near 0. 0 turns it off."""
     checkpoint_every_updates: int = 200
     """Write an atomic checkpoint every this many updates (0: only on shutdown)."""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """Arithmetic of the critic's updates (:mod:`spiral.precision`); the losses and the
+    gradient penalty's norms stay fp32."""
 
     def validate(self, path: str) -> None:
         _require(self.objective in ("wgan-gp", "sngan"), f"{path}.objective",
@@ -337,6 +350,7 @@ class DiscriminatorLearnerConfig:
         _require(self.learning_rate > 0, f"{path}.learning_rate", "must be > 0")
         _require(self.gradient_penalty >= 0, f"{path}.gradient_penalty", "must be >= 0")
         _require(self.level_penalty >= 0, f"{path}.level_penalty", "must be >= 0")
+        _require(self.precision in PRECISIONS, f"{path}.precision", f"must be one of {list(PRECISIONS)}, got {self.precision!r}")
 
 
 @dataclass(frozen=True)
@@ -365,6 +379,10 @@ class ActorConfig:
     parameter_refresh_seconds: float = 1.0
     """How often to ask the learner for newer parameters."""
     torch_threads: int = 1
+    """Torch intra-op threads of an actor process."""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """Arithmetic of the acting forward (:mod:`spiral.precision`); sampling and the recorded
+    behaviour log-probabilities stay fp32."""
     stall_seconds: float = 300.0
     """The actor's ``/healthz`` fails (and Kubernetes restarts it) when its episode loop has not
     finished an iteration for this long. Waiting for a peer that is down is not a stall: every
@@ -375,6 +393,7 @@ class ActorConfig:
         _require(self.stall_seconds > 0, f"{path}.stall_seconds", "must be > 0")
         _require(self.parameter_refresh_seconds >= 0, f"{path}.parameter_refresh_seconds", "must be >= 0")
         _require(self.torch_threads >= 1, f"{path}.torch_threads", "must be >= 1")
+        _require(self.precision in PRECISIONS, f"{path}.precision", f"must be one of {list(PRECISIONS)}, got {self.precision!r}")
 
 
 @dataclass(frozen=True)

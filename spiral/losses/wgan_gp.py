@@ -51,8 +51,8 @@ def gradient_penalty(critic: Critic, real: torch.Tensor, fake: torch.Tensor, tar
     eps = torch.rand(real.shape[0], *([1] * (real.dim() - 1)), generator=generator).to(real.device, real.dtype)
     interpolates = (eps * real.detach() + (1.0 - eps) * fake.detach()).requires_grad_(True)
     scores = critic(interpolates) if targets is None else critic(interpolates, targets.detach())
-    (grads,) = torch.autograd.grad(scores.sum(), interpolates, create_graph=True)
-    norms = grads.flatten(1).norm(2, dim=1)
+    (grads,) = torch.autograd.grad(scores.float().sum(), interpolates, create_graph=True)
+    norms = grads.flatten(1).float().norm(2, dim=1)  # fp32, also when the critic ran under bf16 autocast
     return weight * ((norms - 1.0) ** 2).mean()
 
 

@@ -311,7 +311,7 @@ class SpiralPolicy(nn.Module):
         """Masked sums of log-probabilities and entropies, and the masks, for ``[N, K]`` actions."""
         log_probs, entropies = [], []
         for k, logits in enumerate(logits_list):
-            log_p = torch.log_softmax(logits, dim=-1)
+            log_p = torch.log_softmax(logits.float(), dim=-1)  # fp32 even under bf16 autocast
             log_probs.append(log_p.gather(1, actions[:, k:k + 1]).squeeze(1))
             entropies.append(-(log_p.exp() * log_p).sum(-1))
         mask = self.mask_table[actions[:, 0]]
@@ -344,7 +344,8 @@ class SpiralPolicy(nn.Module):
     def _core_step(self, z: torch.Tensor, state: LSTMState) -> tuple[torch.Tensor, LSTMState]:
         h, c = state
         out, (h2, c2) = self.core(z.unsqueeze(0), (h.unsqueeze(0), c.unsqueeze(0)))
-        return out[0], (h2[0], c2[0])
+        # The carried state stays fp32 under bf16 autocast, so rounding does not build up over an episode.
+        return out[0], (h2[0].float(), c2[0].float())
 
     def forward(self, inputs: PolicyInputs, state: LSTMState, actions: torch.Tensor | None = None,
                 generator: torch.Generator | None = None, greedy: bool = False) -> tuple[PolicyOutput, LSTMState]:
@@ -367,7 +368,7 @@ class SpiralPolicy(nn.Module):
             actions = self._check_actions(actions, n)
         features, encoded = self._torso(inputs)
         core, new_state = self._core_step(features, state)
-        value = self.value_head(core).squeeze(-1)
+        value = self.value_head(core).squeeze(-1).float()
         logits, chosen = self._heads(core, encoded, actions, generator, greedy=greedy)
         log_prob, entropy, mask = self._score(logits, chosen)
         return PolicyOutput(actions=chosen, log_prob=log_prob, entropy=entropy, value=value, mask=mask), new_state
@@ -388,7 +389,7 @@ class SpiralPolicy(nn.Module):
         h, c = state
         core, _ = self.core(features, (h.unsqueeze(0), c.unsqueeze(0)))
         core = core.reshape(t * b, -1)
-        value = self.value_head(core).squeeze(-1)
+        value = self.value_head(core).squeeze(-1).float()
         logits, _ = self._heads(core, encoded, flat_actions, None)
         log_prob, entropy, _ = self._score(logits, flat_actions)
         return UnrollOutput(log_prob=log_prob.view(t, b), entropy=entropy.view(t, b), value=value.view(t, b))
