@@ -38,6 +38,7 @@ from learner.training import PolicyTrainer
 from spiral import metrics
 from spiral.visualize import json_safe
 from spiral.checkpoint import latest_checkpoint, save_checkpoint
+from spiral.compilation import persist_compile_cache
 from spiral.atomic import atomic_write_bytes
 from spiral.config import ExperimentConfig
 from spiral.envs import action_spec_for
@@ -97,6 +98,8 @@ class PolicyLearner:
         self.critic = build_discriminator(cfg).to(device).eval()
         self.critic_version = 0
         self.critic_source = critic_source
+        if cfg.learner.compile:
+            persist_compile_cache(self.run_dir)
         self.trainer = PolicyTrainer(cfg, self.policy, device=device)
         self.queue = IngestQueue(cfg.learner.queue_capacity)
         self.version = 0

@@ -38,6 +38,7 @@ from spiral.losses import baseline_loss, entropy_loss, policy_gradient_loss, vtr
 from spiral.nets import observation_to_tensors
 from spiral.nets.discriminator import Discriminator
 from spiral.nets.policy import SpiralPolicy
+from spiral.compilation import maybe_compile
 from spiral.precision import autocast, resolve_precision
 from spiral.critic import random_halves, reward_scores, score_images
 from spiral.rewards import RunningScoreNormalizer, episode_rewards, reconstruction_l2, stroke_starts
@@ -139,6 +140,9 @@ class PolicyTrainer:
         self.precision = resolve_precision(lc.precision, self.device, "learner.precision")
         """The arithmetic of the unroll's forward and backward and of the critic's scoring
         (``learner.precision`` where this device runs it natively, else fp32)."""
+        self._unroll = (maybe_compile(self.policy.unroll, self.device, "learner.compile") if lc.compile
+                        else self.policy.unroll)
+        """The policy's unroll, compiled with ``learner.compile``."""
 
     # -- hyperparameters -----------------------------------------------------------------------
 
@@ -264,6 +268,10 @@ class PolicyTrainer:
             raise ValueError(f"rewards must be [T, B] = [{t}, {b}], got {list(rewards.shape)}")
         parts = parts or {}
         device = self.device
+        sizes = np.asarray(self.policy.spec.sizes)
+        if unroll.actions.shape[-1] != len(sizes) or ((unroll.actions < 0) | (unroll.actions >= sizes)).any():
+            # Checked here, outside the (possibly compiled) unroll, which cannot branch on data.
+            raise ValueError(f"actions out of range for heads {dict(zip(self.policy.spec.names, self.policy.spec.sizes))}")
         self.policy.train()
         inputs = observation_to_tensors(unroll.observations()).to(device)
         actions = torch.from_numpy(np.ascontiguousarray(unroll.actions)).long().to(device)
@@ -271,7 +279,7 @@ class PolicyTrainer:
         rewards = rewards.to(device=device, dtype=torch.float32)
 
         with autocast(self.precision, device):  # log-probs, entropies and values come out fp32
-            out = self.policy.unroll(inputs, actions, self.policy.initial_state(b, device))
+            out = self._unroll(inputs, actions, self.policy.initial_state(b, device))
         discounts = torch.full((t, b), float(lc.discount), device=device)
         discounts[-1] = 0.0
         returns = vtrace(behaviour, out.log_prob.detach(), discounts, rewards, out.value.detach(),

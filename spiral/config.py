@@ -299,6 +299,12 @@ class LearnerConfig:
     them under bfloat16 autocast (AMX/AVX-512-BF16 CPUs, CUDA), with fp32 master weights, Adam
     state, log-probabilities, V-trace and losses; it falls back to fp32 where the device has no
     native bf16."""
+    compile: bool = False
+    """``torch.compile`` (inductor) the policy's unroll, forward and backward
+    (:mod:`spiral.compilation`): fused element-wise kernels between the convolutions. The first
+    update compiles (seconds for ``tiny``, about a minute for the paper's network); the kernels
+    are cached in ``RUN_DIR/compile-cache`` for restarts. Without a C++ compiler (CPU) it runs
+    eagerly, with a warning."""
     checkpoint_every_updates: int = 100
     sample_grid_every_updates: int = 50
     reward: RewardConfig = field(default_factory=RewardConfig)

@@ -324,6 +324,8 @@ class SpiralPolicy(nn.Module):
             raise ValueError(f"actions must be [{n}, {self.spec.num_heads}] (heads {list(self.spec.names)}), "
                              f"got {tuple(actions.shape)}")
         actions = actions.long()
+        if torch.compiler.is_compiling():  # a data-dependent branch would break the graph; callers validate first
+            return actions
         sizes = torch.tensor(self.spec.sizes, device=actions.device)
         if bool(((actions < 0) | (actions >= sizes)).any()):
             raise ValueError(f"actions out of range for heads {dict(zip(self.spec.names, self.spec.sizes))}")
