@@ -11,13 +11,14 @@ export MUJOCO_GL ?= egl
 export OMP_NUM_THREADS ?= 1
 PYTEST_ARGS ?=
 
-.PHONY: help deps test test-fast run proto proto-check bench bench-learning bench-learning-shaped clean kind-up kind-test kind-down
+.PHONY: help deps test test-fast run proto proto-check bench bench-learning bench-learning-bf16 bench-learning-shaped clean kind-up kind-test kind-down
 
 help:
 	@echo "make run        run the whole system on this machine (spiral up, conditional MNIST)"
 	@echo "make test       install dependencies and run the test suite"
 	@echo "make bench      run the benchmarks in bench/ (figures in bench/RESULTS.md)"
 	@echo "make bench-learning  the critic-reward evidence: 20-minute runs of spiral up, then held-out scores"
+	@echo "make bench-learning-bf16  the critic-reward runs with the learner in bf16, compiled"
 	@echo "make bench-learning-shaped  30 minutes of the default L2-shaped profile"
 	@echo "make proto      regenerate gRPC stubs from protos/"
 
@@ -61,6 +62,7 @@ bench: deps
 	$(PYTHON) bench/learner_rpc.py
 	$(PYTHON) bench/policy_speed.py
 	$(PYTHON) bench/update_memory.py
+	$(PYTHON) bench/update_speed.py
 	$(PYTHON) bench/stroke_rewards.py
 
 # The critic-reward evidence (bench/RESULTS.md): 20 minutes of spiral up per run, one after
@@ -73,6 +75,11 @@ bench-learning: deps
 	$(LEARN) --config experiments/tiny-omniglot.yaml --seed 0 --out bench/results/omniglot/seed-0
 	$(PYTHON) bench/unconditional.py --minutes 20 --actors 2 --seed 0 --out bench/results/unconditional
 	$(LEARN) --config experiments/tiny-mujoco.yaml --seed 0 --out bench/results/mujoco/seed-0
+
+# The same evidence with the learner in bf16 and compiled (experiments/tiny-critic-bf16.yaml).
+bench-learning-bf16: deps
+	for seed in 0 1 2; do $(LEARN) --config experiments/tiny-critic-bf16.yaml --seed $$seed \
+	  --out bench/results/critic-reward-bf16/seed-$$seed || exit 1; done
 
 # The L2-shaped default profile (make run): 30 minutes, held-out error at 10 and 30.
 bench-learning-shaped: deps

@@ -77,6 +77,20 @@ def test_update_memory_bench_times_both_trainers_with_and_without_retained_memor
     assert figures["learner_frames_per_second_per_core_retained"] > 0
 
 
+def test_update_speed_bench_reports_each_variant_against_the_measured_peak() -> None:
+    figures = run_bench("bench/update_speed.py", "--config", "tiny", "mnist", "--batch", "2", "--updates", "1")
+    assert figures["peak_gflops"]["fp32"] > 0 and figures["peak_gflops"]["bf16"] > 0
+    for profile in ("tiny", "mnist"):
+        variants = figures[profile]
+        assert variants["eager fp32"]["ratio"] == 1.0
+        for name in ("eager fp32", "eager bf16", "nchw fp32"):
+            v = variants[name]
+            assert v["frames_per_second_per_core"] > 0 and v["gflops"] > 0, (profile, name)
+            assert 0 < v["fraction_of_peak"] < 1.5, (profile, name)
+        assert variants["acting bf16"]["ratio"] > 0 and variants["acting fp32"]["steps_per_second_per_core"] > 0
+    assert figures["mnist"]["_meta"]["mflop_per_frame"] > figures["tiny"]["_meta"]["mflop_per_frame"]
+
+
 def test_stroke_rewards_bench_pays_random_and_ink_strokes_at_every_pool() -> None:
     figures = run_bench("bench/stroke_rewards.py", "--targets", "8")
     for pool in (1, 2, 4, 8):
