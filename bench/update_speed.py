@@ -18,7 +18,9 @@ Figures: frames/s per core, achieved GFLOP/s (FLOPs counted once with
 ``torch.utils.flop_counter.FlopCounterMode`` over one update, divided by the measured time),
 that as a fraction of the core's matmul peak at the variant's precision (a 2048x2048 matmul,
 measured in the same run), and the ratio to eager fp32. A second table times acting: one
-sampling forward of the profile's ``actor.num_envs`` environments, fp32 and bf16.
+sampling forward of the profile's ``actor.num_envs`` environments, fp32 and bf16, and one
+discriminator-learner update (``discriminator_learner.batch_size`` real images and as many
+renders, gradient penalty included), fp32 and bf16.
 
 The last line is every figure as one JSON object.
 
@@ -38,6 +40,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -139,7 +142,23 @@ def measure_profile(name: str, args: argparse.Namespace, device: torch.device) -
                         "gflops": flops / seconds[variant] / 1e9, "precision": t.precision == "bf16",
                         "compile_seconds": compile_seconds}
     out["_meta"] = {"frames": frames, "batch": batch.batch_size, "mflop_per_frame": flops / frames / 1e6,
-                    "num_envs": num_envs}
+                    "num_envs": num_envs, "disc_batch": cfg.discriminator_learner.batch_size}
+
+    # The discriminator learner's update (its batch of real images and renders, with the
+    # gradient penalty), fp32 and bf16.
+    from discriminator.training import DiscriminatorTrainer
+    b = cfg.discriminator_learner.batch_size
+    rng = np.random.default_rng(0)
+    real = data.images[rng.integers(0, len(data.images), size=b)]
+    fake = np.resize(batch.final_canvases, (b, *batch.final_canvases.shape[1:]))
+    critics = {}
+    for precision in ("fp32", "bf16"):
+        dcfg = load_experiment(experiment_path(name), overrides={"discriminator_learner": {"precision": precision}})
+        torch.manual_seed(0)
+        trainer_d = DiscriminatorTrainer(dcfg, build_discriminator(dcfg), device=device)
+        critics[precision] = (lambda t=trainer_d: t.update(real, fake, real if cfg.env.conditional else None))
+    for precision, s in timed_rounds(critics, args.updates, device).items():
+        out[f"discriminator {precision}"] = {"ms": 1000 * s, "images_per_second_per_core": 2 * b / s / args.threads}
 
     # Acting: one sampling forward for the actor's N environments.
     obs = make_env(cfg, num_envs, seed=1).reset(data.images[:num_envs] if cfg.env.conditional else None)
@@ -185,7 +204,7 @@ def main() -> None:
               f"{meta['mflop_per_frame']:.1f} MFLOP/frame (rewards + forward + backward + Adam)")
         print(f"  {'variant':14s} {'ms':>9s} {'frames/s/core':>14s} {'GFLOP/s':>8s} {'of peak':>8s} {'vs fp32':>8s}")
         for variant, f in figures.items():
-            if variant.startswith("acting"):
+            if variant.startswith(("acting", "discriminator")):
                 continue
             peak = peaks["bf16" if f["precision"] else "fp32"]
             f["fraction_of_peak"] = f["gflops"] / peak
@@ -197,6 +216,10 @@ def main() -> None:
         act16["ratio"] = act32["ms"] / act16["ms"]
         print(f"  acting forward, N={meta['num_envs']}: fp32 {act32['ms']:.2f} ms ({act32['steps_per_second_per_core']:,.0f} steps/s/core), "
               f"bf16 {act16['ms']:.2f} ms ({act16['steps_per_second_per_core']:,.0f} steps/s/core, {act16['ratio']:.2f}x)")
+        d32, d16 = figures["discriminator fp32"], figures["discriminator bf16"]
+        d16["ratio"] = d32["ms"] / d16["ms"]
+        print(f"  discriminator update, batch {meta['disc_batch']}: fp32 {d32['ms']:.1f} ms, bf16 {d16['ms']:.1f} ms "
+              f"({d16['ratio']:.2f}x)")
         figures["_meta"] = meta
         results[name] = figures
     print(json.dumps(results, default=float))

@@ -88,6 +88,7 @@ def test_update_speed_bench_reports_each_variant_against_the_measured_peak() -> 
             assert v["frames_per_second_per_core"] > 0 and v["gflops"] > 0, (profile, name)
             assert 0 < v["fraction_of_peak"] < 1.5, (profile, name)
         assert variants["acting bf16"]["ratio"] > 0 and variants["acting fp32"]["steps_per_second_per_core"] > 0
+        assert variants["discriminator bf16"]["ratio"] > 0 and variants["discriminator fp32"]["ms"] > 0
     assert figures["mnist"]["_meta"]["mflop_per_frame"] > figures["tiny"]["_meta"]["mflop_per_frame"]
 
 
