@@ -175,6 +175,12 @@ class PolicyConfig:
     """Width of the Linear after the encoder and of the LSTM."""
     blind: bool = False
     """Paper ablation: the policy does not see the canvas."""
+    fp32_heads: bool = False
+    """Under bf16 autocast (``learner/actor.precision: bf16``), run the autoregressive heads, their
+    location decoders and residual MLPs in fp32; the torso and the LSTM stay bf16. The heads'
+    logits carry most of bf16's rounding into the log-probabilities (14x less error on a sharp
+    policy, tests/test_precision.py), at a cost of ~36% of the paper network's bf16 update and
+    ~5% of ``tiny``'s (bench/RESULTS.md). No effect in fp32."""
     location_skip: bool = False
     """Not in the paper: add a 1x1 conv of the encoder's 8x8 feature map to every location
     head's logits (resampled to the head's grid), a U-Net-style shortcut around the LSTM. Where

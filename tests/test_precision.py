@@ -202,3 +202,22 @@ def test_compiled_unroll_matches_eager_and_checks_actions_outside_the_graph(cfg:
     bad.actions[0, 0, 1] = 10_000
     with pytest.raises(ValueError, match="out of range"):
         trainer.update(bad, critic, 1)
+
+
+@needs_bf16
+def test_fp32_heads_cut_bf16s_log_prob_error(cfg: ExperimentConfig) -> None:
+    """policy.fp32_heads: the same peaky policy's bf16 log-probabilities come much closer to fp32."""
+    heads = load_experiment(experiment_path("tiny-critic"), overrides={
+        "env": {"paint": {"backend": cfg.env.paint.backend}}, "policy": {"fp32_heads": True}})
+    plain, fp32_heads = _peaky_policy(cfg), _peaky_policy(heads)
+    unroll = EpisodeRunner(cfg, make_env(cfg, 8, 0), plain, _targets(8), seed=0).run_episode()
+    inputs = observation_to_tensors(unroll.observations())
+    actions = torch.from_numpy(unroll.actions)
+    errors = {}
+    for name, policy in (("plain", plain), ("fp32_heads", fp32_heads)):
+        with torch.no_grad():
+            full = policy.unroll(inputs, actions, policy.initial_state(8))
+            with autocast("bf16", "cpu"):
+                half = policy.unroll(inputs, actions, policy.initial_state(8))
+        errors[name] = float((full.log_prob - half.log_prob).abs().mean())
+    assert errors["fp32_heads"] < 0.25 * errors["plain"]

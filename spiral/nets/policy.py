@@ -166,6 +166,7 @@ class SpiralPolicy(nn.Module):
         self.noise_dim = noise_dim
         self.conditional = conditional
         self.blind = config.blind
+        self.fp32_heads = config.fp32_heads
         self.core_dim = config.core_dim
         ch = config.conv_channels
 
@@ -285,6 +286,14 @@ class SpiralPolicy(nn.Module):
 
         Returns the per-head logits and the ``[N, K]`` actions.
         """
+        if self.fp32_heads:  # policy.fp32_heads: leave bf16 autocast for the heads
+            with torch.autocast(z.device.type, enabled=False):
+                return self._heads_in_order(z.float(), encoded.float(), actions, generator, greedy)
+        return self._heads_in_order(z, encoded, actions, generator, greedy)
+
+    def _heads_in_order(self, z: torch.Tensor, encoded: torch.Tensor, actions: torch.Tensor | None,
+                        generator: torch.Generator | None, greedy: bool) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """:meth:`_heads`' loop over the heads, in whatever precision is in force."""
         logits_list: list[torch.Tensor] = []
         chosen: list[torch.Tensor] = []
         last = self.spec.num_heads - 1
