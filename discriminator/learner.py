@@ -96,6 +96,7 @@ class DiscriminatorLearner:
             torch.manual_seed(seed)
             self.critic = build_discriminator(cfg).to(device)
         self.trainer = DiscriminatorTrainer(cfg, self.critic, device=device)
+        log.info("critic updates on %s in %s", device, self.trainer.precision)
         self.version = 0
         self.updates = 0
         self.samples_consumed = 0

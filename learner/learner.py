@@ -101,6 +101,8 @@ class PolicyLearner:
         if cfg.learner.compile:
             persist_compile_cache(self.run_dir)
         self.trainer = PolicyTrainer(cfg, self.policy, device=device)
+        log.info("policy updates on %s in %s%s", device, self.trainer.precision,
+                 ", unroll compiled" if cfg.learner.compile else "")
         self.queue = IngestQueue(cfg.learner.queue_capacity)
         self.version = 0
         self.frames = 0
