@@ -40,6 +40,11 @@ def _require(condition: bool, field_path: str, message: str) -> None:
         raise ConfigError(f"{field_path}: {message}")
 
 
+def _require_precision(value: str, field_path: str) -> None:
+    """The check of every ``precision`` field: one of :data:`PRECISIONS`."""
+    _require(value in PRECISIONS, field_path, f"must be one of {list(PRECISIONS)}, got {value!r}")
+
+
 # ---------------------------------------------------------------------------------------------
 # Environments
 # ---------------------------------------------------------------------------------------------
@@ -323,7 +328,7 @@ class LearnerConfig:
         _require(self.max_grad_norm >= 0, f"{path}.max_grad_norm", "must be >= 0")
         _require(self.queue_capacity >= 1, f"{path}.queue_capacity", "must be >= 1")
         _require(self.max_policy_lag >= 0, f"{path}.max_policy_lag", "must be >= 0")
-        _require(self.precision in PRECISIONS, f"{path}.precision", f"must be one of {list(PRECISIONS)}, got {self.precision!r}")
+        _require_precision(self.precision, f"{path}.precision")
         self.reward.validate(f"{path}.reward")
 
 
@@ -362,7 +367,7 @@ class DiscriminatorLearnerConfig:
         _require(self.learning_rate > 0, f"{path}.learning_rate", "must be > 0")
         _require(self.gradient_penalty >= 0, f"{path}.gradient_penalty", "must be >= 0")
         _require(self.level_penalty >= 0, f"{path}.level_penalty", "must be >= 0")
-        _require(self.precision in PRECISIONS, f"{path}.precision", f"must be one of {list(PRECISIONS)}, got {self.precision!r}")
+        _require_precision(self.precision, f"{path}.precision")
 
 
 @dataclass(frozen=True)
@@ -405,7 +410,7 @@ class ActorConfig:
         _require(self.stall_seconds > 0, f"{path}.stall_seconds", "must be > 0")
         _require(self.parameter_refresh_seconds >= 0, f"{path}.parameter_refresh_seconds", "must be >= 0")
         _require(self.torch_threads >= 1, f"{path}.torch_threads", "must be >= 1")
-        _require(self.precision in PRECISIONS, f"{path}.precision", f"must be one of {list(PRECISIONS)}, got {self.precision!r}")
+        _require_precision(self.precision, f"{path}.precision")
 
 
 @dataclass(frozen=True)
