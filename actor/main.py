@@ -13,8 +13,9 @@ failures are retried with exponential backoff and full jitter
 (:func:`spiral.rpc.client.call_with_retry`), and nothing blocks forever or crashes the
 process. An unroll the learner refuses as stale (FAILED_PRECONDITION) is dropped and the
 parameters are refetched; renders the replay buffer cannot take right now are dropped (the
-discriminator only needs recent samples, not all of them). SIGTERM finishes the current
-episode's sends and exits 0.
+discriminator only needs recent samples, not all of them). The loop runs under a
+:class:`~spiral.guarded_loop.GuardedLoop`: SIGTERM finishes the current episode's sends and exits
+0; a loop that raises or stalls turns ``/healthz`` to 503 and exits 1.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import time
 import uuid
 import zlib
 from dataclasses import dataclass
+from typing import Callable
 
 import grpc
 
@@ -43,7 +45,8 @@ from spiral.rpc.errors import InvalidMessage
 from spiral.rpc.messages import encode_insert_request, encode_unroll
 from spiral.rpc.parameters import fetch_parameters
 from spiral.service_options import ServiceOptions, add_service_arguments, resolve_service_options
-from spiral.service_runtime import ProgressLog, Watchdog, start_process
+from spiral.guarded_loop import GuardedLoop
+from spiral.service_runtime import ProgressLog, start_process
 from spiral.trajectory import Unroll
 from spiral.v1 import learner_pb2_grpc, pbt_pb2, pbt_pb2_grpc, replay_pb2_grpc
 
@@ -214,11 +217,15 @@ class RemoteActor:
         self.insert_renders(unroll)
         return unroll
 
-    def run(self, assigner: "MemberAssigner | None" = None, watchdog: Watchdog | None = None) -> None:
+    def run(self, assigner: "MemberAssigner | None" = None, beat: Callable[[], None] = lambda: None) -> None:
+        """The actor's loop, the one ``spiral actor`` runs: an episode per iteration until ``stop``.
+
+        Each iteration calls ``beat`` (the :class:`spiral.guarded_loop.GuardedLoop` heartbeat),
+        asks ``assigner`` which member to serve when a population trains, and acts once.
+        """
         progress = ProgressLog("actor env steps")
         while not self.stop.is_set():
-            if watchdog is not None:
-                watchdog.beat()
+            beat()
             if assigner is not None:
                 assigner.maybe_assign(self)
                 if assigner.member is None:
@@ -287,30 +294,34 @@ def run(args: argparse.Namespace) -> int:
     # environment loads it: an actor process paints on one core unless its deployment says so.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     opts = resolve_service_options("actor", args)
-    watchdog = Watchdog("actor episode loop", opts.config.actor.stall_seconds)
-    start_process(opts, torch_threads=opts.config.actor.torch_threads, health=watchdog.check)
-    stop = threading.Event()
+    cfg = opts.config
+    guard = GuardedLoop("actor", "actor episode loop", cfg.actor.stall_seconds,
+                        linger_seconds=cfg.services.failure_linger_seconds)
+    start_process(opts, torch_threads=cfg.actor.torch_threads, health=guard.check)
 
     def handle(signum: int, _frame: object) -> None:
         log.info("received %s: finishing the current episode", signal.Signals(signum).name)
-        stop.set()
+        guard.exit_requested.set()
 
     signal.signal(signal.SIGTERM, handle)
     signal.signal(signal.SIGINT, handle)
-    actor = build_actor(opts, stop)
+    actor = build_actor(opts, guard.stop_event)
     log.info("actor %s: %d %s environments, learner %s, replay buffer %s", opts.actor_id,
-             opts.config.actor.num_envs, opts.config.env.kind, opts.config.services.learner_address,
-             opts.config.services.replay_address)
+             cfg.actor.num_envs, cfg.env.kind, cfg.services.learner_address, cfg.services.replay_address)
     assigner = None
-    if opts.config.pbt.population_size > 1:
-        assigner = MemberAssigner(opts.config.services.pbt_address, opts.config, opts.actor_id)
+    if cfg.pbt.population_size > 1:
+        assigner = MemberAssigner(cfg.services.pbt_address, cfg, opts.actor_id)
         log.info("population of %d: asking the PBT controller at %s which member to serve",
-                 opts.config.pbt.population_size, opts.config.services.pbt_address)
+                 cfg.pbt.population_size, cfg.services.pbt_address)
+    guard.start(lambda _stop, beat: actor.run(assigner, beat))
     try:
-        actor.run(assigner, watchdog)
+        while not guard.exit_requested.wait(0.5):
+            pass
+        guard.stop(timeout=2 * SUBMIT_DEADLINE_SECONDS)
     finally:
         actor.close()
         if assigner is not None:
             assigner.close()
-    log.info("actor stopped after %d episodes", actor.stats.episodes)
-    return 0
+    log.info("actor stopped after %d episodes%s", actor.stats.episodes,
+             f" (its loop failed: {guard.failure})" if guard.failure else "")
+    return guard.exit_code

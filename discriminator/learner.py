@@ -24,7 +24,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Protocol
+from typing import Callable, Mapping, Protocol
 
 import numpy as np
 import torch
@@ -36,7 +36,8 @@ from spiral.checkpoint import latest_checkpoint, save_checkpoint
 from spiral.config import ExperimentConfig
 from spiral.nets import build_discriminator
 from spiral.nets.params import ParameterSnapshot, snapshot_of
-from spiral.sources import PublishedParameters
+from spiral.service_runtime import ProgressLog
+from spiral.sources import PeerFailure, PublishedParameters
 from spiral.tensorboard import TrainingBoard
 
 log = logging.getLogger(__name__)
@@ -215,13 +216,29 @@ class DiscriminatorLearner:
         """Flush and close the TensorBoard event file."""
         self.board.close()
 
-    def run(self, stop: threading.Event, idle_sleep: float = 0.2) -> None:
-        """Update until ``stop`` is set (sleeping while the replay buffer is short), then checkpoint
-        and close TensorBoard."""
-        try:
-            while not stop.is_set():
-                if self.step() is None:
-                    stop.wait(idle_sleep)
-            self.checkpoint()
-        finally:
-            self.close()
+    def run(self, stop: threading.Event, beat: Callable[[], None] = lambda: None, idle_sleep: float = 0.2) -> None:
+        """The discriminator's loop, the one ``spiral discriminator`` runs: update until ``stop``.
+
+        Each iteration calls ``beat`` (the :class:`spiral.guarded_loop.GuardedLoop` heartbeat)
+        and updates once; while the replay buffer cannot serve a batch it waits ``idle_sleep``,
+        and while it is down (:class:`spiral.sources.PeerFailure`) it backs off exponentially up
+        to 5 s. A progress line is logged every 10 s. Checkpointing on the way out is the
+        caller's (after in-flight calls have finished).
+        """
+        progress = ProgressLog("discriminator updates")
+        failures = 0
+        while not stop.is_set():
+            beat()
+            try:
+                stats = self.step()
+                failures = 0
+            except PeerFailure as exc:  # a replay buffer that is down or restarting must not stop us
+                failures += 1
+                delay = min(5.0, 0.2 * 2 ** min(failures, 5))
+                log.warning("could not sample renders (%s); retrying in %.1f s", exc, delay)
+                stop.wait(delay)
+                continue
+            if stats is None:
+                stop.wait(idle_sleep)
+                continue
+            progress.maybe_log(self.updates, version=self.version, wasserstein=stats.get("wasserstein", float("nan")))

@@ -27,7 +27,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping
 
 import numpy as np
 
@@ -45,6 +45,7 @@ from spiral.envs import action_spec_for
 from spiral.envs.programs import program_from_actions, save_program, to_svg
 from spiral.nets import build_discriminator, build_policy
 from spiral.nets.params import ParameterSnapshot, load_snapshot, snapshot_of
+from spiral.service_runtime import ProgressLog
 from spiral.sources import ParameterSource, PublishedParameters
 from spiral.tensorboard import TrainingBoard
 from spiral.trajectory import Unroll
@@ -295,13 +296,22 @@ class PolicyLearner:
         """Flush and close the TensorBoard event file."""
         self.board.close()
 
-    def run(self, stop: threading.Event) -> None:
-        """Update until ``stop`` is set, then write a last checkpoint and close TensorBoard."""
-        torch.set_num_threads(max(1, torch.get_num_threads()))
-        try:
-            while not stop.is_set():
-                self.step(timeout=0.5)
-            self.checkpoint()
-        finally:
-            self.close()
+    def run(self, stop: threading.Event, beat: Callable[[], None] = lambda: None,
+            between_updates: Callable[[threading.Event], None] | None = None) -> None:
+        """The learner's loop, the one ``spiral learner`` runs: update until ``stop`` is set.
 
+        Each iteration calls ``beat`` (the :class:`spiral.guarded_loop.GuardedLoop` heartbeat),
+        then ``between_updates`` (the PBT member's report), then waits at most 0.5 s for a batch
+        and updates on it; a progress line is logged every 10 s. Checkpointing on the way out is
+        the caller's (after in-flight calls have finished).
+        """
+        progress = ProgressLog("learner updates")
+        while not stop.is_set():
+            beat()
+            if between_updates is not None:
+                between_updates(stop)
+            stats = self.step(timeout=0.5)
+            if stats is not None:
+                progress.maybe_log(self.updates, version=self.version, frames=self.frames,
+                                   reward=stats.get("mean_reward", float("nan")),
+                                   l2=stats.get("reconstruction_l2", float("nan")), critic=self.critic_version)

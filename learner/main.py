@@ -1,7 +1,9 @@
 """``spiral learner``: the policy learner as a service process.
 
 Serves ``spiral.v1.PolicyLearner`` on ``--listen``, pulls discriminator parameters from
-``services.discriminator_address`` to score episodes, trains on a background thread, writes
+``services.discriminator_address`` to score episodes, runs :meth:`PolicyLearner.run` on a
+thread under a :class:`~spiral.guarded_loop.GuardedLoop` (if it raises or stalls, health goes
+NOT_SERVING and the process exits 1 without checkpointing the failed state), writes
 checkpoints, samples, ``learner.jsonl`` and TensorBoard event files (``tensorboard/``) under
 ``--run-dir``, and on SIGTERM stops taking calls, finishes in-flight ones, writes a last
 checkpoint and closes the event file. A restarted learner resumes from its latest checkpoint.
@@ -11,17 +13,17 @@ from __future__ import annotations
 
 import argparse
 import logging
-import threading
 
 from learner.learner import PolicyLearner
 from learner.population import PopulationMember, fitness_for
 from learner.service import PolicyLearnerServicer
 from spiral.config import ExperimentConfig
 from spiral.data import for_experiment
+from spiral.guarded_loop import GuardedLoop
 from spiral.rpc.peers import RemoteParameterSource
 from spiral.rpc.server import build_server
 from spiral.service_options import add_service_arguments, resolve_service_options
-from spiral.service_runtime import ProgressLog, start_process
+from spiral.service_runtime import start_process
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +47,9 @@ def register(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     opts = resolve_service_options("learner", args)
     cfg = opts.config
-    start_process(opts, retain_memory=True)
+    guard = GuardedLoop("learner", "policy learner updates", cfg.learner.stall_seconds,
+                        linger_seconds=cfg.services.failure_linger_seconds)
+    start_process(opts, retain_memory=True, health=guard.check)
     # Short deadlines: a discriminator that is down must not stall policy updates (they go on
     # scoring with the critic they have, or with the reconstruction term alone).
     critic_source = RemoteParameterSource(cfg.services.discriminator_address, cfg.services, "discriminator",
@@ -57,31 +61,14 @@ def run(args: argparse.Namespace) -> int:
     server.start()
     log.info("policy learner serving on %s at version %d", server.address, learner.version)
 
-    stop = threading.Event()
-
-    def train() -> None:
-        progress = ProgressLog("learner updates")
-        while not stop.is_set():
-            if population is not None:
-                population.maybe_report(stop)
-            stats = learner.step(timeout=0.5)
-            if stats is not None:
-                progress.maybe_log(learner.updates, version=learner.version, frames=learner.frames,
-                                   reward=stats.get("mean_reward", float("nan")),
-                                   l2=stats.get("reconstruction_l2", float("nan")),
-                                   critic=learner.critic_version)
-
-    trainer = threading.Thread(target=train, name="learner-train", daemon=True)
-    trainer.start()
-
-    def stopping() -> None:
-        stop.set()
-        trainer.join(timeout=60)
-
-    server.serve_until_signal(on_stopping=stopping, on_stopped=learner.checkpoint)
+    guard.on_failure(lambda _reason: server.mark_not_serving())
+    guard.start(lambda stop, beat: learner.run(stop, beat, population.maybe_report if population else None))
+    server.serve_until_signal(stop_event=guard.exit_requested, on_stopping=guard.stop,
+                              on_stopped=guard.unless_failed(learner.checkpoint))
     learner.close()  # flush the TensorBoard event file
     critic_source.close()
     if population is not None:
         population.close()
-    log.info("policy learner stopped at version %d (checkpoint written)", learner.version)
-    return 0
+    if guard.failure is None:
+        log.info("policy learner stopped at version %d (checkpoint written)", learner.version)
+    return guard.exit_code

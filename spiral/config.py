@@ -318,6 +318,10 @@ class LearnerConfig:
     eagerly, with a warning."""
     checkpoint_every_updates: int = 100
     sample_grid_every_updates: int = 50
+    stall_seconds: float = 600.0
+    """The learner's update loop has stalled (health NOT_SERVING, the process exits 1 and is
+    restarted) when one of its iterations lasts this long: an update, its critic scoring and a
+    bounded wait for a batch. The first update of ``compile`` compiles (about a minute)."""
     reward: RewardConfig = field(default_factory=RewardConfig)
 
     def validate(self, path: str) -> None:
@@ -328,6 +332,7 @@ class LearnerConfig:
         _require(self.max_grad_norm >= 0, f"{path}.max_grad_norm", "must be >= 0")
         _require(self.queue_capacity >= 1, f"{path}.queue_capacity", "must be >= 1")
         _require(self.max_policy_lag >= 0, f"{path}.max_policy_lag", "must be >= 0")
+        _require(self.stall_seconds > 0, f"{path}.stall_seconds", "must be > 0")
         _require_precision(self.precision, f"{path}.precision")
         self.reward.validate(f"{path}.reward")
 
@@ -359,6 +364,10 @@ class DiscriminatorLearnerConfig:
     precision: Literal["fp32", "bf16"] = "fp32"
     """Arithmetic of the critic's updates (:mod:`spiral.precision`); the losses and the
     gradient penalty's norms stay fp32."""
+    stall_seconds: float = 300.0
+    """The discriminator's update loop has stalled (health NOT_SERVING, the process exits 1 and
+    is restarted) when one of its iterations lasts this long; waiting for a replay buffer that
+    is down is not a stall (every wait is bounded)."""
 
     def validate(self, path: str) -> None:
         _require(self.objective in ("wgan-gp", "sngan"), f"{path}.objective",
@@ -367,6 +376,7 @@ class DiscriminatorLearnerConfig:
         _require(self.learning_rate > 0, f"{path}.learning_rate", "must be > 0")
         _require(self.gradient_penalty >= 0, f"{path}.gradient_penalty", "must be >= 0")
         _require(self.level_penalty >= 0, f"{path}.level_penalty", "must be >= 0")
+        _require(self.stall_seconds > 0, f"{path}.stall_seconds", "must be > 0")
         _require_precision(self.precision, f"{path}.precision")
 
 
@@ -401,9 +411,9 @@ class ActorConfig:
     """Arithmetic of the acting forward (:mod:`spiral.precision`); sampling and the recorded
     behaviour log-probabilities stay fp32."""
     stall_seconds: float = 300.0
-    """The actor's ``/healthz`` fails (and Kubernetes restarts it) when its episode loop has not
-    finished an iteration for this long. Waiting for a peer that is down is not a stall: every
-    wait is bounded and the loop goes round again."""
+    """The actor's episode loop has stalled (``/healthz`` fails, the process exits 1 and is
+    restarted) when it has not finished an iteration for this long. Waiting for a peer that is
+    down is not a stall: every wait is bounded and the loop goes round again."""
 
     def validate(self, path: str) -> None:
         _require(self.num_envs >= 1, f"{path}.num_envs", "must be >= 1")
@@ -487,9 +497,14 @@ class ServicesConfig:
     tls_key: str = ""
     tls_ca: str = ""
     """PEM CA bundle: servers require client certificates signed by it (mutual TLS)."""
+    failure_linger_seconds: float = 2.0
+    """After a service's loop raised or stalled (:mod:`spiral.guarded_loop`), the process stays
+    up this long answering NOT_SERVING (so health checks and the last scrape see why), then
+    exits 1."""
 
     def validate(self, path: str) -> None:
         _require(self.max_message_bytes >= 1024, f"{path}.max_message_bytes", "must be >= 1024")
+        _require(self.failure_linger_seconds >= 0, f"{path}.failure_linger_seconds", "must be >= 0")
         _require(bool(self.tls_cert) == bool(self.tls_key), f"{path}.tls_key", "tls_cert and tls_key go together")
 
 

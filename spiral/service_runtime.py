@@ -2,9 +2,9 @@
 
 Each ``spiral ROLE`` entry point calls :func:`start_process` first (log format, Prometheus
 endpoint, thread limits, for the learner :func:`spiral.allocator.retain_freed_memory`) and then
-runs its own loop; :class:`ProgressLog` prints a periodic one-line progress report (a rate and
-totals) so a long run is never silent, and :class:`Watchdog` turns a loop's heartbeat into the
-``/healthz`` answer of a liveness probe.
+runs its own loop (under :class:`spiral.guarded_loop.GuardedLoop`, whose health check is the
+``/healthz`` answer of a liveness probe); :class:`ProgressLog` prints a periodic one-line
+progress report (a rate and totals) so a long run is never silent.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ def start_process(opts: ServiceOptions, torch_threads: int | None = None, member
                   health: metrics.HealthCheck | None = None, retain_memory: bool = False) -> None:
     """Configure logging (and torch threads) and start the metrics endpoint of a service process.
 
-    ``health`` is what the endpoint's ``/healthz`` reports (e.g. :meth:`Watchdog.check`);
+    ``health`` is what the endpoint's ``/healthz`` reports (:meth:`GuardedLoop.check`);
     ``retain_memory`` calls :func:`spiral.allocator.retain_freed_memory` (the policy learner,
     whose CPU updates allocate activations far above glibc's mmap threshold).
     """
@@ -42,30 +42,6 @@ def start_process(opts: ServiceOptions, torch_threads: int | None = None, member
         metrics.serve_metrics(opts.metrics_port, opts.metrics_address, health=health)
         log.info("metrics on http://%s:%d/metrics", opts.metrics_address, opts.metrics_port)
     opts.run_dir.mkdir(parents=True, exist_ok=True)
-
-
-class Watchdog:
-    """A loop's heartbeat, for a liveness probe: healthy while the loop beat within ``stall_seconds``.
-
-    A loop that waits on a peer must still beat between bounded waits (a retry that gives up
-    and tries again is progress); only a loop stuck inside one iteration goes stale.
-    """
-
-    def __init__(self, what: str, stall_seconds: float) -> None:
-        if not stall_seconds > 0:
-            raise ValueError(f"stall_seconds must be > 0, got {stall_seconds}")
-        self.what = what
-        self.stall_seconds = stall_seconds
-        self._last = time.monotonic()
-
-    def beat(self) -> None:
-        self._last = time.monotonic()
-
-    def check(self) -> tuple[bool, str]:
-        age = time.monotonic() - self._last
-        healthy = age <= self.stall_seconds
-        return healthy, (f"{self.what}: last progress {age:.1f} s ago "
-                         f"({'within' if healthy else 'over'} the {self.stall_seconds:g} s limit)")
 
 
 class ProgressLog:

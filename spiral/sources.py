@@ -18,6 +18,13 @@ from spiral.nets.params import ParameterSnapshot
 from spiral.trajectory import Unroll
 
 
+class PeerFailure(RuntimeError):
+    """A peer (local or remote) could not answer a call; loops back off and try again.
+
+    :class:`spiral.rpc.peers.PeerError` is the remote kind, with the gRPC status.
+    """
+
+
 class ParameterSource(Protocol):
     """Something that publishes versioned parameters."""
 

@@ -1,4 +1,4 @@
-"""The metrics endpoint's ``/healthz`` and the watchdog behind an actor's liveness probe.
+"""The metrics endpoint's ``/healthz``, which answers a service loop's health check (tests/test_guarded_loop.py).
 
 A real HTTP server on a free loopback port; the health check is a plain function, so each
 state is set directly.
@@ -6,12 +6,7 @@ state is set directly.
 
 from __future__ import annotations
 
-import time
-
-import pytest
-
 from spiral.metrics import serve_metrics
-from spiral.service_runtime import Watchdog
 from system_harness import http_get
 
 
@@ -37,16 +32,3 @@ def test_without_a_check_healthz_is_always_healthy() -> None:
     finally:
         server.shutdown()
         server.server_close()
-
-
-def test_watchdog_goes_stale_without_beats_and_recovers_on_the_next() -> None:
-    watchdog = Watchdog("episode loop", stall_seconds=0.2)
-    healthy, detail = watchdog.check()
-    assert healthy and "episode loop" in detail and "within" in detail
-    time.sleep(0.3)
-    healthy, detail = watchdog.check()
-    assert not healthy and "over the 0.2 s limit" in detail
-    watchdog.beat()
-    assert watchdog.check()[0]
-    with pytest.raises(ValueError, match="stall_seconds"):
-        Watchdog("x", 0)

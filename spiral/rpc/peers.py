@@ -53,6 +53,7 @@ from spiral.rpc.client import RetryError, RetryPolicy, call_with_retry, make_cha
 from spiral.rpc.errors import RATE_LIMITED_PREFIX
 from spiral.rpc.messages import ImageShape, decode_sample_response, encode_insert_request, encode_unroll
 from spiral.rpc.parameters import fetch_parameters
+from spiral.sources import PeerFailure
 from spiral.trajectory import Unroll
 from spiral.v1 import discriminator_pb2_grpc, learner_pb2, learner_pb2_grpc, replay_pb2, replay_pb2_grpc
 
@@ -65,7 +66,7 @@ _BUSY_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_E
                          grpc.StatusCode.CANCELLED})
 
 
-class PeerError(RuntimeError):
+class PeerError(PeerFailure):
     """A call to a peer failed.
 
     Attributes:

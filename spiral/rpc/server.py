@@ -147,6 +147,12 @@ class SpiralServer:
         for name in (*self.service_names, ""):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
+    def mark_not_serving(self) -> None:
+        """Report NOT_SERVING for every service and overall while still taking calls (a failed
+        training loop: probes see it before the process exits)."""
+        for name in (*self.service_names, ""):
+            self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+
     def stop(self, grace: float = 10.0, on_stopping: Callable[[], None] | None = None,
              on_stopped: Callable[[], None] | None = None) -> None:
         """Shut down gracefully (idempotent).
