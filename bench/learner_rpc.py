@@ -33,7 +33,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from actor.acting import EpisodeRunner  # noqa: E402
+from spiral.acting import EpisodeRunner  # noqa: E402
 from spiral.config import load_experiment  # noqa: E402
 from spiral.envs import action_spec_for, make_env  # noqa: E402
 from spiral.nets import build_policy  # noqa: E402

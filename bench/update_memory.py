@@ -51,7 +51,7 @@ def measure(config: str, updates: int) -> dict[str, float]:
 
     torch.set_num_threads(1)
     retained = retain_freed_memory()
-    from actor.acting import EpisodeRunner
+    from spiral.acting import EpisodeRunner
     from discriminator.training import DiscriminatorTrainer
     from learner.training import PolicyTrainer
     from spiral.config import experiment_path, load_experiment

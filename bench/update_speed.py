@@ -86,7 +86,7 @@ def timed_rounds(variants: dict[str, Callable[[], object]], rounds: int, device:
 
 
 def measure_profile(name: str, args: argparse.Namespace, device: torch.device) -> dict[str, dict[str, float]]:
-    from actor.acting import EpisodeRunner
+    from spiral.acting import EpisodeRunner
     from learner.training import PolicyTrainer
     from spiral.config import experiment_path, load_experiment
     from spiral.data import for_experiment

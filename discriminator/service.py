@@ -6,7 +6,7 @@ answer is one "up to date" chunk when it already holds that version.
 Population-based training:
 
 * ``GetTrainingState`` serves the critic's weights and Adam state (see
-  :mod:`spiral.rpc.training_state`), taken between two updates.
+  :mod:`spiral.training_state`), taken between two updates.
 * ``LoadFrom`` makes this discriminator a copy of a donor: it fetches the donor's training
   state (``GetTrainingState`` on ``donor_address`` for ``donor_member``), hands it to
   :meth:`DiscriminatorLearner.request_copy`, which applies it at the start of the next update
@@ -39,8 +39,8 @@ from spiral.rpc.errors import InvalidMessage, PreconditionFailed, describe_membe
 from spiral.rpc.peers import PeerError, PeerRejected, PeerUnavailable
 from spiral.rpc.publish import ParameterPublisher
 from spiral.rpc.server import ServiceBinding
-from spiral.rpc.training_state import (InconsistentRead, UpdateGuard, consistent_export, fetch_training_state,
-                                         training_state_chunks)
+from spiral.rpc.training_state import fetch_training_state, training_state_chunks
+from spiral.training_state import InconsistentRead, UpdateGuard, consistent_export
 from spiral.v1 import discriminator_pb2, discriminator_pb2_grpc, parameters_pb2
 
 SERVICE = "spiral.v1.DiscriminatorLearner"

@@ -38,7 +38,7 @@ from spiral.losses import (critic_loss, gradient_penalty, level_penalty, nonsatu
 from spiral.nets import images_to_tensor
 from spiral.nets.discriminator import Discriminator
 from spiral.precision import autocast, resolve_precision
-from spiral.rpc.training_state import check_training_state, export_training_state, import_training_state
+from spiral.training_state import check_training_state, export_training_state, import_training_state
 
 
 @dataclass
@@ -161,7 +161,7 @@ class DiscriminatorTrainer:
         """Critic weights and Adam state as flat CPU numpy arrays (what a PBT exploit copies).
 
         Names: ``"critic/<state_dict name>"`` and ``"optimizer/<param_index>/<key>"``; see
-        :mod:`spiral.rpc.training_state`. The gradient-penalty generator is not included.
+        :mod:`spiral.training_state`. The gradient-penalty generator is not included.
         """
         return export_training_state("critic", self.critic, self.optimizer)
 
@@ -175,6 +175,6 @@ class DiscriminatorTrainer:
         Validates everything first and changes nothing unless all fits; Adam's settings stay.
 
         Raises:
-            ValueError: (:class:`~spiral.rpc.training_state.TrainingStateError`) naming each bad entry.
+            ValueError: (:class:`~spiral.training_state.TrainingStateError`) naming each bad entry.
         """
         import_training_state(tensors, "critic", self.critic, self.optimizer)

@@ -10,7 +10,7 @@ A full ingest queue pushes back with RESOURCE_EXHAUSTED after a bounded wait, so
 slow down instead of the learner running out of memory.
 
 ``GetTrainingState`` serves the full trainer state (policy weights and Adam state, see
-:mod:`spiral.rpc.training_state`) to a population member that copies this one. The snapshot
+:mod:`spiral.training_state`) to a population member that copies this one. The snapshot
 is taken between two updates: under the learner's ``state_lock`` if it has one, otherwise by
 an optimistic read that is retried until no update overlapped it (``ABORTED`` if the learner
 never paused).
@@ -29,7 +29,8 @@ from spiral.rpc.errors import PreconditionFailed, rejects_bad_messages
 from spiral.rpc.messages import UnrollExpectation, decode_unroll
 from spiral.rpc.publish import ParameterPublisher
 from spiral.rpc.server import ServiceBinding
-from spiral.rpc.training_state import InconsistentRead, UpdateGuard, consistent_export, training_state_chunks
+from spiral.rpc.training_state import training_state_chunks
+from spiral.training_state import InconsistentRead, UpdateGuard, consistent_export
 from spiral.v1 import learner_pb2, learner_pb2_grpc, parameters_pb2
 
 SERVICE = "spiral.v1.PolicyLearner"

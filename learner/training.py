@@ -42,7 +42,7 @@ from spiral.compilation import maybe_compile
 from spiral.precision import autocast, resolve_precision
 from spiral.critic import random_halves, reward_scores, score_images
 from spiral.rewards import RunningScoreNormalizer, episode_rewards, reconstruction_l2, stroke_starts
-from spiral.rpc.training_state import check_training_state, export_training_state, import_training_state
+from spiral.training_state import check_training_state, export_training_state, import_training_state
 from spiral.trajectory import Unroll
 
 
@@ -337,7 +337,7 @@ class PolicyTrainer:
         """Weights and Adam state as flat CPU numpy arrays (what a PBT exploit copies).
 
         Names: ``"policy/<state_dict name>"`` and ``"optimizer/<param_index>/<key>"`` (``step``,
-        ``exp_avg``, ``exp_avg_sq``); see :mod:`spiral.rpc.training_state`. Hyperparameters
+        ``exp_avg``, ``exp_avg_sq``); see :mod:`spiral.training_state`. Hyperparameters
         are not included: PBT sets them separately.
         """
         return export_training_state("policy", self.policy, self.optimizer)
@@ -353,6 +353,6 @@ class PolicyTrainer:
         learning rate, entropy cost and Adam's other settings stay as they are.
 
         Raises:
-            ValueError: (:class:`~spiral.rpc.training_state.TrainingStateError`) naming each bad entry.
+            ValueError: (:class:`~spiral.training_state.TrainingStateError`) naming each bad entry.
         """
         import_training_state(tensors, "policy", self.policy, self.optimizer)

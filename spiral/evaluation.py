@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from spiral.acting import EpisodeRunner  # the actor's own loop, so evaluation acts exactly alike
 from spiral.config import ExperimentConfig
 from spiral.envs import make_env
 from spiral.nets.policy import SpiralPolicy
@@ -41,8 +42,6 @@ def reconstruct(cfg: ExperimentConfig, policy: SpiralPolicy, targets: np.ndarray
     """
     if not cfg.env.conditional:
         raise ValueError("reconstruction needs a conditional experiment (env.conditional: true)")
-    from actor.acting import EpisodeRunner  # the actor's own loop, so evaluation acts exactly alike
-
     env = make_env(cfg, len(targets), seed=seed, backend=backend)
     try:
         unroll = EpisodeRunner(cfg, env, policy, None, seed=seed, greedy=greedy).run_episode(targets)

@@ -1,6 +1,6 @@
 """Sampling a trained agent: paint N episodes with a checkpoint's policy, exactly as actors act.
 
-:func:`sample_policy` runs the actor's own episode loop (:class:`actor.acting.EpisodeRunner`)
+:func:`sample_policy` runs the actor's own episode loop (:class:`spiral.acting.EpisodeRunner`)
 in chunks of at most ``chunk_size`` canvases, so a thousand episodes need no more memory than
 one chunk. Unconditional runs paint from fresh noise; conditional runs paint a pool of target
 images (by default the experiment's held-out ``dataset.holdout``), cycled when more episodes
@@ -12,8 +12,7 @@ reproduces the episode's canvas pixel for pixel).
 
 Loading weights: :func:`load_policy` reads a learner checkpoint (``{"trainer": ...}``, see
 ``learner/learner.py``) into a fresh policy; :func:`resolve_run` finds a run's config and
-newest checkpoint. Service packages (``actor``, ``learner``) are imported lazily, inside the
-functions that need them, so importing this module pulls in neither.
+newest checkpoint. It acts with :class:`spiral.acting.EpisodeRunner`, the actors' own loop.
 """
 
 from __future__ import annotations
@@ -25,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from spiral.acting import EpisodeRunner  # the actors' own loop, so sampling acts exactly alike
 from spiral.checkpoint import latest_checkpoint, load_checkpoint
 from spiral.config import ExperimentConfig, load_experiment
 from spiral.envs import action_spec_for, make_env
@@ -100,10 +100,11 @@ def policy_from_state(cfg: ExperimentConfig, state: dict[str, Any]) -> SpiralPol
     Raises:
         KeyError, ValueError, RuntimeError: the state is not a learner checkpoint of ``cfg``.
     """
-    from learner.training import PolicyTrainer  # a service package: imported only when used
-
+    trainer = state["trainer"]
+    if "policy" not in trainer:
+        raise ValueError(f"the learner checkpoint's trainer state lacks 'policy' (it has {sorted(trainer)})")
     policy = build_policy(cfg)
-    PolicyTrainer(cfg, policy).load_state_dict(state["trainer"])
+    policy.load_state_dict(trainer["policy"])
     return policy
 
 
@@ -290,8 +291,6 @@ def sample_policy(cfg: ExperimentConfig, policy: SpiralPolicy, num: int, seed: i
         episode_targets = targets[np.arange(num) % len(targets)]
     elif targets is not None:
         raise SampleError("targets given for an unconditional experiment (env.conditional: false)")
-
-    from actor.acting import EpisodeRunner  # the actor's own loop, so sampling acts exactly alike
 
     canvases, actions = [], []
     for index, start in enumerate(range(0, num, chunk_size)):

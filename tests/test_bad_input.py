@@ -18,7 +18,7 @@ import grpc
 import numpy as np
 import pytest
 
-from actor.acting import EpisodeRunner
+from spiral.acting import EpisodeRunner
 from spiral.config import load_experiment
 from spiral.envs import action_spec_for, make_env
 from spiral.nets import build_policy

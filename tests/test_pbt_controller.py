@@ -20,10 +20,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import REGISTRY
 
 from pbt_controller.controller import Controller
-from pbt_controller.discovery import MemberAddresses, StaticDiscovery, load_members_file, write_members_file
+from pbt_controller.discovery import StaticDiscovery
 from pbt_controller.service import SERVICE, PBTControllerServicer
 from pbt_controller.state import StateStore
 from spiral.config import PBTConfig, ServicesConfig
+from spiral.members import MemberAddresses, load_members_file, write_members_file
 from spiral.rpc.server import SpiralServer, build_server
 from spiral.v1 import pbt_pb2, pbt_pb2_grpc
 

@@ -20,13 +20,13 @@ import numpy as np
 import pytest
 
 from pbt_controller.controller import Controller
-from pbt_controller.discovery import (MemberAddresses, PodInfo, StaticDiscovery, load_members_file,
-                                      members_from_pods)
+from pbt_controller.discovery import PodInfo, StaticDiscovery, members_from_pods
 from pbt_controller.service import PBTControllerServicer
 from pbt_controller.state import StateStore
 from replaybuffer.service import ReplayBufferServicer
 from replaybuffer.table import ReplayTable
 from spiral.config import ExperimentConfig, PBTConfig, ServicesConfig
+from spiral.members import MemberAddresses, load_members_file
 from spiral.rpc.errors import PreconditionFailed
 from spiral.rpc.peers import PeerRejected, RemoteRenderSink
 from spiral.rpc.publish import ParameterPublisher

@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 import torch
 
-from actor.acting import EpisodeRunner
+from spiral.acting import EpisodeRunner
 from discriminator.training import DiscriminatorTrainer
 from learner.training import PolicyTrainer
 from spiral.config import ConfigError, ExperimentConfig, experiment_path, load_experiment

@@ -292,7 +292,7 @@ def test_spiral_render_grayscale_png_and_clear_errors(tmp_path: Path, capsys: py
 
 def test_the_learners_sample_grid_comes_with_the_program_of_its_first_episode(tmp_path: Path) -> None:
     """A run leaves programs, not only pictures: ``samples/update-N.json`` re-renders pixel for pixel."""
-    from actor.acting import EpisodeRunner
+    from spiral.acting import EpisodeRunner
     from learner.learner import PolicyLearner
     from spiral.config import load_experiment
 

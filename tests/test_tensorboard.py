@@ -13,7 +13,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from actor.acting import EpisodeRunner
+from spiral.acting import EpisodeRunner
 from discriminator.learner import DiscriminatorLearner
 from learner.learner import PolicyLearner
 from spiral.config import ExperimentConfig, experiment_path, load_experiment

@@ -1,0 +1,275 @@
+"""A trainer's full training state as flat named tensors (what a PBT copy moves), free of networking.
+
+Population-based training's *exploit* step makes a member a copy of a donor: the policy
+learner takes the donor learner's policy weights **and** Adam state, and the member's
+discriminator takes the donor discriminator's critic weights and Adam state. Both travel as
+one flat ``{name: numpy array}`` mapping, the *training state*:
+
+* ``"<module>/<state_dict name>"``: the network's weights and persistent buffers
+  (``module`` is ``policy`` or ``critic``);
+* ``"optimizer/<param_index>/<key>"``: the optimiser's per-parameter state, indexed like
+  ``torch.optim.Optimizer.state_dict()["state"]`` (the position of the parameter in the
+  flattened parameter groups), e.g. ``optimizer/3/step``, ``optimizer/3/exp_avg``,
+  ``optimizer/3/exp_avg_sq`` for Adam. Parameters without state (never stepped) are absent.
+
+Hyperparameters (learning rate, betas, ...) are *not* part of it: PBT sets them separately
+(explore), and the receiver keeps its own parameter groups. :mod:`spiral.rpc.training_state`
+moves it over the network.
+
+Consistency. A learner's update runs on its own thread while ``GetTrainingState`` runs on a
+gRPC thread, and torch releases the GIL inside ``optimizer.step()``, so a naive export can
+see half an update. :func:`consistent_export` takes the snapshot under the learner's update
+lock when it has one, and otherwise reads optimistically and retries until the read is
+provably clean (no optimiser step during it, see :class:`UpdateGuard`; the version did not
+move; the weights equal the snapshot published for that version; two optimiser reads that
+bracket the weight read agree).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from typing import Callable, ContextManager, Mapping
+
+import numpy as np
+import torch
+
+OPTIMIZER_PREFIX = "optimizer"
+"""Name prefix of optimiser-state tensors in a training state."""
+SCALAR_STATE_KEYS = frozenset({"step"})
+"""Optimiser state keys that are scalars; every other key must have its parameter's shape."""
+_OPTIMIZER_NAME = re.compile(r"^optimizer/(?P<index>\d+)/(?P<key>[A-Za-z_][A-Za-z0-9_]*)$")
+
+TrainingState = dict[str, np.ndarray]
+
+
+class TrainingStateError(ValueError):
+    """A training state does not fit the receiving trainer (names, shapes, dtypes, values)."""
+
+
+# -- the flat format ------------------------------------------------------------------------------
+
+
+def _to_numpy(tensor: torch.Tensor) -> np.ndarray:
+    """A CPU, C-contiguous numpy copy that shares no memory with ``tensor``."""
+    return tensor.detach().to("cpu").clone(memory_format=torch.contiguous_format).numpy()
+
+
+def _flat_parameters(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
+def export_training_state(module_prefix: str, module: torch.nn.Module,
+                          optimizer: torch.optim.Optimizer) -> TrainingState:
+    """``module``'s state dict under ``"<module_prefix>/<name>"`` and ``optimizer``'s per-parameter
+    state under ``"optimizer/<index>/<key>"``, as CPU, contiguous numpy copies."""
+    if not module_prefix or "/" in module_prefix or module_prefix == OPTIMIZER_PREFIX:
+        raise ValueError(f"module_prefix must be a non-empty name without '/', not {OPTIMIZER_PREFIX!r}; "
+                         f"got {module_prefix!r}")
+    tensors: TrainingState = {f"{module_prefix}/{name}": _to_numpy(t) for name, t in module.state_dict().items()}
+    state = optimizer.state_dict()["state"]
+    for index in sorted(state):
+        for key, value in state[index].items():
+            name = f"{OPTIMIZER_PREFIX}/{index}/{key}"
+            if isinstance(value, torch.Tensor):
+                tensors[name] = _to_numpy(value)
+            elif isinstance(value, (int, float)):
+                tensors[name] = np.asarray(value, dtype=np.float32)
+            else:
+                raise ValueError(f"optimizer state {name} is a {type(value).__name__}; only tensors and numbers "
+                                 "can be exported")
+    return tensors
+
+
+def _numpy_dtype(dtype: torch.dtype) -> np.dtype:
+    return torch.empty((), dtype=dtype).numpy().dtype
+
+
+def check_training_state(tensors: Mapping[str, np.ndarray], module_prefix: str, module: torch.nn.Module,
+                         optimizer: torch.optim.Optimizer) -> list[str]:
+    """Every way ``tensors`` does not fit ``module`` and ``optimizer`` (empty when it fits).
+
+    Checks: the module's entries are exactly its state dict's names, each with the same shape
+    and dtype; optimiser entries name an existing parameter index, scalar keys (``step``)
+    are scalars, other keys have their parameter's shape and a floating dtype, and every
+    stepped parameter has the same set of keys; all floating values are finite; no other names.
+    """
+    problems: list[str] = []
+    own = module.state_dict()
+    prefix = f"{module_prefix}/"
+    seen: set[str] = set()
+    params = _flat_parameters(optimizer)
+    keys_by_index: dict[int, set[str]] = {}
+    for name, value in tensors.items():
+        array = np.asarray(value)
+        if array.dtype.kind not in "biuf":
+            problems.append(f"{name}: dtype {array.dtype} is not numeric")
+            continue
+        if array.dtype.kind == "f" and not np.all(np.isfinite(array)):
+            problems.append(f"{name}: has NaN or infinite values")
+        if name.startswith(prefix):
+            key = name[len(prefix):]
+            if key not in own:
+                problems.append(f"{name}: {module_prefix} has no tensor {key!r}")
+                continue
+            seen.add(key)
+            expected = own[key]
+            if tuple(array.shape) != tuple(expected.shape):
+                problems.append(f"{name}: shape {list(array.shape)}, expected {list(expected.shape)}")
+            elif array.dtype != _numpy_dtype(expected.dtype):
+                problems.append(f"{name}: dtype {array.dtype}, expected {_numpy_dtype(expected.dtype)}")
+            continue
+        match = _OPTIMIZER_NAME.match(name)
+        if match is None:
+            problems.append(f"{name}: not '{module_prefix}/<name>' or '{OPTIMIZER_PREFIX}/<param_index>/<key>'")
+            continue
+        index, key = int(match["index"]), match["key"]
+        if index >= len(params):
+            problems.append(f"{name}: parameter index {index} out of range (the optimizer has {len(params)})")
+            continue
+        keys_by_index.setdefault(index, set()).add(key)
+        if key in SCALAR_STATE_KEYS:
+            if array.size != 1:
+                problems.append(f"{name}: must be a scalar, got shape {list(array.shape)}")
+        elif tuple(array.shape) != tuple(params[index].shape):
+            problems.append(f"{name}: shape {list(array.shape)}, expected the parameter's {list(params[index].shape)}")
+        elif array.dtype.kind != "f":
+            problems.append(f"{name}: dtype {array.dtype}, expected a floating type")
+    missing = [key for key in own if key not in seen]
+    if missing:
+        shown = ", ".join(f"{prefix}{key}" for key in missing[:5])
+        problems.append(f"missing {len(missing)} {module_prefix} tensor(s): {shown}{', ...' if len(missing) > 5 else ''}")
+    key_sets = {frozenset(keys) for keys in keys_by_index.values()}
+    if len(key_sets) > 1:
+        problems.append(f"optimizer: parameters carry different state keys: {sorted(sorted(k) for k in key_sets)}")
+    return problems
+
+
+def import_training_state(tensors: Mapping[str, np.ndarray], module_prefix: str, module: torch.nn.Module,
+                          optimizer: torch.optim.Optimizer) -> None:
+    """Load a training state into ``module`` and ``optimizer``, all or nothing.
+
+    Everything is validated (:func:`check_training_state`) and converted before anything is
+    changed. The module's weights are copied in place (the optimiser keeps its parameter
+    references); the optimiser's per-parameter state is replaced (parameters the donor had no
+    state for start fresh); its parameter groups (learning rate, betas, ...) stay as they are.
+
+    Raises:
+        TrainingStateError: Naming every bad entry; nothing was changed.
+    """
+    problems = check_training_state(tensors, module_prefix, module, optimizer)
+    if problems:
+        raise TrainingStateError(f"training state does not fit this {module_prefix} trainer: " + "; ".join(problems))
+    prefix = f"{module_prefix}/"
+    module_state: dict[str, torch.Tensor] = {}
+    optimizer_state: dict[int, dict[str, torch.Tensor]] = {}
+    for name, value in tensors.items():
+        tensor = torch.from_numpy(np.array(value, copy=True))
+        if name.startswith(prefix):
+            module_state[name[len(prefix):]] = tensor
+        else:
+            match = _OPTIMIZER_NAME.match(name)
+            assert match is not None  # checked above
+            key = match["key"]
+            if key in SCALAR_STATE_KEYS:
+                tensor = tensor.reshape(()).to(torch.float32)
+            optimizer_state.setdefault(int(match["index"]), {})[key] = tensor
+    groups = optimizer.state_dict()["param_groups"]
+    module.load_state_dict(module_state, strict=True)
+    optimizer.load_state_dict({"state": optimizer_state, "param_groups": groups})
+
+
+# -- a consistent snapshot from a live learner ------------------------------------------------------
+
+
+class InconsistentRead(RuntimeError):
+    """No consistent snapshot could be taken: the learner kept updating during every attempt."""
+
+
+class UpdateGuard:
+    """A sequence counter around ``optimizer.step()``, from the optimiser's own step hooks.
+
+    ``seq`` grows by one when a step starts and by one when it ends, and ``busy`` is True in
+    between, so a reader that sees the same ``seq`` before and after its read, and no step
+    busy, read no tensor that a step was changing. Attach it (:meth:`of`) before the training
+    thread starts; attaching twice returns the same guard.
+    """
+
+    _ATTRIBUTE = "_spiral_update_guard"
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        self.seq = 0
+        self.busy = False
+        optimizer.register_step_pre_hook(self._pre)
+        optimizer.register_step_post_hook(self._post)
+
+    def _pre(self, *_args: object) -> None:
+        self.busy = True
+        self.seq += 1
+
+    def _post(self, *_args: object) -> None:
+        self.seq += 1
+        self.busy = False
+
+    @classmethod
+    def of(cls, optimizer: torch.optim.Optimizer) -> "UpdateGuard":
+        """The guard of ``optimizer``, attached on first use."""
+        guard = getattr(optimizer, cls._ATTRIBUTE, None)
+        if guard is None:
+            guard = cls(optimizer)
+            setattr(optimizer, cls._ATTRIBUTE, guard)
+        return guard
+
+
+def _equal(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]) -> bool:
+    return a.keys() == b.keys() and all(
+        np.asarray(a[k]).shape == np.asarray(b[k]).shape and np.array_equal(a[k], b[k]) for k in a)
+
+
+def consistent_export(export: Callable[[], TrainingState], module_prefix: str, optimizer: torch.optim.Optimizer,
+                      version: Callable[[], int], published: Callable[[], object],
+                      lock: ContextManager[object] | None = None, attempts: int = 200,
+                      pause: float = 0.005) -> tuple[int, TrainingState]:
+    """``(version, training state)`` of a live learner, taken between two of its updates.
+
+    With ``lock`` (a learner lock held across each update, weight copy and publish) the
+    export is simply taken under it. Without one the read is optimistic and retried until it
+    is provably clean: no ``optimizer.step()`` ran during it (:class:`UpdateGuard`), the
+    learner's version did not move, two reads of the optimiser state that bracket the weight
+    read are bitwise equal, and the weights equal the snapshot the learner published for that
+    version (which is what the weights are between updates; this also catches a read inside
+    a weight copy or between a step and its publish).
+
+    Args:
+        export: The trainer's ``export_state``.
+        module_prefix: ``"policy"`` or ``"critic"``.
+        optimizer: The trainer's optimiser (its :class:`UpdateGuard` is used).
+        version: Reads the learner's current parameter version.
+        published: Returns the learner's published :class:`~spiral.nets.params.ParameterSnapshot`.
+        lock: The learner's update lock, if it has one.
+        attempts: Optimistic reads before giving up.
+        pause: Seconds between attempts (grows with the attempt, up to 10x).
+
+    Raises:
+        InconsistentRead: Every attempt overlapped an update.
+    """
+    if lock is not None:
+        with lock:
+            return int(version()), export()
+    guard = UpdateGuard.of(optimizer)
+    prefix = f"{module_prefix}/"
+    for attempt in range(attempts):
+        seq, before = guard.seq, int(version())
+        snapshot = published()
+        if not guard.busy and int(snapshot.version) == before:  # type: ignore[attr-defined]
+            first = export()   # weights, then optimiser state A1
+            second = export()  # weights W2, then optimiser state A2: A1 and A2 bracket W2
+            weights = {k[len(prefix):]: v for k, v in second.items() if k.startswith(prefix)}
+            if (not guard.busy and guard.seq == seq and int(version()) == before
+                    and _equal({k: v for k, v in first.items() if not k.startswith(prefix)},
+                               {k: v for k, v in second.items() if not k.startswith(prefix)})
+                    and _equal(weights, snapshot.tensors)):  # type: ignore[attr-defined]
+                return before, second
+        time.sleep(pause * (1 + attempt % 10))
+    raise InconsistentRead(f"no consistent {module_prefix} training state after {attempts} attempts: "
+                           "the learner was updating during each read")
