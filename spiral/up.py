@@ -38,12 +38,12 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Callable, Sequence
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from pbt_controller.discovery import MemberAddresses, write_members_file
 from spiral.config import ExperimentConfig, dump_experiment, experiment_path, load_experiment
+from spiral.members import MemberAddresses, write_members_file
 
 STOP_ORDER = ("actor", "pbt-controller", "learner", "discriminator", "replaybuffer")
 """Roles in the order they are stopped (producers first, so nothing is left half-sent)."""
@@ -269,25 +269,54 @@ def scrape(url: str, timeout: float = 1.0) -> dict[str, float]:
 
 @dataclass
 class StatusSnapshot:
-    """System-wide figures at one moment (totals summed over processes)."""
+    """System-wide figures at one moment.
+
+    Attributes:
+        time: ``time.monotonic()`` of the scrape.
+        totals: Each metric summed over every process (counters: system totals).
+        maxima: Each metric's largest per-process value (versions, lag).
+        learner_gauges: Per member, the metrics of that member's policy learner process (its
+            gauges, e.g. the mean episode reward, belong to that member alone).
+    """
 
     time: float
     totals: dict[str, float]
     maxima: dict[str, float]
+    learner_gauges: dict[int, dict[str, float]] = field(default_factory=dict)
+
+    def member_values(self, name: str) -> list[float]:
+        """``name`` of each member's learner that reports it, in member order."""
+        return [gauges[name] for _, gauges in sorted(self.learner_gauges.items()) if name in gauges]
 
 
 def take_snapshot(layout: Layout) -> StatusSnapshot:
     totals: dict[str, float] = {}
     maxima: dict[str, float] = {}
+    learner_gauges: dict[int, dict[str, float]] = {}
     for spec in layout.processes:
-        for name, value in scrape(spec.metrics_url).items():
+        scraped = scrape(spec.metrics_url)
+        if spec.role == "learner" and scraped:
+            learner_gauges[spec.member] = scraped
+        for name, value in scraped.items():
             totals[name] = totals.get(name, 0.0) + value
             maxima[name] = max(maxima.get(name, value), value)
-    return StatusSnapshot(time.monotonic(), totals, maxima)
+    return StatusSnapshot(time.monotonic(), totals, maxima, learner_gauges)
+
+
+def _per_member(label: str, values: list[float], fmt: str, best: Callable[[Sequence[float]], float]) -> str:
+    """``label MEAN`` for one member; ``label MEAN (mean of K, best B)`` for a population."""
+    mean = sum(values) / len(values)
+    if len(values) == 1:
+        return f"{label} {mean:{fmt}}"
+    return f"{label} {mean:{fmt}} (mean of {len(values)}, best {best(values):{fmt}})"
 
 
 def format_status(prev: StatusSnapshot, cur: StatusSnapshot, elapsed: float) -> str:
-    """One line: rates between two snapshots plus the current gauges."""
+    """One line: rates between two snapshots plus the current gauges.
+
+    Rates are system totals (all members' counters summed); the reward and reconstruction L2
+    are per-member gauges, so a population shows their mean over members and the best member.
+    """
     dt = max(1e-6, cur.time - prev.time)
 
     def rate(name: str) -> float:
@@ -303,10 +332,12 @@ def format_status(prev: StatusSnapshot, cur: StatusSnapshot, elapsed: float) -> 
     capacity = cur.totals.get("spiral_replay_capacity_items", 0.0)
     if capacity:
         parts.append(f"replay {100 * cur.totals.get('spiral_replay_size_items', 0.0) / capacity:3.0f}%")
-    if "spiral_learner_episode_reward" in cur.totals:
-        parts.append(f"reward {cur.totals['spiral_learner_episode_reward']:+.3f}")
-    if cur.totals.get("spiral_learner_reconstruction_l2"):
-        parts.append(f"l2 {cur.totals['spiral_learner_reconstruction_l2']:.4f}")
+    rewards = cur.member_values("spiral_learner_episode_reward")
+    if rewards:
+        parts.append(_per_member("reward", rewards, "+.3f", max))
+    l2 = [value for value in cur.member_values("spiral_learner_reconstruction_l2") if value]
+    if l2:
+        parts.append(_per_member("l2", l2, ".4f", min))
     return " | ".join(parts)
 
 
