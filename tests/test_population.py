@@ -48,10 +48,16 @@ def test_bad_member_is_exploited_and_the_controller_survives_a_restart(tmp_path:
         assert event["donor"] == 0
         assert event["hyperparameters_before"]["learning_rate"] == pytest.approx(1e-9)
         assert event["hyperparameters_after"]["learning_rate"] > 1e-6
-        # The copy reached learner 1: its version jumped and it keeps training.
-        updates = system.value("learner-1", "spiral_learner_updates_total")
+        # The copy reached learner 1: it applied the donor's training state, which raised its
+        # version (so actors pick the copied weights up), and it keeps training.
+        learner_log = system.child("learner-1").spec.log_path
+        system.wait_for("learner 1 applying the copy", lambda: "applied PBT copy" in learner_log.read_text())
+        scraped = system.metrics("learner-1")  # one scrape: version and updates of the same moment
+        version, updates = scraped["spiral_learner_parameter_version"], scraped["spiral_learner_updates_total"]
+        assert version > updates  # a copy raises the version without being an update
         system.wait_for("learner 1 training after the copy",
                         lambda: system.value("learner-1", "spiral_learner_updates_total") > updates + 2)
+        assert system.value("learner-1", "spiral_learner_parameter_version") > version
 
         # Kill the controller and start it again: members, hyperparameters and lineage survive.
         channel = make_channel(controller.spec.grpc_address, write_config_services(config))
