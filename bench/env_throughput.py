@@ -6,10 +6,10 @@ Prints, measured in one run on this machine (so the ratios are fair on a noisy m
    libmypaint (the baseline), the fast torch rasterizer, and MuJoCo scenes;
 2. baseline 1, the actor loop alone in one process with no gRPC (policy inference +
    libmypaint, N canvases, one thread): environment frames/s. Nothing consumes its episodes.
-3. baseline 2, the whole training loop in one process with no gRPC: the same actor loop, the
-   policy update, the replay table and the discriminator updates in turn, on as many torch
-   threads as the machine has cores (:func:`inprocess_training_rate`): the same work per
-   frame as the system;
+3. baseline 2, the whole training loop in one process with no gRPC (``spiral local``,
+   :class:`spiral.local.LocalSystem`): the same actor loop, the policy update, the replay table
+   and the discriminator updates in turn, on as many torch threads as the machine has cores
+   (:func:`inprocess_training_rate`): the same work per frame as the system;
 4. the one-machine system (replay buffer, discriminator, learner and ``--actors`` actors as
    separate processes talking gRPC, the learner training all the while): environment
    frames/s summed over actors, read from their Prometheus counters, and its ratios to (2)
@@ -25,6 +25,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -36,10 +37,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from actor.acting import EpisodeRunner  # noqa: E402
-from replaybuffer.table import RateLimited, ReplayItem, ReplayTable  # noqa: E402
+from spiral.acting import EpisodeRunner  # noqa: E402
 from spiral.allocator import retain_freed_memory  # noqa: E402
 from spiral.config import ExperimentConfig, dump_experiment, experiment_path, load_experiment  # noqa: E402
 from spiral.envs import action_spec_for, make_env  # noqa: E402
@@ -87,86 +86,68 @@ def inprocess_actor_rate(cfg: ExperimentConfig, num_envs: int, seconds: float) -
     return frames / (time.perf_counter() - start)
 
 
-class TableSampler:
-    """A :class:`~discriminator.learner.RenderSampler` over an in-process replay table."""
-
-    def __init__(self, table: ReplayTable) -> None:
-        self.table = table
-
-    def sample(self, batch_size: int) -> tuple[np.ndarray, np.ndarray | None] | None:
-        try:
-            items = self.table.sample(batch_size)
-        except RateLimited:
-            return None
-        targets = None if items[0].target is None else np.stack([item.target for item in items])
-        return np.stack([item.render for item in items]), targets
-
-
 def inprocess_training_rate(cfg: ExperimentConfig, num_envs: int, seconds: float, threads: int) -> dict[str, float]:
     """Frames/s of the whole training loop in one process, no gRPC, on ``threads`` torch threads.
 
-    The same work per frame as the system, done by the same classes the services wrap: the
-    actor loop (acting with the learner's own policy, so no lag), a
-    :class:`~learner.learner.PolicyLearner` step per ``learner.batch_size`` episodes scored by
-    the :class:`~discriminator.learner.DiscriminatorLearner`'s critic, every final render into a
-    :class:`~replaybuffer.table.ReplayTable` with the experiment's limits, and as many
-    discriminator steps as its ``samples_per_insert`` allows, all in turn on one Python thread
-    (checkpoints, logs and sample grids go to a temporary run directory, as the services write theirs).
+    This is ``spiral local`` (:class:`spiral.local.LocalSystem`): the same work per frame as
+    the system, done by the same classes the services wrap: one actor (its own policy copy,
+    refreshed from the learner as a remote actor's is), a policy learner update per
+    ``learner.batch_size`` episodes scored by the discriminator's critic, every final render
+    into a replay table with the experiment's limits, and as many discriminator updates as its
+    ``samples_per_insert`` allows, all in turn on one Python thread (checkpoints, logs and
+    sample grids go to a temporary run directory, as the services write theirs).
     """
-    from discriminator.learner import DiscriminatorLearner
-    from learner.learner import PolicyLearner
-    from spiral.data import for_experiment
+    from spiral.local import LocalSystem
 
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         with tempfile.TemporaryDirectory() as run_dir:
-            images = for_experiment(cfg).images
-            rc = cfg.replay
-            table = ReplayTable(rc.capacity, rc.min_size, rc.samples_per_insert, seed=0)
-            critic = DiscriminatorLearner(cfg, Path(run_dir), images, TableSampler(table), seed=cfg.seed + 1000)
-            learner = PolicyLearner(cfg, Path(run_dir), critic_source=critic)
-            runner = EpisodeRunner(cfg, make_env(cfg, num_envs, seed=0), learner.policy,
-                                   images if cfg.env.conditional else None, seed=0, actor_id="bench")
-            frames = 0
+            local_cfg = dataclasses.replace(cfg, actor=dataclasses.replace(cfg.actor, num_envs=num_envs))
+            system = LocalSystem(local_cfg, Path(run_dir), num_actors=1)
             start = time.perf_counter()
             while time.perf_counter() - start < seconds:
-                runner.policy_version = learner.version  # it acts with the learner's own weights
-                unroll = runner.run_episode()
-                frames += unroll.num_steps * unroll.batch_size
-                learner.submit(unroll)
-                targets = unroll.targets if unroll.targets is not None else [None] * unroll.batch_size
-                table.insert(ReplayItem(render, target, unroll.policy_version, "bench")
-                             for render, target in zip(unroll.final_canvases, targets))
-                if learner.queue.depth >= cfg.learner.batch_size:
-                    learner.step(timeout=0)
-                while critic.step() is not None:
-                    pass
+                system.step()
             elapsed = time.perf_counter() - start
+            frames, updates, critic_updates = system.frames, system.learner.updates, system.discriminator.updates
+            system.close()
     finally:
         torch.set_num_threads(previous)
-    return {"frames_per_second": frames / elapsed, "learner_updates_per_second": learner.updates / elapsed,
-            "discriminator_updates_per_second": critic.updates / elapsed}
+    return {"frames_per_second": frames / elapsed, "learner_updates_per_second": updates / elapsed,
+            "discriminator_updates_per_second": critic_updates / elapsed}
 
 
 def system_actor_rate(config_path: Path, num_actors: int, seconds: float, warmup: float) -> dict[str, float]:
-    """Frames/s summed over the actors of a real one-machine system (after ``warmup`` seconds)."""
-    from system_harness import System  # the same harness the system tests use
+    """Frames/s summed over the actors of a real one-machine system (after ``warmup`` seconds),
+    started as ``spiral up`` starts it (:func:`spiral.up.plan_layout`, :class:`spiral.up.Supervisor`)."""
+    from spiral.up import Supervisor, plan_layout, scrape
 
     with tempfile.TemporaryDirectory() as tmp:
-        with System(Path(tmp) / "run", config_path, num_actors=num_actors) as system:
-            actors = [f"actor-{i}" for i in range(num_actors)]
+        run_dir = Path(tmp) / "run"
+        run_dir.mkdir()
+        layout = plan_layout(load_experiment(config_path), config_path, run_dir, num_actors, 1)
+        supervisor = Supervisor(layout, run_dir, restart=False)
+        urls = {spec.name: spec.metrics_url for spec in layout.processes}
+        actors = [f"actor-{i}" for i in range(num_actors)]
 
-            def total(metric: str, names: list[str]) -> float:
-                return sum(system.value(name, metric) for name in names)
+        def total(metric: str, names: list[str]) -> float:
+            return sum(scrape(urls[name]).get(metric, 0.0) for name in names)
 
-            system.wait_for("actors stepping", lambda: total("spiral_actor_env_steps_total", actors) > 0, timeout=300)
+        supervisor.start()
+        try:
+            deadline = time.monotonic() + 300
+            while total("spiral_actor_env_steps_total", actors) == 0:
+                if time.monotonic() > deadline or supervisor.poll():
+                    raise RuntimeError(f"the system did not start stepping; see the logs under {run_dir / 'logs'}")
+                time.sleep(0.5)
             time.sleep(warmup)
             steps0, updates0, t0 = (total("spiral_actor_env_steps_total", actors),
-                                    system.value("learner", "spiral_learner_updates_total"), time.monotonic())
+                                    total("spiral_learner_updates_total", ["learner"]), time.monotonic())
             time.sleep(seconds)
             steps1, updates1, t1 = (total("spiral_actor_env_steps_total", actors),
-                                    system.value("learner", "spiral_learner_updates_total"), time.monotonic())
+                                    total("spiral_learner_updates_total", ["learner"]), time.monotonic())
+        finally:
+            supervisor.stop(grace_seconds=20)
     return {"frames_per_second": (steps1 - steps0) / (t1 - t0),
             "learner_updates_per_second": (updates1 - updates0) / (t1 - t0)}
 

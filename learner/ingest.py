@@ -13,10 +13,11 @@ import collections
 import threading
 import time
 
+from spiral.sources import Unavailable
 from spiral.trajectory import Unroll
 
 
-class QueueFull(Exception):
+class QueueFull(Unavailable):
     """The queue stayed full for the whole timeout; the submitter should retry later."""
 
 
@@ -44,12 +45,19 @@ class IngestQueue:
         self._episodes = 0
         self._cond = threading.Condition()
         self._closed = False
+        self._waiting_submitters = 0
 
     @property
     def depth(self) -> int:
         """Episodes waiting."""
         with self._cond:
             return self._episodes
+
+    @property
+    def waiting_submitters(self) -> int:
+        """Submitters blocked in :meth:`put` for room right now (pushed back)."""
+        with self._cond:
+            return self._waiting_submitters
 
     def put(self, unroll: Unroll, timeout: float) -> None:
         """Queue ``unroll``, waiting up to ``timeout`` seconds for room.
@@ -64,7 +72,11 @@ class IngestQueue:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise QueueFull(f"ingest queue full ({self._episodes}/{self.capacity} episodes)")
-                self._cond.wait(remaining)
+                self._waiting_submitters += 1
+                try:
+                    self._cond.wait(remaining)
+                finally:
+                    self._waiting_submitters -= 1
             self._items.append(unroll)
             self._episodes += unroll.batch_size
             self._cond.notify_all()

@@ -46,7 +46,7 @@ from spiral.envs.programs import program_from_actions, save_program, to_svg
 from spiral.nets import build_discriminator, build_policy
 from spiral.nets.params import ParameterSnapshot, load_snapshot, snapshot_of
 from spiral.service_runtime import ProgressLog
-from spiral.sources import ParameterSource, PublishedParameters
+from spiral.sources import ParameterSource, PublishedParameters, Refused
 from spiral.tensorboard import TrainingBoard
 from spiral.trajectory import Unroll
 from spiral.visualize import pair_grid, save_png
@@ -59,8 +59,11 @@ def reward_in_band(mean_reward: float, band: tuple[float, float]) -> bool:
     return math.isfinite(mean_reward) and band[0] <= mean_reward <= band[1]
 
 
-class StaleUnroll(Exception):
-    """An unroll acted with a policy more than ``max_policy_lag`` versions behind."""
+class StaleUnroll(Refused):
+    """An unroll acted with a policy more than ``max_policy_lag`` versions behind (or ahead)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, stale=True)
 
 
 @dataclass
@@ -137,8 +140,9 @@ class PolicyLearner:
 
     # -- what peers call ---------------------------------------------------------------------
 
-    def submit(self, unroll: Unroll, timeout: float = 30.0) -> None:
-        """Queue an unroll for training (blocks while the queue is full, up to ``timeout``).
+    def submit(self, unroll: Unroll, timeout: float = 30.0) -> int:
+        """UnrollSink: queue an unroll for training (blocks while the queue is full, up to
+        ``timeout``); returns the learner's version.
 
         Raises:
             StaleUnroll: The unroll's policy is more than ``max_policy_lag`` versions old.
@@ -155,6 +159,7 @@ class PolicyLearner:
         self.queue.put(unroll, timeout=timeout)
         metrics.LEARNER_TRAJECTORIES_TOTAL.labels(self.member).inc(unroll.batch_size)
         metrics.LEARNER_QUEUE_DEPTH.labels(self.member).set(self.queue.depth)
+        return self.version
 
     def fetch(self, have_version: int) -> ParameterSnapshot | None:
         """ParameterSource: the published policy if newer than ``have_version``."""

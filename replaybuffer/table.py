@@ -305,3 +305,27 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
         os.fsync(directory)
     finally:
         os.close(directory)
+
+
+class LocalRenders:
+    """A table as its in-process peers see it: a :class:`spiral.sources.RenderSink` for actors
+    and a render sampler (``sample(batch_size) -> (renders, targets) | None``) for the
+    discriminator, as the replay service offers them over gRPC (``spiral local``)."""
+
+    def __init__(self, table: ReplayTable) -> None:
+        self.table = table
+
+    def insert(self, renders: np.ndarray, targets: np.ndarray | None, policy_version: int, actor_id: str) -> int:
+        """Store ``[B, H, W, C]`` renders (and targets); returns the items held."""
+        rows: Iterable[np.ndarray | None] = targets if targets is not None else [None] * len(renders)
+        return self.table.insert(ReplayItem(np.asarray(render), None if target is None else np.asarray(target),
+                                            int(policy_version), actor_id) for render, target in zip(renders, rows))
+
+    def sample(self, batch_size: int) -> tuple[np.ndarray, np.ndarray | None] | None:
+        """A uniformly sampled batch, or None while the table's rate limiter holds it back."""
+        try:
+            items = self.table.sample(batch_size)
+        except RateLimited:
+            return None
+        targets = None if items[0].target is None else np.stack([item.target for item in items])
+        return np.stack([item.render for item in items]), targets

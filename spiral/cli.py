@@ -23,6 +23,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "replaybuffer": ("replaybuffer.main", "run the replay buffer service"),
     "pbt-controller": ("pbt_controller.main", "run the population-based training controller"),
     "up": ("spiral.up", "run the whole system on this machine"),
+    "local": ("spiral.local", "run the whole system in one process, without gRPC (debugging, baselines)"),
 }
 """Subcommand -> (module defining register/run, one-line help)."""
 

@@ -415,9 +415,21 @@ class ActorConfig:
     restarted) when it has not finished an iteration for this long. Waiting for a peer that is
     down is not a stall: every wait is bounded and the loop goes round again."""
 
+    parameter_deadline_seconds: float = 30.0
+    """How long one parameter refresh may retry a learner that is down or busy; then the actor
+    acts on with the parameters it has (or, before the first, goes round its loop and asks again)."""
+    submit_deadline_seconds: float = 60.0
+    """How long one unroll is retried against a learner that is down or whose queue is full
+    (back-pressure) before it is dropped."""
+    insert_deadline_seconds: float = 5.0
+    """How long one batch of renders is retried against a replay buffer that is down before it
+    is dropped (the discriminator needs recent renders, not all of them)."""
+
     def validate(self, path: str) -> None:
         _require(self.num_envs >= 1, f"{path}.num_envs", "must be >= 1")
         _require(self.stall_seconds > 0, f"{path}.stall_seconds", "must be > 0")
+        for name in ("parameter_deadline_seconds", "submit_deadline_seconds", "insert_deadline_seconds"):
+            _require(getattr(self, name) > 1.0, f"{path}.{name}", "must be > 1 second")
         _require(self.parameter_refresh_seconds >= 0, f"{path}.parameter_refresh_seconds", "must be >= 0")
         _require(self.torch_threads >= 1, f"{path}.torch_threads", "must be >= 1")
         _require_precision(self.precision, f"{path}.precision")

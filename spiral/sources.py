@@ -19,10 +19,30 @@ from spiral.trajectory import Unroll
 
 
 class PeerFailure(RuntimeError):
-    """A peer (local or remote) could not answer a call; loops back off and try again.
+    """A call to a peer (local or remote) failed. Loops drop the item or back off and go on.
 
     :class:`spiral.rpc.peers.PeerError` is the remote kind, with the gRPC status.
     """
+
+
+class Refused(PeerFailure):
+    """The peer refused what was sent; sending it again will not help.
+
+    ``stale`` is True when it was well formed but out of date (an unroll acted by a policy too
+    many versions old): the sender refetches parameters before sending more.
+    """
+
+    def __init__(self, message: str, stale: bool = False) -> None:
+        super().__init__(message)
+        self._stale = stale
+
+    @property
+    def stale(self) -> bool:
+        return self._stale
+
+
+class Unavailable(PeerFailure):
+    """The peer is down, busy (a full queue) or too slow right now: try again later."""
 
 
 class ParameterSource(Protocol):
@@ -35,15 +55,24 @@ class ParameterSource(Protocol):
 class UnrollSink(Protocol):
     """Something that consumes finished episodes (the policy learner)."""
 
-    def submit(self, unroll: Unroll) -> None:
-        """Hand over one unroll; raises on refusal."""
+    def submit(self, unroll: Unroll) -> int | None:
+        """Hand over one unroll; returns the learner's parameter version when the sink knows it.
+
+        Raises:
+            Refused: The unroll was refused (``stale``: its policy is too old).
+            Unavailable: The learner is down or its queue stayed full (the unroll is dropped).
+        """
 
 
 class RenderSink(Protocol):
     """Something that stores final renders for the discriminator (the replay buffer)."""
 
-    def insert(self, renders: np.ndarray, targets: np.ndarray | None, policy_version: int, actor_id: str) -> None:
-        """Store ``[B, H, W, C]`` uint8 renders (and their targets in conditional mode)."""
+    def insert(self, renders: np.ndarray, targets: np.ndarray | None, policy_version: int, actor_id: str) -> object:
+        """Store ``[B, H, W, C]`` uint8 renders (and their targets in conditional mode).
+
+        Raises:
+            PeerFailure: They were refused, or the buffer could not take them now.
+        """
 
 
 class PublishedParameters:
@@ -81,10 +110,11 @@ class CallbackSink:
         self._on_unroll = on_unroll
         self._on_render = on_render
 
-    def submit(self, unroll: Unroll) -> None:
+    def submit(self, unroll: Unroll) -> int | None:
         if self._on_unroll is None:
             raise RuntimeError("this sink takes no unrolls")
         self._on_unroll(unroll)
+        return None
 
     def insert(self, renders: np.ndarray, targets: np.ndarray | None, policy_version: int, actor_id: str) -> None:
         if self._on_render is None:

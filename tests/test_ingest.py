@@ -55,11 +55,13 @@ def test_full_queue_pushes_back_then_admits_after_a_take() -> None:
 
     thread = threading.Thread(target=producer)
     thread.start()
-    time.sleep(0.05)
-    assert not done.is_set()
+    deadline = time.monotonic() + 5
+    while q.waiting_submitters == 0 and time.monotonic() < deadline:
+        time.sleep(0.001)  # until the producer is provably inside put's wait for room
+    assert q.waiting_submitters == 1 and not done.is_set()
     assert q.take_batch(4, timeout=1) is not None
     thread.join(timeout=5)
-    assert done.is_set() and q.depth == 2
+    assert done.is_set() and q.depth == 2 and q.waiting_submitters == 0
 
 
 def test_oversized_unroll_is_admitted_into_an_empty_queue() -> None:

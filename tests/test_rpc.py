@@ -360,8 +360,9 @@ def test_remote_unroll_sink_submits_and_reports_refusals() -> None:
     server.start()
     sink = RemoteUnrollSink(server.address, services, spec.names)
     try:
-        summary = sink.submit(make_unroll(9))
-        assert summary.accepted == 1 and summary.latest_version == 10
+        assert sink.submit(make_unroll(9)) == 10
+        summary = sink.last_summary
+        assert summary is not None and summary.accepted == 1 and summary.latest_version == 10
         np.testing.assert_array_equal(service.received[0].actions, make_unroll(9).actions)
         with pytest.raises(PeerRejected) as caught:
             sink.submit(make_unroll(2))
@@ -372,7 +373,7 @@ def test_remote_unroll_sink_submits_and_reports_refusals() -> None:
             bad_heads.submit(make_unroll(9))
         assert not caught.value.stale and "unknown_head" in caught.value.details and "wobble" in caught.value.details
         bad_heads.close()
-        assert sink.submit(make_unroll(10)).accepted == 1  # still serving
+        assert sink.submit(make_unroll(10)) == 10 and sink.last_summary.accepted == 1  # still serving
     finally:
         sink.close()
         server.stop(grace=0.5)

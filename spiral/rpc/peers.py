@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import uuid
 from typing import Any, Callable, Literal, Sequence, TypeVar
 
@@ -50,10 +51,10 @@ import numpy as np
 from spiral.config import ServicesConfig
 from spiral.nets.params import ParameterSnapshot
 from spiral.rpc.client import RetryError, RetryPolicy, call_with_retry, make_channel
-from spiral.rpc.errors import RATE_LIMITED_PREFIX
+from spiral.rpc.errors import RATE_LIMITED_PREFIX, InvalidMessage
 from spiral.rpc.messages import ImageShape, decode_sample_response, encode_insert_request, encode_unroll
 from spiral.rpc.parameters import fetch_parameters
-from spiral.sources import PeerFailure
+from spiral.sources import PeerFailure, Refused, Unavailable
 from spiral.trajectory import Unroll
 from spiral.v1 import discriminator_pb2_grpc, learner_pb2, learner_pb2_grpc, replay_pb2, replay_pb2_grpc
 
@@ -85,7 +86,7 @@ class PeerError(PeerFailure):
         self.details = details
 
 
-class PeerRejected(PeerError):
+class PeerRejected(PeerError, Refused):
     """The message was refused: INVALID_ARGUMENT, FAILED_PRECONDITION, or too large for gRPC's limit."""
 
     @property
@@ -94,7 +95,7 @@ class PeerRejected(PeerError):
         return self.code == grpc.StatusCode.FAILED_PRECONDITION
 
 
-class PeerUnavailable(PeerError):
+class PeerUnavailable(PeerError, Unavailable):
     """The peer is down, busy or too slow right now; retry later with backoff."""
 
 
@@ -116,33 +117,62 @@ def _error_from(address: str, method: str, error: BaseException) -> PeerError:
     return PeerError(address, method, code, details)
 
 
+class _EitherEvent:
+    """Set when either event is: a client's own close, or its owner's stop (what a retry waits on)."""
+
+    def __init__(self, first: threading.Event, second: threading.Event) -> None:
+        self._events = (first, second)
+
+    def is_set(self) -> bool:
+        return any(event.is_set() for event in self._events)
+
+    def wait(self, timeout: float) -> bool:
+        end = time.monotonic() + timeout
+        while not self.is_set():
+            remaining = end - time.monotonic()
+            if remaining <= 0:
+                return False
+            self._events[0].wait(min(remaining, 0.05))
+        return True
+
+
 class _Peer:
-    """One channel to one address, and the short UNAVAILABLE-only retry every call gets."""
+    """One channel to one address, and the one retry policy every call gets.
+
+    A call is retried with backoff and jitter while it fails with one of ``retry_codes``
+    (default: UNAVAILABLE only), for at most ``call_timeout + retry_seconds`` in all; ``stop``
+    (the owner's shutdown) or :meth:`close` ends the retrying at once.
+    """
 
     def __init__(self, address: str, services_cfg: ServicesConfig, call_timeout: float,
-                 unavailable_retry_seconds: float, server_name: str | None) -> None:
+                 unavailable_retry_seconds: float, server_name: str | None,
+                 retry_codes: frozenset[grpc.StatusCode] = frozenset({grpc.StatusCode.UNAVAILABLE}),
+                 retry_labels: tuple[str, str] | None = None, stop: threading.Event | None = None) -> None:
         if not address:
             raise ValueError("peer address is empty")
         self.address = address
         self.channel = make_channel(address, services_cfg, server_name=server_name)
         self.call_timeout = float(call_timeout)
         self.unavailable_retry_seconds = float(unavailable_retry_seconds)
+        self.retry_codes = retry_codes
+        self.retry_labels = retry_labels
         self._policy = RetryPolicy(initial_backoff=0.05, max_backoff=0.5, call_timeout=self.call_timeout,
-                                   retry_codes=frozenset({grpc.StatusCode.UNAVAILABLE}))
+                                   retry_codes=retry_codes)
         self._closed = threading.Event()
+        self._stop: threading.Event | _EitherEvent = self._closed if stop is None else _EitherEvent(self._closed, stop)
 
     def _call(self, method: str, attempt: Callable[[float], T], timeout: float | None = None) -> T:
-        """Run ``attempt(timeout)``; retry UNAVAILABLE briefly; raise a :class:`PeerError`."""
+        """Run ``attempt(timeout)``; retry :attr:`retry_codes` briefly; raise a :class:`PeerError`."""
         if self._closed.is_set():
             raise PeerError(self.address, method, None, "this client was closed")
         policy = self._policy if timeout is None else RetryPolicy(
-            initial_backoff=0.05, max_backoff=0.5, call_timeout=timeout,
-            retry_codes=frozenset({grpc.StatusCode.UNAVAILABLE}))
-        # The first attempt always runs; UNAVAILABLE retries only within the short window.
+            initial_backoff=0.05, max_backoff=0.5, call_timeout=timeout, retry_codes=self.retry_codes)
+        # The first attempt always runs; retries only within the short window.
         deadline = policy.call_timeout + self.unavailable_retry_seconds
         try:
-            return call_with_retry(attempt, policy=policy, deadline_seconds=deadline, stop=self._closed,
-                                   description=f"{method} on {self.address}")
+            return call_with_retry(attempt, policy=policy, deadline_seconds=deadline,
+                                   stop=self._stop,  # type: ignore[arg-type]
+                                   retry_labels=self.retry_labels, description=f"{method} on {self.address}")
         except (grpc.RpcError, RetryError) as error:
             raise _error_from(self.address, method, error) from None
 
@@ -170,14 +200,17 @@ class RemoteParameterSource(_Peer):
         call_timeout: Deadline of one fetch (the whole chunk stream), seconds.
         unavailable_retry_seconds: How long an UNAVAILABLE peer is retried within one fetch.
         server_name: Name to verify in the server's TLS certificate instead of the host.
+        retry: ``retry_codes`` (retried status codes, default UNAVAILABLE), ``retry_labels``
+            (``(member, peer)`` of ``spiral_actor_rpc_retries_total``) and ``stop`` (an event
+            that ends retrying), as :class:`_Peer` takes them.
     """
 
     def __init__(self, address: str, services_cfg: ServicesConfig, kind: Literal["learner", "discriminator"],
                  member: int = 0, *, call_timeout: float = 30.0, unavailable_retry_seconds: float = 2.0,
-                 server_name: str | None = None) -> None:
+                 server_name: str | None = None, **retry: Any) -> None:
         if kind not in ("learner", "discriminator"):
             raise ValueError(f"kind must be 'learner' or 'discriminator', got {kind!r}")
-        super().__init__(address, services_cfg, call_timeout, unavailable_retry_seconds, server_name)
+        super().__init__(address, services_cfg, call_timeout, unavailable_retry_seconds, server_name, **retry)
         self.kind = kind
         self.member = int(member)
         stub_class = learner_pb2_grpc.PolicyLearnerStub if kind == "learner" else \
@@ -193,10 +226,13 @@ class RemoteParameterSource(_Peer):
 
         Raises:
             PeerUnavailable / PeerRejected / PeerError: The call failed (see the module doc).
-            spiral.rpc.errors.InvalidMessage: The server sent an inconsistent chunk stream.
+            PeerError: The server sent an inconsistent chunk stream.
         """
-        update = self._call("GetParameters", lambda timeout: fetch_parameters(
-            self._stub, have_version=int(have_version), member=self.member, timeout=timeout))
+        try:
+            update = self._call("GetParameters", lambda timeout: fetch_parameters(
+                self._stub, have_version=int(have_version), member=self.member, timeout=timeout))
+        except InvalidMessage as error:
+            raise PeerError(self.address, "GetParameters", None, f"malformed parameter stream: {error}") from None
         if update is None:
             return None
         return ParameterSnapshot(version=int(update.version), tensors=dict(update.tensors))
@@ -215,24 +251,25 @@ class RemoteUnrollSink(_Peer):
         call_timeout: Deadline of one submit, seconds.
         unavailable_retry_seconds: How long an UNAVAILABLE learner is retried within one submit.
         server_name: Name to verify in the server's TLS certificate instead of the host.
+        retry: ``retry_codes``, ``retry_labels`` and ``stop``, as :class:`RemoteParameterSource`.
     """
 
     def __init__(self, address: str, services_cfg: ServicesConfig, head_names: Sequence[str], member: int = 0,
                  run_id: str | None = None, *, call_timeout: float = 30.0, unavailable_retry_seconds: float = 2.0,
-                 server_name: str | None = None) -> None:
-        super().__init__(address, services_cfg, call_timeout, unavailable_retry_seconds, server_name)
+                 server_name: str | None = None, **retry: Any) -> None:
+        super().__init__(address, services_cfg, call_timeout, unavailable_retry_seconds, server_name, **retry)
         self.head_names = tuple(head_names)
         self.member = int(member)
         self.run_id = run_id or uuid.uuid4().hex[:12]
         self._stub = learner_pb2_grpc.PolicyLearnerStub(self.channel)
         self.last_summary: learner_pb2.SubmitSummary | None = None
 
-    def submit(self, unroll: Unroll) -> learner_pb2.SubmitSummary:
+    def submit(self, unroll: Unroll) -> int:
         """Send one unroll on a client stream and wait for the learner's summary.
 
         Returns:
-            The learner's :class:`~spiral.v1.learner_pb2.SubmitSummary` (``latest_version``
-            tells the actor how far behind it acts).
+            The learner's ``latest_version`` (how far behind the actor acts); the whole
+            :class:`~spiral.v1.learner_pb2.SubmitSummary` is kept in :attr:`last_summary`.
 
         Raises:
             PeerRejected: INVALID_ARGUMENT (malformed) or FAILED_PRECONDITION (``stale``: the
@@ -246,7 +283,7 @@ class RemoteUnrollSink(_Peer):
         if summary.rejected and not summary.accepted:
             raise PeerRejected(self.address, "SubmitUnrolls", grpc.StatusCode.INVALID_ARGUMENT,
                                summary.last_rejection or "the unroll was refused")
-        return summary
+        return int(summary.latest_version)
 
 
 class RemoteRenderSink(_Peer):
@@ -259,11 +296,12 @@ class RemoteRenderSink(_Peer):
         call_timeout: Deadline of one insert, seconds.
         unavailable_retry_seconds: How long an UNAVAILABLE buffer is retried within one insert.
         server_name: Name to verify in the server's TLS certificate instead of the host.
+        retry: ``retry_codes``, ``retry_labels`` and ``stop``, as :class:`RemoteParameterSource`.
     """
 
     def __init__(self, address: str, services_cfg: ServicesConfig, member: int = 0, *, call_timeout: float = 10.0,
-                 unavailable_retry_seconds: float = 1.0, server_name: str | None = None) -> None:
-        super().__init__(address, services_cfg, call_timeout, unavailable_retry_seconds, server_name)
+                 unavailable_retry_seconds: float = 1.0, server_name: str | None = None, **retry: Any) -> None:
+        super().__init__(address, services_cfg, call_timeout, unavailable_retry_seconds, server_name, **retry)
         self.member = int(member)
         self._stub = replay_pb2_grpc.ReplayBufferStub(self.channel)
 
