@@ -101,6 +101,9 @@ class DiscriminatorLearner:
         self.version = 0
         self.updates = 0
         self.samples_consumed = 0
+        self.state_lock = threading.Lock()
+        """Held while weights, optimizer state and version change together (an update, a PBT copy),
+        so a reader of the training state (:meth:`export_training_state`) sees one version."""
         restored = latest_checkpoint(self.checkpoint_dir)
         if restored is not None:
             self.version, state = restored
@@ -146,14 +149,15 @@ class DiscriminatorLearner:
         if request is None:
             return
         try:
-            self.trainer.import_state(request.tensors)
+            with self.state_lock:
+                self.trainer.import_state(request.tensors)
+                # The version keeps rising so the policy learner picks the copied critic up.
+                self.version += 1
+                self.published.publish(snapshot_of(self.critic, self.version))
         except ValueError:
             log.exception("could not apply the donor's training state (donor version %d)", request.donor_version)
             request.done.set()
             return
-        # The version keeps rising so the policy learner picks the copied critic up.
-        self.version += 1
-        self.published.publish(snapshot_of(self.critic, self.version))
         metrics.DISCRIMINATOR_PARAMETER_VERSION.labels(self.member).set(self.version)
         request.version, request.applied = self.version, True
         request.done.set()
@@ -182,11 +186,12 @@ class DiscriminatorLearner:
         else:
             real = self.real_images[self.rng.integers(0, len(self.real_images), size=len(fake))]
         started = time.perf_counter()
-        stats = self.trainer.update(real, fake, fake_targets if self.cfg.env.conditional else None)
+        with self.state_lock:
+            stats = self.trainer.update(real, fake, fake_targets if self.cfg.env.conditional else None)
+            self.version += 1
+            self.updates += 1
+            self.published.publish(snapshot_of(self.critic, self.version))
         elapsed = time.perf_counter() - started
-        self.version += 1
-        self.updates += 1
-        self.published.publish(snapshot_of(self.critic, self.version))
         record = {k: float(v) for k, v in dataclasses.asdict(stats).items() if isinstance(v, (int, float))}
         record.update(update=self.version, seconds=elapsed)
         self.last_stats = record
@@ -209,8 +214,14 @@ class DiscriminatorLearner:
             self.checkpoint()
         return record
 
+    def export_training_state(self) -> tuple[int, dict[str, np.ndarray]]:
+        """``(version, critic weights and Adam state)`` between two updates (a PBT donor's answer)."""
+        with self.state_lock:
+            return self.version, self.trainer.export_state()
+
     def checkpoint(self) -> Path:
-        return save_checkpoint(self.checkpoint_dir, self.version, {"trainer": self.trainer.state_dict()})
+        with self.state_lock:  # state_dict() holds the live tensors: serialise them between updates
+            return save_checkpoint(self.checkpoint_dir, self.version, {"trainer": self.trainer.state_dict()})
 
     def close(self) -> None:
         """Flush and close the TensorBoard event file."""

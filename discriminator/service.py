@@ -6,7 +6,7 @@ answer is one "up to date" chunk when it already holds that version.
 Population-based training:
 
 * ``GetTrainingState`` serves the critic's weights and Adam state (see
-  :mod:`spiral.training_state`), taken between two updates.
+  :mod:`spiral.training_state`), taken between two updates under its ``state_lock``.
 * ``LoadFrom`` makes this discriminator a copy of a donor: it fetches the donor's training
   state (``GetTrainingState`` on ``donor_address`` for ``donor_member``), hands it to
   :meth:`DiscriminatorLearner.request_copy`, which applies it at the start of the next update
@@ -40,7 +40,6 @@ from spiral.rpc.peers import PeerError, PeerRejected, PeerUnavailable
 from spiral.rpc.publish import ParameterPublisher
 from spiral.rpc.server import ServiceBinding
 from spiral.rpc.training_state import fetch_training_state, training_state_chunks
-from spiral.training_state import InconsistentRead, UpdateGuard, consistent_export
 from spiral.v1 import discriminator_pb2, discriminator_pb2_grpc, parameters_pb2
 
 SERVICE = "spiral.v1.DiscriminatorLearner"
@@ -69,8 +68,6 @@ class DiscriminatorLearnerServicer(discriminator_pb2_grpc.DiscriminatorLearnerSe
         self.publisher = ParameterPublisher(learner.published.latest, member, serves=self.serves)
         self.donor_timeout = float(donor_timeout)
         self.copy_wait_seconds = float(copy_wait_seconds)
-        # Count optimiser steps from now on (before the training thread starts), for GetTrainingState.
-        UpdateGuard.of(learner.trainer.optimizer)
 
     @rejects_bad_messages(SERVICE)
     def GetParameters(self, request: parameters_pb2.GetParametersRequest,
@@ -84,12 +81,7 @@ class DiscriminatorLearnerServicer(discriminator_pb2_grpc.DiscriminatorLearnerSe
             raise PreconditionFailed("wrong_member", f"member: this discriminator serves member {self.member}, "
                                                      f"the request asked for member {request.member}")
         learner = self.learner
-        try:
-            version, tensors = consistent_export(
-                learner.trainer.export_state, "critic", learner.trainer.optimizer, lambda: learner.version,
-                learner.published.latest, lock=getattr(learner, "state_lock", None))
-        except InconsistentRead as exc:
-            context.abort(grpc.StatusCode.ABORTED, f"{exc}; retry")
+        version, tensors = learner.export_training_state()
         yield from training_state_chunks(version, tensors, self.member)
 
     @rejects_bad_messages(SERVICE)

@@ -291,11 +291,17 @@ class PolicyLearner:
             atomic_write_bytes(self.samples_dir / f"{name}.svg", to_svg(program).encode())
         return path
 
+    def export_training_state(self) -> tuple[int, dict[str, np.ndarray]]:
+        """``(version, policy weights and Adam state)`` between two updates (a PBT donor's answer)."""
+        with self.state_lock:
+            return self.version, self.trainer.export_state()
+
     def checkpoint(self) -> Path:
         """Write an atomic checkpoint of the trainer (weights, optimizer, hyperparameters)."""
-        return save_checkpoint(self.checkpoint_dir, self.version,
-                               {"trainer": self.trainer.state_dict(), "frames": self.frames, "updates": self.updates,
-                                "critic_version": self.critic_version})
+        with self.state_lock:  # state_dict() holds the live tensors: serialise them between updates
+            return save_checkpoint(self.checkpoint_dir, self.version,
+                                   {"trainer": self.trainer.state_dict(), "frames": self.frames,
+                                    "updates": self.updates, "critic_version": self.critic_version})
 
     def close(self) -> None:
         """Flush and close the TensorBoard event file."""

@@ -11,9 +11,7 @@ slow down instead of the learner running out of memory.
 
 ``GetTrainingState`` serves the full trainer state (policy weights and Adam state, see
 :mod:`spiral.training_state`) to a population member that copies this one. The snapshot
-is taken between two updates: under the learner's ``state_lock`` if it has one, otherwise by
-an optimistic read that is retried until no update overlapped it (``ABORTED`` if the learner
-never paused).
+is taken between two updates, under the learner's ``state_lock``.
 """
 
 from __future__ import annotations
@@ -30,7 +28,6 @@ from spiral.rpc.messages import UnrollExpectation, decode_unroll
 from spiral.rpc.publish import ParameterPublisher
 from spiral.rpc.server import ServiceBinding
 from spiral.rpc.training_state import training_state_chunks
-from spiral.training_state import InconsistentRead, UpdateGuard, consistent_export
 from spiral.v1 import learner_pb2, learner_pb2_grpc, parameters_pb2
 
 SERVICE = "spiral.v1.PolicyLearner"
@@ -46,8 +43,6 @@ class PolicyLearnerServicer(learner_pb2_grpc.PolicyLearnerServicer):
         self.member = member
         self.expect = UnrollExpectation.for_experiment(learner.cfg, action_spec_for(learner.cfg))
         self.publisher = ParameterPublisher(learner.published.latest, member)
-        # Count optimiser steps from now on (before the training thread starts), for GetTrainingState.
-        UpdateGuard.of(learner.trainer.optimizer)
 
     @rejects_bad_messages(SERVICE)
     def GetParameters(self, request: parameters_pb2.GetParametersRequest,
@@ -79,12 +74,7 @@ class PolicyLearnerServicer(learner_pb2_grpc.PolicyLearnerServicer):
             raise PreconditionFailed("wrong_member", f"member: this learner trains member {self.member}, "
                                                      f"the request asked for member {request.member}")
         learner = self.learner
-        try:
-            version, tensors = consistent_export(
-                learner.trainer.export_state, "policy", learner.trainer.optimizer, lambda: learner.version,
-                learner.published.latest, lock=getattr(learner, "state_lock", None))
-        except InconsistentRead as exc:
-            context.abort(grpc.StatusCode.ABORTED, f"{exc}; retry")
+        version, tensors = learner.export_training_state()
         yield from training_state_chunks(version, tensors, self.member)
 
     def Status(self, request: learner_pb2.StatusRequest, context: grpc.ServicerContext) -> learner_pb2.LearnerStatus:

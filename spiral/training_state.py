@@ -17,19 +17,16 @@ Hyperparameters (learning rate, betas, ...) are *not* part of it: PBT sets them 
 moves it over the network.
 
 Consistency. A learner's update runs on its own thread while ``GetTrainingState`` runs on a
-gRPC thread, and torch releases the GIL inside ``optimizer.step()``, so a naive export can
-see half an update. :func:`consistent_export` takes the snapshot under the learner's update
-lock when it has one, and otherwise reads optimistically and retries until the read is
-provably clean (no optimiser step during it, see :class:`UpdateGuard`; the version did not
-move; the weights equal the snapshot published for that version; two optimiser reads that
-bracket the weight read agree).
+gRPC thread, and torch releases the GIL inside ``optimizer.step()``, so an export taken during
+an update would see half of it. Both learners therefore follow one lock discipline: their
+``state_lock`` is held across every change of weights, optimiser state and version together
+(an update, a PBT copy), and their ``export_training_state()`` and ``checkpoint()`` read under it.
 """
 
 from __future__ import annotations
 
 import re
-import time
-from typing import Callable, ContextManager, Mapping
+from typing import Mapping
 
 import numpy as np
 import torch
@@ -180,96 +177,3 @@ def import_training_state(tensors: Mapping[str, np.ndarray], module_prefix: str,
 
 
 # -- a consistent snapshot from a live learner ------------------------------------------------------
-
-
-class InconsistentRead(RuntimeError):
-    """No consistent snapshot could be taken: the learner kept updating during every attempt."""
-
-
-class UpdateGuard:
-    """A sequence counter around ``optimizer.step()``, from the optimiser's own step hooks.
-
-    ``seq`` grows by one when a step starts and by one when it ends, and ``busy`` is True in
-    between, so a reader that sees the same ``seq`` before and after its read, and no step
-    busy, read no tensor that a step was changing. Attach it (:meth:`of`) before the training
-    thread starts; attaching twice returns the same guard.
-    """
-
-    _ATTRIBUTE = "_spiral_update_guard"
-
-    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
-        self.seq = 0
-        self.busy = False
-        optimizer.register_step_pre_hook(self._pre)
-        optimizer.register_step_post_hook(self._post)
-
-    def _pre(self, *_args: object) -> None:
-        self.busy = True
-        self.seq += 1
-
-    def _post(self, *_args: object) -> None:
-        self.seq += 1
-        self.busy = False
-
-    @classmethod
-    def of(cls, optimizer: torch.optim.Optimizer) -> "UpdateGuard":
-        """The guard of ``optimizer``, attached on first use."""
-        guard = getattr(optimizer, cls._ATTRIBUTE, None)
-        if guard is None:
-            guard = cls(optimizer)
-            setattr(optimizer, cls._ATTRIBUTE, guard)
-        return guard
-
-
-def _equal(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]) -> bool:
-    return a.keys() == b.keys() and all(
-        np.asarray(a[k]).shape == np.asarray(b[k]).shape and np.array_equal(a[k], b[k]) for k in a)
-
-
-def consistent_export(export: Callable[[], TrainingState], module_prefix: str, optimizer: torch.optim.Optimizer,
-                      version: Callable[[], int], published: Callable[[], object],
-                      lock: ContextManager[object] | None = None, attempts: int = 200,
-                      pause: float = 0.005) -> tuple[int, TrainingState]:
-    """``(version, training state)`` of a live learner, taken between two of its updates.
-
-    With ``lock`` (a learner lock held across each update, weight copy and publish) the
-    export is simply taken under it. Without one the read is optimistic and retried until it
-    is provably clean: no ``optimizer.step()`` ran during it (:class:`UpdateGuard`), the
-    learner's version did not move, two reads of the optimiser state that bracket the weight
-    read are bitwise equal, and the weights equal the snapshot the learner published for that
-    version (which is what the weights are between updates; this also catches a read inside
-    a weight copy or between a step and its publish).
-
-    Args:
-        export: The trainer's ``export_state``.
-        module_prefix: ``"policy"`` or ``"critic"``.
-        optimizer: The trainer's optimiser (its :class:`UpdateGuard` is used).
-        version: Reads the learner's current parameter version.
-        published: Returns the learner's published :class:`~spiral.nets.params.ParameterSnapshot`.
-        lock: The learner's update lock, if it has one.
-        attempts: Optimistic reads before giving up.
-        pause: Seconds between attempts (grows with the attempt, up to 10x).
-
-    Raises:
-        InconsistentRead: Every attempt overlapped an update.
-    """
-    if lock is not None:
-        with lock:
-            return int(version()), export()
-    guard = UpdateGuard.of(optimizer)
-    prefix = f"{module_prefix}/"
-    for attempt in range(attempts):
-        seq, before = guard.seq, int(version())
-        snapshot = published()
-        if not guard.busy and int(snapshot.version) == before:  # type: ignore[attr-defined]
-            first = export()   # weights, then optimiser state A1
-            second = export()  # weights W2, then optimiser state A2: A1 and A2 bracket W2
-            weights = {k[len(prefix):]: v for k, v in second.items() if k.startswith(prefix)}
-            if (not guard.busy and guard.seq == seq and int(version()) == before
-                    and _equal({k: v for k, v in first.items() if not k.startswith(prefix)},
-                               {k: v for k, v in second.items() if not k.startswith(prefix)})
-                    and _equal(weights, snapshot.tensors)):  # type: ignore[attr-defined]
-                return before, second
-        time.sleep(pause * (1 + attempt % 10))
-    raise InconsistentRead(f"no consistent {module_prefix} training state after {attempts} attempts: "
-                           "the learner was updating during each read")
