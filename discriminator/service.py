@@ -16,9 +16,10 @@ Population-based training:
   pending and is still applied before the next update, so no update after the reply ever
   starts from the old critic, unless a newer ``LoadFrom`` replaces it.
 
-  Errors: wrong ``member``, empty ``donor_address`` or a negative ``donor_member`` are
-  ``INVALID_ARGUMENT``; a donor that cannot be reached (down, too slow) is ``UNAVAILABLE``;
-  a donor that refuses, or whose state does not fit this critic, is ``FAILED_PRECONDITION``.
+  Errors: an empty ``donor_address`` or a negative ``donor_member`` is ``INVALID_ARGUMENT``;
+  a donor that cannot be reached (down, too slow) is ``UNAVAILABLE``; a wrong ``member`` (the
+  one rule of :func:`spiral.rpc.errors.check_member`), a donor that refuses, or a state that
+  does not fit this critic is ``FAILED_PRECONDITION``.
 
 A population discriminator (``pbt.shared_discriminator``: member 0's discriminator scores
 every member's episodes) answers ``GetParameters`` for every member of the population
@@ -35,7 +36,7 @@ from typing import Collection, Iterator
 import grpc
 
 from discriminator.learner import DiscriminatorLearner
-from spiral.rpc.errors import InvalidMessage, PreconditionFailed, describe_members, rejects_bad_messages
+from spiral.rpc.errors import InvalidMessage, PreconditionFailed, check_member, describe_members, rejects_bad_messages
 from spiral.rpc.peers import PeerError, PeerRejected, PeerUnavailable
 from spiral.rpc.publish import ParameterPublisher
 from spiral.rpc.server import ServiceBinding
@@ -77,9 +78,7 @@ class DiscriminatorLearnerServicer(discriminator_pb2_grpc.DiscriminatorLearnerSe
     @rejects_bad_messages(SERVICE)
     def GetTrainingState(self, request: parameters_pb2.GetTrainingStateRequest,
                          context: grpc.ServicerContext) -> Iterator[parameters_pb2.ParameterChunk]:
-        if request.member != self.member:
-            raise PreconditionFailed("wrong_member", f"member: this discriminator serves member {self.member}, "
-                                                     f"the request asked for member {request.member}")
+        check_member(request.member, {self.member}, self.member, "discriminator")
         learner = self.learner
         version, tensors = learner.export_training_state()
         yield from training_state_chunks(version, tensors, self.member)
@@ -91,9 +90,7 @@ class DiscriminatorLearnerServicer(discriminator_pb2_grpc.DiscriminatorLearnerSe
             raise PreconditionFailed("shared", f"this discriminator is shared by members "
                                                f"{describe_members(self.serves)} and copies no donor "
                                                f"(an exploit copies the policy only)")
-        if request.member != self.member:
-            raise InvalidMessage("wrong_member", f"member: this discriminator serves member {self.member}, "
-                                                 f"the request is for member {request.member}")
+        check_member(request.member, {self.member}, self.member, "discriminator")
         if not request.donor_address:
             raise InvalidMessage("missing_field", "donor_address: must name the donor discriminator (host:port)")
         if request.donor_member < 0:

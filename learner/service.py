@@ -23,7 +23,7 @@ import grpc
 from learner.ingest import QueueFull
 from learner.learner import PolicyLearner, StaleUnroll
 from spiral.envs import action_spec_for
-from spiral.rpc.errors import PreconditionFailed, rejects_bad_messages
+from spiral.rpc.errors import PreconditionFailed, check_member, rejects_bad_messages
 from spiral.rpc.messages import UnrollExpectation, decode_unroll
 from spiral.rpc.publish import ParameterPublisher
 from spiral.rpc.server import ServiceBinding
@@ -55,9 +55,7 @@ class PolicyLearnerServicer(learner_pb2_grpc.PolicyLearnerServicer):
         accepted = 0
         for msg in request_iterator:
             received = decode_unroll(msg, self.expect)
-            if received.member != self.member:
-                raise PreconditionFailed("wrong_member", f"member: this learner trains member {self.member}, "
-                                                         f"the unroll was acted for member {received.member}")
+            check_member(received.member, {self.member}, self.member, "learner")
             try:
                 self.learner.submit(received.unroll, timeout=QUEUE_WAIT_SECONDS)
             except StaleUnroll as exc:
@@ -70,9 +68,7 @@ class PolicyLearnerServicer(learner_pb2_grpc.PolicyLearnerServicer):
     @rejects_bad_messages(SERVICE)
     def GetTrainingState(self, request: parameters_pb2.GetTrainingStateRequest,
                          context: grpc.ServicerContext) -> Iterator[parameters_pb2.ParameterChunk]:
-        if request.member != self.member:
-            raise PreconditionFailed("wrong_member", f"member: this learner trains member {self.member}, "
-                                                     f"the request asked for member {request.member}")
+        check_member(request.member, {self.member}, self.member, "learner")
         learner = self.learner
         version, tensors = learner.export_training_state()
         yield from training_state_chunks(version, tensors, self.member)

@@ -31,7 +31,7 @@ import numpy as np
 
 from replaybuffer.table import RateLimited, ReplayItem, ReplayTable, TableClosed
 from spiral import metrics
-from spiral.rpc.errors import (RATE_LIMITED_PREFIX, InvalidMessage, PreconditionFailed, describe_members,
+from spiral.rpc.errors import (RATE_LIMITED_PREFIX, InvalidMessage, check_member,
                                rejects_bad_messages)
 from spiral.rpc.messages import ImageShape, RenderBatch, decode_insert_request, encode_sample_response
 from spiral.rpc.server import ServiceBinding
@@ -73,13 +73,7 @@ class ReplayBufferServicer(replay_pb2_grpc.ReplayBufferServicer):
         metrics.REPLAY_SIZE.labels(self._label).set(len(table))
 
     def _check_member(self, member: int) -> None:
-        if member in self.serves:
-            return
-        if self.serves == {self.member}:
-            raise PreconditionFailed("wrong_member", f"member: this replay buffer serves member {self.member}, "
-                                                     f"the request is for member {member}")
-        raise PreconditionFailed("wrong_member", f"member: this replay buffer is shared by members "
-                                                 f"{describe_members(self.serves)}, the request is for member {member}")
+        check_member(member, self.serves, self.member, "replay buffer")
 
     @rejects_bad_messages(SERVICE)
     def Insert(self, request_iterator: Iterable[replay_pb2.InsertRequest],

@@ -138,6 +138,7 @@ def test_bad_unrolls_are_refused_counted_and_the_learner_goes_on(learner: tuple[
     future.policy_version = status.version + 100
     with pytest.raises(grpc.RpcError) as info:
         _submit(stub, future)
-    assert info.value.code() in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.INVALID_ARGUMENT)
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "newer than the learner's" in info.value.details()
     assert scrape(metrics_url).get("spiral_rejected_messages_total", 0) >= rejected + 2
     channel.close()

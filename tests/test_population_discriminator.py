@@ -142,12 +142,12 @@ def test_the_parameter_publisher_answers_the_population_only_when_shared() -> No
     snapshot = SimpleNamespace(version=5, tensors={"w": np.zeros(2, np.float32)})
     own = ParameterPublisher(lambda: snapshot, member=0)
     request = parameters_pb2.GetParametersRequest(have_version=5, member=2)
-    with pytest.raises(PreconditionFailed, match="trains member 0, the request asked for member 2"):
+    with pytest.raises(PreconditionFailed, match="serves member 0, the request is for member 2"):
         list(own.stream(request))
     shared = ParameterPublisher(lambda: snapshot, member=0, serves=range(4))
     (chunk,) = shared.stream(request)
     assert chunk.version == 5 and chunk.count == 0 and chunk.member == 0
-    with pytest.raises(PreconditionFailed, match="shared by members 0-3, the request asked for member 4"):
+    with pytest.raises(PreconditionFailed, match="shared by members 0-3, the request is for member 4"):
         list(shared.stream(parameters_pb2.GetParametersRequest(have_version=5, member=4)))
 
 
@@ -217,11 +217,11 @@ def test_a_shared_discriminator_refuses_to_copy_a_donor() -> None:
         _discriminator_servicer(range(3)).LoadFrom(request, AbortContext())
     assert refused.value.code == grpc.StatusCode.FAILED_PRECONDITION
     assert refused.value.details.startswith("shared: ") and "members 0-2" in refused.value.details
-    # Not shared: the old checks, unchanged (a wrong member is INVALID_ARGUMENT).
+    # Not shared: the ordinary checks (a wrong member is FAILED_PRECONDITION, as on every method).
     with pytest.raises(Aborted) as wrong:
         _discriminator_servicer(None).LoadFrom(
             discriminator_pb2.LoadFromRequest(donor_address="127.0.0.1:1", donor_member=1, member=5), AbortContext())
-    assert wrong.value.code == grpc.StatusCode.INVALID_ARGUMENT and "wrong_member" in wrong.value.details
+    assert wrong.value.code == grpc.StatusCode.FAILED_PRECONDITION and "wrong_member" in wrong.value.details
 
 
 # -- PBT exploit --------------------------------------------------------------------------------

@@ -310,8 +310,12 @@ def test_discriminator_load_from_refuses_bad_requests(cfg, tmp_path: Path, donor
     _, donor_server = donor
     learner, _, server = make_discriminator(cfg, tmp_path / "recipient", member=0, seed=24, copy_wait_seconds=0.0)
     try:
+        # A request for another member is a failed precondition, as on every other method.
+        with pytest.raises(grpc.RpcError) as info:
+            load_from(server, cfg, donor_address=donor_server.address, donor_member=1, member=3)
+        assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "serves member 0, the request is for member 3" in info.value.details()
         cases = [
-            (dict(donor_address=donor_server.address, donor_member=1, member=3), "member"),
             (dict(donor_address="", donor_member=1, member=0), "donor_address"),
             (dict(donor_address=donor_server.address, donor_member=-1, member=0), "donor_member"),
         ]

@@ -16,7 +16,7 @@
 """
 
 from spiral.rpc.errors import (RATE_LIMITED_PREFIX, InvalidMessage, PreconditionFailed, RejectedMessage,
-                               check_policy_lag, reject, rejects_bad_messages)
+                               check_member, reject, rejects_bad_messages)
 
-__all__ = ["RATE_LIMITED_PREFIX", "InvalidMessage", "PreconditionFailed", "RejectedMessage", "check_policy_lag", "reject",
+__all__ = ["RATE_LIMITED_PREFIX", "InvalidMessage", "PreconditionFailed", "RejectedMessage", "check_member", "reject",
            "rejects_bad_messages"]

@@ -74,22 +74,24 @@ class PreconditionFailed(RejectedMessage):
     code = grpc.StatusCode.FAILED_PRECONDITION
 
 
-def check_policy_lag(policy_version: int, latest_version: int, max_lag: int) -> None:
-    """Refuse a trajectory whose policy is more than ``max_lag`` versions behind ``latest_version``.
+def check_member(member: int, serves: Iterable[int], own: int, what: str) -> None:
+    """The one wrong-member rule of every service: a request for a member ``what`` does not serve
+    is a failed precondition (reason ``wrong_member``), whatever the method.
 
-    Raises:
-        InvalidMessage: ``policy_version`` is negative or newer than ``latest_version``.
-        PreconditionFailed: (reason ``stale_version``) the policy is too old.
+    Args:
+        member: The member the request is for.
+        serves: The members this server answers for (its own, or a shared server's population).
+        own: This server's own member.
+        what: What the server is, for the message ("learner", "replay buffer", ...).
     """
-    if policy_version < 0:
-        raise InvalidMessage("version", f"policy_version must be >= 0, got {policy_version}")
-    if policy_version > latest_version:
-        raise InvalidMessage("version", f"policy_version {policy_version} is newer than the newest "
-                                        f"published version {latest_version}")
-    lag = latest_version - policy_version
-    if lag > max_lag:
-        raise PreconditionFailed("stale_version", f"policy_version {policy_version} is {lag} versions behind "
-                                                  f"{latest_version} (max_policy_lag {max_lag}); fetch new parameters")
+    serves = frozenset(serves)
+    if member in serves:
+        return
+    if serves == {own}:
+        raise PreconditionFailed("wrong_member", f"member: this {what} serves member {own}, "
+                                                 f"the request is for member {member}")
+    raise PreconditionFailed("wrong_member", f"member: this {what} is shared by members {describe_members(serves)}, "
+                                             f"the request is for member {member}")
 
 
 def reject(context: grpc.ServicerContext, service: str, error: RejectedMessage) -> NoReturn:

@@ -15,7 +15,7 @@ import threading
 from typing import Callable, Collection, Iterator
 
 from spiral.nets.params import ParameterSnapshot
-from spiral.rpc.errors import PreconditionFailed, describe_members
+from spiral.rpc.errors import check_member
 from spiral.rpc.parameters import DEFAULT_CHUNK_BYTES, chunk_parameters, up_to_date_chunk
 from spiral.v1 import parameters_pb2
 
@@ -54,13 +54,7 @@ class ParameterPublisher:
         Raises:
             PreconditionFailed: The request asks for another population member's parameters.
         """
-        if request.member not in self._serves:
-            if self._serves == {self._member}:
-                raise PreconditionFailed("wrong_member", f"member: this server trains member {self._member}, "
-                                                         f"the request asked for member {request.member}")
-            raise PreconditionFailed("wrong_member", f"member: this server is shared by members "
-                                                     f"{describe_members(self._serves)}, "
-                                                     f"the request asked for member {request.member}")
+        check_member(request.member, self._serves, self._member, "server")
         snapshot = self._latest()
         if request.have_version == snapshot.version:
             yield up_to_date_chunk(snapshot.version, self._member)
