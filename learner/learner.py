@@ -19,6 +19,7 @@ updates, never during one (:meth:`request_exploit`).
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import math
@@ -57,6 +58,10 @@ log = logging.getLogger(__name__)
 def reward_in_band(mean_reward: float, band: tuple[float, float]) -> bool:
     """Whether a batch's mean episode return is finite and inside ``learner.reward.band``."""
     return math.isfinite(mean_reward) and band[0] <= mean_reward <= band[1]
+
+
+MAX_TRACKED_ACTORS = 10_000
+"""Actors whose run id the learner remembers (the oldest seen is forgotten first)."""
 
 
 class StaleUnroll(Refused):
@@ -116,6 +121,8 @@ class PolicyLearner:
         self.state_lock = threading.Lock()
         """Held while weights, optimizer state and version change together (an update, a PBT copy),
         so a reader of the training state (``GetTrainingState``) sees one consistent version."""
+        self._actor_runs: collections.OrderedDict[str, str] = collections.OrderedDict()
+        self._actor_runs_lock = threading.Lock()
         self._log_path = self.run_dir / "learner.jsonl"
         self.run_dir.mkdir(parents=True, exist_ok=True)
         restored = latest_checkpoint(self.checkpoint_dir)
@@ -160,6 +167,26 @@ class PolicyLearner:
         metrics.LEARNER_TRAJECTORIES_TOTAL.labels(self.member).inc(unroll.batch_size)
         metrics.LEARNER_QUEUE_DEPTH.labels(self.member).set(self.queue.depth)
         return self.version
+
+    def observe_actor_run(self, actor_id: str, run_id: str) -> bool:
+        """Note which incarnation (``run_id``) of ``actor_id`` sent an unroll; True when it changed.
+
+        A changed run id means the actor process restarted (SEED RL's lesson: the learner, not
+        the actor, notices); it is logged and counted in ``spiral_learner_actor_restarts_total``.
+        The most recent :data:`MAX_TRACKED_ACTORS` actors are remembered.
+        """
+        if not run_id:
+            return False
+        with self._actor_runs_lock:
+            previous = self._actor_runs.pop(actor_id, None)
+            self._actor_runs[actor_id] = run_id
+            while len(self._actor_runs) > MAX_TRACKED_ACTORS:
+                self._actor_runs.popitem(last=False)
+        if previous is None or previous == run_id:
+            return False
+        log.info("actor %s restarted (run %s -> %s)", actor_id, previous, run_id)
+        metrics.LEARNER_ACTOR_RESTARTS_TOTAL.labels(self.member).inc()
+        return True
 
     def fetch(self, have_version: int) -> ParameterSnapshot | None:
         """ParameterSource: the published policy if newer than ``have_version``."""

@@ -197,8 +197,21 @@ class PopulationMember:
         self._failed_donor = None  # the controller has heard of it
         self.apply(directive)
 
+    def _exploit_failed(self, directive: pbt_pb2.Directive, why: str) -> None:
+        log.warning("could not copy member %d from %s: %s; keeping this member's weights and "
+                    "hyperparameters and telling the controller at the next update", directive.donor_member,
+                    directive.donor_learner_address, why)
+        self._failed_donor = int(directive.donor_member)
+        self.failed_exploits += 1
+        self._next_report = self.learner.updates  # say so at once, not M updates later
+
     def apply(self, directive: pbt_pb2.Directive) -> None:
-        """Follow a directive (the copy itself is applied by the learner before its next update)."""
+        """Follow a directive (the copy itself is applied by the learner before its next update).
+
+        An exploit copies the donor's training state if the donor still holds at least the
+        ``donor_version`` the controller ranked; otherwise (unreachable, or gone back to an
+        older checkpoint) it keeps this member's state and reports the failure at once.
+        """
         hyperparameters = {k: float(v) for k, v in directive.hyperparameters.items()}
         if directive.action != pbt_pb2.Directive.EXPLOIT:
             if hyperparameters and hyperparameters != self.learner.hyperparameters:
@@ -208,12 +221,13 @@ class PopulationMember:
         try:
             donor = fetch_training_state(directive.donor_learner_address, services, "learner", directive.donor_member)
         except Exception as exc:  # noqa: BLE001 - a donor that went away: keep training as we are
-            log.warning("could not copy member %d from %s: %s; keeping this member's weights and "
-                        "hyperparameters and telling the controller at the next update", directive.donor_member,
-                        directive.donor_learner_address, exc)
-            self._failed_donor = int(directive.donor_member)
-            self.failed_exploits += 1
-            self._next_report = self.learner.updates  # say so at once, not M updates later
+            self._exploit_failed(directive, str(exc))
+            return
+        if donor.version < directive.donor_version:
+            # The donor went back (it restarted from an older checkpoint): these are not the
+            # weights the controller ranked, so do not copy them.
+            self._exploit_failed(directive, f"the donor is at version {donor.version}, older than the version "
+                                            f"{directive.donor_version} the controller ranked")
             return
         skipped = discriminator_copy_skipped(self.learner.cfg, directive)
         if skipped is not None:

@@ -56,6 +56,7 @@ class PolicyLearnerServicer(learner_pb2_grpc.PolicyLearnerServicer):
         for msg in request_iterator:
             received = decode_unroll(msg, self.expect)
             check_member(received.member, {self.member}, self.member, "learner")
+            self.learner.observe_actor_run(received.unroll.actor_id, received.run_id)
             try:
                 self.learner.submit(received.unroll, timeout=QUEUE_WAIT_SECONDS)
             except StaleUnroll as exc:
@@ -63,7 +64,7 @@ class PolicyLearnerServicer(learner_pb2_grpc.PolicyLearnerServicer):
             except QueueFull as exc:
                 context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{exc}; retry later")
             accepted += 1
-        return learner_pb2.SubmitSummary(accepted=accepted, rejected=0, latest_version=self.learner.version)
+        return learner_pb2.SubmitSummary(accepted=accepted, latest_version=self.learner.version)
 
     @rejects_bad_messages(SERVICE)
     def GetTrainingState(self, request: parameters_pb2.GetTrainingStateRequest,

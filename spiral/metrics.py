@@ -61,6 +61,9 @@ LEARNER_FRAMES_TOTAL = Counter(
     "spiral_learner_frames_total", "Environment steps consumed by updates.", ["member"])
 LEARNER_TRAJECTORIES_TOTAL = Counter(
     "spiral_learner_trajectories_total", "Episodes received from actors and queued.", ["member"])
+LEARNER_ACTOR_RESTARTS_TOTAL = Counter(
+    "spiral_learner_actor_restarts_total",
+    "Actors seen with a new run id (a restarted actor process), by the unrolls they send.", ["member"])
 LEARNER_QUEUE_DEPTH = Gauge(
     "spiral_learner_queue_depth_episodes", "Episodes waiting in the ingest queue.", ["member"])
 LEARNER_PARAMETER_VERSION = Gauge(

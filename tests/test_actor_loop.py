@@ -10,11 +10,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
+from prometheus_client import REGISTRY
 
 from actor.actor import Actor, ActorPeers
 from actor.main import connect_member
@@ -160,8 +162,14 @@ def test_the_same_loop_in_one_process_and_against_real_servers(cfg: ExperimentCo
     stop = threading.Event()
     remote = Actor(make_runner(cfg), connect_member(cfg, 0, learner_server.address, replay_server.address, stop),
                    0, "remote", stop)
+    restarts = lambda: REGISTRY.get_sample_value("spiral_learner_actor_restarts_total", {"member": "0"}) or 0.0  # noqa: E731
     try:
         over_grpc = _deliveries(remote, learner, table, episodes)
+        # The same actor restarted: new peers carry a new run id, and the learner notices.
+        before = restarts()
+        remote.use_peers(0, connect_member(cfg, 0, learner_server.address, replay_server.address, stop))
+        assert remote.act_once() is not None
+        assert restarts() == before + 1
     finally:
         remote.close()
         learner_server.stop(grace=0.5)
@@ -171,7 +179,19 @@ def test_the_same_loop_in_one_process_and_against_real_servers(cfg: ExperimentCo
     assert in_process == over_grpc == (episodes, episodes * n, episodes * n)
 
 
+def test_the_learner_notices_an_actor_restart_by_its_run_id(cfg: ExperimentConfig, tmp_path: Path) -> None:
+    learner = PolicyLearner(cfg, tmp_path)
+    assert not learner.observe_actor_run("a", "run-1")  # first seen
+    assert not learner.observe_actor_run("a", "run-1")
+    assert not learner.observe_actor_run("b", "run-9")
+    assert learner.observe_actor_run("a", "run-2")  # a new incarnation of a
+    assert not learner.observe_actor_run("a", "")  # no run id: nothing to compare
+    learner.close()
+
+
 def test_the_local_system_trains_and_resumes_from_its_checkpoints(cfg: ExperimentConfig, tmp_path: Path) -> None:
+    # Refresh before every episode, so what the actors act with does not depend on the clock.
+    cfg = dataclasses.replace(cfg, actor=dataclasses.replace(cfg.actor, parameter_refresh_seconds=0.0))
     system = LocalSystem(cfg, tmp_path, num_actors=2)
     for _ in range(6):
         system.step()

@@ -295,3 +295,30 @@ def test_an_exploit_skips_the_discriminator_copy_when_shared(monkeypatch: pytest
     assert member.discriminator_copies_skipped == 1 - copies
     assert member.exploits == 1 and len(requested) == 1, "the policy is copied either way"
     assert requested[0].training_state is not None
+
+
+def test_an_exploit_refuses_a_donor_older_than_the_version_the_controller_ranked(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """``Directive.donor_version``: a donor that went back (restarted from an older checkpoint)
+    is not the one that was ranked; the member keeps its state and reports the failure."""
+    import learner.population as population
+
+    cfg = population_cfg(2, False)
+    requested: list[Any] = []
+    learner = SimpleNamespace(cfg=cfg, updates=3, hyperparameters={"learning_rate": 1e-4, "entropy_cost": 0.01},
+                              request_exploit=requested.append)
+    monkeypatch.setattr(population, "fetch_training_state",
+                        lambda *args, **kwargs: SimpleNamespace(tensors={"w": np.zeros(1)}, version=7))
+    member = population.PopulationMember(learner, 1, "127.0.0.1:1",  # type: ignore[arg-type]
+                                         fitness=lambda _learner: 0.0)
+    member.discriminator = FakeDiscriminatorStub()  # type: ignore[assignment]
+    directive = dict(action=pbt_pb2.Directive.EXPLOIT, donor_member=0, donor_learner_address="learner-0:1",
+                     donor_discriminator_address="disc-0:2", hyperparameters={"learning_rate": 2e-4})
+    try:
+        member.apply(pbt_pb2.Directive(donor_version=9, **directive))
+        assert member.failed_exploits == 1 and member.exploits == 0 and requested == []
+        assert member._failed_donor == 0 and member._next_report == 3  # noqa: SLF001 - reported at once
+        member.apply(pbt_pb2.Directive(donor_version=7, **directive))
+        assert member.exploits == 1 and len(requested) == 1
+    finally:
+        member.close()

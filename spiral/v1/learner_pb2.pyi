@@ -36,16 +36,12 @@ class Unroll(_message.Message):
     def __init__(self, actor_id: _Optional[str] = ..., run_id: _Optional[str] = ..., member: _Optional[int] = ..., policy_version: _Optional[int] = ..., head_names: _Optional[_Iterable[str]] = ..., canvases: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., actions: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., masks: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., behaviour_log_probs: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., noise: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., targets: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
 
 class SubmitSummary(_message.Message):
-    __slots__ = ("accepted", "rejected", "latest_version", "last_rejection")
+    __slots__ = ("accepted", "latest_version")
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
-    REJECTED_FIELD_NUMBER: _ClassVar[int]
     LATEST_VERSION_FIELD_NUMBER: _ClassVar[int]
-    LAST_REJECTION_FIELD_NUMBER: _ClassVar[int]
     accepted: int
-    rejected: int
     latest_version: int
-    last_rejection: str
-    def __init__(self, accepted: _Optional[int] = ..., rejected: _Optional[int] = ..., latest_version: _Optional[int] = ..., last_rejection: _Optional[str] = ...) -> None: ...
+    def __init__(self, accepted: _Optional[int] = ..., latest_version: _Optional[int] = ...) -> None: ...
 
 class StatusRequest(_message.Message):
     __slots__ = ()
