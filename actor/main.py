@@ -81,12 +81,12 @@ class MemberAssigner:
     """
 
     def __init__(self, address: str, cfg: ExperimentConfig, actor_id: str,
-                 connect: Callable[[int, str, str], ActorPeers], heartbeat_seconds: float = 15.0) -> None:
+                 connect: Callable[[int, str, str], ActorPeers]) -> None:
         self.channel = make_channel(address, cfg.services)
         self.stub = pbt_pb2_grpc.PBTControllerStub(self.channel)
         self.actor_id = actor_id
         self.connect = connect
-        self.heartbeat = heartbeat_seconds
+        self.heartbeat = cfg.pbt.actor_heartbeat_seconds
         self.member: int | None = None
         self._addresses: tuple[str, str] | None = None
         self._next = 0.0

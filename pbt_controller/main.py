@@ -44,8 +44,9 @@ def register(parser: argparse.ArgumentParser) -> None:
                              "[SPIRAL_PBT_MEMBERS]")
     parser.add_argument("--population", type=int, default=None,
                         help="population size (default: the experiment's pbt.population_size)")
-    parser.add_argument("--actor-timeout", type=float, default=60.0,
-                        help="seconds after which an actor that has not called AssignActor is forgotten (default 60)")
+    parser.add_argument("--actor-timeout", type=float, default=None,
+                        help="seconds after which an actor that has not called AssignActor is forgotten "
+                             "(default: the experiment's pbt.actor_timeout_seconds, 4 actor heartbeats)")
     parser.add_argument("--seed", type=int, default=None, help="seed of the PBT decisions (default: experiment seed)")
     parser.add_argument("--initial-hyperparameters", default=None, metavar="JSON",
                         help='starting hyperparameters of chosen members instead of sampled ones, '
@@ -63,8 +64,9 @@ def run(args: argparse.Namespace) -> int:
         discovery = make_discovery(args.members, population, shared=cfg.pbt.shared_discriminator)
         initial = {int(k): {n: float(v) for n, v in hp.items()}
                    for k, hp in json.loads(args.initial_hyperparameters or "{}").items()}
+        actor_timeout = cfg.pbt.actor_timeout_seconds if args.actor_timeout is None else args.actor_timeout
         controller = Controller(cfg.pbt, population, StateStore(opts.run_dir / "pbt"), discovery,
-                                actor_timeout=args.actor_timeout, seed=cfg.seed if args.seed is None else args.seed,
+                                actor_timeout=actor_timeout, seed=cfg.seed if args.seed is None else args.seed,
                                 initial_hyperparameters=initial)
         server = build_server([PBTControllerServicer(controller).binding()], opts.listen, cfg.services)
     except (ValueError, BindError, json.JSONDecodeError, AttributeError) as exc:

@@ -112,7 +112,9 @@ class EnvConfig:
     noise_dim: int = 10
     """Size of the noise sample given to the policy in each episode."""
     paint: PaintConfig = field(default_factory=PaintConfig)
+    """The painting environments' settings (``kind: paint``)."""
     mujoco: SceneConfig = field(default_factory=SceneConfig)
+    """The MuJoCo scene environment's settings (``kind: mujoco``)."""
 
     def validate(self, path: str) -> None:
         _require(self.episode_length >= 2, f"{path}.episode_length", "must be >= 2")
@@ -288,8 +290,11 @@ class LearnerConfig:
     learning_rate: float = 1e-4
     """Adam learning rate (tuned by PBT)."""
     adam_beta1: float = 0.9
+    """Adam's first-moment decay."""
     adam_beta2: float = 0.999
+    """Adam's second-moment decay."""
     adam_eps: float = 1e-8
+    """Adam's denominator epsilon."""
     entropy_cost: float = 0.01
     """Weight of the entropy bonus (tuned by PBT)."""
     baseline_cost: float = 0.5
@@ -297,8 +302,11 @@ class LearnerConfig:
     discount: float = 0.99
     """Discount; the reward only arrives at the last step."""
     clip_rho_threshold: float = 1.0
+    """V-trace: clip of the importance weights in the value targets (rho-bar)."""
     clip_pg_rho_threshold: float = 1.0
+    """V-trace: clip of the importance weights in the policy gradient."""
     clip_c_threshold: float = 1.0
+    """V-trace: clip of the trace-cutting coefficients (c-bar)."""
     max_grad_norm: float = 40.0
     """Global gradient-norm clip (0 disables)."""
     queue_capacity: int = 256
@@ -317,12 +325,15 @@ class LearnerConfig:
     are cached in ``RUN_DIR/compile-cache`` for restarts. Without a C++ compiler (CPU) it runs
     eagerly, with a warning."""
     checkpoint_every_updates: int = 100
+    """Write an atomic checkpoint every this many updates (0: only on shutdown)."""
     sample_grid_every_updates: int = 50
+    """Write a sample grid PNG and programs every this many updates (0: never)."""
     stall_seconds: float = 600.0
     """The learner's update loop has stalled (health NOT_SERVING, the process exits 1 and is
     restarted) when one of its iterations lasts this long: an update, its critic scoring and a
     bounded wait for a batch. The first update of ``compile`` compiles (about a minute)."""
     reward: RewardConfig = field(default_factory=RewardConfig)
+    """How an episode's reward is made (the critic's score, L2, shaping; :mod:`spiral.rewards`)."""
 
     def validate(self, path: str) -> None:
         _require(self.batch_size >= 1, f"{path}.batch_size", "must be >= 1")
@@ -351,7 +362,9 @@ class DiscriminatorLearnerConfig:
     learning_rate: float = 1e-4
     """Adam learning rate."""
     adam_beta1: float = 0.5
+    """Adam's first-moment decay (0.5, as GANs usually use)."""
     adam_beta2: float = 0.999
+    """Adam's second-moment decay."""
     gradient_penalty: float = 10.0
     """Weight of the WGAN-GP gradient penalty (``wgan-gp`` only)."""
     level_penalty: float = 1.0
@@ -440,13 +453,23 @@ class PBTConfig:
     """Population-based training of the policy learning rate and entropy cost."""
 
     population_size: int = 1
+    """Members trained side by side (1: no population-based training); ``spiral up
+    --population`` overrides it."""
     learning_rate_range: tuple[float, float] = (1e-5, 3e-4)
+    """``(low, high)``: members start with learning rates sampled log-uniformly in it, and
+    explore stays in it."""
     entropy_cost_range: tuple[float, float] = (2e-3, 1e-1)
+    """``(low, high)``: the same for the entropy cost."""
     report_every_updates: int = 20
+    """A member reports its fitness to the controller every this many updates."""
     ready_updates: int = 100
+    """Updates a member trains after its start or last exploit before it may be exploited again."""
     truncation_fraction: float = 0.2
+    """The bottom fraction of ranked members copies a member of the top fraction (truncation selection)."""
     perturb_factors: tuple[float, float] = (0.8, 1.2)
+    """Explore: a copied hyperparameter is multiplied by one of these, at random."""
     resample_probability: float = 0.25
+    """Explore: the chance that a hyperparameter is resampled from its range instead of perturbed."""
     fitness: str = "auto"
     """How members are ranked: ``reconstruction`` (minus the held-out L2, conditional runs),
     ``critic`` (mean critic score of the latest renders), or ``auto`` (the first for
@@ -459,6 +482,9 @@ class PBTConfig:
     """Held-out images per reconstruction-fitness evaluation (at most ``dataset.holdout``)."""
     fitness_seed: int = 12345
     """Seed of every fitness evaluation, the same at each report so members compare fairly."""
+    actor_heartbeat_seconds: float = 15.0
+    """Actors ask the PBT controller which member to serve this often (a heartbeat); the
+    controller forgets an actor after :attr:`actor_timeout_seconds` without one."""
     shared_discriminator: bool = False
     """SPIRAL++'s population discriminator: every member's learner scores its episodes with one
     discriminator (member 0's), fed by one replay buffer (member 0's) into which every member's
@@ -482,6 +508,11 @@ class PBTConfig:
             return "reconstruction" if conditional else "critic"
         return self.fitness
 
+    @property
+    def actor_timeout_seconds(self) -> float:
+        """Four missed heartbeats: the controller then forgets the actor and rebalances."""
+        return 4 * self.actor_heartbeat_seconds
+
     def validate(self, path: str) -> None:
         _require(self.population_size >= 1, f"{path}.population_size", "must be >= 1")
         _require(self.fitness in ("auto", "reconstruction", "critic"), f"{path}.fitness",
@@ -491,6 +522,7 @@ class PBTConfig:
             lo, hi = getattr(self, name)
             _require(0 < lo <= hi, f"{path}.{name}", "must be 0 < low <= high")
         _require(0 < self.truncation_fraction <= 0.5, f"{path}.truncation_fraction", "must be in (0, 0.5]")
+        _require(self.actor_heartbeat_seconds > 0, f"{path}.actor_heartbeat_seconds", "must be > 0")
         _require(0 <= self.resample_probability <= 1, f"{path}.resample_probability", "must be in [0, 1]")
 
 
@@ -499,14 +531,19 @@ class ServicesConfig:
     """Where the services listen and how they talk."""
 
     learner_address: str = "127.0.0.1:50051"
+    """``host:port`` of the policy learner (``--learner-address``)."""
     discriminator_address: str = "127.0.0.1:50052"
+    """``host:port`` of the discriminator learner (``--discriminator-address``)."""
     replay_address: str = "127.0.0.1:50053"
+    """``host:port`` of the replay buffer (``--replay-address``)."""
     pbt_address: str = "127.0.0.1:50054"
+    """``host:port`` of the PBT controller (``--pbt-address``; populations only)."""
     max_message_bytes: int = 64 * 1024 * 1024
     """gRPC send/receive limit; larger messages are refused."""
     tls_cert: str = ""
     """PEM certificate of this service (enables TLS with tls_key)."""
     tls_key: str = ""
+    """PEM private key of ``tls_cert``."""
     tls_ca: str = ""
     """PEM CA bundle: servers require client certificates signed by it (mutual TLS)."""
     failure_linger_seconds: float = 2.0
@@ -525,17 +562,29 @@ class ExperimentConfig:
     """One SPIRAL experiment."""
 
     name: str = "spiral"
+    """The run's name: ``spiral up`` and ``spiral local`` write under ``RUNS_DIR/NAME``."""
     seed: int = 0
+    """Seed of every random choice of the run (each service offsets it by its role and member)."""
     env: EnvConfig = field(default_factory=EnvConfig)
+    """The environment: painting or MuJoCo scenes, canvas size, episode length."""
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    """The real images (and held-out targets)."""
     policy: PolicyConfig = field(default_factory=PolicyConfig)
+    """The agent's network."""
     discriminator: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
+    """The critic's network."""
     learner: LearnerConfig = field(default_factory=LearnerConfig)
+    """The policy learner."""
     discriminator_learner: DiscriminatorLearnerConfig = field(default_factory=DiscriminatorLearnerConfig)
+    """The discriminator learner."""
     replay: ReplayConfig = field(default_factory=ReplayConfig)
+    """The replay buffer of recent renders."""
     actor: ActorConfig = field(default_factory=ActorConfig)
+    """The actors."""
     services: ServicesConfig = field(default_factory=ServicesConfig)
+    """Addresses, message limits, TLS and failure handling of the services."""
     pbt: PBTConfig = field(default_factory=PBTConfig)
+    """Population-based training."""
 
     def validate(self) -> "ExperimentConfig":
         _require(bool(self.name), "name", "must not be empty")

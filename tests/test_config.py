@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from spiral.config import ConfigError, dump_experiment, from_dict, load_experiment
+from spiral.config import ConfigError, dump_experiment, experiment_path, from_dict, load_experiment
 
 EXPERIMENTS = sorted(Path(__file__).resolve().parent.parent.joinpath("experiments").glob("*.yaml"))
 
@@ -54,3 +54,30 @@ def test_file_errors_name_the_file(tmp_path: Path) -> None:
     bad.write_text("learner:\n  entropy: 1\n")
     with pytest.raises(ConfigError, match=r"bad\.yaml: learner\.entropy"):
         load_experiment(bad)
+
+
+def test_every_config_field_has_a_docstring() -> None:
+    """Each field of every ``*Config`` dataclass is followed by its one-line (or longer) docstring."""
+    import ast
+
+    import spiral.config
+
+    tree = ast.parse(Path(spiral.config.__file__).read_text())
+    missing = []
+    for node in tree.body:
+        if not (isinstance(node, ast.ClassDef) and node.name.endswith("Config")):
+            continue
+        for index, statement in enumerate(node.body):
+            if isinstance(statement, ast.AnnAssign) and isinstance(statement.target, ast.Name):
+                following = node.body[index + 1] if index + 1 < len(node.body) else None
+                if not (isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant)
+                        and isinstance(following.value.value, str) and following.value.value.strip()):
+                    missing.append(f"{node.name}.{statement.target.id}")
+    assert missing == []
+
+
+def test_the_pbt_controller_forgets_actors_after_four_missed_heartbeats() -> None:
+    cfg = load_experiment(experiment_path("tiny"), {"pbt": {"actor_heartbeat_seconds": 5.0}})
+    assert cfg.pbt.actor_timeout_seconds == 20.0
+    with pytest.raises(ConfigError, match="pbt.actor_heartbeat_seconds"):
+        load_experiment(experiment_path("tiny"), {"pbt": {"actor_heartbeat_seconds": 0}})
