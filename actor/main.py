@@ -42,10 +42,6 @@ from spiral.v1 import pbt_pb2, pbt_pb2_grpc
 
 log = logging.getLogger(__name__)
 
-CALL_TIMEOUT_SECONDS = 10.0
-"""Deadline of one attempt of any call (a whole deadline below it is one attempt)."""
-
-
 def connect_member(cfg: ExperimentConfig, member: int, learner_address: str, replay_address: str,
                    stop: threading.Event) -> ActorPeers:
     """Remote peers of one member: its learner's parameters and unroll intake, its replay buffer.
@@ -56,7 +52,7 @@ def connect_member(cfg: ExperimentConfig, member: int, learner_address: str, rep
     a, services = cfg.actor, cfg.services
 
     def retry(deadline: float, peer: str) -> dict:
-        call = min(CALL_TIMEOUT_SECONDS, deadline)
+        call = min(services.call_timeout_seconds, deadline)  # a deadline below it is one attempt
         return dict(call_timeout=call, unavailable_retry_seconds=deadline - call, retry_codes=TRANSIENT_CODES,
                     retry_labels=(str(member), peer), stop=stop)
 
@@ -87,6 +83,7 @@ class MemberAssigner:
         self.actor_id = actor_id
         self.connect = connect
         self.heartbeat = cfg.pbt.actor_heartbeat_seconds
+        self.call_timeout = cfg.services.call_timeout_seconds
         self.member: int | None = None
         self._addresses: tuple[str, str] | None = None
         self._next = 0.0
@@ -98,7 +95,8 @@ class MemberAssigner:
             return self.member is not None
         try:
             assignment = self.stub.AssignActor(pbt_pb2.AssignRequest(
-                actor_id=self.actor_id, previous_member=-1 if self.member is None else self.member), timeout=10)
+                actor_id=self.actor_id, previous_member=-1 if self.member is None else self.member),
+                timeout=self.call_timeout)
         except grpc.RpcError as error:
             log.warning("PBT controller: %s %s; %s", error.code().name, error.details(),
                         "retrying" if self.member is None else f"staying with member {self.member}")

@@ -53,7 +53,8 @@ def run(args: argparse.Namespace) -> int:
     # Short deadlines: a discriminator that is down must not stall policy updates (they go on
     # scoring with the critic they have, or with the reconstruction term alone).
     critic_source = RemoteParameterSource(cfg.services.discriminator_address, cfg.services, "discriminator",
-                                          member=opts.member, call_timeout=10.0, unavailable_retry_seconds=0.2)
+                                          member=opts.member, call_timeout=cfg.services.call_timeout_seconds,
+                                          unavailable_retry_seconds=0.2)
     learner = PolicyLearner(cfg, opts.run_dir, member=opts.member, critic_source=critic_source, device=args.device)
     population = make_population_member(learner, opts.member, cfg)
     servicer = PolicyLearnerServicer(learner, member=opts.member)

@@ -31,8 +31,6 @@ from spiral.rpc.training_state import training_state_chunks
 from spiral.v1 import learner_pb2, learner_pb2_grpc, parameters_pb2
 
 SERVICE = "spiral.v1.PolicyLearner"
-QUEUE_WAIT_SECONDS = 10.0
-"""How long one submitted unroll may wait for room in a full ingest queue."""
 
 
 class PolicyLearnerServicer(learner_pb2_grpc.PolicyLearnerServicer):
@@ -58,7 +56,7 @@ class PolicyLearnerServicer(learner_pb2_grpc.PolicyLearnerServicer):
             check_member(received.member, {self.member}, self.member, "learner")
             self.learner.observe_actor_run(received.unroll.actor_id, received.run_id)
             try:
-                self.learner.submit(received.unroll, timeout=QUEUE_WAIT_SECONDS)
+                self.learner.submit(received.unroll, timeout=self.learner.cfg.learner.queue_wait_seconds)
             except StaleUnroll as exc:
                 raise PreconditionFailed("stale_version", str(exc)) from None
             except QueueFull as exc:

@@ -311,6 +311,9 @@ class LearnerConfig:
     """Global gradient-norm clip (0 disables)."""
     queue_capacity: int = 256
     """Trajectories held in the ingest queue before submitters are pushed back."""
+    queue_wait_seconds: float = 10.0
+    """How long one submitted unroll may wait for room in a full ingest queue before the learner
+    answers RESOURCE_EXHAUSTED (the actor backs off and retries: back-pressure)."""
     max_policy_lag: int = 100
     """Trajectories from policies more than this many versions old are refused."""
     precision: Literal["fp32", "bf16"] = "fp32"
@@ -342,6 +345,7 @@ class LearnerConfig:
         _require(0.0 <= self.discount <= 1.0, f"{path}.discount", "must be in [0, 1]")
         _require(self.max_grad_norm >= 0, f"{path}.max_grad_norm", "must be >= 0")
         _require(self.queue_capacity >= 1, f"{path}.queue_capacity", "must be >= 1")
+        _require(self.queue_wait_seconds > 0, f"{path}.queue_wait_seconds", "must be > 0")
         _require(self.max_policy_lag >= 0, f"{path}.max_policy_lag", "must be >= 0")
         _require(self.stall_seconds > 0, f"{path}.stall_seconds", "must be > 0")
         _require_precision(self.precision, f"{path}.precision")
@@ -546,6 +550,9 @@ class ServicesConfig:
     """PEM private key of ``tls_cert``."""
     tls_ca: str = ""
     """PEM CA bundle: servers require client certificates signed by it (mutual TLS)."""
+    call_timeout_seconds: float = 10.0
+    """Deadline of one attempt of a call between services (retries have their own deadlines:
+    ``actor.*_deadline_seconds``)."""
     failure_linger_seconds: float = 2.0
     """After a service's loop raised or stalled (:mod:`spiral.guarded_loop`), the process stays
     up this long answering NOT_SERVING (so health checks and the last scrape see why), then
@@ -554,6 +561,7 @@ class ServicesConfig:
     def validate(self, path: str) -> None:
         _require(self.max_message_bytes >= 1024, f"{path}.max_message_bytes", "must be >= 1024")
         _require(self.failure_linger_seconds >= 0, f"{path}.failure_linger_seconds", "must be >= 0")
+        _require(self.call_timeout_seconds > 0, f"{path}.call_timeout_seconds", "must be > 0")
         _require(bool(self.tls_cert) == bool(self.tls_key), f"{path}.tls_key", "tls_cert and tls_key go together")
 
 
