@@ -1,4 +1,4 @@
-"""The actor's loop (IMPALA's actor), written only against the :mod:`spiral.sources` interfaces.
+"""The actor's loop (IMPALA's actor), written only against the :mod:`spiral.core` interfaces.
 
 An :class:`Actor` owns an :class:`~spiral.acting.EpisodeRunner` (N environments and a lagging
 policy copy) and three peers (:class:`ActorPeers`): where parameters come from, where unrolls
@@ -13,10 +13,10 @@ go and where final renders go. It cannot tell whether they are in the same proce
 
 Drop rules, the same for every kind of peer (the peers do the bounded retrying):
 
-* an unroll the learner refuses as stale (:class:`spiral.sources.Refused` with ``stale``) is
+* an unroll the learner refuses as stale (:class:`spiral.core.Refused` with ``stale``) is
   dropped and the parameters are refetched at once; any other refusal is dropped and logged
   as an error (a bug on one side);
-* an unroll or renders that could not be delivered (:class:`spiral.sources.PeerFailure`:
+* an unroll or renders that could not be delivered (:class:`spiral.core.PeerFailure`:
   the peer stayed down or busy past its deadline) are dropped; the discriminator needs recent
   renders, not all of them;
 * a failed parameter refresh keeps the parameters held; before the first ones arrive the
@@ -34,7 +34,7 @@ from typing import Callable
 from spiral import metrics
 from spiral.acting import EpisodeRunner
 from spiral.service_runtime import ProgressLog
-from spiral.sources import ParameterSource, PeerFailure, Refused, RenderSink, UnrollSink
+from spiral.core import ParameterSource, PeerFailure, Refused, RenderSink, UnrollSink
 from spiral.trajectory import Unroll
 
 log = logging.getLogger(__name__)

@@ -1,7 +1,7 @@
 """``spiral actor``: N batched environments acting with a lagging copy of the policy, over gRPC.
 
 The loop is :meth:`actor.actor.Actor.run` (IMPALA's actor, written against the
-:mod:`spiral.sources` interfaces, with its drop rules); this module wires it to one member's
+:mod:`spiral.core` interfaces, with its drop rules); this module wires it to one member's
 policy learner and replay buffer through :mod:`spiral.rpc.peers`, and, when a population
 trains, asks the PBT controller which member to serve (:class:`MemberAssigner`).
 
@@ -23,7 +23,6 @@ import os
 import signal
 import threading
 import time
-import zlib
 from typing import Callable
 
 import grpc
@@ -36,6 +35,7 @@ from spiral.guarded_loop import GuardedLoop
 from spiral.nets import build_policy
 from spiral.rpc.client import TRANSIENT_CODES, make_channel
 from spiral.rpc.peers import RemoteParameterSource, RemoteRenderSink, RemoteUnrollSink
+from spiral.seeding import actor_seed
 from spiral.service_options import ServiceOptions, add_service_arguments, resolve_service_options
 from spiral.service_runtime import start_process
 from spiral.v1 import pbt_pb2, pbt_pb2_grpc
@@ -117,7 +117,7 @@ class MemberAssigner:
 def build_actor(opts: ServiceOptions, stop: threading.Event) -> Actor:
     """The actor of ``opts``: environments, policy copy, targets and its member's peers."""
     cfg = opts.config
-    seed = cfg.seed + zlib.crc32(opts.actor_id.encode())
+    seed = actor_seed(cfg.seed, opts.actor_id)
     env = make_env(cfg, cfg.actor.num_envs, seed=seed)
     targets = None
     if cfg.env.conditional:

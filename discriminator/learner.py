@@ -24,7 +24,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping, Protocol
+from typing import Callable, Mapping
 
 import numpy as np
 import torch
@@ -37,18 +37,10 @@ from spiral.config import ExperimentConfig
 from spiral.nets import build_discriminator
 from spiral.nets.params import ParameterSnapshot, snapshot_of
 from spiral.service_runtime import ProgressLog
-from spiral.sources import PeerFailure, PublishedParameters
+from spiral.core import PeerFailure, PublishedParameters, RenderSampler
 from spiral.tensorboard import TrainingBoard
 
 log = logging.getLogger(__name__)
-
-
-class RenderSampler(Protocol):
-    """Where fake examples come from (the replay buffer)."""
-
-    def sample(self, batch_size: int) -> tuple[np.ndarray, np.ndarray | None] | None:
-        """``(renders, targets)`` uint8 ``[B, H, W, C]`` (targets None when unconditional), or None
-        when the buffer cannot serve a batch yet."""
 
 
 @dataclass
@@ -104,11 +96,7 @@ class DiscriminatorLearner:
         self.state_lock = threading.Lock()
         """Held while weights, optimizer state and version change together (an update, a PBT copy),
         so a reader of the training state (:meth:`export_training_state`) sees one version."""
-        restored = latest_checkpoint(self.checkpoint_dir)
-        if restored is not None:
-            self.version, state = restored
-            self.trainer.load_state_dict(state["trainer"])
-            log.info("resumed discriminator from checkpoint version %d", self.version)
+        self.restore()
         self.published = PublishedParameters(snapshot_of(self.critic, self.version))
         self._log_path = self.run_dir / "discriminator.jsonl"
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -214,6 +202,18 @@ class DiscriminatorLearner:
             self.checkpoint()
         return record
 
+    def restore(self) -> int | None:
+        """Load the newest readable checkpoint of ``checkpoint_dir`` (the constructor does); its
+        version, or None if there is none."""
+        restored = latest_checkpoint(self.checkpoint_dir)
+        if restored is None:
+            return None
+        with self.state_lock:
+            self.version, state = restored
+            self.trainer.load_state_dict(state["trainer"])
+        log.info("resumed discriminator from checkpoint version %d", self.version)
+        return self.version
+
     def export_training_state(self) -> tuple[int, dict[str, np.ndarray]]:
         """``(version, critic weights and Adam state)`` between two updates (a PBT donor's answer)."""
         with self.state_lock:
@@ -232,7 +232,7 @@ class DiscriminatorLearner:
 
         Each iteration calls ``beat`` (the :class:`spiral.guarded_loop.GuardedLoop` heartbeat)
         and updates once; while the replay buffer cannot serve a batch it waits ``idle_sleep``,
-        and while it is down (:class:`spiral.sources.PeerFailure`) it backs off exponentially up
+        and while it is down (:class:`spiral.core.PeerFailure`) it backs off exponentially up
         to 5 s. A progress line is logged every 10 s. Checkpointing on the way out is the
         caller's (after in-flight calls have finished).
         """

@@ -21,6 +21,7 @@ from spiral.data import for_experiment
 from spiral.guarded_loop import GuardedLoop
 from spiral.rpc.peers import RemoteRenderSampler
 from spiral.rpc.server import build_server
+from spiral.seeding import discriminator_seed
 from spiral.service_options import add_service_arguments, resolve_service_options
 from spiral.service_runtime import start_process
 
@@ -42,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     # Sample as this member: a member's replay buffer refuses another member's requests.
     sampler = RemoteRenderSampler(cfg.services.replay_address, cfg.services, member=opts.member)
     learner = DiscriminatorLearner(cfg, opts.run_dir, dataset.images, sampler, member=opts.member,
-                                   device=args.device, seed=cfg.seed + 1000 * opts.member)
+                                   device=args.device, seed=discriminator_seed(cfg.seed, opts.member))
     serves = cfg.pbt.served_members(opts.member)
     servicer = DiscriminatorLearnerServicer(learner, member=opts.member, serves=serves)
     if len(serves) > 1:

@@ -13,7 +13,7 @@ import collections
 import threading
 import time
 
-from spiral.sources import Unavailable
+from spiral.core import Unavailable
 from spiral.trajectory import Unroll
 
 

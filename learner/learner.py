@@ -46,8 +46,9 @@ from spiral.envs import action_spec_for
 from spiral.envs.programs import program_from_actions, save_program, to_svg
 from spiral.nets import build_discriminator, build_policy
 from spiral.nets.params import ParameterSnapshot, load_snapshot, snapshot_of
+from spiral.seeding import learner_seed
 from spiral.service_runtime import ProgressLog
-from spiral.sources import ParameterSource, PublishedParameters, Refused
+from spiral.core import ParameterSource, PublishedParameters, Refused
 from spiral.tensorboard import TrainingBoard
 from spiral.trajectory import Unroll
 from spiral.visualize import pair_grid, save_png
@@ -102,7 +103,7 @@ class PolicyLearner:
         self.member = str(member)
         self.device = device
         with torch.random.fork_rng(devices=[]):  # the experiment's seed picks the initial weights
-            torch.manual_seed(cfg.seed + member)
+            torch.manual_seed(learner_seed(cfg.seed, member))
             self.policy = build_policy(cfg).to(device)
         self.critic = build_discriminator(cfg).to(device).eval()
         self.critic_version = 0
@@ -125,18 +126,7 @@ class PolicyLearner:
         self._actor_runs_lock = threading.Lock()
         self._log_path = self.run_dir / "learner.jsonl"
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        restored = latest_checkpoint(self.checkpoint_dir)
-        if restored is not None:
-            self.version, state = restored
-            try:
-                self.trainer.load_state_dict(state["trainer"])
-            except (RuntimeError, ValueError) as exc:  # torch names the missing / misshaped tensors
-                raise ValueError(f"the newest checkpoint in {self.checkpoint_dir} (version {self.version}) does not "
-                                 f"fit this experiment's policy: were the policy.* settings changed since the run "
-                                 f"wrote it? Start a new run directory or restore those settings. {exc}") from exc
-            self.frames = int(state.get("frames", 0))
-            self.updates = int(state.get("updates", 0))
-            log.info("resumed policy learner from checkpoint version %d", self.version)
+        self.restore()
         self.published = PublishedParameters(self._snapshot())
         self.last_stats: dict[str, float] = {}
         self.last_final_canvases: np.ndarray | None = None
@@ -317,6 +307,30 @@ class PolicyLearner:
             save_program(program, self.samples_dir / f"{name}.json")
             atomic_write_bytes(self.samples_dir / f"{name}.svg", to_svg(program).encode())
         return path
+
+    def restore(self) -> int | None:
+        """Load the newest readable checkpoint of ``checkpoint_dir`` (the constructor does); its
+        version, or None if there is none.
+
+        Raises:
+            ValueError: The checkpoint does not fit this experiment's policy.
+        """
+        restored = latest_checkpoint(self.checkpoint_dir)
+        if restored is None:
+            return None
+        version, state = restored
+        try:
+            with self.state_lock:
+                self.trainer.load_state_dict(state["trainer"])
+                self.version = version
+                self.frames = int(state.get("frames", 0))
+                self.updates = int(state.get("updates", 0))
+        except (RuntimeError, ValueError) as exc:  # torch names the missing / misshaped tensors
+            raise ValueError(f"the newest checkpoint in {self.checkpoint_dir} (version {version}) does not "
+                             f"fit this experiment's policy: were the policy.* settings changed since the run "
+                             f"wrote it? Start a new run directory or restore those settings. {exc}") from exc
+        log.info("resumed policy learner from checkpoint version %d", self.version)
+        return self.version
 
     def export_training_state(self) -> tuple[int, dict[str, np.ndarray]]:
         """``(version, policy weights and Adam state)`` between two updates (a PBT donor's answer)."""

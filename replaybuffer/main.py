@@ -22,6 +22,7 @@ from replaybuffer.table import ReplayTable
 from spiral.rpc.messages import experiment_image_shape
 from spiral.rpc.server import BindError, build_server
 from spiral.service_runtime import start_process
+from spiral.seeding import replay_seed
 from spiral.service_options import add_service_arguments, resolve_service_options
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = opts.config
     start_process(opts)
     table = ReplayTable(capacity=cfg.replay.capacity, min_size=cfg.replay.min_size,
-                        samples_per_insert=cfg.replay.samples_per_insert, seed=cfg.seed + 7919 * opts.member)
+                        samples_per_insert=cfg.replay.samples_per_insert, seed=replay_seed(cfg.seed, opts.member))
     checkpoint = opts.run_dir / "replaybuffer" / f"member-{opts.member}.npz"
     image_shape = experiment_image_shape(cfg)
     if checkpoint.exists() and not args.fresh:
@@ -54,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
                 log.warning("%s holds items of another experiment (shape %s); starting empty",
                             checkpoint, held[0].render.shape)
                 table = ReplayTable(capacity=cfg.replay.capacity, min_size=cfg.replay.min_size,
-                                    samples_per_insert=cfg.replay.samples_per_insert, seed=cfg.seed)
+                                    samples_per_insert=cfg.replay.samples_per_insert, seed=replay_seed(cfg.seed, opts.member))
             else:
                 log.info("restored %d items from %s", restored, checkpoint)
         except (OSError, ValueError) as exc:

@@ -308,7 +308,7 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 class LocalRenders:
-    """A table as its in-process peers see it: a :class:`spiral.sources.RenderSink` for actors
+    """A table as its in-process peers see it: a :class:`spiral.core.RenderSink` for actors
     and a render sampler (``sample(batch_size) -> (renders, targets) | None``) for the
     discriminator, as the replay service offers them over gRPC (``spiral local``)."""
 

@@ -4,7 +4,7 @@ Like MonoBeast's single process or Sample Factory's ``--serial_mode``: actors, t
 learner, the discriminator learner and the replay table are the very classes the services wrap
 (:class:`actor.actor.Actor`, :class:`learner.learner.PolicyLearner`,
 :class:`discriminator.learner.DiscriminatorLearner`, :class:`replaybuffer.table.ReplayTable`),
-wired through the :mod:`spiral.sources` interfaces in memory instead of over
+wired through the :mod:`spiral.core` interfaces in memory instead of over
 :mod:`spiral.rpc.peers`. Each actor's parameters come from the learner's published snapshot
 (with the same refresh period and version lag as a remote actor), its unrolls go to the
 learner's ingest queue and its final renders into the table, which the discriminator samples.
@@ -42,6 +42,7 @@ from spiral.data import for_experiment
 from spiral.envs import make_env
 from spiral.guarded_loop import GuardedLoop
 from spiral.nets import build_policy
+from spiral.seeding import actor_seed, discriminator_seed, replay_seed
 from spiral.service_runtime import ProgressLog
 
 log = logging.getLogger(__name__)
@@ -67,16 +68,16 @@ class LocalSystem:
         self.stop = stop or threading.Event()
         dataset = for_experiment(cfg)
         rc = cfg.replay
-        self.table = ReplayTable(rc.capacity, rc.min_size, rc.samples_per_insert, seed=cfg.seed)
+        self.table = ReplayTable(rc.capacity, rc.min_size, rc.samples_per_insert, seed=replay_seed(cfg.seed, 0))
         self.renders = LocalRenders(self.table)
         self.discriminator = DiscriminatorLearner(cfg, self.run_dir, dataset.images, self.renders, device=device,
-                                                  seed=cfg.seed + 1000)
+                                                  seed=discriminator_seed(cfg.seed, 0))
         self.learner = PolicyLearner(cfg, self.run_dir, critic_source=self.discriminator.published, device=device)
         targets = dataset.images if cfg.env.conditional else None
         self.actors: list[Actor] = []
         for index in range(num_actors):
             actor_id = f"local-{index}"
-            seed = cfg.seed + 7919 * (index + 1)
+            seed = actor_seed(cfg.seed, actor_id)
             runner = EpisodeRunner(cfg, make_env(cfg, cfg.actor.num_envs, seed=seed), build_policy(cfg), targets,
                                    seed=seed, actor_id=actor_id)
             peers = ActorPeers(parameters=self.learner, unrolls=self.learner, renders=self.renders)

@@ -33,7 +33,7 @@ from spiral.nets import build_policy
 from spiral.nets.params import ParameterSnapshot, snapshot_of
 from spiral.rpc.messages import experiment_image_shape
 from spiral.rpc.server import build_server
-from spiral.sources import PeerFailure, Refused, Unavailable
+from spiral.core import PeerFailure, Refused, Unavailable
 from spiral.trajectory import Unroll
 
 

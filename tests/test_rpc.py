@@ -32,7 +32,7 @@ from spiral.rpc.publish import ParameterPublisher
 from spiral.rpc.server import BindError, ServiceBinding, build_server
 from spiral.rpc.tensors import ALLOWED_DTYPES, decode_tensor, encode_tensor
 from spiral.rpc.tls import TLSConfigError
-from spiral.sources import PublishedParameters
+from spiral.core import PublishedParameters
 from spiral.trajectory import Unroll
 from spiral.v1 import (discriminator_pb2, discriminator_pb2_grpc, learner_pb2, learner_pb2_grpc, parameters_pb2,
                        tensor_pb2)

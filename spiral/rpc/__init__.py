@@ -10,7 +10,7 @@
   metrics, TLS, graceful shutdown).
 * :mod:`spiral.rpc.client`: :func:`make_channel` and :func:`call_with_retry`.
 * :mod:`spiral.rpc.publish`: the shared ``GetParameters`` body of both learners.
-* :mod:`spiral.rpc.peers`: :mod:`spiral.sources`' interfaces over the network
+* :mod:`spiral.rpc.peers`: :mod:`spiral.core`' interfaces over the network
   (``RemoteParameterSource``, ``RemoteUnrollSink``, ``RemoteRenderSink``,
   ``RemoteRenderSampler``) and their errors (``PeerRejected``, ``PeerUnavailable``).
 """

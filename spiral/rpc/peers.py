@@ -1,8 +1,8 @@
-"""Remote peers: the :mod:`spiral.sources` interfaces implemented over gRPC.
+"""Remote peers: the :mod:`spiral.core` interfaces implemented over gRPC.
 
 An actor or a learner talks to its peers through small interfaces (``fetch``, ``submit``,
 ``insert``, ``sample``) and cannot tell a peer in the same process
-(:class:`spiral.sources.PublishedParameters`, :class:`spiral.sources.CallbackSink`) from one
+(:class:`spiral.core.PublishedParameters`, :class:`spiral.core.CallbackSink`) from one
 across the network (the classes here). Each class owns one channel to one address:
 
 * :class:`RemoteParameterSource`: ``GetParameters`` of a policy learner or a discriminator
@@ -54,7 +54,7 @@ from spiral.rpc.client import RetryError, RetryPolicy, call_with_retry, make_cha
 from spiral.rpc.errors import RATE_LIMITED_PREFIX, InvalidMessage
 from spiral.rpc.messages import ImageShape, decode_sample_response, encode_insert_request, encode_unroll
 from spiral.rpc.parameters import fetch_parameters
-from spiral.sources import PeerFailure, Refused, Unavailable
+from spiral.core import PeerFailure, Refused, Unavailable
 from spiral.trajectory import Unroll
 from spiral.v1 import discriminator_pb2_grpc, learner_pb2, learner_pb2_grpc, replay_pb2, replay_pb2_grpc
 
@@ -189,7 +189,7 @@ class _Peer:
 
 
 class RemoteParameterSource(_Peer):
-    """A :class:`spiral.sources.ParameterSource` served by a learner's ``GetParameters``.
+    """A :class:`spiral.core.ParameterSource` served by a learner's ``GetParameters``.
 
     Args:
         address: ``host:port`` of the policy learner or discriminator learner.
@@ -239,7 +239,7 @@ class RemoteParameterSource(_Peer):
 
 
 class RemoteUnrollSink(_Peer):
-    """A :class:`spiral.sources.UnrollSink` that streams unrolls to a policy learner.
+    """A :class:`spiral.core.UnrollSink` that streams unrolls to a policy learner.
 
     Args:
         address: ``host:port`` of the policy learner.
@@ -284,7 +284,7 @@ class RemoteUnrollSink(_Peer):
 
 
 class RemoteRenderSink(_Peer):
-    """A :class:`spiral.sources.RenderSink` that inserts final renders into a replay buffer.
+    """A :class:`spiral.core.RenderSink` that inserts final renders into a replay buffer.
 
     Args:
         address: ``host:port`` of the replay buffer.

@@ -1,7 +1,7 @@
 """Serving a learner's published parameters: the shared body of both ``GetParameters`` methods.
 
 The policy learner and the discriminator learner publish versioned parameters the same way
-(:class:`spiral.sources.PublishedParameters`) and answer ``GetParameters`` the same way:
+(:class:`spiral.core.PublishedParameters`) and answer ``GetParameters`` the same way:
 
 * the caller holds exactly the published version: one "up to date" chunk, nothing else;
 * otherwise (older, or a version this server never had, e.g. after it restarted from an older

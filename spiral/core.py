@@ -1,12 +1,36 @@
-"""Where parameters, unrolls and renders go: interfaces that hide whether a peer is local or remote.
+"""The interfaces between spiral's parts, in the spirit of ``acme/core.py``.
 
-Following Acme's ``VariableSource``, an actor cannot tell whether its parameters come from a
-learner in the same process or over gRPC, and the learner cannot tell whether its critic
-parameters do. The in-process implementations here wire the services together in one process
-(debugging, tests, the no-gRPC baseline of the benchmarks); ``spiral.rpc.peers`` implements
-the same interfaces over the network.
+Where parameters, unrolls and renders go, and what a learner does. An actor cannot tell whether
+its parameters come from a learner in the same process or over gRPC, and a learner cannot
+tell whether its critic's do. The in-process implementations (the learners themselves,
+:class:`PublishedParameters`, :class:`replaybuffer.table.LocalRenders`) wire the system in one
+process (``spiral local``); :mod:`spiral.rpc.peers` implements the same interfaces over the
+network (``spiral up``, Kubernetes).
+
+The loops that use them::
+
+    # the actor (actor.actor.Actor.run)
+    while not stop.is_set():
+        snapshot = parameters.fetch(runner.policy_version)   # ParameterSource
+        if snapshot is not None:
+            runner.load_parameters(snapshot)
+        unroll = runner.run_episode()
+        unrolls.submit(unroll)                                 # UnrollSink: Refused / Unavailable
+        renders.insert(unroll.final_canvases, unroll.targets, unroll.policy_version, actor_id)
+
+    # a learner (learner.learner.PolicyLearner.run, discriminator.learner.DiscriminatorLearner.run)
+    learner.restore()                                          # the newest checkpoint, if any
+    while not stop.is_set():
+        beat()
+        learner.step()                                         # one update, or None without data
+    learner.checkpoint()
+
+    # the discriminator's step draws its fake examples from a RenderSampler
+    renders, targets = sampler.sample(batch_size) or (None, None)
+
+Failures a peer reports are :class:`PeerFailure`: :class:`Refused` (``stale``: refetch
+parameters first) or :class:`Unavailable` (down or busy: retry later, or drop).
 """
-
 from __future__ import annotations
 
 import threading
@@ -73,6 +97,33 @@ class RenderSink(Protocol):
         Raises:
             PeerFailure: They were refused, or the buffer could not take them now.
         """
+
+
+class RenderSampler(Protocol):
+    """Where the discriminator's fake examples come from (the replay buffer)."""
+
+    def sample(self, batch_size: int) -> tuple[np.ndarray, np.ndarray | None] | None:
+        """``(renders, targets)`` uint8 ``[B, H, W, C]`` (targets None when unconditional), or None
+        when the buffer cannot serve a batch yet."""
+
+
+class Learner(Protocol):
+    """A service's learner: the policy learner or the discriminator learner."""
+
+    version: int
+    """The version of the parameters it publishes; rises with every update and PBT copy."""
+
+    def step(self) -> dict[str, float] | None:
+        """One update if the data for it is there (else None, after a bounded wait)."""
+
+    def run(self, stop: threading.Event, beat: Callable[[], None]) -> None:
+        """Update until ``stop`` is set, calling ``beat`` once per iteration."""
+
+    def checkpoint(self) -> object:
+        """Save an atomic checkpoint of weights, optimiser state and version."""
+
+    def restore(self) -> int | None:
+        """Load the newest checkpoint; its version (None when there is none)."""
 
 
 class PublishedParameters:
