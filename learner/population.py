@@ -34,6 +34,7 @@ A controller that is down only delays the next report: training never waits for 
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import threading
@@ -46,12 +47,13 @@ import torch
 
 from learner.learner import ExploitRequest, PolicyLearner
 from spiral.checkpoint import latest_checkpoint, load_checkpoint
-from spiral.config import ExperimentConfig
+from spiral.config import ExperimentConfig, ServicesConfig
 from spiral.evaluation import reconstruct
 from spiral.nets import build_discriminator, images_to_tensor
 from spiral.rpc.client import make_channel
-from spiral.rpc.training_state import fetch_training_state
-from spiral.v1 import discriminator_pb2, discriminator_pb2_grpc, pbt_pb2, pbt_pb2_grpc
+from spiral.rpc.peers import PeerError
+from spiral.rpc.training_state import fetch_training_state, request_discriminator_copy
+from spiral.v1 import pbt_pb2, pbt_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -163,8 +165,9 @@ class PopulationMember:
         self.report_timeout = report_timeout
         self.channel = make_channel(pbt_address, cfg.services)
         self.stub = pbt_pb2_grpc.PBTControllerStub(self.channel)
-        self.discriminator_channel = make_channel(cfg.services.discriminator_address, cfg.services)
-        self.discriminator = discriminator_pb2_grpc.DiscriminatorLearnerStub(self.discriminator_channel)
+        self.copy_discriminator: Callable[[str, int], object] = functools.partial(
+            self._request_discriminator_copy, cfg.services.discriminator_address, cfg.services)
+        """``(donor_address, donor_member)``: tell this member's discriminator to copy the donor's."""
         self._next_report = 0
         self._failed_donor: int | None = None
         self.exploits = 0
@@ -172,9 +175,12 @@ class PopulationMember:
         self.discriminator_copies_skipped = 0
         self.last_fitness = math.nan
 
+    def _request_discriminator_copy(self, address: str, services: ServicesConfig, donor_address: str,
+                                    donor_member: int) -> object:
+        return request_discriminator_copy(address, services, donor_address, donor_member, member=self.member)
+
     def close(self) -> None:
         self.channel.close()
-        self.discriminator_channel.close()
 
     def maybe_report(self, stop: threading.Event | None = None) -> None:
         """Report if due (first at update 0, so the member starts with its sampled hyperparameters)."""
@@ -236,12 +242,9 @@ class PopulationMember:
                      "hyperparameters only", directive.donor_member, skipped)
         else:
             try:
-                self.discriminator.LoadFrom(discriminator_pb2.LoadFromRequest(
-                    donor_address=directive.donor_discriminator_address, donor_member=directive.donor_member,
-                    member=self.member), timeout=60)
-            except grpc.RpcError as error:
-                log.warning("own discriminator could not copy member %d's: %s %s", directive.donor_member,
-                            error.code().name, error.details())
+                self.copy_discriminator(directive.donor_discriminator_address, int(directive.donor_member))
+            except PeerError as error:
+                log.warning("own discriminator could not copy member %d's: %s", directive.donor_member, error)
         self.learner.request_exploit(ExploitRequest(training_state=dict(donor.tensors),
                                                     hyperparameters=hyperparameters))
         self.exploits += 1

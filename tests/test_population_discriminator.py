@@ -255,12 +255,14 @@ def test_the_controllers_exploit_names_no_discriminator_to_copy_when_shared(tmp_
     assert exploit.get("discriminator") == ("shared" if shared else None)
 
 
-class FakeDiscriminatorStub:
+class FakeDiscriminatorCopy:
+    """Stands in for ``request_discriminator_copy`` to this member's discriminator (records the calls)."""
+
     def __init__(self) -> None:
         self.calls: list[Any] = []
 
-    def LoadFrom(self, request: Any, timeout: float) -> None:  # noqa: N802 - the gRPC method's name
-        self.calls.append(request)
+    def __call__(self, donor_address: str, donor_member: int) -> None:
+        self.calls.append((donor_address, donor_member))
 
 
 @pytest.mark.parametrize(("shared", "donor_discriminator", "copies"), [
@@ -282,8 +284,8 @@ def test_an_exploit_skips_the_discriminator_copy_when_shared(monkeypatch: pytest
                         lambda *args, **kwargs: SimpleNamespace(tensors={"w": np.zeros(1)}, version=7))
     member = population.PopulationMember(learner, 1, "127.0.0.1:1",  # type: ignore[arg-type]
                                          fitness=lambda _learner: 0.0)
-    stub = FakeDiscriminatorStub()
-    member.discriminator = stub  # type: ignore[assignment]
+    stub = FakeDiscriminatorCopy()
+    member.copy_discriminator = stub
     try:
         member.apply(pbt_pb2.Directive(action=pbt_pb2.Directive.EXPLOIT, donor_member=0,
                                        donor_learner_address="learner-0:1",
@@ -311,7 +313,7 @@ def test_an_exploit_refuses_a_donor_older_than_the_version_the_controller_ranked
                         lambda *args, **kwargs: SimpleNamespace(tensors={"w": np.zeros(1)}, version=7))
     member = population.PopulationMember(learner, 1, "127.0.0.1:1",  # type: ignore[arg-type]
                                          fitness=lambda _learner: 0.0)
-    member.discriminator = FakeDiscriminatorStub()  # type: ignore[assignment]
+    member.copy_discriminator = FakeDiscriminatorCopy()
     directive = dict(action=pbt_pb2.Directive.EXPLOIT, donor_member=0, donor_learner_address="learner-0:1",
                      donor_discriminator_address="disc-0:2", hyperparameters={"learning_rate": 2e-4})
     try:

@@ -152,7 +152,7 @@ def _describe(error: grpc.RpcError) -> str:
 def call_with_retry(call: Callable[[float], T], *, policy: RetryPolicy = RetryPolicy(),
                     deadline_seconds: float | None = None, stop: threading.Event | None = None,
                     retry_labels: tuple[str, str] | None = None, description: str = "call",
-                    rng: random.Random | None = None) -> T:
+                    rng: random.Random | None = None, retry_window_seconds: float | None = None) -> T:
     """Run ``call(timeout)`` until it succeeds, retrying transient failures with backoff and jitter.
 
     Args:
@@ -165,6 +165,9 @@ def call_with_retry(call: Callable[[float], T], *, policy: RetryPolicy = RetryPo
             each retry in, or None to not count.
         description: Names the call in log lines and errors.
         rng: Random source of the jitter.
+        retry_window_seconds: Retry only within this long from the start (None: until the
+            deadline); a transient failure after it is raised as it is. An attempt itself may
+            still run until the deadline (a long stream after a short wait for a peer to start).
 
     Returns:
         What ``call`` returned.
@@ -201,6 +204,8 @@ def call_with_retry(call: Callable[[float], T], *, policy: RetryPolicy = RetryPo
             last_error = error
         sleep = rng.uniform(0.0, policy.backoff_bound(attempts))
         sleep = min(sleep, max(0.0, end - time.monotonic()))
+        if retry_window_seconds is not None and time.monotonic() + sleep - start > retry_window_seconds:
+            raise last_error
         log.debug("%s failed (%s); retry %d in %.2f s", description, _describe(last_error), attempts, sleep)
         if stop is not None:
             if stop.wait(sleep):

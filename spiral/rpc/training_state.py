@@ -10,14 +10,13 @@ discriminator to copy a donor.
 from __future__ import annotations
 
 import threading
-import time
 from typing import Literal, Mapping
 
 import grpc
 import numpy as np
 
 from spiral.config import ServicesConfig
-from spiral.rpc.client import make_channel
+from spiral.rpc.client import RetryError, RetryPolicy, RetryStopped, call_with_retry, make_channel
 from spiral.rpc.errors import InvalidMessage
 from spiral.rpc.parameters import DEFAULT_CHUNK_BYTES, ParameterUpdate, assemble_parameters, chunk_parameters
 from spiral.rpc.peers import PeerError, _error_from
@@ -75,27 +74,20 @@ def fetch_training_state(address: str, services_cfg: ServicesConfig, kind: Liter
         stub = _stub(kind, channel)
         request = parameters_pb2.GetTrainingStateRequest(member=int(member))
 
-        start = time.monotonic()
-        end, retry_until = start + timeout, start + max(0.0, unavailable_retry_seconds)
-        backoff = 0.05
-        while True:
-            try:
-                update = assemble_parameters(stub.GetTrainingState(  # type: ignore[attr-defined]
-                    request, timeout=max(0.001, end - time.monotonic())))
-                break
-            except grpc.RpcError as error:
-                code = error.code() if hasattr(error, "code") else None
-                now = time.monotonic()
-                if code != grpc.StatusCode.UNAVAILABLE or now + backoff > min(retry_until, end):
-                    raise _error_from(address, method, error) from None
-                if stop is not None:
-                    if stop.wait(backoff):
-                        raise PeerError(address, method, None, "stopped while waiting for the donor") from None
-                else:
-                    time.sleep(backoff)
-                backoff = min(0.5, backoff * 2)
-            except InvalidMessage as error:
-                raise PeerError(address, method, None, f"malformed training-state stream: {error}") from None
+        try:
+            update = call_with_retry(
+                lambda attempt_timeout: assemble_parameters(stub.GetTrainingState(  # type: ignore[attr-defined]
+                    request, timeout=attempt_timeout)),
+                policy=RetryPolicy(initial_backoff=0.05, max_backoff=0.5, call_timeout=timeout,
+                                   retry_codes=frozenset({grpc.StatusCode.UNAVAILABLE})),
+                deadline_seconds=timeout, stop=stop, description=f"{method} on {address}",
+                retry_window_seconds=max(0.0, unavailable_retry_seconds))
+        except RetryStopped:
+            raise PeerError(address, method, None, "stopped while waiting for the donor") from None
+        except (grpc.RpcError, RetryError) as error:
+            raise _error_from(address, method, error) from None
+        except InvalidMessage as error:
+            raise PeerError(address, method, None, f"malformed training-state stream: {error}") from None
     finally:
         channel.close()
     if update is None:
