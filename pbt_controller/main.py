@@ -1,9 +1,10 @@
 """``spiral pbt-controller``: the population-based-training controller as a service process.
 
 Serves ``spiral.v1.PBTController`` on ``--listen`` (default ``127.0.0.1:50054``) for a
-population of ``pbt.population_size`` members (or ``--population K``). Member addresses come
-from ``--members FILE`` (JSON/YAML list of ``{member, learner_address, discriminator_address,
-replay_address}``) or, in a Kubernetes pod without that flag, from the Kubernetes API
+population of ``pbt.population_size`` members (the experiment is the one place that sets it;
+``spiral up --population K`` writes K there). Member addresses come from ``--members FILE``
+(JSON/YAML list of ``{member, learner_address, discriminator_address, replay_address}``) or,
+in a Kubernetes pod without that flag, from the Kubernetes API
 (:mod:`pbt_controller.discovery`).
 
 State and logs live in ``RUN_DIR/pbt/``: ``state.json`` (reloaded on start, so a restarted
@@ -42,8 +43,6 @@ def register(parser: argparse.ArgumentParser) -> None:
                         help="JSON/YAML list of {member, learner_address, discriminator_address, replay_address}; "
                              "without it, members are discovered from Kubernetes when in a cluster "
                              "[SPIRAL_PBT_MEMBERS]")
-    parser.add_argument("--population", type=int, default=None,
-                        help="population size (default: the experiment's pbt.population_size)")
     parser.add_argument("--actor-timeout", type=float, default=None,
                         help="seconds after which an actor that has not called AssignActor is forgotten "
                              "(default: the experiment's pbt.actor_timeout_seconds, 4 actor heartbeats)")
@@ -59,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     opts = resolve_service_options("pbt-controller", args)
     cfg = opts.config
     start_process(opts, member_in_log=False)
-    population = args.population if args.population is not None else cfg.pbt.population_size
+    population = cfg.pbt.population_size  # the experiment is the one place that sets it
     try:
         discovery = make_discovery(args.members, population, shared=cfg.pbt.shared_discriminator)
         initial = {int(k): {n: float(v) for n, v in hp.items()}

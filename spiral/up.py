@@ -159,7 +159,7 @@ def plan_layout(cfg: ExperimentConfig, config_path: Path, run_dir: Path, num_act
         layout.processes.append(ProcessSpec(
             role="pbt-controller", member=-1, name="pbt-controller", grpc_address=pbt_address, metrics_port=port,
             args=["pbt-controller", *common, "--run-dir", str(run_dir), "--listen", pbt_address,
-                  "--metrics-port", str(port), "--members", str(members_file), "--population", str(population)],
+                  "--metrics-port", str(port), "--members", str(members_file)],
             log_path=logs / "pbt-controller.log"))
     return layout
 

@@ -23,7 +23,7 @@ from pbt_controller.controller import Controller
 from pbt_controller.discovery import StaticDiscovery
 from pbt_controller.service import SERVICE, PBTControllerServicer
 from pbt_controller.state import StateStore
-from spiral.config import PBTConfig, ServicesConfig
+from spiral.config import PBTConfig, ServicesConfig, dump_experiment, load_experiment
 from spiral.members import MemberAddresses, load_members_file, write_members_file
 from spiral.rpc.server import SpiralServer, build_server
 from spiral.v1 import pbt_pb2, pbt_pb2_grpc
@@ -272,11 +272,14 @@ def test_a_population_of_one_always_continues(tmp_path: Path, clock: Clock) -> N
 
 def _start_process(tmp_path: Path, address: str, metrics_port: int, population: int = 1) -> subprocess.Popen[bytes]:
     members = write_members_file(tmp_path / "members.json", addresses(population).values())
+    config = tmp_path / "experiment.yaml"  # the population size lives in the experiment, nowhere else
+    dump_experiment(load_experiment(REPO / "experiments" / "tiny.yaml", {"pbt": {"population_size": population}}),
+                    config)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     with open(tmp_path / "pbt.log", "ab") as out:
         return subprocess.Popen(
-            [sys.executable, "-m", "spiral.cli", "pbt-controller", "--config", "experiments/tiny.yaml",
-             "--members", str(members), "--population", str(population), "--listen", address,
+            [sys.executable, "-m", "spiral.cli", "pbt-controller", "--config", str(config),
+             "--members", str(members), "--listen", address,
              "--metrics-port", str(metrics_port), "--run-dir", str(tmp_path / "run")],
             cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
 
