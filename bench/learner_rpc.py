@@ -37,7 +37,8 @@ from spiral.acting import EpisodeRunner  # noqa: E402
 from spiral.config import load_experiment  # noqa: E402
 from spiral.envs import action_spec_for, make_env  # noqa: E402
 from spiral.nets import build_policy  # noqa: E402
-from spiral.nets.params import ParameterSnapshot, snapshot_of  # noqa: E402
+from spiral.nets.params import snapshot_of  # noqa: E402
+from spiral.snapshot import ParameterSnapshot  # noqa: E402
 from spiral.rpc.client import make_channel  # noqa: E402
 from spiral.rpc.messages import UnrollExpectation, decode_unroll, encode_unroll  # noqa: E402
 from spiral.rpc.parameters import fetch_parameters  # noqa: E402

@@ -35,7 +35,8 @@ from spiral.visualize import json_safe
 from spiral.checkpoint import latest_checkpoint, save_checkpoint
 from spiral.config import ExperimentConfig
 from spiral.nets import build_discriminator
-from spiral.nets.params import ParameterSnapshot, snapshot_of
+from spiral.nets.params import snapshot_of
+from spiral.snapshot import ParameterSnapshot
 from spiral.service_runtime import ProgressLog
 from spiral.core import PeerFailure, PublishedParameters, RenderSampler
 from spiral.tensorboard import TrainingBoard

@@ -45,7 +45,8 @@ from spiral.config import ExperimentConfig
 from spiral.envs import action_spec_for
 from spiral.envs.programs import program_from_actions, save_program, to_svg
 from spiral.nets import build_discriminator, build_policy
-from spiral.nets.params import ParameterSnapshot, load_snapshot, snapshot_of
+from spiral.nets.params import load_snapshot, snapshot_of
+from spiral.snapshot import ParameterSnapshot
 from spiral.seeding import learner_seed
 from spiral.service_runtime import ProgressLog
 from spiral.core import ParameterSource, PublishedParameters, Refused

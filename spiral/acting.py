@@ -22,7 +22,8 @@ import torch
 from spiral.config import ExperimentConfig
 from spiral.envs.base import BatchedEnv
 from spiral.nets import observation_to_tensors
-from spiral.nets.params import ParameterSnapshot, load_snapshot
+from spiral.nets.params import load_snapshot
+from spiral.snapshot import ParameterSnapshot
 from spiral.nets.policy import SpiralPolicy
 from spiral.precision import autocast, resolve_precision
 from spiral.trajectory import Unroll

@@ -38,7 +38,7 @@ from typing import Callable, Protocol
 
 import numpy as np
 
-from spiral.nets.params import ParameterSnapshot
+from spiral.snapshot import ParameterSnapshot
 from spiral.trajectory import Unroll
 
 

@@ -42,6 +42,7 @@ from typing import IO, Callable, Sequence
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from spiral.atomic import atomic_write_bytes
 from spiral.config import ExperimentConfig, dump_experiment, experiment_path, load_experiment
 from spiral.members import MemberAddresses, write_members_file
 
@@ -225,9 +226,7 @@ class Supervisor:
                 "grpc_address": spec.grpc_address or None, "metrics_url": spec.metrics_url,
                 "log": str(spec.log_path),
             })
-        tmp = self.run_dir / "cluster.json.tmp"
-        tmp.write_text(json.dumps({"processes": entries}, indent=2))
-        os.replace(tmp, self.run_dir / "cluster.json")
+        atomic_write_bytes(self.run_dir / "cluster.json", json.dumps({"processes": entries}, indent=2).encode())
 
     def stop(self, grace_seconds: float = 20.0) -> None:
         """SIGTERM every child in :data:`STOP_ORDER`, waiting for each role before the next."""

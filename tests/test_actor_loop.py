@@ -30,7 +30,8 @@ from spiral.data import for_experiment
 from spiral.envs import make_env
 from spiral.local import LocalSystem
 from spiral.nets import build_policy
-from spiral.nets.params import ParameterSnapshot, snapshot_of
+from spiral.nets.params import snapshot_of
+from spiral.snapshot import ParameterSnapshot
 from spiral.rpc.messages import experiment_image_shape
 from spiral.rpc.server import build_server
 from spiral.core import PeerFailure, Refused, Unavailable

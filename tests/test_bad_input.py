@@ -22,7 +22,7 @@ from spiral.acting import EpisodeRunner
 from spiral.config import load_experiment
 from spiral.envs import action_spec_for, make_env
 from spiral.nets import build_policy
-from spiral.nets.params import ParameterSnapshot
+from spiral.snapshot import ParameterSnapshot
 from spiral.rpc.client import make_channel
 from spiral.rpc.messages import encode_unroll
 from spiral.rpc.parameters import fetch_parameters

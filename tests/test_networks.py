@@ -13,7 +13,8 @@ from spiral.envs import action_spec_for, make_env
 from spiral.envs.base import Observation
 from spiral.nets import (build_discriminator, build_policy, images_to_tensor, observation_to_tensors)
 from spiral.nets.discriminator import Discriminator
-from spiral.nets.params import ParameterSnapshot, load_snapshot, snapshot_of
+from spiral.nets.params import load_snapshot, snapshot_of
+from spiral.snapshot import ParameterSnapshot
 from spiral.nets.policy import PolicyInputs
 from spiral.trajectory import Unroll
 

@@ -22,7 +22,7 @@ from prometheus_client import REGISTRY
 
 from spiral.config import ServicesConfig, load_experiment
 from spiral.envs import action_spec_for
-from spiral.nets.params import ParameterSnapshot
+from spiral.snapshot import ParameterSnapshot
 from spiral.rpc.client import RetryDeadlineExceeded, RetryPolicy, RetryStopped, call_with_retry, make_channel
 from spiral.rpc.errors import InvalidMessage, PreconditionFailed, rejects_bad_messages
 from spiral.rpc.messages import UnrollExpectation, decode_unroll

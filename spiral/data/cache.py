@@ -23,10 +23,9 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import io
 import json
 import logging
-import os
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +34,7 @@ from typing import Any, Callable, Iterator, Mapping
 import numpy as np
 from PIL import Image
 
-from spiral.atomic import fsync_dir
+from spiral.atomic import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -104,19 +103,9 @@ def write_prepared(path: Path, prepared: PreparedImages, key: str) -> None:
         arrays["labels"] = prepared.labels.astype(np.int64)
     if prepared.label_names is not None:
         arrays["label_names"] = np.array(prepared.label_names, dtype=np.str_)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, CACHE_FILE_MODE)  # mkstemp creates 0600; the cache is shared by services.
-        with os.fdopen(fd, "wb") as handle:
-            np.savez(handle, **arrays)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp_name)
-        raise
-    fsync_dir(path.parent)
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    atomic_write_bytes(path, buffer.getvalue(), mode=CACHE_FILE_MODE)  # the cache is shared by services
 
 
 def read_prepared(path: Path, key: str) -> PreparedImages | None:

@@ -31,32 +31,17 @@ Example (server and client)::
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
 import numpy as np
 
 from spiral.rpc.errors import InvalidMessage
+from spiral.snapshot import ParameterSnapshot
 from spiral.rpc.tensors import decode_tensor, encode_tensor
 from spiral.v1 import parameters_pb2, tensor_pb2
 
 DEFAULT_CHUNK_BYTES = 4 * 1024 * 1024
 """Tensor bytes per chunk unless told otherwise: well below any sensible message limit."""
-
-
-@dataclass(frozen=True)
-class ParameterUpdate:
-    """One complete version of a network's parameters.
-
-    Attributes:
-        version: Parameter version.
-        member: Population member they belong to.
-        tensors: ``{name: array}`` in state-dict order (read-only arrays).
-    """
-
-    version: int
-    member: int
-    tensors: dict[str, np.ndarray]
 
 
 def up_to_date_chunk(version: int, member: int = 0) -> parameters_pb2.ParameterChunk:
@@ -117,7 +102,7 @@ def chunk_parameters(version: int, tensors: Mapping[str, np.ndarray], max_chunk_
 
 
 def assemble_parameters(chunks: Iterable[parameters_pb2.ParameterChunk], *, have_version: int | None = None,
-                        max_bytes: int | None = None) -> ParameterUpdate | None:
+                        max_bytes: int | None = None) -> ParameterSnapshot | None:
     """Rebuild a state dict from a chunk stream, checking that it is one complete version.
 
     Args:
@@ -181,7 +166,7 @@ def assemble_parameters(chunks: Iterable[parameters_pb2.ParameterChunk], *, have
         joined = np.concatenate(parts, axis=0)
         joined.flags.writeable = False
         tensors[name] = joined
-    return ParameterUpdate(version=first.version, member=first.member, tensors=tensors)
+    return ParameterSnapshot(version=first.version, member=first.member, tensors=tensors)
 
 
 def _with_first(first: Any, rest: Iterable[Any]) -> Iterable[Any]:
@@ -190,7 +175,7 @@ def _with_first(first: Any, rest: Iterable[Any]) -> Iterable[Any]:
 
 
 def fetch_parameters(stub: Any, have_version: int, member: int = 0, timeout: float = 30.0,
-                     max_bytes: int | None = None) -> ParameterUpdate | None:
+                     max_bytes: int | None = None) -> ParameterSnapshot | None:
     """Ask a ``PolicyLearner`` or ``DiscriminatorLearner`` stub for parameters newer than ``have_version``.
 
     Args:

@@ -49,7 +49,7 @@ import grpc
 import numpy as np
 
 from spiral.config import ServicesConfig
-from spiral.nets.params import ParameterSnapshot
+from spiral.snapshot import ParameterSnapshot
 from spiral.rpc.client import RetryError, RetryPolicy, call_with_retry, make_channel
 from spiral.rpc.errors import RATE_LIMITED_PREFIX, InvalidMessage
 from spiral.rpc.messages import ImageShape, decode_sample_response, encode_insert_request, encode_unroll
@@ -229,13 +229,10 @@ class RemoteParameterSource(_Peer):
             PeerError: The server sent an inconsistent chunk stream.
         """
         try:
-            update = self._call("GetParameters", lambda timeout: fetch_parameters(
+            return self._call("GetParameters", lambda timeout: fetch_parameters(
                 self._stub, have_version=int(have_version), member=self.member, timeout=timeout))
         except InvalidMessage as error:
             raise PeerError(self.address, "GetParameters", None, f"malformed parameter stream: {error}") from None
-        if update is None:
-            return None
-        return ParameterSnapshot(version=int(update.version), tensors=dict(update.tensors))
 
 
 class RemoteUnrollSink(_Peer):

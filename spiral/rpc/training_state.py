@@ -18,8 +18,9 @@ import numpy as np
 from spiral.config import ServicesConfig
 from spiral.rpc.client import RetryError, RetryPolicy, RetryStopped, call_with_retry, make_channel
 from spiral.rpc.errors import InvalidMessage
-from spiral.rpc.parameters import DEFAULT_CHUNK_BYTES, ParameterUpdate, assemble_parameters, chunk_parameters
+from spiral.rpc.parameters import DEFAULT_CHUNK_BYTES, assemble_parameters, chunk_parameters
 from spiral.rpc.peers import PeerError, _error_from
+from spiral.snapshot import ParameterSnapshot
 from spiral.v1 import discriminator_pb2, discriminator_pb2_grpc, learner_pb2_grpc, parameters_pb2
 
 
@@ -40,7 +41,7 @@ def _stub(kind: str, channel: grpc.Channel) -> object:
 
 def fetch_training_state(address: str, services_cfg: ServicesConfig, kind: Literal["learner", "discriminator"],
                          member: int, timeout: float = 60.0, *, unavailable_retry_seconds: float = 2.0,
-                         server_name: str | None = None, stop: threading.Event | None = None) -> ParameterUpdate:
+                         server_name: str | None = None, stop: threading.Event | None = None) -> ParameterSnapshot:
     """Fetch a donor's training state over ``GetTrainingState``.
 
     Args:
