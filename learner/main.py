@@ -64,8 +64,8 @@ def run(args: argparse.Namespace) -> int:
 
     guard.on_failure(lambda _reason: server.mark_not_serving())
     guard.start(lambda stop, beat: learner.run(stop, beat, population.maybe_report if population else None))
-    server.serve_until_signal(stop_event=guard.exit_requested, on_stopping=guard.stop,
-                              on_stopped=guard.unless_failed(learner.checkpoint))
+    server.serve_until_signal(grace=cfg.services.shutdown_grace_seconds, stop_event=guard.exit_requested,
+                              on_stopping=guard.stop, on_stopped=guard.unless_failed(learner.checkpoint))
     learner.close()  # flush the TensorBoard event file
     critic_source.close()
     if population is not None:

@@ -155,14 +155,14 @@ def discriminator_copy_skipped(cfg: ExperimentConfig, directive: pbt_pb2.Directi
 class PopulationMember:
     """Connects one :class:`PolicyLearner` to the PBT controller (called from its training loop)."""
 
-    def __init__(self, learner: PolicyLearner, member: int, pbt_address: str, fitness: Callable[[PolicyLearner], float],
-                 report_timeout: float = 10.0) -> None:
+    def __init__(self, learner: PolicyLearner, member: int, pbt_address: str,
+                 fitness: Callable[[PolicyLearner], float]) -> None:
         cfg = learner.cfg
         self.learner = learner
         self.member = member
         self.fitness = fitness
         self.every = cfg.pbt.report_every_updates
-        self.report_timeout = report_timeout
+        self.report_timeout = cfg.services.call_timeout_seconds
         self.channel = make_channel(pbt_address, cfg.services)
         self.stub = pbt_pb2_grpc.PBTControllerStub(self.channel)
         self.copy_discriminator: Callable[[str, int], object] = functools.partial(
@@ -177,7 +177,8 @@ class PopulationMember:
 
     def _request_discriminator_copy(self, address: str, services: ServicesConfig, donor_address: str,
                                     donor_member: int) -> object:
-        return request_discriminator_copy(address, services, donor_address, donor_member, member=self.member)
+        return request_discriminator_copy(address, services, donor_address, donor_member, member=self.member,
+                                          timeout=services.copy_timeout_seconds)
 
     def close(self) -> None:
         self.channel.close()
@@ -225,7 +226,8 @@ class PopulationMember:
             return
         services = self.learner.cfg.services
         try:
-            donor = fetch_training_state(directive.donor_learner_address, services, "learner", directive.donor_member)
+            donor = fetch_training_state(directive.donor_learner_address, services, "learner", directive.donor_member,
+                                         timeout=services.copy_timeout_seconds)
         except Exception as exc:  # noqa: BLE001 - a donor that went away: keep training as we are
             self._exploit_failed(directive, str(exc))
             return

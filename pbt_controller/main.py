@@ -34,8 +34,6 @@ from spiral.service_options import add_service_arguments, resolve_service_option
 
 log = logging.getLogger(__name__)
 
-SHUTDOWN_GRACE_SECONDS = 5.0
-
 
 def register(parser: argparse.ArgumentParser) -> None:
     add_service_arguments(parser)
@@ -105,6 +103,6 @@ def run(args: argparse.Namespace) -> int:
         except Exception:  # noqa: BLE001
             log.exception("drawing %s failed", controller.store.plot_path)
 
-    server.serve_until_signal(grace=SHUTDOWN_GRACE_SECONDS, on_stopping=stop.set, on_stopped=stopped)
+    server.serve_until_signal(grace=cfg.services.shutdown_grace_seconds, on_stopping=stop.set, on_stopped=stopped)
     log.info("PBT controller stopped (state saved in %s)", controller.store.state_path)
     return 0

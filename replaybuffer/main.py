@@ -27,9 +27,6 @@ from spiral.service_options import add_service_arguments, resolve_service_option
 
 log = logging.getLogger(__name__)
 
-SHUTDOWN_GRACE_SECONDS = 5.0
-"""Seconds in-flight calls get to finish after SIGTERM."""
-
 
 def register(parser: argparse.ArgumentParser) -> None:
     add_service_arguments(parser)
@@ -55,7 +52,8 @@ def run(args: argparse.Namespace) -> int:
                 log.warning("%s holds items of another experiment (shape %s); starting empty",
                             checkpoint, held[0].render.shape)
                 table = ReplayTable(capacity=cfg.replay.capacity, min_size=cfg.replay.min_size,
-                                    samples_per_insert=cfg.replay.samples_per_insert, seed=replay_seed(cfg.seed, opts.member))
+                                    samples_per_insert=cfg.replay.samples_per_insert,
+                                    seed=replay_seed(cfg.seed, opts.member))
             else:
                 log.info("restored %d items from %s", restored, checkpoint)
         except (OSError, ValueError) as exc:
@@ -81,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
         written = table.save(checkpoint)
         log.info("saved %d items to %s", written, checkpoint)
 
-    server.serve_until_signal(grace=SHUTDOWN_GRACE_SECONDS, on_stopping=table.close, on_stopped=save)
+    server.serve_until_signal(grace=cfg.services.shutdown_grace_seconds, on_stopping=table.close, on_stopped=save)
     info = table.info()
     log.info("replay buffer stopped: %d items held, %d inserted, %d sampled", info.size, info.inserts, info.samples)
     return 0

@@ -553,6 +553,12 @@ class ServicesConfig:
     call_timeout_seconds: float = 10.0
     """Deadline of one attempt of a call between services (retries have their own deadlines:
     ``actor.*_deadline_seconds``)."""
+    shutdown_grace_seconds: float = 10.0
+    """After SIGTERM, in-flight calls get this long to finish before the last checkpoint is
+    written (keep it below the pod's ``terminationGracePeriodSeconds``)."""
+    copy_timeout_seconds: float = 60.0
+    """Deadline of a PBT copy: fetching a donor's training state, or asking a discriminator to
+    copy its donor's (``LoadFrom``)."""
     failure_linger_seconds: float = 2.0
     """After a service's loop raised or stalled (:mod:`spiral.guarded_loop`), the process stays
     up this long answering NOT_SERVING (so health checks and the last scrape see why), then
@@ -562,6 +568,8 @@ class ServicesConfig:
         _require(self.max_message_bytes >= 1024, f"{path}.max_message_bytes", "must be >= 1024")
         _require(self.failure_linger_seconds >= 0, f"{path}.failure_linger_seconds", "must be >= 0")
         _require(self.call_timeout_seconds > 0, f"{path}.call_timeout_seconds", "must be > 0")
+        _require(self.shutdown_grace_seconds >= 0, f"{path}.shutdown_grace_seconds", "must be >= 0")
+        _require(self.copy_timeout_seconds > 0, f"{path}.copy_timeout_seconds", "must be > 0")
         _require(bool(self.tls_cert) == bool(self.tls_key), f"{path}.tls_key", "tls_cert and tls_key go together")
 
 
