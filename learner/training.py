@@ -140,9 +140,9 @@ class PolicyTrainer:
         self.precision = resolve_precision(lc.precision, self.device, "learner.precision")
         """The arithmetic of the unroll's forward and backward and of the critic's scoring
         (``learner.precision`` where this device runs it natively, else fp32)."""
-        self._unroll = (maybe_compile(self.policy.unroll, self.device, "learner.compile") if lc.compile
-                        else self.policy.unroll)
-        """The policy's unroll, compiled with ``learner.compile``."""
+        self._unroll = (maybe_compile(self.policy.unroll_unchecked, self.device, "learner.compile") if lc.compile
+                        else self.policy.unroll_unchecked)
+        """The policy's unroll (validated by :meth:`learn` first), compiled with ``learner.compile``."""
 
     # -- hyperparameters -----------------------------------------------------------------------
 
@@ -268,13 +268,10 @@ class PolicyTrainer:
             raise ValueError(f"rewards must be [T, B] = [{t}, {b}], got {list(rewards.shape)}")
         parts = parts or {}
         device = self.device
-        sizes = np.asarray(self.policy.spec.sizes)
-        if unroll.actions.shape[-1] != len(sizes) or ((unroll.actions < 0) | (unroll.actions >= sizes)).any():
-            # Checked here, outside the (possibly compiled) unroll, which cannot branch on data.
-            raise ValueError(f"actions out of range for heads {dict(zip(self.policy.spec.names, self.policy.spec.sizes))}")
         self.policy.train()
         inputs = observation_to_tensors(unroll.observations()).to(device)
         actions = torch.from_numpy(np.ascontiguousarray(unroll.actions)).long().to(device)
+        self.policy.check_unroll(inputs, actions)  # eagerly: the (possibly compiled) unroll does not branch on data
         behaviour = torch.from_numpy(np.ascontiguousarray(unroll.behaviour_log_probs)).float().to(device)
         rewards = rewards.to(device=device, dtype=torch.float32)
 

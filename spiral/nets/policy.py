@@ -333,8 +333,6 @@ class SpiralPolicy(nn.Module):
             raise ValueError(f"actions must be [{n}, {self.spec.num_heads}] (heads {list(self.spec.names)}), "
                              f"got {tuple(actions.shape)}")
         actions = actions.long()
-        if torch.compiler.is_compiling():  # a data-dependent branch would break the graph; callers validate first
-            return actions
         sizes = torch.tensor(self.spec.sizes, device=actions.device)
         if bool(((actions < 0) | (actions >= sizes)).any()):
             raise ValueError(f"actions out of range for heads {dict(zip(self.spec.names, self.spec.sizes))}")
@@ -390,11 +388,26 @@ class SpiralPolicy(nn.Module):
         Equal to calling :meth:`forward` with the actions at each of the T steps; the torso and
         the heads run once over all T*B steps and only the LSTM is sequential.
         """
+        self.check_unroll(inputs, actions)
+        return self.unroll_unchecked(inputs, actions, state)
+
+    def check_unroll(self, inputs: PolicyInputs, actions: torch.Tensor) -> None:
+        """What :meth:`unroll` validates: input shapes, and actions ``[T, B, K]`` within each head's range.
+
+        Raises:
+            ValueError: Naming the input or head that is wrong.
+        """
         self._check_inputs(inputs, leading=2)
         t, b = inputs.canvas.shape[:2]
         if actions.shape != (t, b, self.spec.num_heads):
             raise ValueError(f"actions must be [{t}, {b}, {self.spec.num_heads}], got {tuple(actions.shape)}")
-        flat_actions = self._check_actions(actions.reshape(t * b, -1), t * b)
+        self._check_actions(actions.reshape(t * b, -1), t * b)
+
+    def unroll_unchecked(self, inputs: PolicyInputs, actions: torch.Tensor, state: LSTMState) -> UnrollOutput:
+        """:meth:`unroll` after :meth:`check_unroll`: no data-dependent branch, so ``torch.compile``
+        compiles it into one graph (the learner calls :meth:`check_unroll` first, eagerly)."""
+        t, b = inputs.canvas.shape[:2]
+        flat_actions = actions.reshape(t * b, -1).long()
         features, encoded = self._torso(inputs.flatten_time())
         features = features.view(t, b, -1)
         h, c = state
