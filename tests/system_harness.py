@@ -35,6 +35,21 @@ def http_get(url: str, timeout: float = 5.0) -> tuple[int, str]:
         return error.code, error.read().decode()
 
 
+def grpc_health(address: str, timeout: float = 2.0) -> str:
+    """The overall ``grpc.health.v1`` status name of ``address`` (the status code name, e.g.
+    UNAVAILABLE, when it does not answer)."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(address) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""),
+                                                              timeout=timeout)
+        except grpc.RpcError as error:
+            return error.code().name
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+
+
 def write_config(directory: Path, overrides: dict[str, Any] | None = None, base: str = "tiny") -> Path:
     """The ``base`` experiment with :data:`FAST_SYSTEM` and ``overrides`` applied, as a YAML file."""
     merged: dict[str, Any] = {k: dict(v) for k, v in FAST_SYSTEM.items()}

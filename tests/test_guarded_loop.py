@@ -17,14 +17,12 @@ import threading
 import time
 from pathlib import Path
 
-import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from spiral.config import load_experiment
 from spiral.guarded_loop import FAULT_ENV, FaultSpec, GuardedLoop, InjectedFault, Watchdog
 from spiral.up import Layout, Supervisor, free_port, plan_layout
-from system_harness import http_get, write_config
+from system_harness import grpc_health, http_get, write_config
 
 
 class FakeClock:
@@ -170,16 +168,6 @@ def test_fault_specs_parse_select_their_role_and_fire_at_their_beat(monkeypatch:
 # -- the real services --------------------------------------------------------------------------
 
 
-def _health(address: str) -> str:
-    """The overall gRPC health status name of ``address`` (UNAVAILABLE when it does not answer)."""
-    with grpc.insecure_channel(address) as channel:
-        try:
-            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=2)
-        except grpc.RpcError as error:
-            return error.code().name
-    return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
-
-
 def _start(role: str, config: Path, run_dir: Path, fault: str, grpc_port: int | None) -> tuple[subprocess.Popen, int]:
     metrics_port = free_port()
     args = [sys.executable, "-m", "spiral.cli", role, "--config", str(config), "--run-dir", str(run_dir),
@@ -204,7 +192,7 @@ def _watch_until_exit(process: subprocess.Popen, grpc_address: str | None, metri
     deadline = time.monotonic() + timeout
     while process.poll() is None and time.monotonic() < deadline:
         if grpc_address is not None:
-            seen_grpc.add(_health(grpc_address))
+            seen_grpc.add(grpc_health(grpc_address))
         try:
             seen_http.append(http_get(f"http://127.0.0.1:{metrics_port}/healthz", timeout=1.0))
         except OSError:

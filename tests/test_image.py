@@ -19,12 +19,10 @@ import subprocess
 import time
 import uuid
 
-import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from spiral.up import free_port
-from system_harness import http_get
+from system_harness import grpc_health, http_get
 
 IMAGE = os.environ.get("SPIRAL_IMAGE", "spiral:0.1.0-cpu")
 ROLES = ("actor", "learner", "discriminator", "replaybuffer", "pbt-controller")
@@ -60,15 +58,6 @@ def test_every_role_answers_help(role: str) -> None:
     assert result.returncode == 0 and f"spiral {role}" in result.stdout
 
 
-def _health(address: str) -> str:
-    with grpc.insecure_channel(address) as channel:
-        try:
-            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=2)
-        except grpc.RpcError as error:
-            return error.code().name
-    return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
-
-
 @pytest.mark.parametrize("role,grpc_port", [("replaybuffer", 50053), ("discriminator", 50052),
                                             ("learner", 50051), ("pbt-controller", 50054), ("actor", None)])
 def test_every_role_starts_locked_down_and_turns_healthy(role: str, grpc_port: int | None) -> None:
@@ -88,7 +77,7 @@ def test_every_role_starts_locked_down_and_turns_healthy(role: str, grpc_port: i
             state = json.loads(docker("inspect", name).stdout)[0]["State"]
             assert state["Running"], f"{role} exited with {state['ExitCode']}:\n{docker('logs', name).stderr[-3000:]}"
             if grpc_port is not None:
-                healthy = _health(f"127.0.0.1:{host_grpc}") == "SERVING"
+                healthy = grpc_health(f"127.0.0.1:{host_grpc}") == "SERVING"
             else:
                 try:
                     healthy = http_get(f"http://127.0.0.1:{metrics_port}/healthz", timeout=1.0)[0] == 200

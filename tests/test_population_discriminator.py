@@ -265,6 +265,24 @@ class FakeDiscriminatorCopy:
         self.calls.append((donor_address, donor_member))
 
 
+def member_with_a_donor(monkeypatch: pytest.MonkeyPatch, cfg: ExperimentConfig, donor_version: int,
+                        updates: int = 0) -> tuple[Any, list[Any], FakeDiscriminatorCopy]:
+    """A PBT member of ``cfg`` over a stand-in learner (its exploit requests recorded) whose
+    donor answers ``fetch_training_state`` at ``donor_version``, and its discriminator copies."""
+    import learner.population as population
+
+    requested: list[Any] = []
+    learner = SimpleNamespace(cfg=cfg, updates=updates, hyperparameters={"learning_rate": 1e-4, "entropy_cost": 0.01},
+                              request_exploit=requested.append)
+    monkeypatch.setattr(population, "fetch_training_state",
+                        lambda *args, **kwargs: SimpleNamespace(tensors={"w": np.zeros(1)}, version=donor_version))
+    member = population.PopulationMember(learner, 1, "127.0.0.1:1",  # type: ignore[arg-type]
+                                         fitness=lambda _learner: 0.0)
+    copies = FakeDiscriminatorCopy()
+    member.copy_discriminator = copies
+    return member, requested, copies
+
+
 @pytest.mark.parametrize(("shared", "donor_discriminator", "copies"), [
     (False, "disc-0:2", 1),   # its own discriminator copies the donor's
     (True, "disc-0:2", 0),    # one discriminator for the population: nothing to copy
@@ -273,19 +291,9 @@ class FakeDiscriminatorCopy:
 ])
 def test_an_exploit_skips_the_discriminator_copy_when_shared(monkeypatch: pytest.MonkeyPatch, shared: bool,
                                                              donor_discriminator: str, copies: int) -> None:
-    import learner.population as population
-
     cfg = population_cfg(2, shared)
     cfg = dataclasses.replace(cfg, services=dataclasses.replace(cfg.services, discriminator_address="disc-1:2"))
-    requested: list[Any] = []
-    learner = SimpleNamespace(cfg=cfg, updates=0, hyperparameters={"learning_rate": 1e-4, "entropy_cost": 0.01},
-                              request_exploit=requested.append)
-    monkeypatch.setattr(population, "fetch_training_state",
-                        lambda *args, **kwargs: SimpleNamespace(tensors={"w": np.zeros(1)}, version=7))
-    member = population.PopulationMember(learner, 1, "127.0.0.1:1",  # type: ignore[arg-type]
-                                         fitness=lambda _learner: 0.0)
-    stub = FakeDiscriminatorCopy()
-    member.copy_discriminator = stub
+    member, requested, stub = member_with_a_donor(monkeypatch, cfg, donor_version=7)
     try:
         member.apply(pbt_pb2.Directive(action=pbt_pb2.Directive.EXPLOIT, donor_member=0,
                                        donor_learner_address="learner-0:1",
@@ -303,17 +311,7 @@ def test_an_exploit_refuses_a_donor_older_than_the_version_the_controller_ranked
         monkeypatch: pytest.MonkeyPatch) -> None:
     """``Directive.donor_version``: a donor that went back (restarted from an older checkpoint)
     is not the one that was ranked; the member keeps its state and reports the failure."""
-    import learner.population as population
-
-    cfg = population_cfg(2, False)
-    requested: list[Any] = []
-    learner = SimpleNamespace(cfg=cfg, updates=3, hyperparameters={"learning_rate": 1e-4, "entropy_cost": 0.01},
-                              request_exploit=requested.append)
-    monkeypatch.setattr(population, "fetch_training_state",
-                        lambda *args, **kwargs: SimpleNamespace(tensors={"w": np.zeros(1)}, version=7))
-    member = population.PopulationMember(learner, 1, "127.0.0.1:1",  # type: ignore[arg-type]
-                                         fitness=lambda _learner: 0.0)
-    member.copy_discriminator = FakeDiscriminatorCopy()
+    member, requested, _ = member_with_a_donor(monkeypatch, population_cfg(2, False), donor_version=7, updates=3)
     directive = dict(action=pbt_pb2.Directive.EXPLOIT, donor_member=0, donor_learner_address="learner-0:1",
                      donor_discriminator_address="disc-0:2", hyperparameters={"learning_rate": 2e-4})
     try:
