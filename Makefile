@@ -96,7 +96,7 @@ base-image:
 	bash deploy/image/base-image.sh
 
 image-test: deps
-	SPIRAL_IMAGE_TESTS=1 $(PYTHON) -m pytest tests/test_image.py $(PYTEST_ARGS)
+	SPIRAL_IMAGE_TESTS=1 $(PYTHON) -m pytest tests/test_image.py tests/test_manifest_containers.py $(PYTEST_ARGS)
 
 # Local Kubernetes (deploy/kind/): each script says what is missing and stops where Docker or
 # kind is not installed. See deploy/README.md.
