@@ -20,6 +20,7 @@ The last line is all figures as one JSON object.
 Usage::
 
     python bench/env_throughput.py [--config tiny] [--num-envs 8] [--seconds 20] [--system-seconds 90]
+                                   [--actors 1 2 4]
 """
 
 from __future__ import annotations
@@ -160,7 +161,9 @@ def main() -> None:
                         help="further batch sizes for the renderer comparison")
     parser.add_argument("--seconds", type=float, default=15.0, help="per in-process measurement")
     parser.add_argument("--system-seconds", type=float, default=60.0, help="system measurement window")
-    parser.add_argument("--actors", type=int, default=1, help="actor processes in the system measurement")
+    parser.add_argument("--actors", type=int, nargs="+", default=[1],
+                        help="actor processes in the system measurement; several (e.g. 1 2 4) measure the "
+                             "system once per count, in one run, and print how frames/s scale with actors")
     parser.add_argument("--skip-system", action="store_true")
     parser.add_argument("--json", help="also write the figures to this JSON file")
     args = parser.parse_args()
@@ -206,7 +209,8 @@ def main() -> None:
         # test harness's quick-turnover settings; only the canvases per actor are the baseline's.
         config_path = Path(tempfile.mkdtemp()) / "experiment.yaml"
         dump_experiment(shipped, config_path)
-        system = system_actor_rate(config_path, args.actors, args.system_seconds, warmup=10.0)
+        systems = {n: system_actor_rate(config_path, n, args.system_seconds, warmup=10.0) for n in args.actors}
+        system = systems[args.actors[0]]
         rounds.append(baselines("after"))
     inproc = float(np.mean([actor for actor, _ in rounds]))
     training = {key: float(np.mean([t[key] for _, t in rounds])) for key in rounds[0][1]}
@@ -217,11 +221,21 @@ def main() -> None:
         results.update({f"system_{k}": v for k, v in system.items()})
         results["system_over_inprocess"] = rate / inproc
         results["system_over_inprocess_training"] = rate / training["frames_per_second"]
-        print(f"one-machine system, {args.actors} actor process(es), learner training: {rate:8.0f} frames/s "
+        print(f"one-machine system, {args.actors[0]} actor process(es), learner training: {rate:8.0f} frames/s "
               f"(learner {system['learner_updates_per_second']:.2f} updates/s)")
         print(f"  = {rate / inproc:.2f} of the actor loop alone ({inproc:.0f}, mean of before and after)")
         print(f"  = {rate / training['frames_per_second']:.2f} of the whole training loop in one process "
               f"({training['frames_per_second']:.0f}, mean of before and after)")
+    if not args.skip_system and len(args.actors) > 1:
+        first = args.actors[0]
+        print(f"scaling with actor processes ({os.cpu_count()} cores):")
+        for n, figures in systems.items():
+            fps = figures["frames_per_second"]
+            results[f"system_actors{n}_frames_per_second"] = fps
+            results[f"system_actors{n}_learner_updates_per_second"] = figures["learner_updates_per_second"]
+            results[f"system_actors{n}_over_actors{first}"] = fps / systems[first]["frames_per_second"]
+            print(f"  {n} actor(s): {fps:8.0f} frames/s  {fps / systems[first]['frames_per_second']:5.2f}x "
+                  f"{first} actor(s)  (learner {figures['learner_updates_per_second']:.2f} updates/s)")
     print(json.dumps({k: round(v, 3) for k, v in results.items()}))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
