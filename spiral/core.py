@@ -151,23 +151,3 @@ class PublishedParameters:
     def fetch(self, have_version: int) -> ParameterSnapshot | None:
         snapshot = self.latest()
         return snapshot if snapshot.version > have_version else None
-
-
-class CallbackSink:
-    """Adapts a plain function to :class:`UnrollSink` / :class:`RenderSink` (in-process wiring)."""
-
-    def __init__(self, on_unroll: Callable[[Unroll], None] | None = None,
-                 on_render: Callable[[np.ndarray, np.ndarray | None, int, str], None] | None = None) -> None:
-        self._on_unroll = on_unroll
-        self._on_render = on_render
-
-    def submit(self, unroll: Unroll) -> int | None:
-        if self._on_unroll is None:
-            raise RuntimeError("this sink takes no unrolls")
-        self._on_unroll(unroll)
-        return None
-
-    def insert(self, renders: np.ndarray, targets: np.ndarray | None, policy_version: int, actor_id: str) -> None:
-        if self._on_render is None:
-            raise RuntimeError("this sink takes no renders")
-        self._on_render(renders, targets, policy_version, actor_id)

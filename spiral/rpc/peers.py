@@ -2,7 +2,7 @@
 
 An actor or a learner talks to its peers through small interfaces (``fetch``, ``submit``,
 ``insert``, ``sample``) and cannot tell a peer in the same process
-(:class:`spiral.core.PublishedParameters`, :class:`spiral.core.CallbackSink`) from one
+(the learners themselves, :class:`replaybuffer.table.LocalRenders`) from one
 across the network (the classes here). Each class owns one channel to one address:
 
 * :class:`RemoteParameterSource`: ``GetParameters`` of a policy learner or a discriminator
