@@ -210,6 +210,8 @@ def main() -> None:
             f["fraction_of_peak"] = f["gflops"] / peak
             f["ratio"] = base["ms"] / f["ms"]
             extra = f"   (compile {f['compile_seconds']:.0f} s)" if f["compile_seconds"] else ""
+            if "bf16" in variant and not f["precision"]:
+                extra += "   (fp32: bf16 does not pay on this CPU, spiral.precision.bf16_native)"
             print(f"  {variant:14s} {f['ms']:9.1f} {f['frames_per_second_per_core']:14,.0f} {f['gflops']:8.1f} "
                   f"{f['fraction_of_peak']:8.1%} {f['ratio']:7.2f}x{extra}")
         act32, act16 = figures["acting fp32"], figures["acting bf16"]

@@ -31,7 +31,7 @@ from spiral.config import ConfigError, ExperimentConfig, experiment_path, load_e
 from spiral.envs import make_env
 from spiral.losses import vtrace
 from spiral.nets import build_discriminator, build_policy, observation_to_tensors
-from spiral.precision import autocast, bf16_native, resolve_precision
+from spiral.precision import autocast, bf16_native, bf16_runs, cpu_bf16_units, resolve_precision
 
 LOG_PROB_TOL = 0.2
 LOG_PROB_MEAN_TOL = 0.03
@@ -40,7 +40,31 @@ VALUE_TOL = 0.02
 VTRACE_TOL = 0.15
 HEAD_SHARPENING = 5.0
 
-needs_bf16 = pytest.mark.skipif(not bf16_native("cpu"), reason="this CPU has no native bf16 (AMX/AVX-512-BF16)")
+_skip_without_bf16 = pytest.mark.skipif(not bf16_runs("cpu"), reason="this CPU has no bf16 kernels (AMX/AVX-512-BF16)")
+
+
+@pytest.fixture
+def bf16_everywhere(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Let ``precision: bf16`` take effect on a CPU whose bf16 kernels run but do not pay (no AMX):
+    these tests check bf16's numbers, not its speed."""
+    monkeypatch.setattr("spiral.precision.bf16_native", lambda device: True)
+
+
+def needs_bf16(test):  # type: ignore[no-untyped-def]
+    """Skip where the CPU has no bf16 kernels at all; elsewhere run the test with bf16 in effect."""
+    return _skip_without_bf16(pytest.mark.usefixtures("bf16_everywhere")(test))
+
+
+def test_bf16_counts_as_native_on_a_cpu_only_with_amx(monkeypatch: pytest.MonkeyPatch) -> None:
+    """AVX-512-BF16 without AMX runs bf16 slower than fp32 (bench/RESULTS.md): it falls back."""
+    monkeypatch.setattr("spiral.precision.bf16_runs", lambda device: True)
+    monkeypatch.setattr("spiral.precision.cpu_bf16_units", lambda: ["avx512_bf16"])
+    assert not bf16_native("cpu")
+    assert resolve_precision("bf16", "cpu") == "fp32"
+    monkeypatch.setattr("spiral.precision.cpu_bf16_units", lambda: ["amx_bf16", "avx512_bf16"])
+    assert bf16_native("cpu")
+    assert resolve_precision("bf16", "cpu") == "bf16"
+    assert set(cpu_bf16_units()) <= {"amx_bf16", "avx512_bf16"}
 
 
 def _backend() -> str:
