@@ -64,7 +64,7 @@ import torch
 
 from spiral.config import PaintConfig
 from spiral.envs.base import BatchedEnv
-from spiral.envs.paint_strokes import StrokeBatch, StrokeDecoder
+from spiral.envs.paint_strokes import STROKES_PER_STEP, StrokeBatch, StrokeDecoder
 from spiral.envs.spec import paint_action_spec
 
 RADIUS_SCALE_AT_ZERO_PRESSURE = 0.8
@@ -116,14 +116,35 @@ class Capsules:
 
 def stroke_capsules(points: np.ndarray, pressures: np.ndarray, brush_radius: np.ndarray,
                     canvas: np.ndarray) -> Capsules:
-    """The capsules that draw M paint steps.
+    """The capsules that draw M paint steps given as sampled Beziers.
 
     Args:
         points: ``[M, P, 2]`` ``(y, x)`` points of each step's quadratic Bezier at
-            ``t = linspace(0, 1, P)`` with P odd (:class:`StrokeDecoder`'s 51 points).
+            ``t = linspace(0, 1, P)`` with P odd (:attr:`StrokeBatch.points`).
         pressures: ``[M, P]`` pressure at those points (linear in ``t``).
         brush_radius: ``[M]`` brush radius of each step in pixels.
         canvas: ``[M]`` canvas each step paints.
+
+    The same as :func:`bezier_capsules` of the curves' control points: with ``B(1/2) = (s + 2c + e) / 4``
+    the control point is ``c = 2 B(1/2) - (s + e) / 2``.
+    """
+    num_points = points.shape[1]
+    start, middle, end = points[:, 0], points[:, num_points // 2], points[:, -1]
+    control = 2.0 * middle - 0.5 * (start + end)
+    return bezier_capsules(start, control, end, pressures[:, 0], pressures[:, -1], brush_radius, canvas)
+
+
+def bezier_capsules(start: np.ndarray, control: np.ndarray, end: np.ndarray, first_pressure: np.ndarray,
+                    last_pressure: np.ndarray, brush_radius: np.ndarray, canvas: np.ndarray,
+                    max_capsules: int = STROKES_PER_STEP) -> Capsules:
+    """The capsules that draw M paint steps (quadratic Beziers ``start -> control -> end``).
+
+    Args:
+        start, control, end: ``[M, 2]`` ``(y, x)`` control points in canvas pixels.
+        first_pressure, last_pressure: ``[M]`` pressure at the ends (linear in ``t``).
+        brush_radius: ``[M]`` brush radius of each step in pixels.
+        canvas: ``[M]`` canvas each step paints.
+        max_capsules: Most capsules per step (libmypaint's 50 ``stroke_to`` calls).
 
     Every Bezier becomes a chain of ``n`` capsules joining its points at ``t = k / n``, with
     ``n`` the smallest count for which the chords stay within :data:`MAX_CHORD_ERROR` pixels of
@@ -132,17 +153,14 @@ def stroke_capsules(points: np.ndarray, pressures: np.ndarray, brush_radius: np.
     a 64x64 canvas. ``n`` depends on the stroke alone, so a canvas draws the same pixels in any
     batch. A capsule's radius and opacity follow the pressure at its middle and the brush radius.
     """
-    m, num_points, _ = points.shape
-    start, middle, end = points[:, 0], points[:, num_points // 2], points[:, -1]
-    # B(t) = s + t (b + t a) with a = s - 2c + e and b = 2 (c - s); B(1/2) = (s + 2c + e) / 4
-    # gives a = 2 (s + e) - 4 B(1/2) and b = 4 B(1/2) - 3 s - e.
-    a = 2.0 * (start + end) - 4.0 * middle
-    b = 4.0 * middle - 3.0 * start - end
+    m = start.shape[0]
+    # B(t) = s + t (b + t a) with a = s - 2c + e and b = 2 (c - s).
+    a = start - 2.0 * control + end
+    b = 2.0 * (control - start)
     # Over a parameter span h, a quadratic Bezier deviates from its chord by |a| h^2 / 4.
-    first_pressure, last_pressure = pressures[:, 0], pressures[:, -1]
     needed = np.maximum(np.sqrt(np.hypot(a[:, 0], a[:, 1]) * (0.25 / MAX_CHORD_ERROR)),
                         np.abs(last_pressure - first_pressure) * (1.0 / MAX_PRESSURE_STEP))
-    n = np.minimum(np.ceil(needed - 1e-9), num_points - 1).astype(np.int64)
+    n = np.minimum(np.ceil(needed - 1e-9), max_capsules).astype(np.int64)
     n[n < 1] = 1
     # Stroke i has points k = 0..n_i at t = k / n_i; point j of the flat list belongs to owner[j].
     owner = np.repeat(np.arange(m), n + 1)
@@ -319,7 +337,8 @@ class FastPaintEnv(BatchedEnv):
         if painting.size == 0:
             return
         size = self.paint.canvas_size
-        capsules = stroke_capsules(strokes.points[painting], strokes.pressures[painting],
+        capsules = bezier_capsules(strokes.start[painting], strokes.control[painting], strokes.end[painting],
+                                   strokes.start_pressure[painting], strokes.end_pressure[painting],
                                    strokes.radius[painting], painting)
         alpha = capsule_alpha(capsules, self.num_envs, size, size, device=self.device).unsqueeze(-1)
         # "Over" blending: canvas += alpha * (ink - canvas). Canvases that do not paint this step

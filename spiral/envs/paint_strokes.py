@@ -26,6 +26,7 @@ torch rasterizer draw the same program:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -85,12 +86,16 @@ class BrushState:
 class StrokeBatch:
     """What one batch of actions asks the renderer to do.
 
+    A paint step is held as its Bezier's control points and end pressures; :attr:`points` and
+    :attr:`pressures` sample it as libmypaint's ``stroke_to`` calls do, computed on first use
+    (the fast backend rasterises the control points directly and never needs them).
+
     Attributes:
         paint: ``[N]`` bool, True where this step paints a Bezier.
         touch_start: ``[N]`` bool, True where a paint step follows a move or reset, so the
-            brush first touches ``points[:, 0]`` with ``start_pressure``.
-        points: ``[N, STROKES_PER_STEP + 1, 2]`` Bezier points ``(y, x)`` (row 0 is the start).
-        pressures: ``[N, STROKES_PER_STEP + 1]`` pressure at each point (row 0: start pressure).
+            brush first touches ``start`` with ``start_pressure``.
+        start, control, end: ``[N, 2]`` ``(y, x)`` of each step's quadratic Bezier.
+        start_pressure, end_pressure: ``[N]`` pressure at its ends (linear in between).
         radius: ``[N]`` brush radius in pixels for the stroke.
         rgb: ``[N, 3]`` stroke colour in [0, 1].
         move_to: ``[N, 2]`` ``(y, x)`` where a move (``~paint``) places the brush.
@@ -98,11 +103,29 @@ class StrokeBatch:
 
     paint: np.ndarray
     touch_start: np.ndarray
-    points: np.ndarray
-    pressures: np.ndarray
+    start: np.ndarray
+    control: np.ndarray
+    end: np.ndarray
+    start_pressure: np.ndarray
+    end_pressure: np.ndarray
     radius: np.ndarray
     rgb: np.ndarray
     move_to: np.ndarray
+
+    @cached_property
+    def points(self) -> np.ndarray:
+        """``[N, STROKES_PER_STEP + 1, 2]`` Bezier points ``(y, x)`` (row 0 is the start)."""
+        return quadratic_bezier(self.start, self.control, self.end, STROKES_PER_STEP + 1)
+
+    @cached_property
+    def pressures(self) -> np.ndarray:
+        """``[N, STROKES_PER_STEP + 1]`` pressure at each of :attr:`points` (row 0: start pressure)."""
+        alpha = _PRESSURE_RAMP
+        return self.start_pressure[:, None] * (1 - alpha) + self.end_pressure[:, None] * alpha
+
+
+_PRESSURE_RAMP = np.linspace(0.0, 1.0, STROKES_PER_STEP + 1)[None, :]
+"""Where along a paint step each ``stroke_to`` call lies, as a fraction of the step."""
 
 
 class StrokeDecoder:
@@ -157,12 +180,9 @@ class StrokeDecoder:
         # stroke after a move or reset has constant pressure; a continued stroke interpolates.
         start_pressure = np.where(st.painting, st.pressure, pressure)
         start = np.stack([st.y, st.x], -1)
-        points = quadratic_bezier(start, control, end, STROKES_PER_STEP + 1)
-        alpha = np.linspace(0.0, 1.0, STROKES_PER_STEP + 1)[None, :]
-        pressures = start_pressure[:, None] * (1 - alpha) + pressure[:, None] * alpha
-
-        batch = StrokeBatch(paint=paint, touch_start=touch_start, points=points, pressures=pressures,
-                            radius=radius, rgb=rgb, move_to=end)
+        batch = StrokeBatch(paint=paint, touch_start=touch_start, start=start, control=control, end=end,
+                            start_pressure=start_pressure, end_pressure=pressure, radius=radius, rgb=rgb,
+                            move_to=end)
 
         # Brush state after this step.
         st.y = end[:, 0].copy()
