@@ -216,10 +216,17 @@ class DiscriminatorConfig:
     (render, target), the critic sees one image, the target with a random half (left, right,
     top or bottom) replaced by the render; the real example is the target itself. A render
     passes only where it continues its target seamlessly."""
+    input_pool: int = 1
+    """Not in the papers: the critic judges its inputs average-pooled by this factor (both the
+    render and, in conditional runs, the target), so it compares where the ink is at a coarser
+    scale rather than a brush stroke's texture against a pen's, and a stroke beside the
+    target's ink already earns part of the score (as ``learner.reward.l2_pool`` does for the
+    pixel reward). ``num_layers`` stride-2 layers must fit the pooled size."""
 
     def validate(self, path: str) -> None:
         _require(self.channels >= 1, f"{path}.channels", "must be >= 1")
         _require(self.num_layers >= 1, f"{path}.num_layers", "must be >= 1")
+        _require(self.input_pool >= 1, f"{path}.input_pool", "must be >= 1")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -617,6 +624,11 @@ class ExperimentConfig:
                  "pbt.reference_critic", "is only used with critic fitness")
         _require(not self.discriminator.complement or self.env.conditional, "discriminator.complement",
                  "the complement discriminator needs a conditional run (env.conditional: true)")
+        pooled = self.env.image_size // self.discriminator.input_pool
+        _require(self.env.image_size % self.discriminator.input_pool == 0
+                 and pooled % (1 << self.discriminator.num_layers) == 0, "discriminator.input_pool",
+                 f"the {self.env.image_size}px image pooled by {self.discriminator.input_pool} must be divisible "
+                 f"by 2**discriminator.num_layers ({1 << self.discriminator.num_layers})")
         return self
 
     @property

@@ -463,3 +463,29 @@ def test_unconditional_discriminator_and_input_gradients(layer_norm: bool) -> No
     assert isinstance(build_discriminator(cfg), Discriminator)
     with pytest.raises(ValueError, match="num_layers"):
         Discriminator(1, 64, conditional=False, num_layers=7)
+
+
+def test_pooled_critic_judges_where_the_ink_is_at_the_pooled_scale() -> None:
+    cfg = load_experiment("experiments/tiny-critic-pool.yaml")
+    critic = build_discriminator(cfg)
+    assert critic.input_pool == 4
+    targets = torch.rand(3, 1, 64, 64)
+    # Two renders with the same ink in every 4x4 cell (one spread evenly, one in a corner pixel
+    # of each cell at 16x the intensity) look the same to it; moving the ink to another cell does not.
+    spread = torch.full((3, 1, 64, 64), 0.05)
+    corner = torch.zeros(3, 1, 64, 64)
+    corner[..., ::4, ::4] = 0.8
+    torch.testing.assert_close(critic(spread, targets), critic(corner, targets))
+    moved = torch.zeros(3, 1, 64, 64)
+    moved[..., :32, :] = 0.1
+    assert not torch.allclose(critic(spread, targets), critic(moved, targets))
+    # WGAN-GP's input gradients pass through the pooling.
+    images = torch.rand(2, 1, 64, 64, requires_grad=True)
+    (grad,) = torch.autograd.grad(critic(images, targets[:2]).sum(), images)
+    assert float(grad.abs().sum()) > 0
+    with pytest.raises(ValueError, match="input_pool=3"):
+        Discriminator(1, 64, conditional=False, num_layers=2, input_pool=3)
+    with pytest.raises(ValueError, match="16x16 input"):
+        Discriminator(1, 64, conditional=False, num_layers=5, input_pool=4)
+    with pytest.raises(Exception, match="discriminator.input_pool"):
+        load_experiment("experiments/tiny-critic-pool.yaml", overrides={"discriminator": {"num_layers": 5}})

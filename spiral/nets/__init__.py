@@ -39,7 +39,8 @@ def build_discriminator(cfg: ExperimentConfig) -> Discriminator:
     return Discriminator(cfg.image_channels, cfg.env.image_size,
                          conditional=cfg.env.conditional and not cfg.discriminator.complement,
                          channels=cfg.discriminator.channels, num_layers=cfg.discriminator.num_layers,
-                         spectral_norm=cfg.discriminator_learner.objective == "sngan")
+                         spectral_norm=cfg.discriminator_learner.objective == "sngan",
+                         input_pool=cfg.discriminator.input_pool)
 
 
 def images_to_tensor(images: np.ndarray) -> torch.Tensor:
