@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import threading
 import time
 
 import numpy as np
@@ -167,6 +168,41 @@ def test_batch_environments_are_independent(monkeypatch: pytest.MonkeyPatch) -> 
         np.testing.assert_array_equal(final[i], alone, err_msg=f"env {i} differs when rendered alone")
     single.close()
     assert len({final[i].tobytes() for i in range(5)}) == 5
+
+
+def test_an_env_built_in_one_thread_renders_in_another() -> None:
+    # An actor builds its env in the main thread and steps it in its guarded loop's thread; a
+    # GL context left current in the building thread made every render there fail
+    # (EGL_BAD_ACCESS from eglMakeCurrent) and the MuJoCo actors crash-loop.
+    rng = np.random.default_rng(5)
+    program = [random_actions(rng, 2) for _ in range(3)]
+
+    def paint(environment: SceneEnv) -> np.ndarray:
+        environment.reset()
+        for actions in program:
+            canvas = environment.step(actions).canvas
+        return canvas
+
+    here = SceneEnv(CFG, num_envs=2, episode_length=4, noise_dim=1)
+    expected = paint(here)
+    built_here = SceneEnv(CFG, num_envs=2, episode_length=4, noise_dim=1)
+    results: list[np.ndarray] = []
+    errors: list[BaseException] = []
+
+    def in_thread() -> None:
+        try:
+            results.append(paint(built_here))
+        except BaseException as error:  # noqa: BLE001 - re-raised below with its message
+            errors.append(error)
+
+    worker = threading.Thread(target=in_thread)
+    worker.start()
+    worker.join(timeout=120)
+    assert not errors, f"rendering in another thread failed: {errors[0]!r}"
+    np.testing.assert_array_equal(results[0], expected)
+    np.testing.assert_array_equal(paint(built_here), expected)  # and back in the building thread
+    here.close()
+    built_here.close()
 
 
 def test_episode_length_bounds_the_objects(env: SceneEnv) -> None:

@@ -210,25 +210,35 @@ class SceneRenderer:
         self._mjr_context: Any = None
         try:
             self._gl_context = mj.GLContext(width, height)
-            self._gl_context.make_current()
-            self._mjr_context = mj.MjrContext(self.model, int(mj.mjtFontScale.mjFONTSCALE_100.value))
+            # A GL context is current in at most one thread. Each use makes it current and
+            # releases it again (``as_current``), so the renderer may be built in one thread and
+            # used in another (an actor builds its env in the main thread and steps it in its
+            # guarded loop's thread), one at a time.
+            with self._gl_context.as_current():
+                self._mjr_context = mj.MjrContext(self.model, int(mj.mjtFontScale.mjFONTSCALE_100.value))
+                mj.mjr_setBuffer(mj.mjtFramebuffer.mjFB_OFFSCREEN, self._mjr_context)
         except Exception as error:
             backend = os.environ.get("MUJOCO_GL", "")
             raise RuntimeError(
                 f"could not create a MuJoCo {backend!r} GL context ({error}). The EGL-to-OSMesa fallback "
                 "only works when spiral.envs.scene_env imports mujoco first; set MUJOCO_GL=osmesa to "
                 "force software rendering") from error
-        mj.mjr_setBuffer(mj.mjtFramebuffer.mjFB_OFFSCREEN, self._mjr_context)
         _LIVE_RENDERERS.add(self)
 
     def render(self, slots: ObjectSlots, envs: np.ndarray) -> np.ndarray:
         """Render the scenes of environments ``envs`` (indices into ``slots``): ``[len(envs), S, S, 3]`` uint8."""
         if self._mjr_context is None:
             raise RuntimeError("render() called after close()")
-        mj, model, s = self._mj, self.model, self.image_size
+        s = self.image_size
         envs = np.asarray(envs, dtype=np.int64)
         images = np.empty((len(envs), s, s, 3), np.uint8)
-        self._gl_context.make_current()
+        with self._gl_context.as_current():
+            self._render_tiles(slots, envs, images)
+        return images
+
+    def _render_tiles(self, slots: ObjectSlots, envs: np.ndarray, images: np.ndarray) -> None:
+        """Render into ``images`` with the GL context current, as many tiles per pass as fit."""
+        mj, model, s = self._mj, self.model, self.image_size
         for start in range(0, len(envs), self._tiles_per_pass):
             chunk = envs[start:start + self._tiles_per_pass]
             for tile, env in enumerate(chunk):
@@ -250,13 +260,12 @@ class SceneRenderer:
                 rect = self._tile_rects[tile]
                 top = height - rect.bottom - s
                 images[start + tile] = pixels[top:top + s, rect.left:rect.left + s]
-        return images
 
     def close(self) -> None:
         """Free the MuJoCo render context and the GL context (idempotent)."""
         if self._mjr_context is not None:
-            self._gl_context.make_current()
-            self._mjr_context.free()
+            with self._gl_context.as_current():
+                self._mjr_context.free()
             self._mjr_context = None
         if self._gl_context is not None:
             self._gl_context.free()
