@@ -11,7 +11,7 @@ export MUJOCO_GL ?= egl
 export OMP_NUM_THREADS ?= 1
 PYTEST_ARGS ?=
 
-.PHONY: help deps test test-fast run proto proto-check bench bench-learning bench-learning-bf16 bench-learning-shaped clean image base-image image-test kind-up kind-test kind-down
+.PHONY: help deps test test-fast run proto proto-check bench bench-learning bench-learning-bf16 bench-learning-shaped bench-paper-smoke clean image base-image image-test kind-up kind-test kind-down
 
 help:
 	@echo "make run        run the whole system on this machine (spiral up, conditional MNIST)"
@@ -19,6 +19,7 @@ help:
 	@echo "make bench      run the benchmarks in bench/ (figures in bench/RESULTS.md)"
 	@echo "make bench-learning  the critic-reward evidence: 20-minute runs of spiral up, then held-out scores"
 	@echo "make bench-learning-bf16  the critic-reward runs with the learner in bf16, compiled"
+	@echo "make bench-paper-smoke  3 minutes of each paper-sized experiment: finite rewards in their band"
 	@echo "make bench-learning-shaped  30 minutes of the default L2-shaped profile"
 	@echo "make proto      regenerate gRPC stubs from protos/"
 	@echo "make image      build the CPU container image offline (wheelhouse; local Debian base if no registry)"
@@ -68,15 +69,21 @@ bench: deps
 	$(PYTHON) bench/stroke_rewards.py
 
 # The critic-reward evidence (bench/RESULTS.md): 20 minutes of spiral up per run, one after
-# another (about 2 hours 15 minutes on 2 cores).
+# another (about 3 hours 20 minutes on 2 cores).
 LEARN := $(PYTHON) bench/learning.py --minutes 10 20 --actors 2
 bench-learning: deps
 	for seed in 0 1 2; do $(LEARN) --config experiments/tiny-critic.yaml --seed $$seed \
 	  --out bench/results/critic-reward/seed-$$seed || exit 1; done
+	for seed in 0 1 2; do $(LEARN) --config experiments/tiny-critic-pool.yaml --seed $$seed \
+	  --out bench/results/critic-reward-pool/seed-$$seed || exit 1; done
 	$(LEARN) --config experiments/tiny-l2.yaml --seed 0 --out bench/results/l2-reward/seed-0
 	$(LEARN) --config experiments/tiny-omniglot.yaml --seed 0 --out bench/results/omniglot/seed-0
 	$(PYTHON) bench/unconditional.py --minutes 20 --actors 2 --seed 0 --out bench/results/unconditional
 	$(LEARN) --config experiments/tiny-mujoco.yaml --seed 0 --out bench/results/mujoco/seed-0
+
+# The paper-sized experiments for 3 minutes each on CPU: the reward stays finite and in its band.
+bench-paper-smoke: deps
+	$(PYTHON) bench/paper_smoke.py --minutes 3 --actors 2 --out bench/results/paper-smoke
 
 # The same evidence with the learner in bf16 and compiled (experiments/tiny-critic-bf16.yaml).
 bench-learning-bf16: deps
