@@ -109,7 +109,10 @@ def measure_profile(name: str, args: argparse.Namespace, device: torch.device) -
 
     def trainer(precision: str, layout: torch.memory_format = torch.channels_last,
                 compiled: bool = False) -> tuple[PolicyTrainer, float]:
-        variant = load_experiment(experiment_path(name), overrides={"learner": {"precision": precision}})
+        # The trainer compiles its own unroll with learner.compile (learner/training.py), exactly
+        # as the learner does; patching policy.unroll from here would leave the update eager.
+        variant = load_experiment(experiment_path(name),
+                                  overrides={"learner": {"precision": precision, "compile": compiled}})
         torch.manual_seed(0)
         policy = build_policy(variant)
         if layout is not torch.channels_last:
@@ -118,7 +121,6 @@ def measure_profile(name: str, args: argparse.Namespace, device: torch.device) -
         t = PolicyTrainer(variant, policy, device=device)
         compile_seconds = 0.0
         if compiled:
-            t.policy.unroll = torch.compile(t.policy.unroll)  # type: ignore[method-assign]
             start = time.perf_counter()
             t.update(batch, critic, 1)
             _sync(device)
