@@ -69,7 +69,7 @@ bench: deps
 	$(PYTHON) bench/stroke_rewards.py
 
 # The critic-reward evidence (bench/RESULTS.md): 20 minutes of spiral up per run, one after
-# another (about 3 hours 20 minutes on 2 cores).
+# another (about 3 hours 45 minutes on 2 cores).
 LEARN := $(PYTHON) bench/learning.py --minutes 10 20 --actors 2
 bench-learning: deps
 	for seed in 0 1 2; do $(LEARN) --config experiments/tiny-critic.yaml --seed $$seed \
@@ -77,6 +77,7 @@ bench-learning: deps
 	for seed in 0 1 2; do $(LEARN) --config experiments/tiny-critic-pool.yaml --seed $$seed \
 	  --out bench/results/critic-reward-pool/seed-$$seed || exit 1; done
 	$(LEARN) --config experiments/tiny-l2.yaml --seed 0 --out bench/results/l2-reward/seed-0
+	$(LEARN) --config experiments/tiny-l2-pool.yaml --seed 0 --out bench/results/l2-reward-pool/seed-0
 	$(LEARN) --config experiments/tiny-omniglot.yaml --seed 0 --out bench/results/omniglot/seed-0
 	$(PYTHON) bench/unconditional.py --minutes 20 --actors 2 --seed 0 --out bench/results/unconditional
 	$(LEARN) --config experiments/tiny-mujoco.yaml --seed 0 --out bench/results/mujoco/seed-0
