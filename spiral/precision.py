@@ -4,7 +4,8 @@
 under :func:`torch.autocast`: on CPUs with AMX tiles (detected by :func:`cpu_bf16_units`)
 oneDNN runs those kernels several times faster than fp32, and on CUDA the tensor cores do.
 AVX-512-BF16 alone does not pay: on such a core (no AMX) a 2048x2048 bf16 matmul ran at
-74 GFLOP/s against fp32's 128, and the ``tiny`` update at 0.74x of fp32 (bench/RESULTS.md). What stays fp32 (mixed precision as in Micikevicius et al. 2018):
+74 GFLOP/s against fp32's 128, and the ``tiny`` update at 0.74x of fp32 (bench/RESULTS.md).
+What stays fp32 (mixed precision as in Micikevicius et al. 2018):
 
 * the **master weights and the optimiser state**: parameters are never cast, autocast casts
   their bf16 copies per op and the gradients arrive in fp32;

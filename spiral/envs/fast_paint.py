@@ -114,26 +114,6 @@ class Capsules:
     canvas: np.ndarray
 
 
-def stroke_capsules(points: np.ndarray, pressures: np.ndarray, brush_radius: np.ndarray,
-                    canvas: np.ndarray) -> Capsules:
-    """The capsules that draw M paint steps given as sampled Beziers.
-
-    Args:
-        points: ``[M, P, 2]`` ``(y, x)`` points of each step's quadratic Bezier at
-            ``t = linspace(0, 1, P)`` with P odd (:attr:`StrokeBatch.points`).
-        pressures: ``[M, P]`` pressure at those points (linear in ``t``).
-        brush_radius: ``[M]`` brush radius of each step in pixels.
-        canvas: ``[M]`` canvas each step paints.
-
-    The same as :func:`bezier_capsules` of the curves' control points: with ``B(1/2) = (s + 2c + e) / 4``
-    the control point is ``c = 2 B(1/2) - (s + e) / 2``.
-    """
-    num_points = points.shape[1]
-    start, middle, end = points[:, 0], points[:, num_points // 2], points[:, -1]
-    control = 2.0 * middle - 0.5 * (start + end)
-    return bezier_capsules(start, control, end, pressures[:, 0], pressures[:, -1], brush_radius, canvas)
-
-
 def bezier_capsules(start: np.ndarray, control: np.ndarray, end: np.ndarray, first_pressure: np.ndarray,
                     last_pressure: np.ndarray, brush_radius: np.ndarray, canvas: np.ndarray,
                     max_capsules: int = STROKES_PER_STEP) -> Capsules:
@@ -178,24 +158,17 @@ def bezier_capsules(start: np.ndarray, control: np.ndarray, end: np.ndarray, fir
 
 
 def capsule_alpha(capsules: Capsules, num_canvases: int, height: int, width: int,
-                  device: str | torch.device = "cpu", out: torch.Tensor | None = None) -> torch.Tensor:
+                  device: str | torch.device = "cpu") -> torch.Tensor:
     """Alpha of every canvas: per pixel, the maximum over the canvas's anti-aliased capsules.
 
     A capsule covers a pixel by ``clamp((radius + EDGE_WIDTH / 2 - distance) / EDGE_WIDTH, 0, 1)``
     (``distance`` from the pixel centre ``(i + 1/2, j + 1/2)`` to the segment) times its opacity.
 
-    Args:
-        out: A float32 buffer of ``num_canvases * height * width`` elements on ``device`` to
-            reuse (it is zeroed first), or None for a new one.
-
     Returns:
         ``[num_canvases, height, width]`` float32 on ``device``, exactly what evaluating every
         pixel against every capsule gives (0 where nothing is drawn).
     """
-    if out is None:
-        alpha = torch.zeros(num_canvases * height * width, dtype=torch.float32, device=device)
-    else:
-        alpha = out.view(-1).zero_()
+    alpha = torch.zeros(num_canvases * height * width, dtype=torch.float32, device=device)
     count = capsules.start.shape[0]
     if count == 0:
         return alpha.view(num_canvases, height, width)
@@ -328,8 +301,6 @@ class FastPaintEnv(BatchedEnv):
         with torch.inference_mode():
             self._canvas = torch.full((num_envs, cfg.canvas_size, cfg.canvas_size, channels), 255.0,
                                       dtype=torch.float32, device=self.device)
-            self._alpha = torch.empty(num_envs * cfg.canvas_size * cfg.canvas_size, dtype=torch.float32,
-                                      device=self.device)   # one step's strokes, reused
 
     def _clear(self) -> None:
         with torch.inference_mode():
@@ -349,7 +320,7 @@ class FastPaintEnv(BatchedEnv):
         capsules = bezier_capsules(strokes.start[painting], strokes.control[painting], strokes.end[painting],
                                    strokes.start_pressure[painting], strokes.end_pressure[painting],
                                    strokes.radius[painting], painting)
-        alpha = capsule_alpha(capsules, self.num_envs, size, size, device=self.device, out=self._alpha).unsqueeze(-1)
+        alpha = capsule_alpha(capsules, self.num_envs, size, size, device=self.device).unsqueeze(-1)
         # "Over" blending: canvas += alpha * (ink - canvas). Canvases that do not paint this step
         # have alpha 0 everywhere and stay exactly as they were.
         if self.paint.use_color:

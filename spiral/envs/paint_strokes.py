@@ -47,10 +47,8 @@ def quadratic_bezier(start: np.ndarray, control: np.ndarray, end: np.ndarray, nu
 
 def grid_to_canvas(index: np.ndarray, grid_size: int, canvas_size: int) -> np.ndarray:
     """Flat grid indices ``[N]`` to canvas ``(y, x)`` coordinates ``[N, 2]`` (upstream's mapping)."""
-    rows, cols = np.divmod(np.asarray(index, np.int64), grid_size)
-    cells = np.empty((rows.shape[0], 2))
-    cells[:, 0] = rows
-    cells[:, 1] = cols
+    index = np.asarray(index, np.int64)
+    cells = np.stack([index // grid_size, index % grid_size], axis=-1).astype(np.float64)
     return canvas_size * cells / grid_size
 
 
