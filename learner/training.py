@@ -13,7 +13,8 @@ into one optimiser step of SPIRAL's off-policy actor-critic (A2C with V-trace, a
 3. **V-trace.** With the behaviour log-probabilities the actors recorded, discount ``gamma``
    at every step but 0 after the last, and bootstrap value 0 (episodes are complete).
 4. **Loss and step.** ``pg + baseline_cost * baseline + entropy_cost * entropy`` (sums, see
-   :mod:`spiral.losses.actor_critic`), global gradient-norm clipping, Adam.
+   :mod:`spiral.losses.actor_critic`; with ``ppo_clip`` the pg term keeps only the steps inside
+   the trust region), global gradient-norm clipping, Adam.
 
 With ``learner.precision: bf16`` steps 1's critic and 2 run under bf16 autocast
 (:mod:`spiral.precision`); V-trace, the losses and Adam's fp32 master weights do not.
@@ -34,7 +35,7 @@ import torch
 
 from spiral.config import ExperimentConfig
 from spiral.envs.spec import FLAG_PAINT
-from spiral.losses import baseline_loss, entropy_loss, policy_gradient_loss, vtrace
+from spiral.losses import baseline_loss, entropy_loss, policy_gradient_loss, trust_region_mask, vtrace
 from spiral.nets import observation_to_tensors
 from spiral.nets.discriminator import Discriminator
 from spiral.nets.policy import SpiralPolicy
@@ -57,6 +58,8 @@ class PolicyUpdateStats:
         reconstruction_l2: Mean squared error of final renders to targets (NaN if unconditional).
         discriminator_score: Mean critic score of the final renders (NaN without a critic).
         mean_rho: Mean importance weight pi/mu (1 when on-policy; drifts with policy lag).
+        clip_fraction: Share of steps whose policy-gradient term ``learner.ppo_clip`` dropped
+            (0 without it): how far the learner's policy has moved from the acting one.
         grad_norm: Global gradient norm before clipping.
         discriminator_version: Version of the critic that produced the rewards.
         learning_rate, entropy_cost: The hyperparameters in force.
@@ -85,6 +88,7 @@ class PolicyUpdateStats:
     learning_rate: float
     entropy_cost: float
     mean_entropy: float = math.nan
+    clip_fraction: float = 0.0
     blank_fraction: float = math.nan
     paint_fraction: float = math.nan
     reward_critic: float = math.nan
@@ -282,7 +286,8 @@ class PolicyTrainer:
         returns = vtrace(behaviour, out.log_prob.detach(), discounts, rewards, out.value.detach(),
                          torch.zeros(b, device=device), clip_rho_threshold=lc.clip_rho_threshold,
                          clip_pg_rho_threshold=lc.clip_pg_rho_threshold, clip_c_threshold=lc.clip_c_threshold)
-        pg = policy_gradient_loss(out.log_prob, returns.pg_advantages)
+        kept = trust_region_mask(returns.rhos, returns.pg_advantages, lc.ppo_clip)
+        pg = policy_gradient_loss(out.log_prob, returns.pg_advantages * kept)
         base = baseline_loss(returns.vs - out.value)
         ent = entropy_loss(out.entropy)
         loss = pg + lc.baseline_cost * base + self._entropy_cost * ent
@@ -299,7 +304,7 @@ class PolicyTrainer:
             entropy_loss=float(ent.detach()), mean_reward=float(rewards.sum(0).mean()),
             reconstruction_l2=float(parts.get("reconstruction_l2", math.nan)),
             discriminator_score=float(parts.get("discriminator_score", math.nan)),
-            mean_rho=float(returns.rhos.mean()), grad_norm=float(grad_norm),
+            mean_rho=float(returns.rhos.mean()), clip_fraction=float(1.0 - kept.mean()), grad_norm=float(grad_norm),
             discriminator_version=float(discriminator_version), learning_rate=self._learning_rate,
             entropy_cost=self._entropy_cost, mean_entropy=float(out.entropy.detach().mean()),
             blank_fraction=float(parts.get("blank_fraction", math.nan)),

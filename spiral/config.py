@@ -314,6 +314,13 @@ class LearnerConfig:
     """V-trace: clip of the importance weights in the policy gradient."""
     clip_c_threshold: float = 1.0
     """V-trace: clip of the trace-cutting coefficients (c-bar)."""
+    ppo_clip: float = 0.0
+    """A trust region around the acting policy, as Sample Factory's APPO (V-trace with PPO's
+    clip): a step's policy-gradient term is dropped once the learner's policy has already moved
+    its importance ratio pi/mu past ``1 + ppo_clip`` (positive advantage) or below
+    ``1 - ppo_clip`` (negative advantage), so that a few updates within one policy lag cannot
+    carry the policy far from what the actors ran (:func:`spiral.losses.trust_region_mask`).
+    0 turns it off (plain V-trace)."""
     max_grad_norm: float = 40.0
     """Global gradient-norm clip (0 disables)."""
     queue_capacity: int = 256
@@ -351,6 +358,7 @@ class LearnerConfig:
         _require(self.entropy_cost >= 0, f"{path}.entropy_cost", "must be >= 0")
         _require(0.0 <= self.discount <= 1.0, f"{path}.discount", "must be in [0, 1]")
         _require(self.max_grad_norm >= 0, f"{path}.max_grad_norm", "must be >= 0")
+        _require(0.0 <= self.ppo_clip < 1.0, f"{path}.ppo_clip", "must be in [0, 1) (0: off)")
         _require(self.queue_capacity >= 1, f"{path}.queue_capacity", "must be >= 1")
         _require(self.queue_wait_seconds > 0, f"{path}.queue_wait_seconds", "must be > 0")
         _require(self.max_policy_lag >= 0, f"{path}.max_policy_lag", "must be >= 0")

@@ -51,6 +51,7 @@ EXACT_GROUPS: Mapping[str, str] = {
     "wasserstein": "critic",
     "mean_entropy": "policy",
     "mean_rho": "policy",
+    "clip_fraction": "policy",
     "blank_fraction": "policy",
     "paint_fraction": "policy",
     "policy_lag": "policy",

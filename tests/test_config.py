@@ -37,6 +37,7 @@ def test_expected_experiments_exist() -> None:
     ({"learner": {"reward": {"l2_weight": "abc"}}}, "learner.reward.l2_weight"),
     ({"env": {"paint": {"brush_sizes": ["big"]}}}, "env.paint.brush_sizes"),
     ({"actor": {"stall_seconds": 0}}, "actor.stall_seconds"),
+    ({"learner": {"ppo_clip": 1.5}}, "learner.ppo_clip"),
 ])
 def test_invalid_fields_are_named(data: dict, field: str) -> None:
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from spiral.config import RewardConfig
-from spiral.losses import (baseline_loss, critic_loss, entropy_loss, gradient_penalty, policy_gradient_loss, vtrace,
-                           wasserstein_estimate)
+from spiral.losses import (baseline_loss, critic_loss, entropy_loss, gradient_penalty, policy_gradient_loss,
+                           trust_region_mask, vtrace, wasserstein_estimate)
 from spiral.nets.discriminator import Discriminator
 from spiral.rewards import episode_rewards, is_blank, reconstruction_l2, stroke_starts
 
@@ -110,6 +110,25 @@ def test_actor_critic_terms_are_torchbeast_sums():
     torch.testing.assert_close(log_probs.grad, -advantages.detach())
     assert baseline_loss(torch.tensor([[1.0, -2.0], [3.0, 0.0]])).item() == pytest.approx(0.5 * 14.0)
     assert entropy_loss(torch.tensor([[1.0, 2.0], [0.5, 0.5]])).item() == pytest.approx(-4.0)
+
+
+@pytest.mark.parametrize("epsilon", [0.1, 0.2, 0.5])
+def test_trust_region_mask_is_where_ppos_clipped_surrogate_has_gradient(epsilon):
+    """The mask is 1 exactly where PPO's ``min(rho A, clip(rho, 1-eps, 1+eps) A)`` has a gradient."""
+    gen = torch.Generator().manual_seed(0)
+    behaviour = torch.randn(50, 40, generator=gen)
+    target = (behaviour + 0.6 * torch.randn(50, 40, generator=gen)).requires_grad_(True)
+    advantages = torch.randn(50, 40, generator=gen)
+    rhos = torch.exp(target - behaviour)
+    surrogate = torch.minimum(rhos * advantages, rhos.clamp(1 - epsilon, 1 + epsilon) * advantages)
+    surrogate.sum().backward()
+    has_gradient = (target.grad != 0).float()
+    mask = trust_region_mask(rhos.detach(), advantages, epsilon)
+    torch.testing.assert_close(mask, has_gradient)
+    assert 0.05 < 1 - mask.mean().item() < 0.95  # both kinds of step occur
+    assert torch.equal(trust_region_mask(rhos.detach(), advantages, 0.0), torch.ones_like(advantages))
+    with pytest.raises(ValueError, match="epsilon"):
+        trust_region_mask(rhos.detach(), advantages, 1.0)
 
 
 class LinearCritic(torch.nn.Module):

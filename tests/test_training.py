@@ -167,6 +167,30 @@ def test_loss_decreases_on_a_repeated_fixed_batch(cfg):
     assert history[-1].mean_rho != pytest.approx(1.0, abs=1e-4)  # the batch is off-policy by now
 
 
+@pytest.mark.parametrize("behaviour_shift, kept", [(-5.0, False), (+5.0, True), (0.0, True)])
+def test_ppo_clip_drops_the_steps_the_policy_has_already_moved_past(cfg, behaviour_shift, kept):
+    """``learner.ppo_clip``: with every advantage positive, steps whose ratio pi/mu is above
+    1 + eps give no policy gradient (the only loss term here); ratios below it still do."""
+    torch.manual_seed(5)
+    acting = build_policy(cfg)
+    unroll = collect(cfg, acting, batch=4, seed=6)
+    shifted = dataclasses.replace(unroll, behaviour_log_probs=unroll.behaviour_log_probs + np.float32(behaviour_shift))
+    rewards = torch.full((unroll.num_steps, unroll.batch_size), 100.0)  # far above any untrained value
+    stats = {}
+    for clip in (0.0, 0.2):
+        clipped = dataclasses.replace(cfg, learner=dataclasses.replace(cfg.learner, ppo_clip=clip, baseline_cost=0.0))
+        trainer = PolicyTrainer(clipped, copy.deepcopy(acting))
+        trainer.set_hyperparameters(entropy_cost=0.0)
+        stats[clip] = trainer.learn(shifted, rewards)
+    assert stats[0.0].clip_fraction == 0.0 and stats[0.0].grad_norm > 0
+    assert stats[0.2].mean_rho == pytest.approx(math.exp(-behaviour_shift), rel=1e-3)
+    if kept:  # rho = 1 or e^-5: inside the region, or below it with a positive advantage
+        assert stats[0.2].clip_fraction == 0.0
+        assert stats[0.2].grad_norm == pytest.approx(stats[0.0].grad_norm, rel=1e-5)
+    else:  # rho = e^5 > 1.2 with a positive advantage everywhere: nothing left to push
+        assert stats[0.2].clip_fraction == 1.0 and stats[0.2].grad_norm == 0.0
+
+
 def test_hyperparameters_reach_the_optimizer(cfg):
     trainer = PolicyTrainer(cfg, build_policy(cfg))
     trainer.set_hyperparameters(learning_rate=2e-3)

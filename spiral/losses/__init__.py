@@ -11,10 +11,10 @@
 
 from __future__ import annotations
 
-from spiral.losses.actor_critic import baseline_loss, entropy_loss, policy_gradient_loss
+from spiral.losses.actor_critic import baseline_loss, entropy_loss, policy_gradient_loss, trust_region_mask
 from spiral.losses.vtrace import VTraceReturns, vtrace
 from spiral.losses.nonsaturating import nonsaturating_critic_loss
 from spiral.losses.wgan_gp import critic_loss, gradient_penalty, level_penalty, wasserstein_estimate
 
 __all__ = ["VTraceReturns", "baseline_loss", "critic_loss", "entropy_loss", "gradient_penalty", "level_penalty",
-           "nonsaturating_critic_loss", "policy_gradient_loss", "vtrace", "wasserstein_estimate"]
+           "nonsaturating_critic_loss", "policy_gradient_loss", "trust_region_mask", "vtrace", "wasserstein_estimate"]

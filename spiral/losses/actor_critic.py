@@ -8,6 +8,9 @@ The total policy-learner loss is::
     + baseline_cost * baseline_loss(vs - values)
     + entropy_cost * entropy_loss(entropy)
 
+With ``learner.ppo_clip`` the policy-gradient term only counts the steps that
+:func:`trust_region_mask` keeps (Sample Factory's APPO: V-trace with PPO's clip).
+
 For SPIRAL's autoregressive action, ``log_probs`` and ``entropy`` are already summed over the
 heads that the action mask keeps (see :class:`spiral.nets.policy.SpiralPolicy`).
 """
@@ -27,6 +30,35 @@ def policy_gradient_loss(log_probs: torch.Tensor, advantages: torch.Tensor) -> t
     if log_probs.shape != advantages.shape:
         raise ValueError(f"log_probs {list(log_probs.shape)} and advantages {list(advantages.shape)} must match")
     return -(log_probs * advantages.detach()).sum()
+
+
+def trust_region_mask(rhos: torch.Tensor, advantages: torch.Tensor, epsilon: float) -> torch.Tensor:
+    """PPO's clip as a mask: 0 where the policy has already moved far enough, 1 elsewhere.
+
+    PPO's clipped surrogate ``min(rho * A, clip(rho, 1 - eps, 1 + eps) * A)`` has zero gradient
+    exactly where ``rho > 1 + eps`` with ``A > 0`` (the taken action is already that much more
+    likely than when it was acted) or ``rho < 1 - eps`` with ``A < 0``; elsewhere its gradient is
+    ``rho * A * grad log pi``. Applying the mask to V-trace's policy-gradient term (whose weight
+    is ``min(rho_bar, rho)``, bounded where PPO's is not) keeps V-trace's off-policy correction
+    and adds PPO's limit on how far a few updates can carry the policy from the one that acted.
+
+    Args:
+        rhos: ``[T, B]`` importance ratios ``pi(a | x) / mu(a | x)``, unclipped.
+        advantages: ``[T, B]`` the advantages (only their sign is read).
+        epsilon: The clip; 0 keeps every step.
+
+    Returns:
+        A float ``[T, B]`` tensor of 0s and 1s, without gradient.
+    """
+    if rhos.shape != advantages.shape:
+        raise ValueError(f"rhos {list(rhos.shape)} and advantages {list(advantages.shape)} must match")
+    if not 0.0 <= epsilon < 1.0:
+        raise ValueError(f"epsilon must be in [0, 1), got {epsilon!r}")
+    with torch.no_grad():
+        if epsilon == 0.0:
+            return torch.ones_like(rhos)
+        outside = ((advantages > 0) & (rhos > 1.0 + epsilon)) | ((advantages < 0) & (rhos < 1.0 - epsilon))
+        return (~outside).to(rhos.dtype)
 
 
 def baseline_loss(advantages: torch.Tensor) -> torch.Tensor:
