@@ -318,3 +318,32 @@ def test_large_brushes_near_the_edges_stay_on_the_canvas(backend: str) -> None:
     assert canvases[0, :4].max() < 200, "a radius-24 stroke along the top edge covers it"
     assert canvases[1, -3:, 8:56].max() < 230 and (canvases[1, :24] == 255).all()
     env.close()
+
+
+@pytest.mark.parametrize("use_color, canvas_size, brush_sizes", [
+    (False, 64, [1.0, 2.0, 3.0]), (True, 64, [1.0, 2.0, 3.0]), (False, 28, [1.0]),
+    (True, 64, [1.0, 2.0, 4.0, 8.0, 12.0, 24.0])])
+def test_the_compiled_fast_step_draws_what_the_torch_operations_draw(use_color, canvas_size, brush_sizes) -> None:
+    """``FastPaintEnv``'s compiled CPU loop against its torch path (the reference), on random
+    programs: equal to float32 rounding, so a read-back pixel differs by at most one level and
+    only where a value sits on a rounding boundary."""
+    from spiral.envs.fast_paint import FastPaintEnv
+    from spiral.config import PaintConfig
+
+    cfg = PaintConfig(backend="fast", canvas_size=canvas_size, brush_sizes=tuple(brush_sizes), use_color=use_color)
+    envs = [FastPaintEnv(cfg, num_envs=16, episode_length=31, noise_dim=1, seed=0, compiled=compiled)
+            for compiled in (False, True)]
+    assert not envs[0].compiled and envs[1].compiled
+    actions = random_actions(envs[0], 30, seed=7)
+    reads = [[], []]
+    for env, out in zip(envs, reads):
+        env.reset()
+        for step in actions:
+            env.step(step)
+            out.append(env.canvases())
+    torch.testing.assert_close(envs[1]._canvas, envs[0]._canvas, rtol=0, atol=5e-3)
+    torch_reads, compiled_reads = (np.stack(r).astype(np.int16) for r in reads)
+    assert (torch_reads < 255).mean() > 0.05  # the programs draw
+    difference = np.abs(torch_reads - compiled_reads)
+    assert difference.max() <= 1 and (difference > 0).mean() < 1e-3
+

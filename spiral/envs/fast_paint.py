@@ -283,10 +283,12 @@ class FastPaintEnv(BatchedEnv):
         noise_dim: Size of the per-episode noise sample.
         seed: Seed of the noise generator (the rasterizer itself is deterministic).
         device: Torch device that holds the float32 canvases between steps.
+        compiled: On a CPU device, step with the compiled loop (default) instead of the torch
+            operations; both draw the same pixels to float32 rounding.
     """
 
     def __init__(self, cfg: PaintConfig, num_envs: int, episode_length: int, noise_dim: int,
-                 seed: int | None = None, *, device: str | torch.device = "cpu") -> None:
+                 seed: int | None = None, *, device: str | torch.device = "cpu", compiled: bool = True) -> None:
         if not cfg.brush_sizes or any(s <= 0 for s in cfg.brush_sizes):
             raise ValueError(f"env.paint.brush_sizes must be positive radii, got {cfg.brush_sizes}")
         spec = paint_action_spec(cfg.grid_size, len(cfg.brush_sizes), cfg.use_pressure, cfg.use_color)
@@ -295,12 +297,17 @@ class FastPaintEnv(BatchedEnv):
                          episode_length, noise_dim, seed)
         self.paint = cfg
         self.device = torch.device(device)
+        self.compiled = compiled and self.device.type == "cpu"
+        """Whether steps run the compiled CPU loop (:mod:`spiral.envs.fast_paint_kernel`) rather
+        than the torch operations (the reference, and what other devices run)."""
         self._decoder = StrokeDecoder(spec, cfg.canvas_size, cfg.brush_sizes, num_envs)
         # Canvases in [0, 255] (white paper = 255), [N, H, W, C]. Everything runs in inference
         # mode: no autograd bookkeeping, which saves about a tenth of the step time.
         with torch.inference_mode():
             self._canvas = torch.full((num_envs, cfg.canvas_size, cfg.canvas_size, channels), 255.0,
                                       dtype=torch.float32, device=self.device)
+        self._scratch: np.ndarray | None = None
+        """The compiled CPU path's working alpha image (:meth:`_draw_compiled`), all zeros between steps."""
 
     def _clear(self) -> None:
         with torch.inference_mode():
@@ -316,6 +323,9 @@ class FastPaintEnv(BatchedEnv):
         painting = np.flatnonzero(strokes.paint)
         if painting.size == 0:
             return
+        if self.compiled:
+            self._draw_compiled(strokes, painting)
+            return
         size = self.paint.canvas_size
         capsules = bezier_capsules(strokes.start[painting], strokes.control[painting], strokes.end[painting],
                                    strokes.start_pressure[painting], strokes.end_pressure[painting],
@@ -328,6 +338,26 @@ class FastPaintEnv(BatchedEnv):
             self._canvas.addcmul_(alpha, ink.view(self.num_envs, 1, 1, 3) - self._canvas)
         else:   # black ink
             self._canvas.addcmul_(alpha, self._canvas, value=-1.0)
+
+    def _draw_compiled(self, strokes: StrokeBatch, painting: np.ndarray) -> None:
+        """:meth:`_draw` on CPU canvases: the same strokes in one compiled loop
+        (:func:`spiral.envs.fast_paint_kernel.paint_strokes`)."""
+        from spiral.envs.fast_paint_kernel import paint_strokes  # it imports this module's constants
+
+        if self._scratch is None:
+            self._scratch = np.zeros(self._canvas.shape[1:3], np.float32)
+        if self.paint.use_color:
+            ink = np.ascontiguousarray(strokes.rgb[painting] * 255.0, np.float32)
+        else:
+            ink = np.zeros((painting.size, 1), np.float32)
+        f64 = np.float64
+        paint_strokes(self._canvas.numpy(), self._scratch, painting.astype(np.int64),
+                      np.ascontiguousarray(strokes.start[painting], f64),
+                      np.ascontiguousarray(strokes.control[painting], f64),
+                      np.ascontiguousarray(strokes.end[painting], f64),
+                      np.ascontiguousarray(strokes.start_pressure[painting], f64),
+                      np.ascontiguousarray(strokes.end_pressure[painting], f64),
+                      np.ascontiguousarray(strokes.radius[painting], f64), ink, STROKES_PER_STEP)
 
     def _read(self) -> np.ndarray:
         # Values lie in [0, 255] (convex combinations of paper and ink), so +0.5 and truncation

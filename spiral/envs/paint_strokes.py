@@ -46,7 +46,7 @@ def quadratic_bezier(start: np.ndarray, control: np.ndarray, end: np.ndarray, nu
 
 
 def grid_to_canvas(index: np.ndarray, grid_size: int, canvas_size: int) -> np.ndarray:
-    """Flat grid indices ``[N]`` to canvas ``(y, x)`` coordinates ``[N, 2]`` (upstream's mapping)."""
+    """Flat grid indices ``[...]`` to canvas ``(y, x)`` coordinates ``[..., 2]`` (upstream's mapping)."""
     index = np.asarray(index, np.int64)
     cells = np.stack([index // grid_size, index % grid_size], axis=-1).astype(np.float64)
     return canvas_size * cells / grid_size
@@ -146,6 +146,7 @@ class StrokeDecoder:
         names = spec.names
         self._grid = spec.heads[spec.index("end")].grid_size
         self._col = {name: names.index(name) for name in names}
+        self._spatial = [self._col["end"], self._col["control"]]
         self.use_pressure = "pressure" in names
         self.use_color = "red" in names
         self.state = BrushState.reset(num, self.use_pressure, self.brush_sizes[0])
@@ -162,8 +163,9 @@ class StrokeDecoder:
         n = actions.shape[0]
         flag = actions[:, 0]
         paint = flag == FLAG_PAINT
-        end = grid_to_canvas(actions[:, self._col["end"]], self._grid, self.canvas_size)
-        control = grid_to_canvas(actions[:, self._col["control"]], self._grid, self.canvas_size)
+        # Both spatial heads in one call: [N, 2] indices to [N, 2, (y, x)].
+        points = grid_to_canvas(actions[:, self._spatial], self._grid, self.canvas_size)
+        end, control = points[:, 0], points[:, 1]
 
         pressure_idx = self._head(actions, "pressure")
         pressure = PRESSURE_VALUES[pressure_idx] if pressure_idx is not None else np.ones(n)
