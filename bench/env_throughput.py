@@ -53,18 +53,27 @@ def random_actions(cfg: ExperimentConfig, rng: np.random.Generator, n: int) -> n
     return actions
 
 
-def renderer_rate(cfg: ExperimentConfig, backend: str | None, num_envs: int, seconds: float) -> float:
+def renderer_rate(cfg: ExperimentConfig, backend: str | None, num_envs: int, seconds: float,
+                  compiled: bool = True) -> float:
     """Batched env steps per second (one step = one action on one canvas).
 
-    The random actions are drawn before the clock starts (256 batches, cycled), so the figure
-    is the renderer's alone: drawing them cost ~0.07 ms per batch, ~14% of the fast backend's
-    step at N=8.
+    ``compiled`` False steps the fast backend with its torch operations instead of its compiled
+    CPU loop (:mod:`spiral.envs.fast_paint_kernel`): the step before that loop existed.
+
+    The random actions are drawn before the clock starts (256 batches, cycled; drawing them in
+    the loop cost ~0.07 ms per batch, ~14% of the fast backend's step at N=8), and one step is
+    taken before it too (the compiled loop loads or compiles then), so the figure is the
+    renderer's alone.
     """
     env = make_env(cfg, num_envs, seed=0, backend=backend)
+    if not compiled:
+        env.compiled = False
     rng = np.random.default_rng(0)
     actions = [random_actions(cfg, rng, num_envs) for _ in range(256)]
     size = cfg.env.image_size
     targets = np.full((num_envs, size, size, cfg.image_channels), 255, np.uint8) if cfg.env.conditional else None
+    env.reset(targets)  # warm-up, off the clock: the compiled loop's first step loads or compiles it
+    env.step(actions[0])
     steps = 0
     start = time.perf_counter()
     while time.perf_counter() - start < seconds:
@@ -184,13 +193,18 @@ def main() -> None:
         print(f"renderers, {n} batched canvases, random paint actions (same seed), 1 thread = 1 core:")
         base = renderer_rate(cfg, "libmypaint", n, args.seconds)
         fast = renderer_rate(cfg, "fast", n, args.seconds)
+        fast_torch = renderer_rate(cfg, "fast", n, args.seconds, compiled=False)
         scene = renderer_rate(scene_cfg, None, n, args.seconds)
         results.update({f"libmypaint_steps_per_second_per_core_n{n}": base,
                         f"fast_steps_per_second_per_core_n{n}": fast,
                         f"mujoco_steps_per_second_per_core_n{n}": scene,
-                        f"fast_over_libmypaint_n{n}": fast / base})
+                        f"fast_torch_steps_per_second_per_core_n{n}": fast_torch,
+                        f"fast_over_libmypaint_n{n}": fast / base,
+                        f"fast_torch_over_libmypaint_n{n}": fast_torch / base})
         print(f"  libmypaint  {base:9.0f} steps/s   (baseline)")
-        print(f"  fast        {fast:9.0f} steps/s   {fast / base:6.1f}x libmypaint")
+        print(f"  fast        {fast:9.0f} steps/s   {fast / base:6.1f}x libmypaint   (compiled CPU loop)")
+        print(f"  fast, torch {fast_torch:9.0f} steps/s   {fast_torch / base:6.1f}x libmypaint   "
+              f"(its torch operations; the compiled loop is {fast / fast_torch:.2f}x)")
         print(f"  mujoco      {scene:9.0f} steps/s   {scene / base:6.2f}x libmypaint")
 
     # The two in-process baselines are measured before and, when the system runs, again after

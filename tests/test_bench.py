@@ -32,7 +32,8 @@ def test_env_throughput_bench_measures_every_renderer_and_the_actor_loop() -> No
     figures = run_bench("bench/env_throughput.py", "--seconds", "0.3", "--num-envs", "4", "--renderer-envs",
                         "--skip-system")
     for key in ("libmypaint_steps_per_second_per_core_n4", "fast_steps_per_second_per_core_n4",
-                "mujoco_steps_per_second_per_core_n4", "fast_over_libmypaint_n4", "inprocess_actor_frames_per_second",
+                "mujoco_steps_per_second_per_core_n4", "fast_over_libmypaint_n4", "fast_torch_steps_per_second_per_core_n4",
+                "fast_torch_over_libmypaint_n4", "inprocess_actor_frames_per_second",
                 "inprocess_training_frames_per_second"):
         assert figures[key] > 0, key
 
