@@ -25,14 +25,19 @@ rasterises in a handful of tensor operations:
   have one channel and black ink; colour canvases take the step's RGB.
 * A move draws nothing; it only moves the brush (the decoder's state).
 
-Every capsule is evaluated on the square pixel window around it (coverage is exactly zero
-outside, so this equals evaluating every pixel of the canvas), all windows of a step in one
-batched computation (at most two window sizes), and the windows are reduced into the canvases
-with one ``scatter_reduce(amax)``. The float32 canvases stay on ``device`` between steps; only
-the uint8 read-back leaves it. On one CPU core a step costs a fixed ~0.4 ms (op dispatch,
-stroke decoding) plus ~30 us per canvas, so the speed-up over libmypaint (~1,200-1,750 paint
-steps/s per core) grows with the batch: ~11,000 steps/s (6-9x) at 8 canvases, ~24,000 (13-20x)
-at 32 (random strokes, 64x64; ``python -m spiral.envs.fast_paint``).
+On a CPU the step runs as one compiled loop (:mod:`spiral.envs.fast_paint_kernel`, numba): each
+painting canvas walks its capsules over the pixels of each capsule's bounding box, keeps the
+maximum alpha and composites it, with the same arithmetic as the torch operations below to
+float32 rounding. Measured on one core with the paper's settings (``python
+bench/env_throughput.py --config mnist --skip-system``): 19x libmypaint at 8 canvases and 38x at
+64, 2.6x and 2.0x the torch operations (``bench/RESULTS.md``).
+
+The torch operations (the reference, and what a CUDA device runs) evaluate every capsule on the
+square pixel window around it (coverage is exactly zero outside, so this equals evaluating
+every pixel of the canvas), all windows of a step in one batched computation (at most two
+window sizes), and reduce the windows into the canvases with one ``scatter_reduce(amax)``. The
+float32 canvases stay on ``device`` between steps; only the uint8 read-back leaves it. On one
+CPU core they cost a fixed ~0.4 ms per step (op dispatch) plus ~30 us per canvas.
 
 How it differs visually from libmypaint's ``classic/dry_brush``:
 
