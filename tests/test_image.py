@@ -58,6 +58,27 @@ def test_every_role_answers_help(role: str) -> None:
     assert result.returncode == 0 and f"spiral {role}" in result.stdout
 
 
+FAST_PAINT_CHECK = """
+import numpy as np
+from spiral.config import PaintConfig
+from spiral.envs.fast_paint import FastPaintEnv
+canvases = []
+for compiled in (True, False):
+    env = FastPaintEnv(PaintConfig(backend="fast"), num_envs=2, episode_length=3, noise_dim=1, seed=0, compiled=compiled)
+    env.reset()
+    env.step(np.array([[1, 40, 300, 2, 9], [1, 1000, 5, 0, 4]]))
+    canvases.append(env.canvases().astype(int))
+assert (canvases[0] < 255).any() and np.abs(canvases[0] - canvases[1]).max() <= 1
+print("fast paint compiled ok")
+"""
+
+
+def test_the_fast_renderers_compiled_loop_runs_locked_down() -> None:
+    """numba compiles (and caches under /tmp) in a read-only container, and draws what torch draws."""
+    result = docker("run", "--rm", *LOCKED_DOWN, IMAGE, "python", "-c", FAST_PAINT_CHECK, check=False)
+    assert result.returncode == 0 and "fast paint compiled ok" in result.stdout, result.stderr[-3000:]
+
+
 @pytest.mark.parametrize("role,grpc_port", [("replaybuffer", 50053), ("discriminator", 50052),
                                             ("learner", 50051), ("pbt-controller", 50054), ("actor", None)])
 def test_every_role_starts_locked_down_and_turns_healthy(role: str, grpc_port: int | None) -> None:
