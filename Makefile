@@ -69,18 +69,22 @@ bench: deps
 	$(PYTHON) bench/stroke_rewards.py
 
 # The critic-reward evidence (bench/RESULTS.md): 20 minutes of spiral up per run, one after
-# another (about 3 hours 45 minutes on 2 cores).
+# another (about 5 hours 30 minutes on 2 cores).
 LEARN := $(PYTHON) bench/learning.py --minutes 10 20 --actors 2
 bench-learning: deps
 	for seed in 0 1 2; do $(LEARN) --config experiments/tiny-critic.yaml --seed $$seed \
 	  --out bench/results/critic-reward/seed-$$seed || exit 1; done
 	for seed in 0 1 2; do $(LEARN) --config experiments/tiny-critic-pool.yaml --seed $$seed \
 	  --out bench/results/critic-reward-pool/seed-$$seed || exit 1; done
+	for seed in 0 1 2; do $(LEARN) --config experiments/tiny-critic-clip.yaml --seed $$seed \
+	  --out bench/results/critic-reward-clip/seed-$$seed || exit 1; done
 	$(LEARN) --config experiments/tiny-l2.yaml --seed 0 --out bench/results/l2-reward/seed-0
 	$(LEARN) --config experiments/tiny-l2-pool.yaml --seed 0 --out bench/results/l2-reward-pool/seed-0
 	$(LEARN) --config experiments/tiny-omniglot.yaml --seed 0 --out bench/results/omniglot/seed-0
 	$(PYTHON) bench/unconditional.py --minutes 20 --actors 2 --seed 0 --out bench/results/unconditional
 	$(LEARN) --config experiments/tiny-mujoco.yaml --seed 0 --out bench/results/mujoco/seed-0
+	$(LEARN) --config experiments/tiny-mujoco-pool.yaml --seed 0 --out bench/results/mujoco-pool/seed-0
+	$(LEARN) --config experiments/tiny-clip.yaml --seed 0 --out bench/results/l2-shaped-clip/seed-0
 
 # The paper-sized experiments for 3 minutes each on CPU: the reward stays finite and in its band.
 bench-paper-smoke: deps
