@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from spiral.config import from_dict
+from spiral.config import PaintConfig, from_dict
 from spiral.envs import BatchedEnv, make_env
+from spiral.envs.fast_paint import FastPaintEnv
 from spiral.envs.spec import paint_action_spec
 
 torch.set_num_threads(1)
@@ -327,9 +328,6 @@ def test_the_compiled_fast_step_draws_what_the_torch_operations_draw(use_color, 
     """``FastPaintEnv``'s compiled CPU loop against its torch path (the reference), on random
     programs: equal to float32 rounding, so a read-back pixel differs by at most one level and
     only where a value sits on a rounding boundary."""
-    from spiral.envs.fast_paint import FastPaintEnv
-    from spiral.config import PaintConfig
-
     cfg = PaintConfig(backend="fast", canvas_size=canvas_size, brush_sizes=tuple(brush_sizes), use_color=use_color)
     envs = [FastPaintEnv(cfg, num_envs=16, episode_length=31, noise_dim=1, seed=0, compiled=compiled)
             for compiled in (False, True)]
@@ -346,4 +344,3 @@ def test_the_compiled_fast_step_draws_what_the_torch_operations_draw(use_color, 
     assert (torch_reads < 255).mean() > 0.05  # the programs draw
     difference = np.abs(torch_reads - compiled_reads)
     assert difference.max() <= 1 and (difference > 0).mean() < 1e-3
-

@@ -63,6 +63,7 @@ How it differs visually from libmypaint's ``classic/dry_brush``:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -313,6 +314,8 @@ class FastPaintEnv(BatchedEnv):
                                       dtype=torch.float32, device=self.device)
         self._scratch: np.ndarray | None = None
         """The compiled CPU path's working alpha image (:meth:`_draw_compiled`), all zeros between steps."""
+        self._paint_strokes: Callable[..., None] | None = None
+        """:func:`spiral.envs.fast_paint_kernel.paint_strokes`, imported on the first paint step."""
 
     def _clear(self) -> None:
         with torch.inference_mode():
@@ -347,16 +350,17 @@ class FastPaintEnv(BatchedEnv):
     def _draw_compiled(self, strokes: StrokeBatch, painting: np.ndarray) -> None:
         """:meth:`_draw` on CPU canvases: the same strokes in one compiled loop
         (:func:`spiral.envs.fast_paint_kernel.paint_strokes`)."""
-        from spiral.envs.fast_paint_kernel import paint_strokes  # it imports this module's constants
+        if self._scratch is None:  # first paint step: the kernel module imports this one's constants
+            from spiral.envs.fast_paint_kernel import paint_strokes
 
-        if self._scratch is None:
+            self._paint_strokes = paint_strokes
             self._scratch = np.zeros(self._canvas.shape[1:3], np.float32)
         if self.paint.use_color:
             ink = np.ascontiguousarray(strokes.rgb[painting] * 255.0, np.float32)
         else:
             ink = np.zeros((painting.size, 1), np.float32)
         f64 = np.float64
-        paint_strokes(self._canvas.numpy(), self._scratch, painting.astype(np.int64),
+        self._paint_strokes(self._canvas.numpy(), self._scratch, painting.astype(np.int64),
                       np.ascontiguousarray(strokes.start[painting], f64),
                       np.ascontiguousarray(strokes.control[painting], f64),
                       np.ascontiguousarray(strokes.end[painting], f64),

@@ -6,8 +6,9 @@ alpha is the per-pixel maximum of their coverage times opacity
 (:func:`~spiral.envs.fast_paint.capsule_alpha`), and it is composited "over" the canvas. In
 torch that is a few dozen small tensor and numpy operations per step whatever the batch, so
 at 8 canvases the step cost is mostly op dispatch. :func:`paint_strokes` does the same
-arithmetic, in the same order and precision (capsule geometry in float64, pixels in float32),
-as one ``numba.njit`` loop over the painting canvases: for each canvas it walks the capsules
+arithmetic, with the same formulas and precision (capsule geometry in float64, pixels in
+float32; a pixel's offset from the segment start is rounded once instead of twice), as one
+``numba.njit`` loop over the painting canvases: for each canvas it walks the capsules
 of its stroke over the pixels of each capsule's bounding box, keeps the maximum alpha in a
 scratch image, and composites that box. Nothing outside a canvas's box is read or written.
 
