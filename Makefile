@@ -85,6 +85,12 @@ bench-learning: deps
 	$(LEARN) --config experiments/tiny-mujoco.yaml --seed 0 --out bench/results/mujoco/seed-0
 	$(LEARN) --config experiments/tiny-mujoco-pool.yaml --seed 0 --out bench/results/mujoco-pool/seed-0
 	$(LEARN) --config experiments/tiny-clip.yaml --seed 0 --out bench/results/l2-shaped-clip/seed-0
+	for seed in 0 1 2; do $(LEARN) --config experiments/tiny-critic-clip-lr.yaml --seed $$seed \
+	  --out bench/results/critic-reward-clip-lr/seed-$$seed || exit 1; done
+	$(LEARN) --config experiments/tiny-critic-clip-ent.yaml --seed 0 --out bench/results/critic-reward-clip-ent/seed-0
+	$(LEARN) --config experiments/tiny-mujoco-norm.yaml --seed 0 --out bench/results/mujoco-norm/seed-0
+	$(PYTHON) bench/unconditional.py --config experiments/tiny-unconditional-pool.yaml --minutes 20 --actors 2 \
+	  --seed 0 --out bench/results/unconditional-pool
 
 # The paper-sized experiments for 3 minutes each on CPU: the reward stays finite and in its band.
 bench-paper-smoke: deps
