@@ -350,7 +350,7 @@ class FastPaintEnv(BatchedEnv):
     def _draw_compiled(self, strokes: StrokeBatch, painting: np.ndarray) -> None:
         """:meth:`_draw` on CPU canvases: the same strokes in one compiled loop
         (:func:`spiral.envs.fast_paint_kernel.paint_strokes`)."""
-        if self._scratch is None:  # first paint step: the kernel module imports this one's constants
+        if self._paint_strokes is None:  # first paint step: the kernel module imports this one's constants
             from spiral.envs.fast_paint_kernel import paint_strokes
 
             self._paint_strokes = paint_strokes
@@ -361,12 +361,12 @@ class FastPaintEnv(BatchedEnv):
             ink = np.zeros((painting.size, 1), np.float32)
         f64 = np.float64
         self._paint_strokes(self._canvas.numpy(), self._scratch, painting.astype(np.int64),
-                      np.ascontiguousarray(strokes.start[painting], f64),
-                      np.ascontiguousarray(strokes.control[painting], f64),
-                      np.ascontiguousarray(strokes.end[painting], f64),
-                      np.ascontiguousarray(strokes.start_pressure[painting], f64),
-                      np.ascontiguousarray(strokes.end_pressure[painting], f64),
-                      np.ascontiguousarray(strokes.radius[painting], f64), ink, STROKES_PER_STEP)
+                            np.ascontiguousarray(strokes.start[painting], f64),
+                            np.ascontiguousarray(strokes.control[painting], f64),
+                            np.ascontiguousarray(strokes.end[painting], f64),
+                            np.ascontiguousarray(strokes.start_pressure[painting], f64),
+                            np.ascontiguousarray(strokes.end_pressure[painting], f64),
+                            np.ascontiguousarray(strokes.radius[painting], f64), ink, STROKES_PER_STEP)
 
     def _read(self) -> np.ndarray:
         # Values lie in [0, 255] (convex combinations of paper and ink), so +0.5 and truncation
