@@ -6,12 +6,14 @@ positive number, so a benchmark that broke is caught by ``make test`` and not by
 
 from __future__ import annotations
 
+import gzip
 import json
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from learner.training import PolicyTrainer
@@ -99,3 +101,26 @@ def test_stroke_rewards_bench_pays_random_and_ink_strokes_at_every_pool() -> Non
         for policy in ("random", "ink"):
             assert f"{policy}_paint_step_reward_pool{pool}" in figures, (policy, pool)
     assert figures["random_final_l2_over_blank"] > 0 and figures["ink_final_l2_over_blank"] > 0
+
+
+def test_run_record_summarises_a_learners_per_update_record(tmp_path: Path) -> None:
+    """Collapses after the warm-up are counted, the speed and the last quarter's error are read off."""
+    rows = []
+    for update in range(1, 1001):
+        rows.append({"time": 100.0 + update / 4.0, "update": update, "grad_norm": 500.0 if update == 700 else 20.0,
+                     "paint_fraction": 0.01 if update in (50, 600, 601) else 0.5, "mean_entropy": 3.0,
+                     "policy_lag": 2.0, "clip_fraction": 0.1, "mean_reward": -1.0 if update == 10 else 0.2,
+                     "reconstruction_l2": 0.1 - update * 5e-5})
+    path = tmp_path / "learner.jsonl.gz"
+    with gzip.open(path, "wt") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+    summary = run_bench("bench/run_record.py", str(path))[str(path)]
+    assert summary["updates"] == 1000
+    assert summary["updates_per_second"] == pytest.approx(4.0)
+    assert summary["collapse_updates"] == 2, "update 50 is inside the warm-up"
+    assert summary["lowest_paint_fraction"] == pytest.approx(0.01)
+    assert summary["largest_grad_norm"] == 500.0
+    assert summary["tail_mean_entropy"] == pytest.approx(3.0)
+    assert summary["tail_clip_fraction"] == pytest.approx(0.1)
+    assert summary["lowest_batch_return"] == -1.0
+    assert summary["last_quarter_l2_start"] > summary["last_quarter_l2_end"]
