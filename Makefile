@@ -69,7 +69,7 @@ bench: deps
 	$(PYTHON) bench/stroke_rewards.py
 
 # The critic-reward evidence (bench/RESULTS.md): 20 minutes of spiral up per run, one after
-# another (28 runs, about 9 hours 30 minutes on 2 cores).
+# another (32 runs, about 11 hours on 2 cores).
 LEARN := $(PYTHON) bench/learning.py --minutes 10 20 --actors 2
 bench-learning: deps
 	for seed in 0 1 2; do $(LEARN) --config experiments/tiny-critic.yaml --seed $$seed \
@@ -98,6 +98,9 @@ bench-learning: deps
 	$(PYTHON) bench/unconditional.py --config experiments/tiny-unconditional-lr-ent.yaml --minutes 20 --actors 2 \
 	  --seed 0 --out bench/results/unconditional-lr-ent
 	$(LEARN) --config experiments/tiny-l2-lr-ent.yaml --seed 0 --out bench/results/l2-reward-lr-ent/seed-0
+	$(LEARN) --config experiments/tiny-critic-clip-lr-lowent.yaml --seed 0 --out bench/results/critic-reward-clip-lr-lowent/seed-0
+	for seed in 0 1 2; do $(LEARN) --actors 1 --config experiments/tiny-critic-clip-lr-lowent.yaml --seed $$seed \
+	  --out bench/results/critic-reward-clip-lr-lowent-1actor/seed-$$seed || exit 1; done
 
 # The paper-sized experiments for 3 minutes each on CPU: the reward stays finite and in its band.
 bench-paper-smoke: deps

@@ -24,6 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from run_record import read_record, summarize  # noqa: E402
 from training_run import bench_experiment, train_and_copy  # noqa: E402
 from spiral.config import ExperimentConfig  # noqa: E402
 from spiral.data import for_experiment  # noqa: E402
@@ -60,7 +61,9 @@ def evaluate(cfg: ExperimentConfig, copies: dict[float, Path], out: Path) -> dic
     """Score the blank canvas, an untrained policy and each checkpoint on the held-out digits.
 
     Each policy paints every held-out target twice: sampling its actions as the actors do
-    (``l2``) and taking each head's most likely value (``l2_greedy``).
+    (``l2``) and taking each head's most likely value (``l2_greedy``). Where the run's
+    per-update record is there (``out/run/learner.jsonl``), its summary (bench/run_record.py:
+    speed, collapses, entropy, clip fraction) is stored as ``"training record"``.
     """
     holdout = for_experiment(cfg).holdout
     results: dict[str, dict[str, float]] = {}
@@ -85,6 +88,7 @@ def evaluate(cfg: ExperimentConfig, copies: dict[float, Path], out: Path) -> dic
     if (run_dir / "learner.jsonl").exists():
         plot_curves(run_dir / "learner.jsonl", ["reconstruction_l2", "mean_reward", "reward_critic", "paint_fraction",
                                                 "grad_norm"], out / "curves.png")
+        results["training record"] = summarize(read_record(run_dir / "learner.jsonl"))
     if (run_dir / "discriminator.jsonl").exists():
         plot_curves(run_dir / "discriminator.jsonl", ["d_real", "d_fake", "level", "gp"], out / "critic_curves.png")
     (out / "learning.json").write_text(json.dumps(results, indent=2))
@@ -93,6 +97,8 @@ def evaluate(cfg: ExperimentConfig, copies: dict[float, Path], out: Path) -> dic
           f"mean L2 (lower is better), sampled / greedy actions")
     blank = results["blank canvas"]["l2"]
     for name, row in results.items():
+        if name == "training record":
+            continue
         greedy_text = f"   greedy {row['l2_greedy']:.4f}  {row['l2_greedy'] / blank:.2f}x" if "l2_greedy" in row else ""
         print(f"  {name:20s} {row['l2']:.4f}  {row['l2'] / blank:.2f}x blank{greedy_text}")
     print(f"picture: {out / 'reconstructions.png'} (rows: targets, untrained, then per time sampled and greedy)")

@@ -30,6 +30,14 @@ def run_bench(*args: str) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def synthetic_record(updates: int) -> list[dict]:
+    """A learner.jsonl's rows at 4 updates/s: collapses at updates 50, 600 and 601, a spike at 700."""
+    return [{"time": 100.0 + update / 4.0, "update": update, "grad_norm": 500.0 if update == 700 else 20.0,
+             "paint_fraction": 0.01 if update in (50, 600, 601) else 0.5, "mean_entropy": 3.0,
+             "policy_lag": 2.0, "clip_fraction": 0.1, "mean_reward": -1.0 if update == 10 else 0.2,
+             "reward_critic": 0.2, "reconstruction_l2": 0.1 - update * 5e-5} for update in range(1, updates + 1)]
+
+
 def test_env_throughput_bench_measures_every_renderer_and_the_actor_loop() -> None:
     figures = run_bench("bench/env_throughput.py", "--seconds", "0.3", "--num-envs", "4", "--renderer-envs",
                         "--skip-system")
@@ -55,8 +63,13 @@ def test_learning_bench_scores_checkpoints_against_both_baselines(tmp_path: Path
     torch.manual_seed(1)
     trainer = PolicyTrainer(cfg, build_policy(cfg))
     path = save_checkpoint(tmp_path / "learner", 5, {"trainer": trainer.state_dict()})
+    (tmp_path / "out" / "run").mkdir(parents=True)
+    (tmp_path / "out" / "run" / "learner.jsonl").write_text(
+        "".join(json.dumps(row) + "\n" for row in synthetic_record(400)))
     figures = run_bench("bench/learning.py", "--out", str(tmp_path / "out"), "--evaluate", f"1={path}")
-    assert set(figures) == {"blank canvas", "untrained policy", "trained 1 min"}
+    assert set(figures) == {"blank canvas", "untrained policy", "trained 1 min", "training record"}
+    assert figures["training record"]["updates"] == 400
+    figures.pop("training record")
     assert figures["trained 1 min"]["version"] == 5
     for row in figures.values():
         assert 0 < row["l2"] < 1
@@ -105,12 +118,7 @@ def test_stroke_rewards_bench_pays_random_and_ink_strokes_at_every_pool() -> Non
 
 def test_run_record_summarises_a_learners_per_update_record(tmp_path: Path) -> None:
     """Collapses after the warm-up are counted, the speed and the last quarter's error are read off."""
-    rows = []
-    for update in range(1, 1001):
-        rows.append({"time": 100.0 + update / 4.0, "update": update, "grad_norm": 500.0 if update == 700 else 20.0,
-                     "paint_fraction": 0.01 if update in (50, 600, 601) else 0.5, "mean_entropy": 3.0,
-                     "policy_lag": 2.0, "clip_fraction": 0.1, "mean_reward": -1.0 if update == 10 else 0.2,
-                     "reconstruction_l2": 0.1 - update * 5e-5})
+    rows = synthetic_record(1000)
     path = tmp_path / "learner.jsonl.gz"
     with gzip.open(path, "wt") as f:
         f.writelines(json.dumps(row) + "\n" for row in rows)
