@@ -17,8 +17,10 @@ from spiral.config import dump_experiment, experiment_path, load_experiment
 from spiral.up import Layout, Supervisor, plan_layout, scrape
 
 FAST_SYSTEM = {
+    # Eager: each test's run directory would compile the unroll afresh (~44 s cold on 2 cores);
+    # tests/test_precision.py checks the compiled update against the eager one.
     "learner": {"batch_size": 8, "checkpoint_every_updates": 5, "sample_grid_every_updates": 5,
-                "queue_capacity": 64},
+                "queue_capacity": 64, "compile": False},
     "discriminator_learner": {"batch_size": 8, "checkpoint_every_updates": 5},
     "replay": {"capacity": 160, "min_size": 8},
     "actor": {"num_envs": 4, "parameter_refresh_seconds": 0.2},

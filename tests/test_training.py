@@ -34,7 +34,7 @@ def _backend() -> str:
 
 
 TERMINAL_L2_REWARD = {"discriminator_weight": 0.1, "l2_weight": 1.0, "l2_shaping": False, "l2_pool": 1,
-                      "blank_penalty": 0.0}
+                      "blank_penalty": 0.0, "temporal_credit": False}
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +43,8 @@ def cfg() -> ExperimentConfig:
     # profile's reward shaping does not change what these tests exercise.
     return load_experiment(experiment_path("tiny"), overrides={
         "env": {"paint": {"backend": _backend()}},
-        "learner": {"entropy_cost": 0.01, "reward": TERMINAL_L2_REWARD}})
+        "learner": {"entropy_cost": 0.01, "learning_rate": 3e-4, "ppo_clip": 0.0, "compile": False,
+                    "reward": TERMINAL_L2_REWARD}})
 
 
 def bar_targets(batch: int) -> np.ndarray:
@@ -99,7 +100,7 @@ def test_policy_update_on_a_real_unroll(cfg):
 def test_rewards_sit_at_the_last_step_with_stroke_penalties(cfg):
     reward = {"discriminator_weight": 0.0, "l2_weight": 1.0, "stroke_start_penalty": 0.25, "l2_shaping": False}
     cfg = load_experiment(experiment_path("tiny"), overrides={"env": {"paint": {"backend": cfg.env.paint.backend}},
-                                                              "learner": {"reward": reward}})
+                                                              "learner": {"reward": reward, "compile": False}})
     policy = build_policy(cfg)
     unroll = collect(cfg, policy, batch=4, seed=2)
     trainer = PolicyTrainer(cfg, policy)
@@ -120,9 +121,9 @@ def test_rewards_sit_at_the_last_step_with_stroke_penalties(cfg):
 def test_l2_shaping_pays_each_step_its_drop_in_error(cfg):
     reward = {"discriminator_weight": 0.0, "l2_weight": 2.0, "l2_shaping": True, "l2_pool": 1}
     shaped_cfg = load_experiment(experiment_path("tiny"), overrides={
-        "env": {"paint": {"backend": cfg.env.paint.backend}}, "learner": {"reward": reward}})
+        "env": {"paint": {"backend": cfg.env.paint.backend}}, "learner": {"reward": reward, "compile": False}})
     plain_cfg = load_experiment(experiment_path("tiny"), overrides={
-        "env": {"paint": {"backend": cfg.env.paint.backend}}, "learner": {"reward": {**reward, "l2_shaping": False}}})
+        "env": {"paint": {"backend": cfg.env.paint.backend}}, "learner": {"reward": {**reward, "l2_shaping": False}, "compile": False}})
     policy = build_policy(shaped_cfg)
     unroll = collect(shaped_cfg, policy, batch=4, seed=3)
     shaped, _ = PolicyTrainer(shaped_cfg, policy).step_rewards(unroll, None)
@@ -137,7 +138,8 @@ def test_l2_shaping_pays_each_step_its_drop_in_error(cfg):
 def test_learning_raises_the_log_prob_of_rewarded_episodes(cfg, seed):
     # Only the policy-gradient term: no baseline fit or entropy bonus reshaping the shared torso.
     cfg = load_experiment(experiment_path("tiny"), overrides={"env": {"paint": {"backend": cfg.env.paint.backend}},
-                                                              "learner": {"baseline_cost": 0.0, "entropy_cost": 0.0}})
+                                                              "learner": {"baseline_cost": 0.0, "entropy_cost": 0.0,
+                                                                          "compile": False}})
     torch.manual_seed(seed)
     policy = build_policy(cfg)
     unroll = collect(cfg, policy, batch=8, seed=3 + seed)
