@@ -69,7 +69,7 @@ bench: deps
 	$(PYTHON) bench/stroke_rewards.py
 
 # The critic-reward evidence (bench/RESULTS.md): 20 minutes of spiral up per run, one after
-# another (36 runs, about 12.5 hours on 2 cores).
+# another (37 runs, about 13 hours on 2 cores).
 LEARN := $(PYTHON) bench/learning.py --minutes 10 20 --actors 2
 bench-learning: deps
 	for seed in 0 1 2; do $(LEARN) --config experiments/tiny-critic.yaml --seed $$seed \
@@ -104,6 +104,7 @@ bench-learning: deps
 	for seed in 0 1 2; do $(LEARN) --actors 1 --config experiments/tiny-critic-clip-lr-ent.yaml --seed $$seed \
 	  --out bench/results/critic-reward-clip-lr-ent-1actor/seed-$$seed || exit 1; done
 	$(LEARN) --actors 1 --config experiments/tiny-mujoco-lr-ent.yaml --seed 0 --out bench/results/mujoco-lr-ent-1actor/seed-0
+	$(LEARN) --actors 1 --config experiments/tiny-complement-lr-ent.yaml --seed 0 --out bench/results/complement-lr-ent-1actor/seed-0
 
 # The paper-sized experiments for 3 minutes each on CPU: the reward stays finite and in its band.
 bench-paper-smoke: deps
