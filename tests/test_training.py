@@ -37,14 +37,19 @@ TERMINAL_L2_REWARD = {"discriminator_weight": 0.1, "l2_weight": 1.0, "l2_shaping
                       "blank_penalty": 0.0, "temporal_credit": False}
 
 
+def eager_tiny(backend: str, learner: dict) -> ExperimentConfig:
+    """The tiny profile on ``backend`` with ``learner`` overrides and its unroll run eagerly: a
+    compile costs ~44 s cold, and tests/test_precision.py checks the compiled update."""
+    return load_experiment(experiment_path("tiny"), overrides={
+        "env": {"paint": {"backend": backend}}, "learner": {"compile": False, **learner}})
+
+
 @pytest.fixture(scope="module")
 def cfg() -> ExperimentConfig:
     # The tiny architecture with a plain terminal reward, pinned here so that tuning the CPU
     # profile's reward shaping does not change what these tests exercise.
-    return load_experiment(experiment_path("tiny"), overrides={
-        "env": {"paint": {"backend": _backend()}},
-        "learner": {"entropy_cost": 0.01, "learning_rate": 3e-4, "ppo_clip": 0.0, "compile": False,
-                    "reward": TERMINAL_L2_REWARD}})
+    return eager_tiny(_backend(), {"entropy_cost": 0.01, "learning_rate": 3e-4, "ppo_clip": 0.0,
+                                   "reward": TERMINAL_L2_REWARD})
 
 
 def bar_targets(batch: int) -> np.ndarray:
@@ -99,8 +104,7 @@ def test_policy_update_on_a_real_unroll(cfg):
 
 def test_rewards_sit_at_the_last_step_with_stroke_penalties(cfg):
     reward = {"discriminator_weight": 0.0, "l2_weight": 1.0, "stroke_start_penalty": 0.25, "l2_shaping": False}
-    cfg = load_experiment(experiment_path("tiny"), overrides={"env": {"paint": {"backend": cfg.env.paint.backend}},
-                                                              "learner": {"reward": reward, "compile": False}})
+    cfg = eager_tiny(cfg.env.paint.backend, {"reward": reward})
     policy = build_policy(cfg)
     unroll = collect(cfg, policy, batch=4, seed=2)
     trainer = PolicyTrainer(cfg, policy)
@@ -120,10 +124,8 @@ def test_rewards_sit_at_the_last_step_with_stroke_penalties(cfg):
 
 def test_l2_shaping_pays_each_step_its_drop_in_error(cfg):
     reward = {"discriminator_weight": 0.0, "l2_weight": 2.0, "l2_shaping": True, "l2_pool": 1}
-    shaped_cfg = load_experiment(experiment_path("tiny"), overrides={
-        "env": {"paint": {"backend": cfg.env.paint.backend}}, "learner": {"reward": reward, "compile": False}})
-    plain_cfg = load_experiment(experiment_path("tiny"), overrides={
-        "env": {"paint": {"backend": cfg.env.paint.backend}}, "learner": {"reward": {**reward, "l2_shaping": False}, "compile": False}})
+    shaped_cfg = eager_tiny(cfg.env.paint.backend, {"reward": reward})
+    plain_cfg = eager_tiny(cfg.env.paint.backend, {"reward": {**reward, "l2_shaping": False}})
     policy = build_policy(shaped_cfg)
     unroll = collect(shaped_cfg, policy, batch=4, seed=3)
     shaped, _ = PolicyTrainer(shaped_cfg, policy).step_rewards(unroll, None)
@@ -137,9 +139,7 @@ def test_l2_shaping_pays_each_step_its_drop_in_error(cfg):
 @pytest.mark.parametrize("seed", [0, 1])
 def test_learning_raises_the_log_prob_of_rewarded_episodes(cfg, seed):
     # Only the policy-gradient term: no baseline fit or entropy bonus reshaping the shared torso.
-    cfg = load_experiment(experiment_path("tiny"), overrides={"env": {"paint": {"backend": cfg.env.paint.backend}},
-                                                              "learner": {"baseline_cost": 0.0, "entropy_cost": 0.0,
-                                                                          "compile": False}})
+    cfg = eager_tiny(cfg.env.paint.backend, {"baseline_cost": 0.0, "entropy_cost": 0.0})
     torch.manual_seed(seed)
     policy = build_policy(cfg)
     unroll = collect(cfg, policy, batch=8, seed=3 + seed)
