@@ -105,6 +105,8 @@ bench-learning: deps
 	  --out bench/results/critic-reward-clip-lr-ent-1actor/seed-$$seed || exit 1; done
 	$(LEARN) --actors 1 --config experiments/tiny-mujoco-lr-ent.yaml --seed 0 --out bench/results/mujoco-lr-ent-1actor/seed-0
 	$(LEARN) --actors 1 --config experiments/tiny-complement-lr-ent.yaml --seed 0 --out bench/results/complement-lr-ent-1actor/seed-0
+	$(PYTHON) bench/unconditional.py --config experiments/tiny-unconditional-sngan.yaml --minutes 20 --actors 1 \
+	  --seed 0 --out bench/results/unconditional-sngan
 
 # The paper-sized experiments for 3 minutes each on CPU: the reward stays finite and in its band.
 bench-paper-smoke: deps
