@@ -111,6 +111,8 @@ bench-learning: deps
 	$(LEARN) --actors 1 --config experiments/tiny-omniglot-lr-ent.yaml --seed 0 --out bench/results/omniglot-lr-ent-1actor/seed-0
 	$(PYTHON) bench/unconditional.py --config experiments/tiny-unconditional-pool.yaml --minutes 20 --actors 1 \
 	  --seed 0 --out bench/results/unconditional-pool-1actor
+	$(PYTHON) bench/unconditional.py --config experiments/tiny-unconditional-sngan.yaml --minutes 20 --actors 1 \
+	  --seed 1 --out bench/results/unconditional-sngan-seed1
 
 # The paper-sized experiments for 3 minutes each on CPU: the reward stays finite and in its band.
 bench-paper-smoke: deps
