@@ -115,6 +115,8 @@ bench-learning: deps
 	  --seed 1 --out bench/results/unconditional-sngan-seed1
 	$(PYTHON) bench/unconditional.py --config experiments/tiny-unconditional-pool.yaml --minutes 20 --actors 1 \
 	  --seed 1 --out bench/results/unconditional-pool-1actor-seed1
+	$(PYTHON) bench/unconditional.py --config experiments/tiny-unconditional-pool.yaml --minutes 10 20 --actors 1 \
+	  --seed 0 --out bench/results/unconditional-pool-1actor-10-20
 
 # The paper-sized experiments for 3 minutes each on CPU: the reward stays finite and in its band.
 bench-paper-smoke: deps
