@@ -69,7 +69,7 @@ bench: deps
 	$(PYTHON) bench/stroke_rewards.py
 
 # The critic-reward evidence (bench/RESULTS.md): 20 minutes of spiral up per run, one after
-# another (37 runs, about 13 hours on 2 cores).
+# another (44 runs, about 15 hours on 2 cores).
 LEARN := $(PYTHON) bench/learning.py --minutes 10 20 --actors 2
 bench-learning: deps
 	for seed in 0 1 2; do $(LEARN) --config experiments/tiny-critic.yaml --seed $$seed \
