@@ -3,18 +3,20 @@
 Runs the one-machine system (``spiral up``, default ``experiments/tiny-unconditional.yaml``:
 no target image, the critic's reward alone) for the longest of ``--minutes``, copies the
 learner's newest checkpoint at each of those times, stops the run with SIGINT, then scores each
-copy. Score: the Fréchet distance (FID) between ``--samples`` paintings from fresh noise and
-the 1,000 held-out real digits (``dataset.holdout``, never trained on), in the feature space of
-a small MNIST classifier trained on the training split (``spiral/digit_fid.py``; cached after
-its first training, its held-out accuracy is reported). Lower is better. The same run measures
+copy (and, when the run keeps one, ``learner.policy_average_decay``, the moving average of its
+weights, as a second row "trained M min, averaged"). Score: the Fréchet distance (FID) between
+``--samples`` paintings from fresh noise and the 1,000 held-out real digits
+(``dataset.holdout``, never trained on), in the feature space of a small MNIST classifier
+trained on the training split (``spiral/digit_fid.py``; cached after its first training, its
+held-out accuracy is reported). Lower is better. The same run measures
 two references: an untrained policy (``torch.manual_seed(cfg.seed)`` then ``build_policy``,
 the same weights as ``bench/learning.py``'s) and real vs real (held-out against as many
 training digits: the floor). Goal: a trained policy's distance <= 1/3 of the untrained one's.
 
 Writes into ``--out``: ``fid.json``, ``samples-<name>.png`` (the first 64 paintings of each
-policy, and of the real digits), ``curves.png`` and ``critic_curves.png`` (from the run's
-``learner.jsonl`` and ``discriminator.jsonl``), the run itself under ``run/`` and the copied
-checkpoints ``policy-<M>min.pt``. The last line printed is ``fid.json``'s content.
+policy, ``-average`` for averaged weights, and of the real digits), ``curves.png`` and
+``critic_curves.png`` (from the run's ``learner.jsonl`` and ``discriminator.jsonl``), the run
+itself under ``run/`` and the copied checkpoints ``policy-<M>min.pt``. The last line printed is ``fid.json``'s content.
 
 Usage::
 
@@ -48,7 +50,8 @@ from spiral.digit_fid import (  # noqa: E402
 )
 from spiral.nets import build_policy  # noqa: E402
 from spiral.nets.policy import SpiralPolicy  # noqa: E402
-from spiral.sampling import load_policy, sample_policy  # noqa: E402
+from spiral.checkpoint import load_checkpoint  # noqa: E402
+from spiral.sampling import has_average, policy_from_state, sample_policy  # noqa: E402
 from spiral.visualize import image_grid, plot_curves, save_png  # noqa: E402
 
 GOAL_RATIO = 1 / 3
@@ -135,13 +138,16 @@ def evaluate(cfg: ExperimentConfig, copies: dict[float, Path], out: Path, sample
     untrained_fid = results["untrained policy"]["fid"]
 
     for minutes, path in sorted(copies.items()):
-        policy, version = load_policy(cfg, path)
-        canvases = _paint(cfg, policy, samples)
-        row = score(canvases)
-        row.update(version=version, ratio_to_untrained=row["fid"] / untrained_fid if untrained_fid > 0 else None,
-                   meets_goal=bool(untrained_fid > 0 and row["fid"] <= GOAL_RATIO * untrained_fid))
-        results[f"trained {minutes:g} min"] = row
-        save_png(image_grid(canvases[:GRID], columns=8), out / f"samples-{minutes:g}min.png")
+        version, state = load_checkpoint(path)
+        weights = [("", False)] + ([(", averaged", True)] if has_average(state) else [])
+        for label, average in weights:
+            canvases = _paint(cfg, policy_from_state(cfg, state, average), samples)
+            row = score(canvases)
+            row.update(version=version, ratio_to_untrained=row["fid"] / untrained_fid if untrained_fid > 0 else None,
+                       meets_goal=bool(untrained_fid > 0 and row["fid"] <= GOAL_RATIO * untrained_fid))
+            results[f"trained {minutes:g} min{label}"] = row
+            suffix = "-average" if average else ""
+            save_png(image_grid(canvases[:GRID], columns=8), out / f"samples-{minutes:g}min{suffix}.png")
     results["goal"] = f"trained fid <= {GOAL_RATIO:.3f} x untrained fid"
 
     run_dir = out / "run"
@@ -157,7 +163,7 @@ def evaluate(cfg: ExperimentConfig, copies: dict[float, Path], out: Path, sample
           f"({classifier.train_images} training digits{', cached' if classifier.from_cache else ''})")
     print(f"Fréchet distance to {len(dataset.holdout)} held-out {cfg.dataset.name} digits, {samples} paintings "
           f"per policy, {cfg.env.paint.backend} renderer (lower is better)")
-    print(f"  {'':20s} {'FID':>9s}  {'x untrained':>11s}  {'confidence':>10s}")
+    print(f"  {'':30s} {'FID':>9s}  {'x untrained':>11s}  {'confidence':>10s}")
     for name, row in results.items():
         if not isinstance(row, dict) or "fid" not in row:
             continue
@@ -165,7 +171,7 @@ def evaluate(cfg: ExperimentConfig, copies: dict[float, Path], out: Path, sample
         verdict = ""
         if name.startswith("trained"):
             verdict = "  meets goal" if row["meets_goal"] else "  misses goal"
-        print(f"  {name:20s} {row['fid']:9.3f}  {ratio}  {row['confidence']:10.3f}{verdict}")
+        print(f"  {name:30s} {row['fid']:9.3f}  {ratio}  {row['confidence']:10.3f}{verdict}")
     print(f"goal: {results['goal']}; pictures: {out}/samples-*.png")
     print(json.dumps(results))
     return results

@@ -15,6 +15,8 @@ into one optimiser step of SPIRAL's off-policy actor-critic (A2C with V-trace, a
 4. **Loss and step.** ``pg + baseline_cost * baseline + entropy_cost * entropy`` (sums, see
    :mod:`spiral.losses.actor_critic`; with ``ppo_clip`` the pg term keeps only the steps inside
    the trust region), global gradient-norm clipping, Adam.
+5. **Average** (``policy_average_decay`` > 0). An exponential moving average of the weights,
+   kept beside them for evaluation only (:attr:`PolicyTrainer.average`).
 
 With ``learner.precision: bf16`` steps 1's critic and 2 run under bf16 autocast
 (:mod:`spiral.precision`); V-trace, the losses and Adam's fp32 master weights do not.
@@ -32,6 +34,7 @@ from typing import Any, Mapping
 
 import numpy as np
 import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from spiral.config import ExperimentConfig
 from spiral.envs.spec import FLAG_PAINT
@@ -139,6 +142,11 @@ class PolicyTrainer:
         self.normalizer = (RunningScoreNormalizer(rc.normalize_decay, rc.normalize_freeze_updates)
                            if rc.normalize == "running" else None)
         """The critic scores' running statistics (``learner.reward.normalize: running``), else None."""
+        self.average = (AveragedModel(self.policy, multi_avg_fn=get_ema_multi_avg_fn(lc.policy_average_decay),
+                                      use_buffers=True)
+                        if lc.policy_average_decay > 0 else None)
+        """The exponential moving average of the policy's weights (``learner.policy_average_decay``;
+        ``average.module`` is a :class:`SpiralPolicy`), else None. Updated after every step."""
         self.halves_rng = np.random.default_rng(cfg.seed)
         """Draws each episode's complement half (``discriminator.complement``)."""
         self.precision = resolve_precision(lc.precision, self.device, "learner.precision")
@@ -298,6 +306,8 @@ class PolicyTrainer:
         max_norm = lc.max_grad_norm if lc.max_grad_norm > 0 else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm)
         self.optimizer.step()
+        if self.average is not None:
+            self.average.update_parameters(self.policy)
 
         return PolicyUpdateStats(
             loss=float(loss.detach()), pg_loss=float(pg.detach()), baseline_loss=float(base.detach()),
@@ -320,6 +330,9 @@ class PolicyTrainer:
                  "hyperparameters": self.hyperparameters}
         if self.normalizer is not None:
             state["reward_normalizer"] = self.normalizer.state_dict()
+        if self.average is not None:
+            state["policy_average"] = self.average.module.state_dict()
+            state["policy_average_updates"] = int(self.average.n_averaged)
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -332,6 +345,18 @@ class PolicyTrainer:
         self.set_hyperparameters(**state["hyperparameters"])
         if self.normalizer is not None and "reward_normalizer" in state:
             self.normalizer.load_state_dict(state["reward_normalizer"])
+        if self.average is not None:
+            if "policy_average" in state:
+                self.average.module.load_state_dict(state["policy_average"])
+                self.average.n_averaged.fill_(int(state.get("policy_average_updates", 1)))
+            else:  # a checkpoint from before the average was turned on: start it at these weights
+                self.restart_average()
+
+    def restart_average(self) -> None:
+        """Start the weights' moving average afresh at the current weights (no-op without one)."""
+        if self.average is not None:
+            self.average.n_averaged.zero_()
+            self.average.update_parameters(self.policy)
 
     # -- population-based training copies ------------------------------------------------------
 
@@ -358,3 +383,4 @@ class PolicyTrainer:
             ValueError: (:class:`~spiral.training_state.TrainingStateError`) naming each bad entry.
         """
         import_training_state(tensors, "policy", self.policy, self.optimizer)
+        self.restart_average()  # the copied member's weights, not an average across two members

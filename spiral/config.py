@@ -323,6 +323,13 @@ class LearnerConfig:
     0 turns it off (plain V-trace)."""
     max_grad_norm: float = 40.0
     """Global gradient-norm clip (0 disables)."""
+    policy_average_decay: float = 0.0
+    """Keep an exponential moving average of the policy's weights beside the trained ones
+    (``avg <- decay * avg + (1 - decay) * weights`` after every update; 0: none), as GAN
+    generators are evaluated (Yazici et al. 2019): an average over the last ~``1 / (1 - decay)``
+    updates smooths out the policy's chase of a moving critic. Actors still act with the trained
+    weights; checkpoints carry the average as ``policy_average``, and ``spiral sample
+    --average`` and ``bench/unconditional.py`` paint with it."""
     queue_capacity: int = 256
     """Trajectories held in the ingest queue before submitters are pushed back."""
     queue_wait_seconds: float = 10.0
@@ -358,6 +365,7 @@ class LearnerConfig:
         _require(self.entropy_cost >= 0, f"{path}.entropy_cost", "must be >= 0")
         _require(0.0 <= self.discount <= 1.0, f"{path}.discount", "must be in [0, 1]")
         _require(self.max_grad_norm >= 0, f"{path}.max_grad_norm", "must be >= 0")
+        _require(0.0 <= self.policy_average_decay < 1.0, f"{path}.policy_average_decay", "must be in [0, 1)")
         _require(0.0 <= self.ppo_clip < 1.0, f"{path}.ppo_clip", "must be in [0, 1) (0: off)")
         _require(self.queue_capacity >= 1, f"{path}.queue_capacity", "must be >= 1")
         _require(self.queue_wait_seconds > 0, f"{path}.queue_wait_seconds", "must be > 0")

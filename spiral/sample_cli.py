@@ -3,7 +3,7 @@
 Usage::
 
     spiral sample RUN_DIR|CHECKPOINT --num N --out DIR [--targets FILE.npz] [--seed S]
-                  [--greedy] [--backend libmypaint|fast] [--config FILE.yaml]
+                  [--greedy] [--average] [--backend libmypaint|fast] [--config FILE.yaml]
 
 ``RUN_DIR`` is a ``spiral up`` run directory (its newest ``learner/ckpt-*.pt``; a PBT member
 directory ``member-K`` works too) and ``CHECKPOINT`` one checkpoint file, whose config is read
@@ -36,6 +36,9 @@ def register(parser: argparse.ArgumentParser) -> None:
                         help="conditional runs: paint these uint8 [N, H, W, C] images instead of the holdout")
     parser.add_argument("--seed", type=int, default=0, help="seed of noise, environments and sampling (default: 0)")
     parser.add_argument("--greedy", action="store_true", help="take each head's most likely action instead of sampling")
+    parser.add_argument("--average", action="store_true",
+                        help="paint with the moving average of the policy's weights (runs with "
+                             "learner.policy_average_decay > 0) instead of the trained weights")
     parser.add_argument("--backend", choices=("libmypaint", "fast"), default=None,
                         help="paint renderer (default: the experiment's env.paint.backend)")
     parser.add_argument("--config", default=None, metavar="FILE.yaml",
@@ -44,8 +47,8 @@ def register(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Sample the policy and write the outputs; returns the exit status."""
-    from spiral.sampling import (SampleError, check_targets, load_targets, policy_from_state, resolve_run,
-                                 sample_policy, with_backend, write_samples)
+    from spiral.sampling import (SampleError, check_targets, has_average, load_targets, policy_from_state,
+                                 resolve_run, sample_policy, with_backend, write_samples)
 
     try:
         resolved = resolve_run(args.run, args.config)
@@ -65,8 +68,11 @@ def run(args: argparse.Namespace) -> int:
             except (OSError, ImportError, ValueError) as exc:
                 raise SampleError(f"held-out targets of dataset {cfg.dataset.name!r}: {exc}") from exc
         num = args.num if args.num is not None else (len(targets) if targets is not None else UNCONDITIONAL_DEFAULT_NUM)
+        if args.average and not has_average(resolved.state):
+            raise SampleError(f"{resolved.checkpoint}: --average, but the checkpoint holds no averaged policy "
+                              "(its run had learner.policy_average_decay 0)")
         try:
-            policy = policy_from_state(cfg, resolved.state)
+            policy = policy_from_state(cfg, resolved.state, average=args.average)
         except (KeyError, ValueError, RuntimeError) as exc:
             raise SampleError(f"{resolved.checkpoint}: not a learner checkpoint of {resolved.config_path}: "
                               f"{type(exc).__name__}: {exc}") from exc
@@ -77,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
         outputs = write_samples(result, Path(args.out))
     except OSError as exc:
         return _fail(1, f"{args.out}: cannot write the samples: {exc}")
-    mode = "greedy" if args.greedy else "sampled"
+    mode = ("greedy" if args.greedy else "sampled") + (", averaged weights" if args.average else "")
     renderer = result.cfg.env.paint.backend if result.cfg.env.kind == "paint" else "mujoco"
     l2 = "" if result.mean_l2 is None else (
         f", mean {'held-out' if args.targets is None else 'target'} L2 {result.mean_l2:.4f}")

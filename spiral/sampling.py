@@ -11,7 +11,8 @@ PNG and one program JSON per episode (which ``spiral render`` re-executes; on li
 reproduces the episode's canvas pixel for pixel).
 
 Loading weights: :func:`load_policy` reads a learner checkpoint (``{"trainer": ...}``, see
-``learner/learner.py``) into a fresh policy; :func:`resolve_run` finds a run's config and
+``learner/learner.py``) into a fresh policy, the trained weights or, with ``average``, their
+moving average (``learner.policy_average_decay``); :func:`resolve_run` finds a run's config and
 newest checkpoint. It acts with :class:`spiral.acting.EpisodeRunner`, the actors' own loop.
 """
 
@@ -90,33 +91,44 @@ class SampleOutputs:
 # ---------------------------------------------------------------------------------------------
 
 
-def policy_from_state(cfg: ExperimentConfig, state: dict[str, Any]) -> SpiralPolicy:
+def has_average(state: dict[str, Any]) -> bool:
+    """Whether a learner checkpoint's ``state`` carries the policy's moving average."""
+    trainer = state.get("trainer")
+    return isinstance(trainer, dict) and "policy_average" in trainer
+
+
+def policy_from_state(cfg: ExperimentConfig, state: dict[str, Any], average: bool = False) -> SpiralPolicy:
     """A policy for ``cfg`` holding the weights of a learner checkpoint's ``state``.
 
     Args:
         cfg: The experiment the checkpoint was trained for (it decides the architecture).
         state: A learner checkpoint's state: ``{"trainer": PolicyTrainer.state_dict(), ...}``.
+        average: Load the weights' moving average (``learner.policy_average_decay``) instead of
+            the trained weights.
 
     Raises:
-        KeyError, ValueError, RuntimeError: the state is not a learner checkpoint of ``cfg``.
+        KeyError, ValueError, RuntimeError: the state is not a learner checkpoint of ``cfg``,
+            or ``average`` is asked of a checkpoint without one.
     """
     trainer = state["trainer"]
-    if "policy" not in trainer:
-        raise ValueError(f"the learner checkpoint's trainer state lacks 'policy' (it has {sorted(trainer)})")
+    key = "policy_average" if average else "policy"
+    if key not in trainer:
+        hint = " (its run had learner.policy_average_decay 0)" if average else ""
+        raise ValueError(f"the learner checkpoint's trainer state lacks {key!r}{hint} (it has {sorted(trainer)})")
     policy = build_policy(cfg)
-    policy.load_state_dict(trainer["policy"])
+    policy.load_state_dict(trainer[key])
     return policy
 
 
-def load_policy(cfg: ExperimentConfig, path: str | Path) -> tuple[SpiralPolicy, int]:
-    """The policy of a learner checkpoint file and its version.
+def load_policy(cfg: ExperimentConfig, path: str | Path, average: bool = False) -> tuple[SpiralPolicy, int]:
+    """The policy (or, with ``average``, the weights' moving average) of a learner checkpoint file, and its version.
 
     Raises:
         OSError, KeyError, RuntimeError, ValueError: the file is missing, not a checkpoint,
-            or not one of ``cfg``'s policy.
+            not one of ``cfg``'s policy, or has no average when ``average`` asks for it.
     """
     version, state = load_checkpoint(Path(path))
-    return policy_from_state(cfg, state), version
+    return policy_from_state(cfg, state, average), version
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,7 @@ def test_expected_experiments_exist() -> None:
     ({"env": {"paint": {"brush_sizes": ["big"]}}}, "env.paint.brush_sizes"),
     ({"actor": {"stall_seconds": 0}}, "actor.stall_seconds"),
     ({"learner": {"ppo_clip": 1.5}}, "learner.ppo_clip"),
+    ({"learner": {"policy_average_decay": 1.0}}, "learner.policy_average_decay"),
 ])
 def test_invalid_fields_are_named(data: dict, field: str) -> None:
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):

@@ -127,6 +127,36 @@ def test_unconditional_run_paints_from_noise(tmp_path: Path, capsys: pytest.Capt
     assert "needs a conditional experiment" in capsys.readouterr().err
 
 
+def test_average_paints_with_the_moving_average_of_the_weights(tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = tiny(env={"conditional": False}, learner={"policy_average_decay": 0.999})
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    dump_experiment(cfg, run_dir / "config.yaml")
+    torch.manual_seed(0)
+    trainer = PolicyTrainer(cfg, build_policy(cfg))
+    torch.manual_seed(1)
+    other = build_policy(cfg)  # stands in for an average that has drifted from the weights
+    trainer.average.module.load_state_dict(other.state_dict())
+    save_checkpoint(run_dir / "learner", 5, {"trainer": trainer.state_dict(), "frames": 0, "updates": 5,
+                                             "critic_version": 0})
+
+    painted = {}
+    for flag in ([], ["--average"]):
+        out = tmp_path / ("average" if flag else "weights")
+        assert spiral_main(["sample", str(run_dir), "--num", "3", "--out", str(out), "--backend", "fast", *flag]) == 0
+        painted[bool(flag)] = read_npz(out / "canvases.npz")["canvases"]
+    assert "averaged weights" in capsys.readouterr().out
+    fast = load_experiment(run_dir / "config.yaml", overrides={"env": {"paint": {"backend": "fast"}}})
+    assert np.array_equal(painted[True], sample_policy(fast, other, 3, seed=0).canvases)
+    assert not np.array_equal(painted[True], painted[False])
+
+    plain = tmp_path / "plain"
+    make_run(plain, tiny(env={"conditional": False}))
+    check_fails([str(plain), "--out", str(tmp_path / "x"), "--average"], capsys,
+                "holds no averaged policy", "policy_average_decay 0")
+
+
 def check_fails(argv: list[str], capsys: pytest.CaptureFixture[str], *fragments: str) -> None:
     assert spiral_main(["sample", *argv]) == 2
     err = capsys.readouterr().err

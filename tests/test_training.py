@@ -245,6 +245,47 @@ def test_policy_trainer_state_round_trip(cfg):
         restored.load_state_dict({"policy": state["policy"], "hyperparameters": {}})
 
 
+def test_policy_average_is_the_moving_average_of_the_weights_and_survives_a_checkpoint(cfg):
+    decay = 0.75
+    averaged = dataclasses.replace(cfg, learner=dataclasses.replace(cfg.learner, policy_average_decay=decay))
+    torch.manual_seed(4)
+    policy = build_policy(averaged)
+    unroll = collect(averaged, policy, batch=4, seed=6)
+    trainer = PolicyTrainer(averaged, policy)
+    assert PolicyTrainer(cfg, build_policy(cfg)).average is None  # off by default
+    trainer.update(unroll, None)
+    first = parameters(trainer.policy)
+    # The first update starts the average at the weights it produced.
+    for a, b in zip(parameters(trainer.average.module), first):
+        assert torch.equal(a, b)
+    trainer.update(unroll, None)
+    second = parameters(trainer.policy)
+    for avg, w1, w2 in zip(parameters(trainer.average.module), first, second):
+        torch.testing.assert_close(avg, decay * w1 + (1 - decay) * w2)
+    assert any(not torch.equal(avg, w2) for avg, w2 in zip(parameters(trainer.average.module), second))
+
+    state = copy.deepcopy(trainer.state_dict())
+    assert state["policy_average_updates"] == 2
+    restored = PolicyTrainer(averaged, build_policy(averaged))
+    restored.load_state_dict(state)
+    assert_same_state(restored.average.module.state_dict(), trainer.average.module.state_dict())
+    trainer.update(unroll, None)
+    restored.update(unroll, None)
+    for a, b in zip(parameters(trainer.average.module), parameters(restored.average.module)):
+        assert torch.equal(a, b)
+
+    # A PBT copy restarts the average at the copied member's weights.
+    donor = PolicyTrainer(averaged, build_policy(averaged))
+    restored.import_state(donor.export_state())
+    for a, b in zip(parameters(restored.average.module), parameters(donor.policy)):
+        assert torch.equal(a, b)
+    # A checkpoint written without an average starts one at its weights.
+    fresh = PolicyTrainer(averaged, build_policy(averaged))
+    fresh.load_state_dict({k: v for k, v in state.items() if not k.startswith("policy_average")})
+    for a, b in zip(parameters(fresh.average.module), parameters(fresh.policy)):
+        assert torch.equal(a, b)
+
+
 # -- the discriminator ------------------------------------------------------------------------
 
 
