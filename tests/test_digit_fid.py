@@ -136,7 +136,7 @@ def test_unconditional_experiment_holds_out_a_thousand_digits() -> None:
 
 
 def test_unconditional_bench_scores_a_checkpoint_against_both_references(tmp_path: Path) -> None:
-    cfg = load_experiment(UNCONDITIONAL)
+    cfg = load_experiment(UNCONDITIONAL, overrides={"learner": {"policy_average_decay": 0.99}})
     torch.manual_seed(1)
     trainer = PolicyTrainer(cfg, build_policy(cfg))
     path = save_checkpoint(tmp_path / "learner", 5, {"trainer": trainer.state_dict()})
@@ -147,13 +147,54 @@ def test_unconditional_bench_scores_a_checkpoint_against_both_references(tmp_pat
         cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     figures = json.loads(result.stdout.strip().splitlines()[-1])
-    assert {"classifier", "real vs real", "untrained policy", "trained 20 min", "goal"} <= set(figures)
+    assert {"classifier", "real vs real", "untrained policy", "trained 20 min", "trained 20 min, averaged",
+            "goal"} <= set(figures)
     assert 0 < figures["classifier"]["holdout_accuracy"] <= 1
     trained = figures["trained 20 min"]
     assert trained["version"] == 5 and trained["samples"] == 32 and sum(trained["classes"]) == 32
     assert trained["ratio_to_untrained"] == pytest.approx(trained["fid"] / figures["untrained policy"]["fid"])
     assert figures["real vs real"]["fid"] < figures["untrained policy"]["fid"]  # random strokes are no digits
     assert json.loads((out / "fid.json").read_text()) == figures
-    for name in ("samples-real.png", "samples-untrained.png", "samples-20min.png"):
+    for name in ("samples-real.png", "samples-untrained.png", "samples-20min.png", "samples-20min-average.png"):
         assert (out / name).read_bytes()[:4] == b"\x89PNG", name
     assert "held-out accuracy" in result.stdout and "x untrained" in result.stdout
+
+
+def test_average_trail_bench_rebuilds_the_learners_average_from_its_checkpoints(tmp_path: Path) -> None:
+    decay = 0.9
+    cfg = load_experiment(UNCONDITIONAL, overrides={"learner": {"policy_average_decay": decay}})
+    torch.manual_seed(2)
+    trainer = PolicyTrainer(cfg, build_policy(cfg))
+    trail = tmp_path / "trail"
+    for version in (10, 20, 30):  # three "updates" of the weights, one checkpoint after each
+        with torch.no_grad():
+            for parameter in trainer.policy.parameters():
+                parameter.add_(0.05 * torch.randn_like(parameter))
+        trainer.average.update_parameters(trainer.policy)
+        save_checkpoint(trail, version, {"trainer": trainer.state_dict()})
+
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        from average_trail import trail_average
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+    paths = sorted(trail.glob("ckpt-*.pt"))
+    rebuilt, version = trail_average(paths, decay)  # one checkpoint per update here
+    assert version == 30
+    for name, value in trainer.average.module.state_dict().items():
+        torch.testing.assert_close(rebuilt[name], value.float())
+
+    out = tmp_path / "out" / "trail.json"
+    result = subprocess.run(
+        [sys.executable, "bench/average_trail.py", "--config", str(UNCONDITIONAL), "--trail", str(trail),
+         "--up-to", "20", "--decays", "0.5", "--samples", "16", "--backend", "fast",
+         "--cache-dir", str(tmp_path / "cache"), "--classifier-epochs", "1", "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    assert figures["version"] == 20 and figures["checkpoints"] == 2 and figures["spacing"] == 10
+    assert set(figures["rows"]) == {"untrained", "trained", "learner's average", "trail average 0.5"}
+    for row in figures["rows"].values():
+        assert row["fid"] > 0 and sum(row["classes"]) == 16
+    assert figures["rows"]["untrained"]["ratio_to_untrained"] == pytest.approx(1.0)
+    assert json.loads(out.read_text()) == figures
