@@ -69,7 +69,7 @@ bench: deps
 	$(PYTHON) bench/stroke_rewards.py
 
 # The critic-reward evidence (bench/RESULTS.md): 20 minutes of spiral up per run, one after
-# another (47 runs, about 16 hours on 2 cores).
+# another (48 runs, about 16 hours on 2 cores).
 LEARN := $(PYTHON) bench/learning.py --minutes 10 20 --actors 2
 bench-learning: deps
 	for seed in 0 1 2; do $(LEARN) --config experiments/tiny-critic.yaml --seed $$seed \
@@ -123,6 +123,8 @@ bench-learning: deps
 	  --seed 0 --out bench/results/unconditional-strokes
 	$(PYTHON) bench/unconditional.py --config experiments/tiny-unconditional-average.yaml --minutes 10 20 --actors 1 \
 	  --seed 0 --out bench/results/unconditional-average
+	$(PYTHON) bench/unconditional.py --config experiments/tiny-unconditional-average.yaml --minutes 10 20 --actors 1 \
+	  --seed 1 --out bench/results/unconditional-average-seed1
 
 # The paper-sized experiments for 3 minutes each on CPU: the reward stays finite and in its band.
 bench-paper-smoke: deps
