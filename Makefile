@@ -69,7 +69,7 @@ bench: deps
 	$(PYTHON) bench/stroke_rewards.py
 
 # The critic-reward evidence (bench/RESULTS.md): 20 minutes of spiral up per run, one after
-# another (48 runs, about 16 hours on 2 cores).
+# another (49 runs, about 16 hours on 2 cores).
 LEARN := $(PYTHON) bench/learning.py --minutes 10 20 --actors 2
 bench-learning: deps
 	for seed in 0 1 2; do $(LEARN) --config experiments/tiny-critic.yaml --seed $$seed \
@@ -125,6 +125,8 @@ bench-learning: deps
 	  --seed 0 --out bench/results/unconditional-average
 	$(PYTHON) bench/unconditional.py --config experiments/tiny-unconditional-average.yaml --minutes 10 20 --actors 1 \
 	  --seed 1 --out bench/results/unconditional-average-seed1
+	$(PYTHON) bench/unconditional.py --config experiments/tiny-unconditional-average.yaml --minutes 10 20 --actors 1 \
+	  --seed 2 --out bench/results/unconditional-average-seed2
 
 # The paper-sized experiments for 3 minutes each on CPU: the reward stays finite and in its band.
 bench-paper-smoke: deps
