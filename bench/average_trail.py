@@ -41,13 +41,7 @@ from unconditional import GRID  # noqa: E402
 from spiral.checkpoint import list_checkpoints, load_checkpoint  # noqa: E402
 from spiral.config import experiment_path, load_experiment  # noqa: E402
 from spiral.data import for_experiment  # noqa: E402
-from spiral.digit_fid import (  # noqa: E402
-    ClassifierSettings,
-    features,
-    frechet_distance,
-    load_or_train_classifier,
-    predict,
-)
+from spiral.digit_fid import ClassifierSettings, features, load_or_train_classifier, score_paintings  # noqa: E402
 from spiral.nets import build_policy  # noqa: E402
 from spiral.nets.policy import SpiralPolicy  # noqa: E402
 from spiral.sampling import has_average, policy_from_state, sample_policy  # noqa: E402
@@ -111,10 +105,8 @@ def main() -> None:
 
     def score(name: str, policy: SpiralPolicy) -> dict[str, Any]:
         canvases = sample_policy(cfg, policy, args.samples, seed=0).canvases
-        probs = predict(model, canvases)
         save_png(image_grid(canvases[:GRID], columns=8), out.parent / f"{out.stem}-{name.replace(' ', '-')}.png")
-        return {"fid": frechet_distance(features(model, canvases), reference),
-                "classes": np.bincount(probs.argmax(axis=1), minlength=10).tolist()}
+        return score_paintings(model, canvases, reference)
 
     torch.manual_seed(cfg.seed)
     rows: dict[str, Any] = {"untrained": score("untrained", build_policy(cfg))}

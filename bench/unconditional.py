@@ -41,13 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from training_run import bench_experiment, train_and_copy  # noqa: E402
 from spiral.config import ExperimentConfig  # noqa: E402
 from spiral.data import for_experiment  # noqa: E402
-from spiral.digit_fid import (  # noqa: E402
-    ClassifierSettings,
-    features,
-    frechet_distance,
-    load_or_train_classifier,
-    predict,
-)
+from spiral.digit_fid import ClassifierSettings, features, load_or_train_classifier, score_paintings  # noqa: E402
 from spiral.nets import build_policy  # noqa: E402
 from spiral.nets.policy import SpiralPolicy  # noqa: E402
 from spiral.checkpoint import load_checkpoint  # noqa: E402
@@ -115,10 +109,7 @@ def evaluate(cfg: ExperimentConfig, copies: dict[float, Path], out: Path, sample
     reference = features(model, dataset.holdout)
 
     def score(images: np.ndarray) -> dict[str, Any]:
-        probs = predict(model, images)
-        return {"fid": frechet_distance(features(model, images), reference),
-                "classes": np.bincount(probs.argmax(axis=1), minlength=10).tolist(),
-                "confidence": float(probs.max(axis=1).mean()), "samples": len(images)}
+        return score_paintings(model, images, reference)
 
     results: dict[str, Any] = {
         "classifier": {"holdout_accuracy": classifier.holdout_accuracy, "train_images": classifier.train_images,

@@ -65,6 +65,7 @@ __all__ = [
     "gaussian_stats",
     "load_or_train_classifier",
     "predict",
+    "score_paintings",
     "train_classifier",
 ]
 
@@ -480,3 +481,22 @@ def frechet_distance(feats_a: np.ndarray, feats_b: np.ndarray) -> float:
     if mu_a.shape != mu_b.shape:
         raise ValueError(f"feature widths differ: {mu_a.shape[0]} and {mu_b.shape[0]}")
     return frechet_distance_from_stats(mu_a, sigma_a, mu_b, sigma_b)
+
+
+def score_paintings(model: DigitClassifier, images: np.ndarray, reference: np.ndarray) -> dict[str, Any]:
+    """How digit-like a set of paintings is, as the benchmarks report it.
+
+    Args:
+        model: The digit classifier.
+        images: uint8 ``[N, H, W, 1]`` paintings (N >= 2).
+        reference: ``features(model, real_digits)``, the held-out digits' features.
+
+    Returns:
+        ``fid`` (the Fréchet distance of the paintings' features to ``reference``), ``classes``
+        (how many paintings the classifier assigns to each digit), ``confidence`` (its mean
+        top-class probability) and ``samples`` (N).
+    """
+    probs = predict(model, images)
+    return {"fid": frechet_distance(features(model, images), reference),
+            "classes": np.bincount(probs.argmax(axis=1), minlength=NUM_CLASSES).tolist(),
+            "confidence": float(probs.max(axis=1).mean()), "samples": len(images)}
