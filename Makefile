@@ -69,7 +69,7 @@ bench: deps
 	$(PYTHON) bench/stroke_rewards.py
 
 # The critic-reward evidence (bench/RESULTS.md): 20 minutes of spiral up per run, one after
-# another (49 runs, about 16 hours on 2 cores).
+# another (49 runs, about 17 hours on 2 cores).
 LEARN := $(PYTHON) bench/learning.py --minutes 10 20 --actors 2
 bench-learning: deps
 	for seed in 0 1 2; do $(LEARN) --config experiments/tiny-critic.yaml --seed $$seed \
