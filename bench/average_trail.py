@@ -38,7 +38,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from unconditional import GRID  # noqa: E402
-from spiral.checkpoint import list_checkpoints, load_checkpoint  # noqa: E402
+from spiral.checkpoint import checkpoint_version, list_checkpoints, load_checkpoint  # noqa: E402
 from spiral.config import experiment_path, load_experiment  # noqa: E402
 from spiral.data import for_experiment  # noqa: E402
 from spiral.digit_fid import ClassifierSettings, features, load_or_train_classifier, score_paintings  # noqa: E402
@@ -48,22 +48,26 @@ from spiral.sampling import has_average, policy_from_state, sample_policy  # noq
 from spiral.visualize import image_grid, save_png  # noqa: E402
 
 
-def trail_average(paths: list[Path], decay_per_checkpoint: float) -> tuple[dict[str, torch.Tensor], int]:
-    """The exponential moving average of the trained weights over ``paths`` (oldest first), and the last version."""
-    average: dict[str, torch.Tensor] = {}
-    version = -1
+def trail_averages(paths: list[Path], decays_per_checkpoint: list[float]) -> list[dict[str, torch.Tensor]]:
+    """Exponential moving averages of the trained weights over ``paths`` (oldest first), one per decay.
+
+    Each checkpoint is read once and folded into every average; each average starts at the
+    first checkpoint's weights.
+    """
+    averages: list[dict[str, torch.Tensor]] = [{} for _ in decays_per_checkpoint]
     for path in paths:
-        version, state = load_checkpoint(path)
+        _, state = load_checkpoint(path)
         weights = state["trainer"]["policy"]
-        if not average:
-            average = {name: value.detach().clone().float() for name, value in weights.items()}
-            continue
-        for name, value in weights.items():
-            if value.is_floating_point():
-                average[name].mul_(decay_per_checkpoint).add_(value.float(), alpha=1 - decay_per_checkpoint)
-            else:
-                average[name] = value.clone()
-    return average, version
+        for decay, average in zip(decays_per_checkpoint, averages):
+            if not average:
+                average.update({name: value.detach().clone().float() for name, value in weights.items()})
+                continue
+            for name, value in weights.items():
+                if value.is_floating_point():
+                    average[name].mul_(decay).add_(value.float(), alpha=1 - decay)
+                else:
+                    average[name] = value.clone()
+    return averages
 
 
 def main() -> None:
@@ -91,10 +95,10 @@ def main() -> None:
             cfg.env, paint=dataclasses.replace(cfg.env.paint, backend=args.backend)))
 
     paths = [p for p in list_checkpoints(Path(args.trail))
-             if args.up_to is None or load_checkpoint(p)[0] <= args.up_to]
+             if args.up_to is None or checkpoint_version(p) <= args.up_to]
     if len(paths) < 2:
         raise SystemExit(f"{args.trail}: {len(paths)} checkpoints; a trail needs at least two")
-    versions = [load_checkpoint(p)[0] for p in paths]
+    versions = [checkpoint_version(p) for p in paths]
     spacing = int(np.median(np.diff(versions)))
     print(f"trail: {len(paths)} checkpoints, versions {versions[0]}..{versions[-1]}, every {spacing} updates")
 
@@ -114,8 +118,7 @@ def main() -> None:
     rows["trained"] = score("trained", policy_from_state(cfg, last_state))
     if has_average(last_state):
         rows["learner's average"] = score("learners-average", policy_from_state(cfg, last_state, average=True))
-    for decay in args.decays:
-        weights, _ = trail_average(paths, decay ** spacing)
+    for decay, weights in zip(args.decays, trail_averages(paths, [decay ** spacing for decay in args.decays])):
         policy = build_policy(cfg)
         policy.load_state_dict(weights)
         rows[f"trail average {decay:g}"] = score(f"trail-{decay:g}", policy)

@@ -8,15 +8,16 @@ weights, as a second row "trained M min, averaged"). Score: the Fréchet distanc
 ``--samples`` paintings from fresh noise and the 1,000 held-out real digits
 (``dataset.holdout``, never trained on), in the feature space of a small MNIST classifier
 trained on the training split (``spiral/digit_fid.py``; cached after its first training, its
-held-out accuracy is reported). Lower is better. The same run measures
-two references: an untrained policy (``torch.manual_seed(cfg.seed)`` then ``build_policy``,
-the same weights as ``bench/learning.py``'s) and real vs real (held-out against as many
-training digits: the floor). Goal: a trained policy's distance <= 1/3 of the untrained one's.
+held-out accuracy is reported). Lower is better. The same run measures two references: an
+untrained policy (``torch.manual_seed(cfg.seed)`` then ``build_policy``, the same weights as
+``bench/learning.py``'s) and real vs real (held-out against as many training digits: the
+floor). Goal: a trained policy's distance <= 1/3 of the untrained one's.
 
 Writes into ``--out``: ``fid.json``, ``samples-<name>.png`` (the first 64 paintings of each
 policy, ``-average`` for averaged weights, and of the real digits), ``curves.png`` and
 ``critic_curves.png`` (from the run's ``learner.jsonl`` and ``discriminator.jsonl``), the run
-itself under ``run/`` and the copied checkpoints ``policy-<M>min.pt``. The last line printed is ``fid.json``'s content.
+itself under ``run/`` and the copied checkpoints ``policy-<M>min.pt``. The last line printed
+is ``fid.json``'s content.
 
 Usage::
 

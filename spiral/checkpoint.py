@@ -44,6 +44,18 @@ def list_checkpoints(directory: Path) -> list[Path]:
     return sorted(p for p in directory.iterdir() if _NAME.match(p.name))
 
 
+def checkpoint_version(path: Path) -> int:
+    """The version a checkpoint file's name carries (``ckpt-<version>.pt``), without loading it.
+
+    Raises:
+        ValueError: the name is not a checkpoint's.
+    """
+    match = _NAME.match(Path(path).name)
+    if match is None:
+        raise ValueError(f"{path}: not a checkpoint file name (ckpt-<12 digits>.pt)")
+    return int(match.group(1))
+
+
 def load_checkpoint(path: Path) -> tuple[int, dict[str, Any]]:
     """``(version, state)`` of one checkpoint file (tensors on the CPU).
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
-from spiral.checkpoint import latest_checkpoint, list_checkpoints, save_checkpoint
+from spiral.checkpoint import checkpoint_version, latest_checkpoint, list_checkpoints, save_checkpoint
 
 
 def test_round_trip_and_newest_wins(tmp_path: Path) -> None:
@@ -34,3 +35,9 @@ def test_keeps_only_the_newest(tmp_path: Path) -> None:
 
 def test_empty_directory_has_no_checkpoint(tmp_path: Path) -> None:
     assert latest_checkpoint(tmp_path / "missing") is None
+
+
+def test_the_version_is_read_from_the_file_name(tmp_path: Path) -> None:
+    assert checkpoint_version(save_checkpoint(tmp_path, 1234, {"step": 1})) == 1234
+    with pytest.raises(ValueError, match="not a checkpoint file name"):
+        checkpoint_version(tmp_path / "ckpt-12.pt")

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from learner.training import PolicyTrainer
-from spiral.checkpoint import save_checkpoint
+from spiral.checkpoint import checkpoint_version, save_checkpoint
 from spiral.config import DatasetConfig, load_experiment
 from spiral.data import ImageDataset, load_dataset
 from spiral.digit_fid import (
@@ -175,14 +175,16 @@ def test_average_trail_bench_rebuilds_the_learners_average_from_its_checkpoints(
 
     sys.path.insert(0, str(REPO / "bench"))
     try:
-        from average_trail import trail_average
+        from average_trail import trail_averages
     finally:
         sys.path.remove(str(REPO / "bench"))
     paths = sorted(trail.glob("ckpt-*.pt"))
-    rebuilt, version = trail_average(paths, decay)  # one checkpoint per update here
-    assert version == 30
+    assert [checkpoint_version(p) for p in paths] == [10, 20, 30]
+    rebuilt, undecayed = trail_averages(paths, [decay, 0.0])  # one checkpoint per update here
     for name, value in trainer.average.module.state_dict().items():
         torch.testing.assert_close(rebuilt[name], value.float())
+    for name, value in trainer.policy.state_dict().items():  # decay 0: the last weights
+        torch.testing.assert_close(undecayed[name], value.float())
 
     out = tmp_path / "out" / "trail.json"
     result = subprocess.run(
