@@ -239,6 +239,27 @@ def test_libmypaint_rendering_of_an_episode_json_reproduces_its_canvas() -> None
         np.testing.assert_array_equal(canvas, canvases[i])
 
 
+def test_execute_actions_replays_a_batch_and_redraws_it_with_another_brush() -> None:
+    """The same actions in one batch give the episodes' canvases; another brush, the same strokes in other ink."""
+    import dataclasses
+
+    from spiral.envs.programs import execute_actions
+
+    cfg = paint_config(backend="libmypaint")
+    actions = random_actions(cfg, 6, 3, seed=5)
+    canvases = run_episode(cfg, actions, backend="libmypaint")
+    episodes = np.swapaxes(actions, 0, 1)  # [T, N, K] -> [N, T, K]
+    np.testing.assert_array_equal(execute_actions(cfg, episodes), canvases)
+    pen = dataclasses.replace(cfg, env=dataclasses.replace(
+        cfg.env, paint=dataclasses.replace(cfg.env.paint, brush_type="classic/pen")))
+    redrawn = execute_actions(pen, episodes)
+    assert redrawn.shape == canvases.shape and not np.array_equal(redrawn, canvases)
+    for inked, pen_inked in zip(canvases < 200, redrawn < 200):  # the pen draws where the dry brush drew
+        assert (inked & pen_inked).sum() > 0.5 * min(inked.sum(), pen_inked.sum())
+    with pytest.raises(ValueError, match=r"must be \[N >= 1, T, K\]"):
+        execute_actions(cfg, actions[:, 0])
+
+
 def test_execute_scene_program_matches_the_episode() -> None:
     cfg = scene_config()
     actions = random_actions(cfg, 4, 2, seed=2)

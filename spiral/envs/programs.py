@@ -211,20 +211,41 @@ def execute(program: Program, backend: str | None = None, seed: int = 0) -> np.n
     Returns:
         ``[H, W, C]`` uint8 canvas after the program's last step.
     """
-    from spiral.envs import make_env
-
-    actions = program.actions()
     cfg = program.experiment_config()
     if cfg.env.kind == "mujoco":
         if backend not in (None, "mujoco"):
             raise ValueError(f"backend {backend!r} is a paint renderer; scene programs run on MuJoCo")
         backend = None
-    env = make_env(cfg, num_envs=1, seed=seed, backend=backend)
+    return execute_actions(cfg, program.actions()[None], backend=backend, seed=seed)[0]
+
+
+def execute_actions(cfg: ExperimentConfig, actions: np.ndarray, backend: str | None = None,
+                    seed: int = 0) -> np.ndarray:
+    """Run N episodes' actions side by side in one fresh batched environment of ``cfg``.
+
+    This re-renders programs under another renderer or brush: the episodes' canvases depend
+    only on their actions (see :mod:`spiral.envs.libmypaint_env`), so the same actions in a
+    ``cfg`` that differs only in ``env.paint`` draw the same strokes with other ink.
+
+    Args:
+        cfg: The experiment whose environment executes the actions.
+        actions: int ``[N, T, K]``: each episode's actions in ``cfg``'s action-spec head order.
+        backend: Paint renderer override, as :func:`spiral.envs.make_env` takes it.
+        seed: Seed of the environment (renderer randomness, if any).
+
+    Returns:
+        ``[N, H, W, C]`` uint8 canvases after each episode's last step.
+    """
+    from spiral.envs import make_env
+
+    if actions.ndim != 3 or len(actions) < 1:
+        raise ValueError(f"actions must be [N >= 1, T, K], got shape {actions.shape}")
+    env = make_env(cfg, num_envs=len(actions), seed=seed, backend=backend)
     try:
         env.reset()
-        for action in actions:
-            env.step(action[None, :])
-        return env.canvases()[0]
+        for step in np.swapaxes(actions, 0, 1):
+            env.step(step)
+        return env.canvases()
     finally:
         env.close()
 
