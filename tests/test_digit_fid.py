@@ -200,3 +200,32 @@ def test_average_trail_bench_rebuilds_the_learners_average_from_its_checkpoints(
         assert row["fid"] > 0 and sum(row["classes"]) == 16
     assert figures["rows"]["untrained"]["ratio_to_untrained"] == pytest.approx(1.0)
     assert json.loads(out.read_text()) == figures
+
+
+def test_rerender_brush_bench_scores_the_same_programs_in_each_brush(tmp_path: Path) -> None:
+    cfg = load_experiment(UNCONDITIONAL, overrides={"learner": {"policy_average_decay": 0.9}})
+    torch.manual_seed(3)
+    trainer = PolicyTrainer(cfg, build_policy(cfg))
+    path = save_checkpoint(tmp_path / "learner", 7, {"trainer": trainer.state_dict()})
+    out = tmp_path / "out" / "rerender.json"
+    command = [sys.executable, "bench/rerender_brush.py", "--config", str(UNCONDITIONAL), "--checkpoint", str(path),
+               "--samples", "16", "--cache-dir", str(tmp_path / "cache"), "--classifier-epochs", "1",
+               "--out", str(out), "--brushes"]
+    result = subprocess.run(command + ["classic/dry_brush", "classic/pen"], cwd=REPO, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    assert figures["version"] == 7 and figures["trained_with"] == "classic/dry_brush"
+    assert set(figures["rows"]) == {"untrained", "trained", "averaged"}
+    for row in figures["rows"].values():
+        assert set(row) == {"classic/dry_brush", "classic/pen"}
+        assert all(sum(cell["classes"]) == 16 for cell in row.values())
+        assert row["classic/dry_brush"]["fid"] != row["classic/pen"]["fid"]  # other ink, other features
+    for brush in ("classic/dry_brush", "classic/pen"):
+        assert figures["rows"]["untrained"][brush]["ratio_to_untrained"] == pytest.approx(1.0)
+        assert (out.parent / f"rerender-trained-{brush.replace('/', '-')}.png").read_bytes()[:4] == b"\x89PNG"
+    assert json.loads(out.read_text()) == figures
+
+    missing = subprocess.run(command + ["classic/no_such_brush"], cwd=REPO, capture_output=True, text=True,
+                             timeout=300)
+    assert missing.returncode != 0 and "no brush 'classic/no_such_brush'" in missing.stderr
