@@ -69,7 +69,7 @@ bench: deps
 	$(PYTHON) bench/stroke_rewards.py
 
 # The critic-reward evidence (bench/RESULTS.md): 20 minutes of spiral up per run, one after
-# another (49 runs, about 17 hours on 2 cores).
+# another (52 runs, about 18 hours on 2 cores).
 LEARN := $(PYTHON) bench/learning.py --minutes 10 20 --actors 2
 bench-learning: deps
 	for seed in 0 1 2; do $(LEARN) --config experiments/tiny-critic.yaml --seed $$seed \
@@ -127,6 +127,16 @@ bench-learning: deps
 	  --seed 1 --out bench/results/unconditional-average-seed1
 	$(PYTHON) bench/unconditional.py --config experiments/tiny-unconditional-average.yaml --minutes 10 20 --actors 1 \
 	  --seed 2 --out bench/results/unconditional-average-seed2
+	$(PYTHON) bench/unconditional.py --config experiments/tiny-unconditional-pen.yaml --minutes 10 20 --actors 1 \
+	  --seed 0 --out bench/results/unconditional-pen
+	$(PYTHON) bench/unconditional.py --config experiments/tiny-unconditional-pen.yaml --minutes 10 20 --actors 1 \
+	  --seed 1 --out bench/results/unconditional-pen-seed1
+	$(PYTHON) bench/unconditional.py --config experiments/tiny-unconditional-pen.yaml --minutes 10 20 --actors 1 \
+	  --seed 2 --out bench/results/unconditional-pen-seed2
+	for run in unconditional-average unconditional-average-seed1 unconditional-average-seed2 unconditional-pen; do \
+	  $(PYTHON) bench/rerender_brush.py --config bench/results/$$run/experiment.yaml \
+	    --checkpoint bench/results/$$run/policy-20min.pt --brushes classic/dry_brush classic/pen \
+	    --out bench/results/$$run/rerender-brush.json || exit 1; done
 
 # The paper-sized experiments for 3 minutes each on CPU: the reward stays finite and in its band.
 bench-paper-smoke: deps
