@@ -37,11 +37,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from unconditional import GRID  # noqa: E402
+from unconditional import GRID, add_classifier_arguments, classifier_and_reference, run_experiment  # noqa: E402
 from spiral.checkpoint import checkpoint_version, list_checkpoints, load_checkpoint  # noqa: E402
-from spiral.config import experiment_path, load_experiment  # noqa: E402
-from spiral.data import for_experiment  # noqa: E402
-from spiral.digit_fid import ClassifierSettings, features, load_or_train_classifier, score_paintings  # noqa: E402
+from spiral.digit_fid import score_paintings  # noqa: E402
 from spiral.nets import build_policy  # noqa: E402
 from spiral.nets.policy import SpiralPolicy  # noqa: E402
 from spiral.sampling import has_average, policy_from_state, sample_policy  # noqa: E402
@@ -80,16 +78,12 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=1000)
     parser.add_argument("--backend", choices=["libmypaint", "fast"], default=None,
                         help="paint backend (default: the experiment's)")
-    parser.add_argument("--cache-dir", default=None,
-                        help="where the digit classifier is cached (default: the dataset cache directory)")
-    parser.add_argument("--classifier-epochs", type=int, default=ClassifierSettings.epochs)
+    add_classifier_arguments(parser)
     parser.add_argument("--out", required=True, help="JSON file for the table (grids are written beside it)")
     args = parser.parse_args()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    cfg = load_experiment(experiment_path(args.config))
-    if args.seed is not None:
-        cfg = dataclasses.replace(cfg, seed=args.seed)
+    cfg = run_experiment(args.config, args.seed)
     if args.backend:
         cfg = dataclasses.replace(cfg, env=dataclasses.replace(
             cfg.env, paint=dataclasses.replace(cfg.env.paint, backend=args.backend)))
@@ -102,10 +96,7 @@ def main() -> None:
     spacing = int(np.median(np.diff(versions)))
     print(f"trail: {len(paths)} checkpoints, versions {versions[0]}..{versions[-1]}, every {spacing} updates")
 
-    dataset = for_experiment(cfg)
-    model = load_or_train_classifier(dataset, cache_dir=args.cache_dir or cfg.dataset.resolved_cache_dir(),
-                                     settings=ClassifierSettings(epochs=args.classifier_epochs)).model
-    reference = features(model, dataset.holdout)
+    model, reference = classifier_and_reference(cfg, args.cache_dir, args.classifier_epochs)
 
     def score(name: str, policy: SpiralPolicy) -> dict[str, Any]:
         canvases = sample_policy(cfg, policy, args.samples, seed=0).canvases

@@ -32,11 +32,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from unconditional import GRID  # noqa: E402
+from unconditional import GRID, add_classifier_arguments, classifier_and_reference, run_experiment  # noqa: E402
 from spiral.checkpoint import load_checkpoint  # noqa: E402
-from spiral.config import ExperimentConfig, experiment_path, load_experiment  # noqa: E402
-from spiral.data import for_experiment  # noqa: E402
-from spiral.digit_fid import ClassifierSettings, features, load_or_train_classifier, score_paintings  # noqa: E402
+from spiral.config import ExperimentConfig  # noqa: E402
+from spiral.digit_fid import score_paintings  # noqa: E402
 from spiral.envs.programs import execute_actions  # noqa: E402
 from spiral.nets import build_policy  # noqa: E402
 from spiral.sampling import has_average, policy_from_state, sample_policy  # noqa: E402
@@ -60,22 +59,15 @@ def main() -> None:
     parser.add_argument("--checkpoint", required=True, help="a learner checkpoint of the run")
     parser.add_argument("--brushes", nargs="+", required=True, help="libmypaint brushes, e.g. classic/pen")
     parser.add_argument("--samples", type=int, default=1000)
-    parser.add_argument("--cache-dir", default=None,
-                        help="where the digit classifier is cached (default: the dataset cache directory)")
-    parser.add_argument("--classifier-epochs", type=int, default=ClassifierSettings.epochs)
+    add_classifier_arguments(parser)
     parser.add_argument("--out", required=True, help="JSON file for the table (grids are written beside it)")
     args = parser.parse_args()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    cfg = load_experiment(experiment_path(args.config))
-    if args.seed is not None:
-        cfg = dataclasses.replace(cfg, seed=args.seed)
+    cfg = run_experiment(args.config, args.seed)
     brushed = {brush: with_brush(cfg, brush) for brush in args.brushes}
 
-    dataset = for_experiment(cfg)
-    model = load_or_train_classifier(dataset, cache_dir=args.cache_dir or cfg.dataset.resolved_cache_dir(),
-                                     settings=ClassifierSettings(epochs=args.classifier_epochs)).model
-    reference = features(model, dataset.holdout)
+    model, reference = classifier_and_reference(cfg, args.cache_dir, args.classifier_epochs)
 
     torch.manual_seed(cfg.seed)  # the untrained weights of bench/unconditional.py's reference
     policies = {"untrained": build_policy(cfg)}

@@ -29,6 +29,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -40,9 +41,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from training_run import bench_experiment, train_and_copy  # noqa: E402
-from spiral.config import ExperimentConfig  # noqa: E402
+from spiral.config import ExperimentConfig, experiment_path, load_experiment  # noqa: E402
 from spiral.data import for_experiment  # noqa: E402
-from spiral.digit_fid import ClassifierSettings, features, load_or_train_classifier, score_paintings  # noqa: E402
+from spiral.digit_fid import (ClassifierSettings, DigitClassifier, features, load_or_train_classifier,  # noqa: E402
+                              score_paintings)
 from spiral.nets import build_policy  # noqa: E402
 from spiral.nets.policy import SpiralPolicy  # noqa: E402
 from spiral.checkpoint import load_checkpoint  # noqa: E402
@@ -52,6 +54,30 @@ from spiral.visualize import image_grid, plot_curves, save_png  # noqa: E402
 GOAL_RATIO = 1 / 3
 """A trained policy's distance should be at most this fraction of the untrained policy's."""
 GRID = 64
+
+
+def add_classifier_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--cache-dir`` and ``--classifier-epochs``: where the digit classifier is cached, and how it trains."""
+    parser.add_argument("--cache-dir", default=None,
+                        help="where the digit classifier is cached (default: the dataset cache directory)")
+    parser.add_argument("--classifier-epochs", type=int, default=ClassifierSettings.epochs,
+                        help=f"epochs of the digit classifier (default {ClassifierSettings.epochs}; "
+                             "fewer for quick smoke runs)")
+
+
+def run_experiment(config: str, seed: int | None) -> ExperimentConfig:
+    """A finished run's experiment (a name or a YAML path), with its seed set when ``seed`` is given."""
+    cfg = load_experiment(experiment_path(config))
+    return cfg if seed is None else dataclasses.replace(cfg, seed=seed)
+
+
+def classifier_and_reference(cfg: ExperimentConfig, cache_dir: str | None,
+                             epochs: int) -> tuple[DigitClassifier, np.ndarray]:
+    """The cached (or freshly trained) digit classifier and its features of the held-out digits."""
+    dataset = for_experiment(cfg)
+    model = load_or_train_classifier(dataset, cache_dir=cache_dir or cfg.dataset.resolved_cache_dir(),
+                                     settings=ClassifierSettings(epochs=epochs)).model
+    return model, features(model, dataset.holdout)
 
 
 def main() -> None:
@@ -64,11 +90,7 @@ def main() -> None:
     parser.add_argument("--backend", choices=["libmypaint", "fast"], default=None,
                         help="paint backend for training and evaluation (default: the experiment's)")
     parser.add_argument("--seed", type=int, default=None, help="the experiment's seed (default: the file's)")
-    parser.add_argument("--cache-dir", default=None,
-                        help="where the digit classifier is cached (default: the dataset cache directory)")
-    parser.add_argument("--classifier-epochs", type=int, default=ClassifierSettings.epochs,
-                        help=f"epochs of the digit classifier (default {ClassifierSettings.epochs}; "
-                             "fewer for quick smoke runs)")
+    add_classifier_arguments(parser)
     parser.add_argument("--evaluate", nargs="+", metavar="MINUTES=CHECKPOINT",
                         help="only score these checkpoints (e.g. 20=policy-20min.pt), without training")
     args = parser.parse_args()
