@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from unconditional import GRID, add_classifier_arguments, classifier_and_reference, run_experiment  # noqa: E402
 from spiral.checkpoint import checkpoint_version, list_checkpoints, load_checkpoint  # noqa: E402
+from spiral.data import for_experiment  # noqa: E402
 from spiral.digit_fid import score_paintings  # noqa: E402
 from spiral.nets import build_policy  # noqa: E402
 from spiral.nets.policy import SpiralPolicy  # noqa: E402
@@ -96,7 +97,8 @@ def main() -> None:
     spacing = int(np.median(np.diff(versions)))
     print(f"trail: {len(paths)} checkpoints, versions {versions[0]}..{versions[-1]}, every {spacing} updates")
 
-    model, reference = classifier_and_reference(cfg, args.cache_dir, args.classifier_epochs)
+    classifier, reference = classifier_and_reference(cfg, for_experiment(cfg), args.cache_dir, args.classifier_epochs)
+    model = classifier.model
 
     def score(name: str, policy: SpiralPolicy) -> dict[str, Any]:
         canvases = sample_policy(cfg, policy, args.samples, seed=0).canvases

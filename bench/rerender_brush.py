@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from unconditional import GRID, add_classifier_arguments, classifier_and_reference, run_experiment  # noqa: E402
 from spiral.checkpoint import load_checkpoint  # noqa: E402
 from spiral.config import ExperimentConfig  # noqa: E402
+from spiral.data import for_experiment  # noqa: E402
 from spiral.digit_fid import score_paintings  # noqa: E402
 from spiral.envs.programs import execute_actions  # noqa: E402
 from spiral.nets import build_policy  # noqa: E402
@@ -67,7 +68,8 @@ def main() -> None:
     cfg = run_experiment(args.config, args.seed)
     brushed = {brush: with_brush(cfg, brush) for brush in args.brushes}
 
-    model, reference = classifier_and_reference(cfg, args.cache_dir, args.classifier_epochs)
+    classifier, reference = classifier_and_reference(cfg, for_experiment(cfg), args.cache_dir, args.classifier_epochs)
+    model = classifier.model
 
     torch.manual_seed(cfg.seed)  # the untrained weights of bench/unconditional.py's reference
     policies = {"untrained": build_policy(cfg)}

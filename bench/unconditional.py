@@ -42,8 +42,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from training_run import bench_experiment, train_and_copy  # noqa: E402
 from spiral.config import ExperimentConfig, experiment_path, load_experiment  # noqa: E402
-from spiral.data import for_experiment  # noqa: E402
-from spiral.digit_fid import (ClassifierSettings, DigitClassifier, features, load_or_train_classifier,  # noqa: E402
+from spiral.data import ImageDataset, for_experiment  # noqa: E402
+from spiral.digit_fid import (ClassifierSettings, TrainedClassifier, features, load_or_train_classifier,  # noqa: E402
                               score_paintings)
 from spiral.nets import build_policy  # noqa: E402
 from spiral.nets.policy import SpiralPolicy  # noqa: E402
@@ -71,13 +71,12 @@ def run_experiment(config: str, seed: int | None) -> ExperimentConfig:
     return cfg if seed is None else dataclasses.replace(cfg, seed=seed)
 
 
-def classifier_and_reference(cfg: ExperimentConfig, cache_dir: str | None,
-                             epochs: int) -> tuple[DigitClassifier, np.ndarray]:
-    """The cached (or freshly trained) digit classifier and its features of the held-out digits."""
-    dataset = for_experiment(cfg)
-    model = load_or_train_classifier(dataset, cache_dir=cache_dir or cfg.dataset.resolved_cache_dir(),
-                                     settings=ClassifierSettings(epochs=epochs)).model
-    return model, features(model, dataset.holdout)
+def classifier_and_reference(cfg: ExperimentConfig, dataset: ImageDataset, cache_dir: str | None,
+                             epochs: int) -> tuple[TrainedClassifier, np.ndarray]:
+    """The cached (or freshly trained) digit classifier of ``dataset``, and its features of the held-out digits."""
+    classifier = load_or_train_classifier(dataset, cache_dir=cache_dir or cfg.dataset.resolved_cache_dir(),
+                                          settings=ClassifierSettings(epochs=epochs))
+    return classifier, features(classifier.model, dataset.holdout)
 
 
 def main() -> None:
@@ -126,10 +125,8 @@ def evaluate(cfg: ExperimentConfig, copies: dict[float, Path], out: Path, sample
     dataset = for_experiment(cfg)
     if len(dataset.holdout) < 2:
         raise SystemExit(f"dataset.holdout is {len(dataset.holdout)}: the distance needs held-out real digits")
-    classifier = load_or_train_classifier(dataset, cache_dir=cache_dir or cfg.dataset.resolved_cache_dir(),
-                                          settings=ClassifierSettings(epochs=classifier_epochs))
+    classifier, reference = classifier_and_reference(cfg, dataset, cache_dir, classifier_epochs)
     model = classifier.model
-    reference = features(model, dataset.holdout)
 
     def score(images: np.ndarray) -> dict[str, Any]:
         return score_paintings(model, images, reference)
