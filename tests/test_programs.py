@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -18,7 +19,7 @@ from spiral.cli import main as spiral_main
 from spiral.config import ExperimentConfig, from_dict
 from spiral.envs import action_spec_for, make_env
 from spiral.envs.fast_paint import stroke_radius_scale
-from spiral.envs.programs import (Program, env_section, execute, from_json, load_program,
+from spiral.envs.programs import (Program, env_section, execute, execute_actions, from_json, load_program,
                                   program_from_actions, save_program, to_json, to_svg)
 from spiral.envs.spec import PRESSURE_VALUES
 
@@ -241,10 +242,6 @@ def test_libmypaint_rendering_of_an_episode_json_reproduces_its_canvas() -> None
 
 def test_execute_actions_replays_a_batch_and_redraws_it_with_another_brush() -> None:
     """The same actions in one batch give the episodes' canvases; another brush, the same strokes in other ink."""
-    import dataclasses
-
-    from spiral.envs.programs import execute_actions
-
     cfg = paint_config(backend="libmypaint")
     actions = random_actions(cfg, 6, 3, seed=5)
     canvases = run_episode(cfg, actions, backend="libmypaint")
