@@ -88,7 +88,7 @@ RUN site="$(python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])
  && find "${site}" -depth -type d \( -name tests -o -name test \) -exec rm -rf {} + \
  && rm -rf "${site}/torch/include" "${site}/kubernetes/aio" \
  && find "${site}/torch/bin" -type f ! -name torch_shm_manager -delete \
- && python -c "import torch, spiral.cli, learner.main, discriminator.main, actor.main, replaybuffer.main, pbt_controller.main, kubernetes.client, skimage, scipy.ndimage, mujoco; print('imports ok')"
+ && python -c "import torch, spiral.commands.cli, learner.main, discriminator.main, actor.main, replaybuffer.main, pbt_controller.main, kubernetes.client, skimage, scipy.ndimage, mujoco; print('imports ok')"
 
 # ---------------------------------------------------------------------------------------------
 FROM ${PYTHON_IMAGE} AS runtime

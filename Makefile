@@ -54,23 +54,23 @@ run: deps
 	spiral up $(RUN_ARGS)
 
 proto:
-	$(PYTHON) -m spiral.protogen
+	$(PYTHON) -m spiral.commands.protogen
 
 proto-check:
-	$(PYTHON) -m spiral.protogen --check
+	$(PYTHON) -m spiral.commands.protogen --check
 
 bench: deps
-	$(PYTHON) bench/env_throughput.py
-	$(PYTHON) bench/env_throughput.py --config mnist --skip-system
-	$(PYTHON) bench/learner_rpc.py
-	$(PYTHON) bench/policy_speed.py
-	$(PYTHON) bench/update_memory.py
-	$(PYTHON) bench/update_speed.py
-	$(PYTHON) bench/stroke_rewards.py
+	$(PYTHON) -m bench.env_throughput
+	$(PYTHON) -m bench.env_throughput --config mnist --skip-system
+	$(PYTHON) -m bench.learner_rpc
+	$(PYTHON) -m bench.policy_speed
+	$(PYTHON) -m bench.update_memory
+	$(PYTHON) -m bench.update_speed
+	$(PYTHON) -m bench.stroke_rewards
 
 # The critic-reward evidence (bench/RESULTS.md): 20 minutes of spiral up per run, one after
 # another (52 runs, about 18 hours on 2 cores).
-LEARN := $(PYTHON) bench/learning.py --minutes 10 20 --actors 2
+LEARN := $(PYTHON) -m bench.learning --minutes 10 20 --actors 2
 bench-learning: deps
 	for seed in 0 1 2; do $(LEARN) --config experiments/tiny-critic.yaml --seed $$seed \
 	  --out bench/results/critic-reward/seed-$$seed || exit 1; done
@@ -81,7 +81,7 @@ bench-learning: deps
 	$(LEARN) --config experiments/tiny-l2.yaml --seed 0 --out bench/results/l2-reward/seed-0
 	$(LEARN) --config experiments/tiny-l2-pool.yaml --seed 0 --out bench/results/l2-reward-pool/seed-0
 	$(LEARN) --config experiments/tiny-omniglot.yaml --seed 0 --out bench/results/omniglot/seed-0
-	$(PYTHON) bench/unconditional.py --minutes 20 --actors 2 --seed 0 --out bench/results/unconditional
+	$(PYTHON) -m bench.unconditional --minutes 20 --actors 2 --seed 0 --out bench/results/unconditional
 	$(LEARN) --config experiments/tiny-mujoco.yaml --seed 0 --out bench/results/mujoco/seed-0
 	$(LEARN) --config experiments/tiny-mujoco-pool.yaml --seed 0 --out bench/results/mujoco-pool/seed-0
 	$(LEARN) --config experiments/tiny-clip.yaml --seed 0 --out bench/results/l2-shaped-clip/seed-0
@@ -89,13 +89,13 @@ bench-learning: deps
 	  --out bench/results/critic-reward-clip-lr/seed-$$seed || exit 1; done
 	$(LEARN) --config experiments/tiny-critic-clip-ent.yaml --seed 0 --out bench/results/critic-reward-clip-ent/seed-0
 	$(LEARN) --config experiments/tiny-mujoco-norm.yaml --seed 0 --out bench/results/mujoco-norm/seed-0
-	$(PYTHON) bench/unconditional.py --config experiments/tiny-unconditional-pool.yaml --minutes 20 --actors 2 \
+	$(PYTHON) -m bench.unconditional --config experiments/tiny-unconditional-pool.yaml --minutes 20 --actors 2 \
 	  --seed 0 --out bench/results/unconditional-pool
 	for seed in 0 1 2; do $(LEARN) --config experiments/tiny-critic-clip-lr-ent.yaml --seed $$seed \
 	  --out bench/results/critic-reward-clip-lr-ent/seed-$$seed || exit 1; done
-	$(PYTHON) bench/unconditional.py --config experiments/tiny-unconditional-norm.yaml --minutes 20 --actors 2 \
+	$(PYTHON) -m bench.unconditional --config experiments/tiny-unconditional-norm.yaml --minutes 20 --actors 2 \
 	  --seed 0 --out bench/results/unconditional-norm
-	$(PYTHON) bench/unconditional.py --config experiments/tiny-unconditional-lr-ent.yaml --minutes 20 --actors 2 \
+	$(PYTHON) -m bench.unconditional --config experiments/tiny-unconditional-lr-ent.yaml --minutes 20 --actors 2 \
 	  --seed 0 --out bench/results/unconditional-lr-ent
 	$(LEARN) --config experiments/tiny-l2-lr-ent.yaml --seed 0 --out bench/results/l2-reward-lr-ent/seed-0
 	$(LEARN) --config experiments/tiny-critic-clip-lr-lowent.yaml --seed 0 --out bench/results/critic-reward-clip-lr-lowent/seed-0
@@ -105,42 +105,42 @@ bench-learning: deps
 	  --out bench/results/critic-reward-clip-lr-ent-1actor/seed-$$seed || exit 1; done
 	$(LEARN) --actors 1 --config experiments/tiny-mujoco-lr-ent.yaml --seed 0 --out bench/results/mujoco-lr-ent-1actor/seed-0
 	$(LEARN) --actors 1 --config experiments/tiny-complement-lr-ent.yaml --seed 0 --out bench/results/complement-lr-ent-1actor/seed-0
-	$(PYTHON) bench/unconditional.py --config experiments/tiny-unconditional-sngan.yaml --minutes 20 --actors 1 \
+	$(PYTHON) -m bench.unconditional --config experiments/tiny-unconditional-sngan.yaml --minutes 20 --actors 1 \
 	  --seed 0 --out bench/results/unconditional-sngan
 	$(LEARN) --config experiments/tiny-mujoco-w1.yaml --seed 0 --out bench/results/mujoco-w1/seed-0
 	$(LEARN) --actors 1 --config experiments/tiny-omniglot-lr-ent.yaml --seed 0 --out bench/results/omniglot-lr-ent-1actor/seed-0
-	$(PYTHON) bench/unconditional.py --config experiments/tiny-unconditional-pool.yaml --minutes 20 --actors 1 \
+	$(PYTHON) -m bench.unconditional --config experiments/tiny-unconditional-pool.yaml --minutes 20 --actors 1 \
 	  --seed 0 --out bench/results/unconditional-pool-1actor
-	$(PYTHON) bench/unconditional.py --config experiments/tiny-unconditional-sngan.yaml --minutes 20 --actors 1 \
+	$(PYTHON) -m bench.unconditional --config experiments/tiny-unconditional-sngan.yaml --minutes 20 --actors 1 \
 	  --seed 1 --out bench/results/unconditional-sngan-seed1
-	$(PYTHON) bench/unconditional.py --config experiments/tiny-unconditional-pool.yaml --minutes 20 --actors 1 \
+	$(PYTHON) -m bench.unconditional --config experiments/tiny-unconditional-pool.yaml --minutes 20 --actors 1 \
 	  --seed 1 --out bench/results/unconditional-pool-1actor-seed1
-	$(PYTHON) bench/unconditional.py --config experiments/tiny-unconditional-pool.yaml --minutes 10 20 --actors 1 \
+	$(PYTHON) -m bench.unconditional --config experiments/tiny-unconditional-pool.yaml --minutes 10 20 --actors 1 \
 	  --seed 0 --out bench/results/unconditional-pool-1actor-10-20
-	$(PYTHON) bench/unconditional.py --config experiments/tiny-unconditional-critic4.yaml --minutes 10 20 --actors 1 \
+	$(PYTHON) -m bench.unconditional --config experiments/tiny-unconditional-critic4.yaml --minutes 10 20 --actors 1 \
 	  --seed 0 --out bench/results/unconditional-critic4
-	$(PYTHON) bench/unconditional.py --config experiments/tiny-unconditional-strokes.yaml --minutes 10 20 --actors 1 \
+	$(PYTHON) -m bench.unconditional --config experiments/tiny-unconditional-strokes.yaml --minutes 10 20 --actors 1 \
 	  --seed 0 --out bench/results/unconditional-strokes
-	$(PYTHON) bench/unconditional.py --config experiments/tiny-unconditional-average.yaml --minutes 10 20 --actors 1 \
+	$(PYTHON) -m bench.unconditional --config experiments/tiny-unconditional-average.yaml --minutes 10 20 --actors 1 \
 	  --seed 0 --out bench/results/unconditional-average
-	$(PYTHON) bench/unconditional.py --config experiments/tiny-unconditional-average.yaml --minutes 10 20 --actors 1 \
+	$(PYTHON) -m bench.unconditional --config experiments/tiny-unconditional-average.yaml --minutes 10 20 --actors 1 \
 	  --seed 1 --out bench/results/unconditional-average-seed1
-	$(PYTHON) bench/unconditional.py --config experiments/tiny-unconditional-average.yaml --minutes 10 20 --actors 1 \
+	$(PYTHON) -m bench.unconditional --config experiments/tiny-unconditional-average.yaml --minutes 10 20 --actors 1 \
 	  --seed 2 --out bench/results/unconditional-average-seed2
-	$(PYTHON) bench/unconditional.py --config experiments/tiny-unconditional-pen.yaml --minutes 10 20 --actors 1 \
+	$(PYTHON) -m bench.unconditional --config experiments/tiny-unconditional-pen.yaml --minutes 10 20 --actors 1 \
 	  --seed 0 --out bench/results/unconditional-pen
-	$(PYTHON) bench/unconditional.py --config experiments/tiny-unconditional-pen.yaml --minutes 10 20 --actors 1 \
+	$(PYTHON) -m bench.unconditional --config experiments/tiny-unconditional-pen.yaml --minutes 10 20 --actors 1 \
 	  --seed 1 --out bench/results/unconditional-pen-seed1
-	$(PYTHON) bench/unconditional.py --config experiments/tiny-unconditional-pen.yaml --minutes 10 20 --actors 1 \
+	$(PYTHON) -m bench.unconditional --config experiments/tiny-unconditional-pen.yaml --minutes 10 20 --actors 1 \
 	  --seed 2 --out bench/results/unconditional-pen-seed2
 	for run in unconditional-average unconditional-average-seed1 unconditional-average-seed2 unconditional-pen; do \
-	  $(PYTHON) bench/rerender_brush.py --config bench/results/$$run/experiment.yaml \
+	  $(PYTHON) -m bench.rerender_brush --config bench/results/$$run/experiment.yaml \
 	    --checkpoint bench/results/$$run/policy-20min.pt --brushes classic/dry_brush classic/pen \
 	    --out bench/results/$$run/rerender-brush.json || exit 1; done
 
 # The paper-sized experiments for 3 minutes each on CPU: the reward stays finite and in its band.
 bench-paper-smoke: deps
-	$(PYTHON) bench/paper_smoke.py --minutes 3 --actors 2 --out bench/results/paper-smoke
+	$(PYTHON) -m bench.paper_smoke --minutes 3 --actors 2 --out bench/results/paper-smoke
 
 # The same evidence with the learner in bf16 and compiled (experiments/tiny-critic-bf16.yaml).
 bench-learning-bf16: deps
@@ -150,7 +150,7 @@ bench-learning-bf16: deps
 # The L2-shaped profile that make run ran before the critic's reward met its goal: 30 minutes,
 # held-out error at 10 and 30.
 bench-learning-shaped: deps
-	$(PYTHON) bench/learning.py --config experiments/tiny-l2-shaped.yaml --minutes 10 30 --actors 2 \
+	$(PYTHON) -m bench.learning --config experiments/tiny-l2-shaped.yaml --minutes 10 30 --actors 2 \
 	  --out bench/results/learning
 
 # The container image (deploy/image/): built with the classic builder from a host wheelhouse,

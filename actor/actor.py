@@ -1,6 +1,6 @@
 """The actor's loop (IMPALA's actor), written only against the :mod:`spiral.core` interfaces.
 
-An :class:`Actor` owns an :class:`~spiral.acting.EpisodeRunner` (N environments and a lagging
+An :class:`Actor` owns an :class:`~spiral.agent.acting.EpisodeRunner` (N environments and a lagging
 policy copy) and three peers (:class:`ActorPeers`): where parameters come from, where unrolls
 go and where final renders go. It cannot tell whether they are in the same process
 (``spiral local``: the learner, the replay table) or across the network (``spiral actor``:
@@ -31,11 +31,11 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from spiral import metrics
-from spiral.acting import EpisodeRunner
-from spiral.service_runtime import ProgressLog
+from spiral.runtime import metrics
+from spiral.agent.acting import EpisodeRunner
+from spiral.runtime.service_runtime import ProgressLog
 from spiral.core import ParameterSource, PeerFailure, Refused, RenderSink, UnrollSink
-from spiral.trajectory import Unroll
+from spiral.agent.trajectory import Unroll
 
 log = logging.getLogger(__name__)
 
@@ -189,7 +189,7 @@ class Actor:
             before_each: Callable[["Actor"], bool] | None = None) -> None:
         """The actor's loop, the one ``spiral actor`` and ``spiral local`` run: until ``stop``.
 
-        Each iteration calls ``beat`` (the :class:`spiral.guarded_loop.GuardedLoop` heartbeat),
+        Each iteration calls ``beat`` (the :class:`spiral.runtime.guarded_loop.GuardedLoop` heartbeat),
         then ``before_each(actor)`` (the PBT member assignment), which returns False while there
         is no member to serve (the loop then waits a second), and acts once.
         """

@@ -11,7 +11,7 @@ back, ABORTED) are retried with exponential backoff and full jitter for at most
 ``actor.parameter_deadline_seconds``, ``actor.submit_deadline_seconds`` and
 ``actor.insert_deadline_seconds``; then the item is dropped and the loop goes on. Nothing
 blocks forever or crashes the process. The loop runs under a
-:class:`~spiral.guarded_loop.GuardedLoop`: SIGTERM finishes the current episode's sends and
+:class:`~spiral.runtime.guarded_loop.GuardedLoop`: SIGTERM finishes the current episode's sends and
 exits 0; a loop that raises or stalls turns ``/healthz`` to 503 and exits 1.
 """
 
@@ -28,16 +28,16 @@ from typing import Callable
 import grpc
 
 from actor.actor import Actor, ActorPeers
-from spiral.acting import EpisodeRunner
+from spiral.agent.acting import EpisodeRunner
 from spiral.config import ExperimentConfig
 from spiral.envs import action_spec_for, make_env
-from spiral.guarded_loop import GuardedLoop
+from spiral.runtime.guarded_loop import GuardedLoop
 from spiral.nets import build_policy
 from spiral.rpc.client import TRANSIENT_CODES, make_channel
 from spiral.rpc.peers import RemoteParameterSource, RemoteRenderSink, RemoteUnrollSink
-from spiral.seeding import actor_seed
-from spiral.service_options import ServiceOptions, add_service_arguments, resolve_service_options
-from spiral.service_runtime import start_process
+from spiral.runtime.seeding import actor_seed
+from spiral.runtime.service_options import ServiceOptions, add_service_arguments, resolve_service_options
+from spiral.runtime.service_runtime import start_process
 from spiral.v1 import pbt_pb2, pbt_pb2_grpc
 
 log = logging.getLogger(__name__)

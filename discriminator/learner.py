@@ -7,7 +7,7 @@ conditional mode the critic judges pairs: real pairs are (target, target), fake 
 (render, target), so real images come from the targets the renders were made for.
 
 Checkpoints are atomic and the learner resumes from the newest one. Every update's statistics
-also go to TensorBoard (:class:`spiral.tensorboard.TrainingBoard`, ``tensorboard/discriminator``).
+also go to TensorBoard (:class:`spiral.runtime.tensorboard.TrainingBoard`, ``tensorboard/discriminator``).
 
 Population-based training copies a donor discriminator into this one
 (:meth:`DiscriminatorLearner.request_copy`): the donor's training state is stored and applied
@@ -30,16 +30,16 @@ import numpy as np
 import torch
 
 from discriminator.training import DiscriminatorTrainer
-from spiral import metrics
-from spiral.visualize import json_safe
-from spiral.checkpoint import latest_checkpoint, save_checkpoint
+from spiral.runtime import metrics
+from spiral.evaluation.visualize import json_safe
+from spiral.runtime.checkpoint import latest_checkpoint, save_checkpoint
 from spiral.config import ExperimentConfig
 from spiral.nets import build_discriminator
 from spiral.nets.params import snapshot_of
-from spiral.snapshot import ParameterSnapshot
-from spiral.service_runtime import ProgressLog
+from spiral.runtime.snapshot import ParameterSnapshot
+from spiral.runtime.service_runtime import ProgressLog
 from spiral.core import PeerFailure, PublishedParameters, RenderSampler
-from spiral.tensorboard import TrainingBoard
+from spiral.runtime.tensorboard import TrainingBoard
 
 log = logging.getLogger(__name__)
 
@@ -231,7 +231,7 @@ class DiscriminatorLearner:
     def run(self, stop: threading.Event, beat: Callable[[], None] = lambda: None, idle_sleep: float = 0.2) -> None:
         """The discriminator's loop, the one ``spiral discriminator`` runs: update until ``stop``.
 
-        Each iteration calls ``beat`` (the :class:`spiral.guarded_loop.GuardedLoop` heartbeat)
+        Each iteration calls ``beat`` (the :class:`spiral.runtime.guarded_loop.GuardedLoop` heartbeat)
         and updates once; while the replay buffer cannot serve a batch it waits ``idle_sleep``,
         and while it is down (:class:`spiral.core.PeerFailure`) it backs off exponentially up
         to 5 s. A progress line is logged every 10 s. Checkpointing on the way out is the

@@ -3,7 +3,7 @@
 Real images come from the experiment's dataset (prepared into the local cache on first use),
 fake ones from the replay buffer at ``services.replay_address``. Serves
 ``spiral.v1.DiscriminatorLearner`` on ``--listen``; runs :meth:`DiscriminatorLearner.run` on a
-thread under a :class:`~spiral.guarded_loop.GuardedLoop` (it updates while the replay buffer can
+thread under a :class:`~spiral.runtime.guarded_loop.GuardedLoop` (it updates while the replay buffer can
 serve batches and waits, retrying, while it cannot or is down; if it raises or stalls, health
 goes NOT_SERVING and the process exits 1 without checkpointing the failed state); checkpoints
 under ``--run-dir/discriminator`` (TensorBoard event files under ``--run-dir/tensorboard``) and
@@ -18,12 +18,12 @@ import logging
 from discriminator.learner import DiscriminatorLearner
 from discriminator.service import DiscriminatorLearnerServicer
 from spiral.data import for_experiment
-from spiral.guarded_loop import GuardedLoop
+from spiral.runtime.guarded_loop import GuardedLoop
 from spiral.rpc.peers import RemoteRenderSampler
 from spiral.rpc.server import build_server
-from spiral.seeding import discriminator_seed
-from spiral.service_options import add_service_arguments, resolve_service_options
-from spiral.service_runtime import start_process
+from spiral.runtime.seeding import discriminator_seed
+from spiral.runtime.service_options import add_service_arguments, resolve_service_options
+from spiral.runtime.service_runtime import start_process
 
 log = logging.getLogger(__name__)
 

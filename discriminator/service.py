@@ -6,7 +6,7 @@ answer is one "up to date" chunk when it already holds that version.
 Population-based training:
 
 * ``GetTrainingState`` serves the critic's weights and Adam state (see
-  :mod:`spiral.training_state`), taken between two updates under its ``state_lock``.
+  :mod:`spiral.agent.training_state`), taken between two updates under its ``state_lock``.
 * ``LoadFrom`` makes this discriminator a copy of a donor: it fetches the donor's training
   state (``GetTrainingState`` on ``donor_address`` for ``donor_member``), hands it to
   :meth:`DiscriminatorLearner.request_copy`, which applies it at the start of the next update

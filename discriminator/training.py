@@ -11,10 +11,10 @@ the critic's loss, by ``discriminator_learner.objective``:
   (:mod:`spiral.losses.nonsaturating`).
 
 With ``discriminator_learner.precision: bf16`` the critic's forward passes and the gradient
-penalty's double backward run under bf16 autocast (:mod:`spiral.precision`); the losses, the
+penalty's double backward run under bf16 autocast (:mod:`spiral.nets.precision`); the losses, the
 penalty's norms and Adam's fp32 master weights do not.
 
-What the critic sees is decided by :func:`spiral.critic.critic_inputs`, the rule the policy
+What the critic sees is decided by :func:`spiral.agent.discriminator_inputs.critic_inputs`, the rule the policy
 learner scores with too. In conditional mode a real pair is ``(real, real)`` (a target
 reconstructs itself perfectly) and a fake pair is ``(render, its target)``; the gradient
 penalty interpolates the images and keeps the fake pairs' targets fixed (the discriminator
@@ -32,13 +32,13 @@ import numpy as np
 import torch
 
 from spiral.config import ExperimentConfig
-from spiral.critic import critic_inputs, random_halves
+from spiral.agent.discriminator_inputs import critic_inputs, random_halves
 from spiral.losses import (critic_loss, gradient_penalty, level_penalty, nonsaturating_critic_loss,
                            wasserstein_estimate)
 from spiral.nets import images_to_tensor
 from spiral.nets.discriminator import Discriminator
-from spiral.precision import autocast, resolve_precision
-from spiral.training_state import check_training_state, export_training_state, import_training_state
+from spiral.nets.precision import autocast, resolve_precision
+from spiral.agent.training_state import check_training_state, export_training_state, import_training_state
 
 
 @dataclass
@@ -161,7 +161,7 @@ class DiscriminatorTrainer:
         """Critic weights and Adam state as flat CPU numpy arrays (what a PBT exploit copies).
 
         Names: ``"critic/<state_dict name>"`` and ``"optimizer/<param_index>/<key>"``; see
-        :mod:`spiral.training_state`. The gradient-penalty generator is not included.
+        :mod:`spiral.agent.training_state`. The gradient-penalty generator is not included.
         """
         return export_training_state("critic", self.critic, self.optimizer)
 
@@ -175,6 +175,6 @@ class DiscriminatorTrainer:
         Validates everything first and changes nothing unless all fits; Adam's settings stay.
 
         Raises:
-            ValueError: (:class:`~spiral.training_state.TrainingStateError`) naming each bad entry.
+            ValueError: (:class:`~spiral.agent.training_state.TrainingStateError`) naming each bad entry.
         """
         import_training_state(tensors, "critic", self.critic, self.optimizer)

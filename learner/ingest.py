@@ -14,7 +14,7 @@ import threading
 import time
 
 from spiral.core import Unavailable
-from spiral.trajectory import Unroll
+from spiral.agent.trajectory import Unroll
 
 
 class QueueFull(Unavailable):

@@ -8,7 +8,7 @@ critic copy that scores episodes. Its loop:
 2. refresh the critic from the discriminator learner if a newer version exists;
 3. score the final canvases, compute V-trace and update (the critic version is recorded);
 4. publish the new parameters with version + 1;
-5. write a JSON-lines log row and TensorBoard scalars (:class:`spiral.tensorboard.TrainingBoard`)
+5. write a JSON-lines log row and TensorBoard scalars (:class:`spiral.runtime.tensorboard.TrainingBoard`)
    after every update, and every few updates an atomic checkpoint and a sample grid.
 
 ``submit`` is what the gRPC service (or an in-process actor) calls; it refuses unrolls whose
@@ -36,23 +36,23 @@ import torch
 
 from learner.ingest import IngestQueue
 from learner.training import PolicyTrainer
-from spiral import metrics
-from spiral.visualize import json_safe
-from spiral.checkpoint import latest_checkpoint, save_checkpoint
-from spiral.compilation import persist_compile_cache
-from spiral.atomic import atomic_write_bytes
+from spiral.runtime import metrics
+from spiral.evaluation.visualize import json_safe
+from spiral.runtime.checkpoint import latest_checkpoint, save_checkpoint
+from spiral.nets.compilation import persist_compile_cache
+from spiral.runtime.atomic import atomic_write_bytes
 from spiral.config import ExperimentConfig
 from spiral.envs import action_spec_for
 from spiral.envs.programs import program_from_actions, save_program, to_svg
 from spiral.nets import build_discriminator, build_policy
 from spiral.nets.params import load_snapshot, snapshot_of
-from spiral.snapshot import ParameterSnapshot
-from spiral.seeding import learner_seed
-from spiral.service_runtime import ProgressLog
+from spiral.runtime.snapshot import ParameterSnapshot
+from spiral.runtime.seeding import learner_seed
+from spiral.runtime.service_runtime import ProgressLog
 from spiral.core import ParameterSource, PublishedParameters, Refused
-from spiral.tensorboard import TrainingBoard
-from spiral.trajectory import Unroll
-from spiral.visualize import pair_grid, save_png
+from spiral.runtime.tensorboard import TrainingBoard
+from spiral.agent.trajectory import Unroll
+from spiral.evaluation.visualize import pair_grid, save_png
 
 log = logging.getLogger(__name__)
 
@@ -353,7 +353,7 @@ class PolicyLearner:
             between_updates: Callable[[threading.Event], None] | None = None) -> None:
         """The learner's loop, the one ``spiral learner`` runs: update until ``stop`` is set.
 
-        Each iteration calls ``beat`` (the :class:`spiral.guarded_loop.GuardedLoop` heartbeat),
+        Each iteration calls ``beat`` (the :class:`spiral.runtime.guarded_loop.GuardedLoop` heartbeat),
         then ``between_updates`` (the PBT member's report), then waits at most 0.5 s for a batch
         and updates on it; a progress line is logged every 10 s. Checkpointing on the way out is
         the caller's (after in-flight calls have finished).

@@ -2,7 +2,7 @@
 
 Serves ``spiral.v1.PolicyLearner`` on ``--listen``, pulls discriminator parameters from
 ``services.discriminator_address`` to score episodes, runs :meth:`PolicyLearner.run` on a
-thread under a :class:`~spiral.guarded_loop.GuardedLoop` (if it raises or stalls, health goes
+thread under a :class:`~spiral.runtime.guarded_loop.GuardedLoop` (if it raises or stalls, health goes
 NOT_SERVING and the process exits 1 without checkpointing the failed state), writes
 checkpoints, samples, ``learner.jsonl`` and TensorBoard event files (``tensorboard/``) under
 ``--run-dir``, and on SIGTERM stops taking calls, finishes in-flight ones, writes a last
@@ -19,11 +19,11 @@ from learner.population import PopulationMember, fitness_for
 from learner.service import PolicyLearnerServicer
 from spiral.config import ExperimentConfig
 from spiral.data import for_experiment
-from spiral.guarded_loop import GuardedLoop
+from spiral.runtime.guarded_loop import GuardedLoop
 from spiral.rpc.peers import RemoteParameterSource
 from spiral.rpc.server import build_server
-from spiral.service_options import add_service_arguments, resolve_service_options
-from spiral.service_runtime import start_process
+from spiral.runtime.service_options import add_service_arguments, resolve_service_options
+from spiral.runtime.service_runtime import start_process
 
 log = logging.getLogger(__name__)
 

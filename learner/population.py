@@ -46,9 +46,9 @@ import numpy as np
 import torch
 
 from learner.learner import ExploitRequest, PolicyLearner
-from spiral.checkpoint import latest_checkpoint, load_checkpoint
+from spiral.runtime.checkpoint import latest_checkpoint, load_checkpoint
 from spiral.config import ExperimentConfig, ServicesConfig
-from spiral.evaluation import reconstruct
+from spiral.evaluation.reconstruction import reconstruct
 from spiral.nets import build_discriminator, images_to_tensor
 from spiral.rpc.client import make_channel
 from spiral.rpc.peers import PeerError

@@ -10,7 +10,7 @@ A full ingest queue pushes back with RESOURCE_EXHAUSTED after a bounded wait, so
 slow down instead of the learner running out of memory.
 
 ``GetTrainingState`` serves the full trainer state (policy weights and Adam state, see
-:mod:`spiral.training_state`) to a population member that copies this one. The snapshot
+:mod:`spiral.agent.training_state`) to a population member that copies this one. The snapshot
 is taken between two updates, under the learner's ``state_lock``.
 """
 

@@ -1,10 +1,10 @@
 """One policy-learner update: rewards, V-trace and an Adam step, free of queues and networking.
 
-:class:`PolicyTrainer` turns a batch of finished episodes (:class:`~spiral.trajectory.Unroll`)
+:class:`PolicyTrainer` turns a batch of finished episodes (:class:`~spiral.agent.trajectory.Unroll`)
 into one optimiser step of SPIRAL's off-policy actor-critic (A2C with V-trace, as IMPALA):
 
 1. **Rewards** (:meth:`PolicyTrainer.step_rewards`). The final render of each episode is
-   scored (:func:`spiral.rewards.episode_rewards`: the critic's score, optional negative L2 to
+   scored (:func:`spiral.agent.rewards.episode_rewards`: the critic's score, optional negative L2 to
    the target, blank-canvas penalty); that reward sits at the last step ``T - 1`` and every
    other step gets 0, minus ``stroke_start_penalty`` where a paint step starts a new stroke.
    With ``temporal_credit`` the critic's score is paid per step instead, as its change.
@@ -19,7 +19,7 @@ into one optimiser step of SPIRAL's off-policy actor-critic (A2C with V-trace, a
    kept beside them for evaluation only (:attr:`PolicyTrainer.average`).
 
 With ``learner.precision: bf16`` steps 1's critic and 2 run under bf16 autocast
-(:mod:`spiral.precision`); V-trace, the losses and Adam's fp32 master weights do not.
+(:mod:`spiral.nets.precision`); V-trace, the losses and Adam's fp32 master weights do not.
 
 The learning rate and entropy cost are the hyperparameters population-based training tunes
 (:meth:`set_hyperparameters`); they live in the checkpointed state with the weights and the
@@ -42,12 +42,12 @@ from spiral.losses import baseline_loss, entropy_loss, policy_gradient_loss, tru
 from spiral.nets import observation_to_tensors
 from spiral.nets.discriminator import Discriminator
 from spiral.nets.policy import SpiralPolicy
-from spiral.compilation import maybe_compile
-from spiral.precision import autocast, resolve_precision
-from spiral.critic import random_halves, reward_scores, score_images
-from spiral.rewards import RunningScoreNormalizer, episode_rewards, reconstruction_l2, stroke_starts
-from spiral.training_state import check_training_state, export_training_state, import_training_state
-from spiral.trajectory import Unroll
+from spiral.nets.compilation import maybe_compile
+from spiral.nets.precision import autocast, resolve_precision
+from spiral.agent.discriminator_inputs import random_halves, reward_scores, score_images
+from spiral.agent.rewards import RunningScoreNormalizer, episode_rewards, reconstruction_l2, stroke_starts
+from spiral.agent.training_state import check_training_state, export_training_state, import_training_state
+from spiral.agent.trajectory import Unroll
 
 
 @dataclass
@@ -186,7 +186,7 @@ class PolicyTrainer:
           step t (canvas 0 is the empty canvas the episode started from). All scored canvases
           go through the critic in one batched call; ``normalize: running`` rescales the scores
           first.
-        * L2 and the blank penalty at step ``T - 1`` (:func:`spiral.rewards.episode_rewards`);
+        * L2 and the blank penalty at step ``T - 1`` (:func:`spiral.agent.rewards.episode_rewards`);
           with ``l2_shaping`` the L2 term is paid per step as the (pooled) error drops.
         * The stroke-start penalty (painting only) at the step that starts the stroke.
 
@@ -364,7 +364,7 @@ class PolicyTrainer:
         """Weights and Adam state as flat CPU numpy arrays (what a PBT exploit copies).
 
         Names: ``"policy/<state_dict name>"`` and ``"optimizer/<param_index>/<key>"`` (``step``,
-        ``exp_avg``, ``exp_avg_sq``); see :mod:`spiral.training_state`. Hyperparameters
+        ``exp_avg``, ``exp_avg_sq``); see :mod:`spiral.agent.training_state`. Hyperparameters
         are not included: PBT sets them separately.
         """
         return export_training_state("policy", self.policy, self.optimizer)
@@ -380,7 +380,7 @@ class PolicyTrainer:
         learning rate, entropy cost and Adam's other settings stay as they are.
 
         Raises:
-            ValueError: (:class:`~spiral.training_state.TrainingStateError`) naming each bad entry.
+            ValueError: (:class:`~spiral.agent.training_state.TrainingStateError`) naming each bad entry.
         """
         import_training_state(tensors, "policy", self.policy, self.optimizer)
         self.restart_average()  # the copied member's weights, not an average across two members

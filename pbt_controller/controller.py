@@ -45,8 +45,8 @@ from typing import Callable, Mapping
 from pbt_controller import decision as pbt
 from pbt_controller.discovery import Discovery
 from pbt_controller.state import ActorRecord, ControllerState, StateStore
-from spiral import metrics
-from spiral.members import MemberAddresses
+from spiral.runtime import metrics
+from spiral.runtime.members import MemberAddresses
 from spiral.config import PBTConfig
 from spiral.rpc import InvalidMessage, PreconditionFailed
 

@@ -5,7 +5,7 @@ needs their addresses to tell an actor where to work (``AssignActor``) and a lea
 donor lives. Two sources:
 
 * **A static members file** (``--members FILE``, JSON or YAML): a list of
-  ``{member, learner_address, discriminator_address, replay_address}`` (:func:`spiral.members.load_members_file`).
+  ``{member, learner_address, discriminator_address, replay_address}`` (:func:`spiral.runtime.members.load_members_file`).
   ``spiral up --population K`` writes one.
 * **Kubernetes** (:class:`KubernetesDiscovery`): members are StatefulSets of K replicas behind
   headless Services, so member ``i`` is the pod with ordinal ``i`` (``spiral-learner-3`` is
@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Protocol
 
-from spiral.members import MemberAddresses, load_members_file
+from spiral.runtime.members import MemberAddresses, load_members_file
 
 log = logging.getLogger(__name__)
 

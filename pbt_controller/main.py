@@ -29,8 +29,8 @@ from pbt_controller.discovery import make_discovery
 from pbt_controller.service import PBTControllerServicer
 from pbt_controller.state import StateStore
 from spiral.rpc.server import BindError, build_server
-from spiral.service_runtime import start_process
-from spiral.service_options import add_service_arguments, resolve_service_options
+from spiral.runtime.service_runtime import start_process
+from spiral.runtime.service_options import add_service_arguments, resolve_service_options
 
 log = logging.getLogger(__name__)
 

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from pbt_controller.decision import MemberRecord
-from spiral.atomic import atomic_write_bytes
+from spiral.runtime.atomic import atomic_write_bytes
 
 STATE_FILE = "state.json"
 LINEAGE_FILE = "lineage.jsonl"

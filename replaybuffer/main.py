@@ -21,9 +21,9 @@ from replaybuffer.service import ReplayBufferServicer
 from replaybuffer.table import ReplayTable
 from spiral.rpc.messages import experiment_image_shape
 from spiral.rpc.server import BindError, build_server
-from spiral.service_runtime import start_process
-from spiral.seeding import replay_seed
-from spiral.service_options import add_service_arguments, resolve_service_options
+from spiral.runtime.service_runtime import start_process
+from spiral.runtime.seeding import replay_seed
+from spiral.runtime.service_options import add_service_arguments, resolve_service_options
 
 log = logging.getLogger(__name__)
 

@@ -30,7 +30,7 @@ import grpc
 import numpy as np
 
 from replaybuffer.table import RateLimited, ReplayItem, ReplayTable, TableClosed
-from spiral import metrics
+from spiral.runtime import metrics
 from spiral.rpc.errors import (RATE_LIMITED_PREFIX, InvalidMessage, check_member,
                                rejects_bad_messages)
 from spiral.rpc.messages import ImageShape, RenderBatch, decode_insert_request, encode_sample_response

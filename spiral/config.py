@@ -32,7 +32,7 @@ class ConfigError(ValueError):
 
 
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
-"""The values of the ``precision`` fields (learner, discriminator learner, actor); see :mod:`spiral.precision`."""
+"""The values of the ``precision`` fields (learner, discriminator learner, actor); see :mod:`spiral.nets.precision`."""
 
 
 def _require(condition: bool, field_path: str, message: str) -> None:
@@ -338,13 +338,13 @@ class LearnerConfig:
     max_policy_lag: int = 100
     """Trajectories from policies more than this many versions old are refused."""
     precision: Literal["fp32", "bf16"] = "fp32"
-    """Arithmetic of the policy's forward and backward (:mod:`spiral.precision`): ``bf16`` runs
+    """Arithmetic of the policy's forward and backward (:mod:`spiral.nets.precision`): ``bf16`` runs
     them under bfloat16 autocast (AMX/AVX-512-BF16 CPUs, CUDA), with fp32 master weights, Adam
     state, log-probabilities, V-trace and losses; it falls back to fp32 where the device has no
     native bf16."""
     compile: bool = False
     """``torch.compile`` (inductor) the policy's unroll, forward and backward
-    (:mod:`spiral.compilation`): fused element-wise kernels between the convolutions. The first
+    (:mod:`spiral.nets.compilation`): fused element-wise kernels between the convolutions. The first
     update compiles (seconds for ``tiny``, about a minute for the paper's network); the kernels
     are cached in ``RUN_DIR/compile-cache`` for restarts. Without a C++ compiler (CPU) it runs
     eagerly, with a warning."""
@@ -357,7 +357,7 @@ class LearnerConfig:
     restarted) when one of its iterations lasts this long: an update, its critic scoring and a
     bounded wait for a batch. The first update of ``compile`` compiles (about a minute)."""
     reward: RewardConfig = field(default_factory=RewardConfig)
-    """How an episode's reward is made (the critic's score, L2, shaping; :mod:`spiral.rewards`)."""
+    """How an episode's reward is made (the critic's score, L2, shaping; :mod:`spiral.agent.rewards`)."""
 
     def validate(self, path: str) -> None:
         _require(self.batch_size >= 1, f"{path}.batch_size", "must be >= 1")
@@ -402,7 +402,7 @@ class DiscriminatorLearnerConfig:
     checkpoint_every_updates: int = 200
     """Write an atomic checkpoint every this many updates (0: only on shutdown)."""
     precision: Literal["fp32", "bf16"] = "fp32"
-    """Arithmetic of the critic's updates (:mod:`spiral.precision`); the losses and the
+    """Arithmetic of the critic's updates (:mod:`spiral.nets.precision`); the losses and the
     gradient penalty's norms stay fp32."""
     stall_seconds: float = 300.0
     """The discriminator's update loop has stalled (health NOT_SERVING, the process exits 1 and
@@ -448,7 +448,7 @@ class ActorConfig:
     torch_threads: int = 1
     """Torch intra-op threads of an actor process."""
     precision: Literal["fp32", "bf16"] = "fp32"
-    """Arithmetic of the acting forward (:mod:`spiral.precision`); sampling and the recorded
+    """Arithmetic of the acting forward (:mod:`spiral.nets.precision`); sampling and the recorded
     behaviour log-probabilities stay fp32."""
     stall_seconds: float = 300.0
     """The actor's episode loop has stalled (``/healthz`` fails, the process exits 1 and is
@@ -583,7 +583,7 @@ class ServicesConfig:
     """Deadline of a PBT copy: fetching a donor's training state, or asking a discriminator to
     copy its donor's (``LoadFrom``)."""
     failure_linger_seconds: float = 2.0
-    """After a service's loop raised or stalled (:mod:`spiral.guarded_loop`), the process stays
+    """After a service's loop raised or stalled (:mod:`spiral.runtime.guarded_loop`), the process stays
     up this long answering NOT_SERVING (so health checks and the last scrape see why), then
     exits 1."""
 

@@ -38,8 +38,8 @@ from typing import Callable, Protocol
 
 import numpy as np
 
-from spiral.snapshot import ParameterSnapshot
-from spiral.trajectory import Unroll
+from spiral.runtime.snapshot import ParameterSnapshot
+from spiral.agent.trajectory import Unroll
 
 
 class PeerFailure(RuntimeError):

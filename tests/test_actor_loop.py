@@ -4,7 +4,7 @@
   unroll and refetches parameters at once, any other refusal or an undeliverable unroll or
   render batch is dropped and counted, and a failed refresh keeps the parameters held.
 * The same :class:`Actor` then runs against the real in-process components (``spiral local``'s
-  :class:`spiral.local.LocalSystem`) and against real gRPC servers of the policy learner and the
+  :class:`spiral.commands.local.LocalSystem`) and against real gRPC servers of the policy learner and the
   replay buffer, through :func:`actor.main.connect_member`, and must deliver the same things.
 """
 
@@ -24,18 +24,18 @@ from learner.learner import PolicyLearner
 from learner.service import PolicyLearnerServicer
 from replaybuffer.service import ReplayBufferServicer
 from replaybuffer.table import LocalRenders, ReplayTable
-from spiral.acting import EpisodeRunner
+from spiral.agent.acting import EpisodeRunner
 from spiral.config import ExperimentConfig, load_experiment
 from spiral.data import for_experiment
 from spiral.envs import make_env
-from spiral.local import LocalSystem
+from spiral.commands.local import LocalSystem
 from spiral.nets import build_policy
 from spiral.nets.params import snapshot_of
-from spiral.snapshot import ParameterSnapshot
+from spiral.runtime.snapshot import ParameterSnapshot
 from spiral.rpc.messages import experiment_image_shape
 from spiral.rpc.server import build_server
 from spiral.core import PeerFailure, Refused, Unavailable
-from spiral.trajectory import Unroll
+from spiral.agent.trajectory import Unroll
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""spiral.allocator: freed activations stay in the process instead of being page-faulted anew.
+"""spiral.runtime.allocator: freed activations stay in the process instead of being page-faulted anew.
 
 Each case runs in a fresh interpreter, because ``mallopt`` changes the whole process.
 """
@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parent.parent
 PROBE = """
 import json, resource
 import torch
-from spiral.allocator import retain_freed_memory
+from spiral.runtime.allocator import retain_freed_memory
 retained = retain_freed_memory()
 def update():
     a, b, c = torch.ones(10 << 20), torch.ones(10 << 20), torch.ones(3 << 20)
@@ -53,7 +53,7 @@ def test_retained_memory_is_reused_without_page_faults() -> None:
 
 
 def test_limits_outside_mallopts_int_are_refused() -> None:
-    from spiral.allocator import retain_freed_memory
+    from spiral.runtime.allocator import retain_freed_memory
 
     for bad in (0, 1 << 31):
         with pytest.raises(ValueError, match="limit_bytes"):

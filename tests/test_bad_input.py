@@ -18,15 +18,15 @@ import grpc
 import numpy as np
 import pytest
 
-from spiral.acting import EpisodeRunner
+from spiral.agent.acting import EpisodeRunner
 from spiral.config import load_experiment
 from spiral.envs import action_spec_for, make_env
 from spiral.nets import build_policy
-from spiral.snapshot import ParameterSnapshot
+from spiral.runtime.snapshot import ParameterSnapshot
 from spiral.rpc.client import make_channel
 from spiral.rpc.messages import encode_unroll
 from spiral.rpc.parameters import fetch_parameters
-from spiral.up import free_port, scrape
+from spiral.commands.up import free_port, scrape
 from spiral.v1 import learner_pb2, learner_pb2_grpc
 from system_harness import write_config
 
@@ -42,7 +42,7 @@ def learner(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str
                                 "actor": {"num_envs": 4}})
     port, metrics_port = free_port(), free_port()
     log = open(tmp / "learner.log", "wb")  # noqa: SIM115
-    proc = subprocess.Popen([sys.executable, "-m", "spiral.cli", "learner", "--config", str(config),
+    proc = subprocess.Popen([sys.executable, "-m", "spiral.commands.cli", "learner", "--config", str(config),
                              "--run-dir", str(tmp / "run"), "--listen", f"127.0.0.1:{port}",
                              "--metrics-port", str(metrics_port),
                              "--discriminator-address", f"127.0.0.1:{free_port()}"],

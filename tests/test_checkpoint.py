@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from spiral.checkpoint import checkpoint_version, latest_checkpoint, list_checkpoints, save_checkpoint
+from spiral.runtime.checkpoint import checkpoint_version, latest_checkpoint, list_checkpoints, save_checkpoint
 
 
 def test_round_trip_and_newest_wins(tmp_path: Path) -> None:

@@ -13,10 +13,10 @@ from discriminator.training import DiscriminatorTrainer
 from learner.learner import reward_in_band
 from learner.training import PolicyTrainer
 from spiral.config import ConfigError, ExperimentConfig, experiment_path, load_experiment
-from spiral.critic import HALVES, complement_mix, critic_inputs, half_masks, random_halves, reward_scores
+from spiral.agent.discriminator_inputs import HALVES, complement_mix, critic_inputs, half_masks, random_halves, reward_scores
 from spiral.losses import level_penalty, nonsaturating_critic_loss
 from spiral.nets import build_discriminator, build_policy, images_to_tensor
-from spiral.rewards import RunningScoreNormalizer
+from spiral.agent.rewards import RunningScoreNormalizer
 from test_training import bar_targets, collect
 
 SIZE = 64

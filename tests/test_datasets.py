@@ -224,7 +224,7 @@ def test_missing_package_names_what_to_install(cache_dir: Path, monkeypatch: pyt
 
 def run_cli(*args: str, cache_dir: Path) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-m", "spiral.cli", "data", *args, "--cache-dir", str(cache_dir)],
+    return subprocess.run([sys.executable, "-m", "spiral.commands.cli", "data", *args, "--cache-dir", str(cache_dir)],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
 
 

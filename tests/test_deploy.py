@@ -8,7 +8,7 @@ pbt-controller component, which no shipped overlay uses yet) and then checked:
   structurally instead;
 * consistency with the code: container commands are ``spiral`` subcommands, environment
   variables are ones the package reads, ports are the services' ports, metrics in dashboards
-  and alert rules are ones :mod:`spiral.metrics` exports, every PromQL expression parses
+  and alert rules are ones :mod:`spiral.runtime.metrics` exports, every PromQL expression parses
   (``promtool check rules``) and the alerts fire on the data they are meant for
   (``promtool test rules``);
 * policy in the spirit of kube-linter's defaults: probes, requests, non-root and locked-down
@@ -35,10 +35,10 @@ from typing import Any
 import pytest
 import yaml
 
-from spiral.cli import SUBCOMMANDS
+from spiral.commands.cli import SUBCOMMANDS
 from spiral.config import load_experiment
-from spiral.metrics import metric_names
-from spiral.service_options import DEFAULT_METRICS_PORT, DEFAULT_PORTS, ENV_VARS
+from spiral.runtime.metrics import metric_names
+from spiral.runtime.service_options import DEFAULT_METRICS_PORT, DEFAULT_PORTS, ENV_VARS
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -494,7 +494,7 @@ def test_every_metric_in_dashboards_and_alerts_is_exported_by_the_code() -> None
     for where, expr in exprs:
         names = metric_names_in(grafana_to_promql(expr))
         assert names, f"{where}: no metric found in {expr!r}"
-        assert not unknown_metrics(names), f"{where}: {sorted(unknown_metrics(names))} not in spiral.metrics"
+        assert not unknown_metrics(names), f"{where}: {sorted(unknown_metrics(names))} not in spiral.runtime.metrics"
 
 
 def test_dashboards_cover_the_issues_panels() -> None:
@@ -753,7 +753,7 @@ def test_only_the_pbt_controller_reads_the_api_and_its_role_is_read_only() -> No
 def test_population_discriminator_overlay_shares_one_discriminator_and_replay_buffer() -> None:
     """celeba-shared (components/population-discriminator): 12 learners, one D, one replay buffer."""
     from pbt_controller.discovery import DEFAULT_DISCRIMINATOR, DEFAULT_REPLAY
-    from spiral.service_options import parse_switch
+    from spiral.runtime.service_options import parse_switch
 
     docs = rendered("celeba-shared")
     (peers,) = [c for c in by_kind(docs, "ConfigMap") if c["metadata"]["name"].startswith("spiral-peers")]

@@ -1,6 +1,6 @@
 """No silent death: a service loop that raises or stalls turns the service unhealthy and exits 1.
 
-The unit tests drive :class:`spiral.guarded_loop.GuardedLoop` with an injected clock and events
+The unit tests drive :class:`spiral.runtime.guarded_loop.GuardedLoop` with an injected clock and events
 (no sleeps decide anything). The process tests start the real ``spiral learner``,
 ``spiral discriminator`` and ``spiral actor`` entry points with a fault injected into their loop
 (``SPIRAL_INJECT_FAULT``) and watch, from outside, what Kubernetes and ``spiral up`` would see:
@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 
 from spiral.config import load_experiment
-from spiral.guarded_loop import FAULT_ENV, FaultSpec, GuardedLoop, InjectedFault, Watchdog
-from spiral.up import Layout, Supervisor, free_port, plan_layout
+from spiral.runtime.guarded_loop import FAULT_ENV, FaultSpec, GuardedLoop, InjectedFault, Watchdog
+from spiral.commands.up import Layout, Supervisor, free_port, plan_layout
 from system_harness import grpc_health, http_get, write_config
 
 
@@ -170,7 +170,7 @@ def test_fault_specs_parse_select_their_role_and_fire_at_their_beat(monkeypatch:
 
 def _start(role: str, config: Path, run_dir: Path, fault: str, grpc_port: int | None) -> tuple[subprocess.Popen, int]:
     metrics_port = free_port()
-    args = [sys.executable, "-m", "spiral.cli", role, "--config", str(config), "--run-dir", str(run_dir),
+    args = [sys.executable, "-m", "spiral.commands.cli", role, "--config", str(config), "--run-dir", str(run_dir),
             "--metrics-port", str(metrics_port)]
     if grpc_port is not None:
         args += ["--listen", f"127.0.0.1:{grpc_port}"]

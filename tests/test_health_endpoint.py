@@ -6,7 +6,7 @@ state is set directly.
 
 from __future__ import annotations
 
-from spiral.metrics import serve_metrics
+from spiral.runtime.metrics import serve_metrics
 from system_harness import http_get
 
 

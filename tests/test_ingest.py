@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from learner.ingest import IngestQueue, QueueFull
-from spiral.trajectory import Unroll
+from spiral.agent.trajectory import Unroll
 
 
 def make_unroll(batch: int, tag: int, steps: int = 3, heads: int = 2) -> Unroll:

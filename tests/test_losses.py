@@ -12,7 +12,7 @@ from spiral.config import RewardConfig
 from spiral.losses import (baseline_loss, critic_loss, entropy_loss, gradient_penalty, policy_gradient_loss,
                            trust_region_mask, vtrace, wasserstein_estimate)
 from spiral.nets.discriminator import Discriminator
-from spiral.rewards import episode_rewards, is_blank, reconstruction_l2, stroke_starts
+from spiral.agent.rewards import episode_rewards, is_blank, reconstruction_l2, stroke_starts
 
 
 def reference_vtrace(mu_log, pi_log, gamma, r, v, bootstrap, rho_bar, pg_rho_bar, c_bar):

@@ -14,9 +14,9 @@ from spiral.envs.base import Observation
 from spiral.nets import (build_discriminator, build_policy, images_to_tensor, observation_to_tensors)
 from spiral.nets.discriminator import Discriminator
 from spiral.nets.params import load_snapshot, snapshot_of
-from spiral.snapshot import ParameterSnapshot
+from spiral.runtime.snapshot import ParameterSnapshot
 from spiral.nets.policy import PolicyInputs
-from spiral.trajectory import Unroll
+from spiral.agent.trajectory import Unroll
 
 torch.set_num_threads(1)
 

@@ -24,7 +24,7 @@ from pbt_controller.discovery import StaticDiscovery
 from pbt_controller.service import SERVICE, PBTControllerServicer
 from pbt_controller.state import StateStore
 from spiral.config import PBTConfig, ServicesConfig, dump_experiment, load_experiment
-from spiral.members import MemberAddresses, load_members_file, write_members_file
+from spiral.runtime.members import MemberAddresses, load_members_file, write_members_file
 from spiral.rpc.server import SpiralServer, build_server
 from spiral.v1 import pbt_pb2, pbt_pb2_grpc
 
@@ -278,7 +278,7 @@ def _start_process(tmp_path: Path, address: str, metrics_port: int, population: 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     with open(tmp_path / "pbt.log", "ab") as out:
         return subprocess.Popen(
-            [sys.executable, "-m", "spiral.cli", "pbt-controller", "--config", str(config),
+            [sys.executable, "-m", "spiral.commands.cli", "pbt-controller", "--config", str(config),
              "--members", str(members), "--listen", address,
              "--metrics-port", str(metrics_port), "--run-dir", str(tmp_path / "run")],
             cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)

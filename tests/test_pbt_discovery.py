@@ -9,7 +9,7 @@ import pytest
 
 from pbt_controller.discovery import (KubernetesDiscovery, PodInfo, StaticDiscovery, headless_address,
                                       make_discovery, members_from_pods, statefulset_ordinal)
-from spiral.members import MemberAddresses, load_members_file, write_members_file
+from spiral.runtime.members import MemberAddresses, load_members_file, write_members_file
 
 
 def test_members_file_json_and_yaml_round_trip(tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ import torch
 
 from discriminator.training import DiscriminatorTrainer
 from learner.population import critic_fitness, fitness_for, load_reference_critic, reference_critic_fitness
-from spiral.checkpoint import save_checkpoint
+from spiral.runtime.checkpoint import save_checkpoint
 from spiral.config import ConfigError, load_experiment
 from spiral.nets import build_discriminator, images_to_tensor
 

@@ -26,13 +26,13 @@ from pbt_controller.state import StateStore
 from replaybuffer.service import ReplayBufferServicer
 from replaybuffer.table import ReplayTable
 from spiral.config import ExperimentConfig, PBTConfig, ServicesConfig
-from spiral.members import MemberAddresses, load_members_file
+from spiral.runtime.members import MemberAddresses, load_members_file
 from spiral.rpc.errors import PreconditionFailed
 from spiral.rpc.peers import PeerRejected, RemoteRenderSink
 from spiral.rpc.publish import ParameterPublisher
 from spiral.rpc.server import build_server
-from spiral.service_options import add_service_arguments, parse_switch, resolve_service_options
-from spiral.up import plan_layout
+from spiral.runtime.service_options import add_service_arguments, parse_switch, resolve_service_options
+from spiral.commands.up import plan_layout
 from spiral.v1 import parameters_pb2, pbt_pb2
 
 SHAPE = (8, 8, 1)

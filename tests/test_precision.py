@@ -1,4 +1,4 @@
-"""bf16 mixed precision (spiral.precision): configuration, fallback and its error against fp32.
+"""bf16 mixed precision (spiral.nets.precision): configuration, fallback and its error against fp32.
 
 The tolerances are stated per quantity and checked on the same real episodes (libmypaint or the
 fast rasterizer), with a policy whose heads were made peaky: sharp logits amplify rounding, and
@@ -24,14 +24,14 @@ import numpy as np
 import pytest
 import torch
 
-from spiral.acting import EpisodeRunner
+from spiral.agent.acting import EpisodeRunner
 from discriminator.training import DiscriminatorTrainer
 from learner.training import PolicyTrainer
 from spiral.config import ConfigError, ExperimentConfig, experiment_path, load_experiment
 from spiral.envs import make_env
 from spiral.losses import vtrace
 from spiral.nets import build_discriminator, build_policy, observation_to_tensors
-from spiral.precision import autocast, bf16_native, bf16_runs, cpu_bf16_units, resolve_precision
+from spiral.nets.precision import autocast, bf16_native, bf16_runs, cpu_bf16_units, resolve_precision
 
 LOG_PROB_TOL = 0.2
 LOG_PROB_MEAN_TOL = 0.03
@@ -47,7 +47,7 @@ _skip_without_bf16 = pytest.mark.skipif(not bf16_runs("cpu"), reason="this CPU h
 def bf16_everywhere(monkeypatch: pytest.MonkeyPatch) -> None:
     """Let ``precision: bf16`` take effect on a CPU whose bf16 kernels run but do not pay (no AMX):
     these tests check bf16's numbers, not its speed."""
-    monkeypatch.setattr("spiral.precision.bf16_native", lambda device: True)
+    monkeypatch.setattr("spiral.nets.precision.bf16_native", lambda device: True)
 
 
 def needs_bf16(test):  # type: ignore[no-untyped-def]
@@ -57,11 +57,11 @@ def needs_bf16(test):  # type: ignore[no-untyped-def]
 
 def test_bf16_counts_as_native_on_a_cpu_only_with_amx(monkeypatch: pytest.MonkeyPatch) -> None:
     """AVX-512-BF16 without AMX runs bf16 slower than fp32 (bench/RESULTS.md): it falls back."""
-    monkeypatch.setattr("spiral.precision.bf16_runs", lambda device: True)
-    monkeypatch.setattr("spiral.precision.cpu_bf16_units", lambda: ["avx512_bf16"])
+    monkeypatch.setattr("spiral.nets.precision.bf16_runs", lambda device: True)
+    monkeypatch.setattr("spiral.nets.precision.cpu_bf16_units", lambda: ["avx512_bf16"])
     assert not bf16_native("cpu")
     assert resolve_precision("bf16", "cpu") == "fp32"
-    monkeypatch.setattr("spiral.precision.cpu_bf16_units", lambda: ["amx_bf16", "avx512_bf16"])
+    monkeypatch.setattr("spiral.nets.precision.cpu_bf16_units", lambda: ["amx_bf16", "avx512_bf16"])
     assert bf16_native("cpu")
     assert resolve_precision("bf16", "cpu") == "bf16"
     assert set(cpu_bf16_units()) <= {"amx_bf16", "avx512_bf16"}
@@ -110,9 +110,9 @@ def test_resolve_precision_falls_back_where_bf16_is_not_native(monkeypatch: pyte
     assert resolve_precision("fp32", "cpu") == "fp32"
     with pytest.raises(ValueError, match="learner.precision"):
         resolve_precision("fp8", "cpu", "learner.precision")
-    monkeypatch.setattr("spiral.precision.bf16_native", lambda device: False)
+    monkeypatch.setattr("spiral.nets.precision.bf16_native", lambda device: False)
     assert resolve_precision("bf16", "cpu") == "fp32"
-    monkeypatch.setattr("spiral.precision.bf16_native", lambda device: True)
+    monkeypatch.setattr("spiral.nets.precision.bf16_native", lambda device: True)
     assert resolve_precision("bf16", "cpu") == "bf16"
 
 
@@ -208,7 +208,7 @@ def test_bf16_critic_update_stays_close_to_fp32(cfg: ExperimentConfig) -> None:
 
 def test_compiled_unroll_matches_eager_and_checks_actions_outside_the_graph(cfg: ExperimentConfig) -> None:
     """learner.compile: the compiled update takes the same step as the eager one (fp32)."""
-    from spiral.compilation import compiler_missing
+    from spiral.nets.compilation import compiler_missing
     if compiler_missing("cpu"):
         pytest.skip(compiler_missing("cpu"))
     compiled_cfg = load_experiment(experiment_path("tiny-critic"), overrides={

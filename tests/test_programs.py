@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from spiral.cli import main as spiral_main
+from spiral.commands.cli import main as spiral_main
 from spiral.config import ExperimentConfig, from_dict
 from spiral.envs import action_spec_for, make_env
 from spiral.envs.fast_paint import stroke_radius_scale
@@ -276,7 +276,7 @@ def test_spiral_render_cli_writes_the_episode_canvas(tmp_path: Path, backend: st
     save_program(program_from_actions(cfg.env, actions[:, 0], action_spec_for(cfg)), tmp_path / "program.json")
     env = dict(os.environ, OMP_NUM_THREADS="1")
     result = subprocess.run(
-        [sys.executable, "-m", "spiral.cli", "render", str(tmp_path / "program.json"), "--backend", backend,
+        [sys.executable, "-m", "spiral.commands.cli", "render", str(tmp_path / "program.json"), "--backend", backend,
          "--out", str(tmp_path / "canvas.png"), "--svg", str(tmp_path / "program.svg")],
         cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
@@ -310,7 +310,7 @@ def test_spiral_render_grayscale_png_and_clear_errors(tmp_path: Path, capsys: py
 
 def test_the_learners_sample_grid_comes_with_the_program_of_its_first_episode(tmp_path: Path) -> None:
     """A run leaves programs, not only pictures: ``samples/update-N.json`` re-renders pixel for pixel."""
-    from spiral.acting import EpisodeRunner
+    from spiral.agent.acting import EpisodeRunner
     from learner.learner import PolicyLearner
     from spiral.config import load_experiment
 

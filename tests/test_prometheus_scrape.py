@@ -27,7 +27,7 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 PODMONITOR = REPO / "deploy" / "components" / "monitoring" / "podmonitor.yaml"
 
-from spiral.up import free_port
+from spiral.commands.up import free_port
 from system_harness import write_config
 
 pytestmark = [pytest.mark.slow,
@@ -76,7 +76,7 @@ def scrape_config_of_the_podmonitor(targets_file: Path) -> tuple[dict, int]:
 def test_prometheus_sees_env_steps_and_learner_updates_rise(tmp_path: Path) -> None:
     config = write_config(tmp_path)
     up_log = open(tmp_path / "up.log", "wb")  # noqa: SIM115
-    up = subprocess.Popen([sys.executable, "-m", "spiral.cli", "up", "--config", str(config), "--runs-dir",
+    up = subprocess.Popen([sys.executable, "-m", "spiral.commands.cli", "up", "--config", str(config), "--runs-dir",
                            str(tmp_path / "runs"), "--name", "scrape", "--actors", "2", "--duration", "240",
                            "--status-every", "5", "--no-restart"], stdout=up_log, stderr=subprocess.STDOUT)
     prometheus = None

@@ -13,14 +13,14 @@ import pytest
 
 pytest.importorskip("grpc_tools")
 
-from spiral import protogen  # noqa: E402
+from spiral.commands import protogen  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 def test_committed_stubs_are_up_to_date() -> None:
-    """`python -m spiral.protogen --check` (what `make proto-check` runs) passes on the tree."""
-    result = subprocess.run([sys.executable, "-m", "spiral.protogen", "--check"], cwd=REPO,
+    """`python -m spiral.commands.protogen --check` (what `make proto-check` runs) passes on the tree."""
+    result = subprocess.run([sys.executable, "-m", "spiral.commands.protogen", "--check"], cwd=REPO,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "up to date" in result.stdout
@@ -101,7 +101,7 @@ def test_check_detects_missing_and_extra_files(tmp_path: Path) -> None:
 def test_check_cli_names_stale_files_and_exits_nonzero(tmp_path: Path) -> None:
     copy = _tampered_copy(tmp_path)
     (copy / "learner_pb2.pyi").write_text("# hand-edited\n")
-    result = subprocess.run([sys.executable, "-m", "spiral.protogen", "--check", "--output-dir", str(copy)],
+    result = subprocess.run([sys.executable, "-m", "spiral.commands.protogen", "--check", "--output-dir", str(copy)],
                             cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 1, result.stdout + result.stderr
     assert "learner_pb2.pyi" in result.stdout

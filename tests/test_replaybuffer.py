@@ -311,7 +311,7 @@ def _wait_serving(address: str, process: subprocess.Popen[bytes], deadline: floa
 def _start(run_dir: Path, port: int, metrics_port: int, log: Path) -> subprocess.Popen[bytes]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     with open(log, "ab") as out:
-        return subprocess.Popen([sys.executable, "-m", "spiral.cli", "replaybuffer", "--config", "experiments/tiny.yaml",
+        return subprocess.Popen([sys.executable, "-m", "spiral.commands.cli", "replaybuffer", "--config", "experiments/tiny.yaml",
                                  "--listen", f"127.0.0.1:{port}", "--metrics-port", str(metrics_port),
                                  "--run-dir", str(run_dir)], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
 

@@ -22,7 +22,7 @@ from prometheus_client import REGISTRY
 
 from spiral.config import ServicesConfig, load_experiment
 from spiral.envs import action_spec_for
-from spiral.snapshot import ParameterSnapshot
+from spiral.runtime.snapshot import ParameterSnapshot
 from spiral.rpc.client import RetryDeadlineExceeded, RetryPolicy, RetryStopped, call_with_retry, make_channel
 from spiral.rpc.errors import InvalidMessage, PreconditionFailed, rejects_bad_messages
 from spiral.rpc.messages import UnrollExpectation, decode_unroll
@@ -33,7 +33,7 @@ from spiral.rpc.server import BindError, ServiceBinding, build_server
 from spiral.rpc.tensors import ALLOWED_DTYPES, decode_tensor, encode_tensor
 from spiral.rpc.tls import TLSConfigError
 from spiral.core import PublishedParameters
-from spiral.trajectory import Unroll
+from spiral.agent.trajectory import Unroll
 from spiral.v1 import (discriminator_pb2, discriminator_pb2_grpc, learner_pb2, learner_pb2_grpc, parameters_pb2,
                        tensor_pb2)
 

@@ -12,13 +12,13 @@ import torch
 from PIL import Image
 
 from learner.training import PolicyTrainer
-from spiral.checkpoint import save_checkpoint
-from spiral.cli import main as spiral_main
+from spiral.runtime.checkpoint import save_checkpoint
+from spiral.commands.cli import main as spiral_main
 from spiral.config import ExperimentConfig, dump_experiment, load_experiment
 from spiral.data import for_experiment
 from spiral.envs.programs import load_program
 from spiral.nets import build_policy
-from spiral.sampling import load_policy, sample_policy
+from spiral.evaluation.sampling import load_policy, sample_policy
 
 torch.set_num_threads(1)
 REPO_ROOT = Path(__file__).resolve().parent.parent

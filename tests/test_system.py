@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from spiral.checkpoint import latest_checkpoint
+from spiral.runtime.checkpoint import latest_checkpoint
 from system_harness import System, http_get, write_config
 
 pytestmark = pytest.mark.slow

@@ -13,13 +13,13 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from spiral.acting import EpisodeRunner
+from spiral.agent.acting import EpisodeRunner
 from discriminator.learner import DiscriminatorLearner
 from learner.learner import PolicyLearner
 from spiral.config import ExperimentConfig, experiment_path, load_experiment
 from spiral.envs import make_env
-from spiral.tensorboard import TrainingBoard, board_dir, scalar_tag
-from spiral.trajectory import Unroll
+from spiral.runtime.tensorboard import TrainingBoard, board_dir, scalar_tag
+from spiral.agent.trajectory import Unroll
 
 SIZE = 64
 
@@ -150,14 +150,14 @@ def test_discriminator_learner_writes_its_record(cfg, tmp_path: Path):
 def test_an_unwritable_directory_warns_once_and_training_goes_on(cfg, tmp_path: Path, caplog):
     blocker = tmp_path / "tensorboard"
     blocker.write_text("a file where the directory should be")
-    caplog.set_level(logging.WARNING, logger="spiral.tensorboard")
+    caplog.set_level(logging.WARNING, logger="spiral.runtime.tensorboard")
     learner = DiscriminatorLearner(cfg, tmp_path, np.zeros((4, SIZE, SIZE, 1), np.uint8), FixedRenders())
     for _ in range(2):
         assert learner.step() is not None
     assert not learner.board.enabled
     assert not learner.board.image("samples/grid", np.zeros((4, 4, 3), np.uint8), step=2)
     learner.close()
-    warnings = [r for r in caplog.records if r.name == "spiral.tensorboard"]
+    warnings = [r for r in caplog.records if r.name == "spiral.runtime.tensorboard"]
     assert len(warnings) == 1 and "TensorBoard" in warnings[0].getMessage()
     assert learner.version == 2
     assert (tmp_path / "discriminator.jsonl").read_text().count("\n") == 2
@@ -176,16 +176,16 @@ def test_a_writer_failing_mid_run_turns_the_board_off(tmp_path: Path, caplog):
 
     board._writer.close()
     board._writer = Broken()  # what a full disk looks like to the board
-    caplog.set_level(logging.WARNING, logger="spiral.tensorboard")
+    caplog.set_level(logging.WARNING, logger="spiral.runtime.tensorboard")
     assert board.scalars({"loss": 2.0}, step=2) == 0
     assert board.scalars({"loss": 3.0}, step=3) == 0
     board.close()
-    assert len([r for r in caplog.records if r.name == "spiral.tensorboard"]) == 1
+    assert len([r for r in caplog.records if r.name == "spiral.runtime.tensorboard"]) == 1
     assert not board.enabled
 
 
 def test_importing_the_learner_does_not_import_tensorboard():
-    code = ("import sys, learner.learner, discriminator.learner, spiral.tensorboard; "
+    code = ("import sys, learner.learner, discriminator.learner, spiral.runtime.tensorboard; "
             "print('torch.utils.tensorboard' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"

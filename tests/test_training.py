@@ -14,11 +14,11 @@ import torch
 from discriminator.training import DiscriminatorTrainer, DiscriminatorUpdateStats
 from learner.learner import PolicyLearner
 from learner.training import PolicyTrainer, PolicyUpdateStats
-from spiral.acting import EpisodeRunner
+from spiral.agent.acting import EpisodeRunner
 from spiral.config import ExperimentConfig, experiment_path, load_experiment
 from spiral.envs import make_env
 from spiral.nets import build_discriminator, build_policy, observation_to_tensors
-from spiral.trajectory import Unroll
+from spiral.agent.trajectory import Unroll
 
 SIZE = 64
 

@@ -18,7 +18,7 @@ from discriminator.training import DiscriminatorTrainer
 from learner.learner import PolicyLearner
 from learner.service import PolicyLearnerServicer
 from learner.training import PolicyTrainer
-from spiral.acting import EpisodeRunner
+from spiral.agent.acting import EpisodeRunner
 from spiral.config import ExperimentConfig, experiment_path, load_experiment
 from spiral.envs import make_env
 from spiral.nets import build_discriminator, build_policy
@@ -26,8 +26,8 @@ from spiral.rpc.client import make_channel
 from spiral.rpc.peers import PeerRejected, PeerUnavailable
 from spiral.rpc.server import SpiralServer, build_server
 from spiral.rpc.training_state import fetch_training_state, request_discriminator_copy, training_state_chunks
-from spiral.training_state import TrainingStateError
-from spiral.trajectory import Unroll
+from spiral.agent.training_state import TrainingStateError
+from spiral.agent.trajectory import Unroll
 from spiral.v1 import discriminator_pb2, discriminator_pb2_grpc
 
 SIZE = 64

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from spiral.up import default_actors, register
+from spiral.commands.up import default_actors, register
 
 
 def test_half_the_cores_go_to_actors_and_never_none() -> None:

@@ -34,7 +34,7 @@ from typing import Any, Callable, Iterator, Mapping
 import numpy as np
 from PIL import Image
 
-from spiral.atomic import atomic_write_bytes
+from spiral.runtime.atomic import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 

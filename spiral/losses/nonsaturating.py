@@ -7,7 +7,7 @@ outputs a logit and is trained as a classifier of real against rendered images::
          = -mean(log sigmoid(D(real))) - mean(log(1 - sigmoid(D(fake))))
 
 The agent then maximises ``log sigmoid(D(render))`` (the non-saturating generator objective;
-see :func:`spiral.critic.reward_scores`), whose gradient does not vanish while D rejects the
+see :func:`spiral.agent.discriminator_inputs.reward_scores`), whose gradient does not vanish while D rejects the
 renders confidently. The loss pins D's scale, so no level penalty is needed.
 """
 

@@ -33,7 +33,7 @@ def build_discriminator(cfg: ExperimentConfig) -> Discriminator:
     """The critic for ``cfg``.
 
     Conditional experiments judge (render, target) pairs, unless ``discriminator.complement``
-    mixes each pair into one image first (:mod:`spiral.critic`); ``discriminator_learner.objective``
+    mixes each pair into one image first (:mod:`spiral.agent.discriminator_inputs`); ``discriminator_learner.objective``
     ``sngan`` makes the critic spectrally normalised.
     """
     return Discriminator(cfg.image_channels, cfg.env.image_size,

@@ -1,4 +1,4 @@
-"""A torch module's parameters to and from a :class:`spiral.snapshot.ParameterSnapshot`.
+"""A torch module's parameters to and from a :class:`spiral.runtime.snapshot.ParameterSnapshot`.
 
 :func:`snapshot_of` copies a module's ``state_dict`` (parameters and persistent buffers) to CPU
 numpy arrays; :func:`load_snapshot` checks names and shapes before copying anything into a module.
@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from spiral.snapshot import ParameterSnapshot
+from spiral.runtime.snapshot import ParameterSnapshot
 
 
 def snapshot_of(module: nn.Module, version: int) -> ParameterSnapshot:

@@ -35,7 +35,7 @@ from typing import Callable, TypeVar
 
 import grpc
 
-from spiral import metrics
+from spiral.runtime import metrics
 from spiral.config import ServicesConfig
 from spiral.rpc.server import KeepaliveSettings
 from spiral.rpc.tls import channel_credentials

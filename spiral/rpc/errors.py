@@ -35,7 +35,7 @@ from typing import Any, Callable, Iterable, NoReturn, TypeVar
 
 import grpc
 
-from spiral import metrics
+from spiral.runtime import metrics
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ its handler. spiral wraps every handler twice:
 * :class:`MetricsInterceptor` times each call until its response (or last streamed
   response) is sent and counts it by final status code:
   ``spiral_grpc_server_handling_seconds{service, method}`` (plus ``code`` when
-  :mod:`spiral.metrics` declares that label) and
+  :mod:`spiral.runtime.metrics` declares that label) and
   ``spiral_grpc_server_handled_total{service, method, code}``.
 * :class:`MessageSizeInterceptor` refuses request messages above the configured
   ``services.max_message_bytes`` with ``INVALID_ARGUMENT`` and a message naming both sizes,
@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterator
 
 import grpc
 
-from spiral import metrics
+from spiral.runtime import metrics
 
 _HISTOGRAM_HAS_CODE = "code" in getattr(metrics.GRPC_HANDLING_SECONDS, "_labelnames", ())
 """Whether the handling-time histogram is labelled by status code too."""

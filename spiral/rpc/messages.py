@@ -24,7 +24,7 @@ from spiral.config import ExperimentConfig
 from spiral.envs.spec import ActionSpec
 from spiral.rpc.errors import InvalidMessage
 from spiral.rpc.tensors import decode_tensor, encode_tensor
-from spiral.trajectory import Unroll
+from spiral.agent.trajectory import Unroll
 from spiral.v1 import learner_pb2, replay_pb2
 
 _LOG_PROB_TOLERANCE = 1e-4

@@ -36,7 +36,7 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 
 from spiral.rpc.errors import InvalidMessage
-from spiral.snapshot import ParameterSnapshot
+from spiral.runtime.snapshot import ParameterSnapshot
 from spiral.rpc.tensors import decode_tensor, encode_tensor
 from spiral.v1 import parameters_pb2, tensor_pb2
 

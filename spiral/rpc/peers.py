@@ -49,13 +49,13 @@ import grpc
 import numpy as np
 
 from spiral.config import ServicesConfig
-from spiral.snapshot import ParameterSnapshot
+from spiral.runtime.snapshot import ParameterSnapshot
 from spiral.rpc.client import RetryError, RetryPolicy, call_with_retry, make_channel
 from spiral.rpc.errors import RATE_LIMITED_PREFIX, InvalidMessage
 from spiral.rpc.messages import ImageShape, decode_sample_response, encode_insert_request, encode_unroll
 from spiral.rpc.parameters import fetch_parameters
 from spiral.core import PeerFailure, Refused, Unavailable
-from spiral.trajectory import Unroll
+from spiral.agent.trajectory import Unroll
 from spiral.v1 import discriminator_pb2_grpc, learner_pb2, learner_pb2_grpc, replay_pb2, replay_pb2_grpc
 
 log = logging.getLogger(__name__)

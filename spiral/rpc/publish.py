@@ -14,7 +14,7 @@ from __future__ import annotations
 import threading
 from typing import Callable, Collection, Iterator
 
-from spiral.snapshot import ParameterSnapshot
+from spiral.runtime.snapshot import ParameterSnapshot
 from spiral.rpc.errors import check_member
 from spiral.rpc.parameters import DEFAULT_CHUNK_BYTES, chunk_parameters, up_to_date_chunk
 from spiral.v1 import parameters_pb2

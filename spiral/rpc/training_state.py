@@ -1,4 +1,4 @@
-"""The training state (:mod:`spiral.training_state`) on the wire, for PBT copies.
+"""The training state (:mod:`spiral.agent.training_state`) on the wire, for PBT copies.
 
 It is streamed exactly like parameters (:func:`spiral.rpc.parameters.chunk_parameters`,
 ``GetTrainingState`` of ``spiral.v1.PolicyLearner`` and ``spiral.v1.DiscriminatorLearner``),
@@ -20,7 +20,7 @@ from spiral.rpc.client import RetryError, RetryPolicy, RetryStopped, call_with_r
 from spiral.rpc.errors import InvalidMessage
 from spiral.rpc.parameters import DEFAULT_CHUNK_BYTES, assemble_parameters, chunk_parameters
 from spiral.rpc.peers import PeerError, _error_from
-from spiral.snapshot import ParameterSnapshot
+from spiral.runtime.snapshot import ParameterSnapshot
 from spiral.v1 import discriminator_pb2, discriminator_pb2_grpc, learner_pb2_grpc, parameters_pb2
 
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from spiral.atomic import atomic_write_bytes
+from spiral.runtime.atomic import atomic_write_bytes
 
 _NAME = re.compile(r"^ckpt-(\d{12})\.pt$")
 log = logging.getLogger(__name__)

@@ -10,7 +10,7 @@ directory ``member-K`` works too) and ``CHECKPOINT`` one checkpoint file, whose 
 from ``<ckpt dir>/../config.yaml`` unless ``--config`` names one. Conditional runs paint the
 experiment's held-out images, or those of ``--targets`` (one uint8 ``[N, H, W, C]`` array),
 cycled when ``--num`` exceeds them; ``--num`` defaults to the number of targets (conditional)
-or 64 (unconditional). See :mod:`spiral.sampling` for what is written. Exit status: 0 on
+or 64 (unconditional). See :mod:`spiral.evaluation.sampling` for what is written. Exit status: 0 on
 success, 2 for a missing run, config or checkpoint, a bad targets file or bad arguments, 1 when
 the outputs cannot be written.
 """
@@ -47,7 +47,7 @@ def register(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Sample the policy and write the outputs; returns the exit status."""
-    from spiral.sampling import (SampleError, check_targets, has_average, load_targets, policy_from_state,
+    from spiral.evaluation.sampling import (SampleError, check_targets, has_average, load_targets, policy_from_state,
                                  resolve_run, sample_policy, with_backend, write_samples)
 
     try:

@@ -85,7 +85,7 @@ def critic_inputs(cfg: ExperimentConfig, images: torch.Tensor, targets: torch.Te
         raise ValueError("the critic of a conditional run needs the images' targets")
     if cfg.discriminator.complement:
         if halves is None:
-            raise ValueError("the complement discriminator needs each image's half (spiral.critic.random_halves)")
+            raise ValueError("the complement discriminator needs each image's half (spiral.agent.discriminator_inputs.random_halves)")
         return (complement_mix(images, targets, halves),)
     return (images, targets)
 

@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from spiral.atomic import atomic_write_bytes
+from spiral.runtime.atomic import atomic_write_bytes
 from spiral.config import DatasetConfig, ExperimentConfig
 
 __all__ = [

@@ -1,6 +1,6 @@
 """Sampling a trained agent: paint N episodes with a checkpoint's policy, exactly as actors act.
 
-:func:`sample_policy` runs the actor's own episode loop (:class:`spiral.acting.EpisodeRunner`)
+:func:`sample_policy` runs the actor's own episode loop (:class:`spiral.agent.acting.EpisodeRunner`)
 in chunks of at most ``chunk_size`` canvases, so a thousand episodes need no more memory than
 one chunk. Unconditional runs paint from fresh noise; conditional runs paint a pool of target
 images (by default the experiment's held-out ``dataset.holdout``), cycled when more episodes
@@ -13,7 +13,7 @@ reproduces the episode's canvas pixel for pixel).
 Loading weights: :func:`load_policy` reads a learner checkpoint (``{"trainer": ...}``, see
 ``learner/learner.py``) into a fresh policy, the trained weights or, with ``average``, their
 moving average (``learner.policy_average_decay``); :func:`resolve_run` finds a run's config and
-newest checkpoint. It acts with :class:`spiral.acting.EpisodeRunner`, the actors' own loop.
+newest checkpoint. It acts with :class:`spiral.agent.acting.EpisodeRunner`, the actors' own loop.
 """
 
 from __future__ import annotations
@@ -25,15 +25,15 @@ from typing import Any
 
 import numpy as np
 
-from spiral.acting import EpisodeRunner  # the actors' own loop, so sampling acts exactly alike
-from spiral.checkpoint import latest_checkpoint, load_checkpoint
+from spiral.agent.acting import EpisodeRunner  # the actors' own loop, so sampling acts exactly alike
+from spiral.runtime.checkpoint import latest_checkpoint, load_checkpoint
 from spiral.config import ExperimentConfig, load_experiment
 from spiral.envs import action_spec_for, make_env
 from spiral.envs.programs import Program, program_from_actions, save_program
 from spiral.nets import build_policy
 from spiral.nets.policy import SpiralPolicy
-from spiral.rewards import reconstruction_l2
-from spiral.visualize import pair_grid, save_png
+from spiral.agent.rewards import reconstruction_l2
+from spiral.evaluation.visualize import pair_grid, save_png
 
 DEFAULT_CHUNK_SIZE = 64
 """Episodes run side by side in one batched environment."""

@@ -4,7 +4,7 @@ An actor owns a batched environment (libmypaint, the fast rasterizer or MuJoCo) 
 of the policy that lags the learner's. One call of :meth:`EpisodeRunner.run_episode` resets
 the N canvases (with targets from the dataset in conditional mode), samples an action for all N
 canvases with one policy forward per step, executes it, and returns the finished episodes as
-an :class:`~spiral.trajectory.Unroll` stamped with the policy version that acted.
+an :class:`~spiral.agent.trajectory.Unroll` stamped with the policy version that acted.
 
 The same runner serves the distributed actor (``actor/main.py``, which adds parameter
 refreshes and gRPC streaming) and the in-process loop used for debugging and as the
@@ -23,10 +23,10 @@ from spiral.config import ExperimentConfig
 from spiral.envs.base import BatchedEnv
 from spiral.nets import observation_to_tensors
 from spiral.nets.params import load_snapshot
-from spiral.snapshot import ParameterSnapshot
+from spiral.runtime.snapshot import ParameterSnapshot
 from spiral.nets.policy import SpiralPolicy
-from spiral.precision import autocast, resolve_precision
-from spiral.trajectory import Unroll
+from spiral.nets.precision import autocast, resolve_precision
+from spiral.agent.trajectory import Unroll
 
 
 @dataclass

@@ -13,11 +13,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from spiral.acting import EpisodeRunner  # the actor's own loop, so evaluation acts exactly alike
+from spiral.agent.acting import EpisodeRunner  # the actor's own loop, so evaluation acts exactly alike
 from spiral.config import ExperimentConfig
 from spiral.envs import make_env
 from spiral.nets.policy import SpiralPolicy
-from spiral.rewards import reconstruction_l2
+from spiral.agent.rewards import reconstruction_l2
 
 
 @dataclass(frozen=True)

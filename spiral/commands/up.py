@@ -43,9 +43,9 @@ from typing import IO, Callable, Sequence
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from spiral.atomic import atomic_write_bytes
+from spiral.runtime.atomic import atomic_write_bytes
 from spiral.config import ExperimentConfig, dump_experiment, experiment_path, load_experiment
-from spiral.members import MemberAddresses, write_members_file
+from spiral.runtime.members import MemberAddresses, write_members_file
 
 STOP_ORDER = ("actor", "pbt-controller", "learner", "discriminator", "replaybuffer")
 """Roles in the order they are stopped (producers first, so nothing is left half-sent)."""
@@ -184,7 +184,7 @@ class Supervisor:
         spec.log_path.parent.mkdir(parents=True, exist_ok=True)
         if child.log is None:
             child.log = open(spec.log_path, "ab")  # noqa: SIM115 - kept open for the child's lifetime
-        child.popen = subprocess.Popen([sys.executable, "-m", "spiral.cli", *spec.args], stdout=child.log,
+        child.popen = subprocess.Popen([sys.executable, "-m", "spiral.commands.cli", *spec.args], stdout=child.log,
                                        stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
         child.started_at = time.monotonic()
 

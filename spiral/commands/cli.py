@@ -14,16 +14,16 @@ import sys
 from typing import Sequence
 
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "render": ("spiral.envs.render_cli", "re-execute a program JSON and write the canvas as PNG"),
-    "sample": ("spiral.sample_cli", "paint N episodes with a run's trained policy (canvases, grid, programs)"),
-    "data": ("spiral.data.cli", "prepare and inspect datasets (spiral data prepare NAME)"),
+    "render": ("spiral.commands.render", "re-execute a program JSON and write the canvas as PNG"),
+    "sample": ("spiral.commands.sample", "paint N episodes with a run's trained policy (canvases, grid, programs)"),
+    "data": ("spiral.commands.data", "prepare and inspect datasets (spiral data prepare NAME)"),
     "actor": ("actor.main", "run an actor: environments + lagging policy, streams unrolls"),
     "learner": ("learner.main", "run the policy learner service"),
     "discriminator": ("discriminator.main", "run the discriminator learner service"),
     "replaybuffer": ("replaybuffer.main", "run the replay buffer service"),
     "pbt-controller": ("pbt_controller.main", "run the population-based training controller"),
-    "up": ("spiral.up", "run the whole system on this machine"),
-    "local": ("spiral.local", "run the whole system in one process, without gRPC (debugging, baselines)"),
+    "up": ("spiral.commands.up", "run the whole system on this machine"),
+    "local": ("spiral.commands.local", "run the whole system in one process, without gRPC (debugging, baselines)"),
 }
 """Subcommand -> (module defining register/run, one-line help)."""
 

@@ -1,8 +1,8 @@
 """What every service process does around its own work: logging, metrics, torch threads, memory, shutdown.
 
 Each ``spiral ROLE`` entry point calls :func:`start_process` first (log format, Prometheus
-endpoint, thread limits, for the learner :func:`spiral.allocator.retain_freed_memory`) and then
-runs its own loop (under :class:`spiral.guarded_loop.GuardedLoop`, whose health check is the
+endpoint, thread limits, for the learner :func:`spiral.runtime.allocator.retain_freed_memory`) and then
+runs its own loop (under :class:`spiral.runtime.guarded_loop.GuardedLoop`, whose health check is the
 ``/healthz`` answer of a liveness probe); :class:`ProgressLog` prints a periodic one-line
 progress report (a rate and totals) so a long run is never silent.
 """
@@ -14,9 +14,9 @@ import os
 import sys
 import time
 
-from spiral import metrics
-from spiral.allocator import retain_freed_memory
-from spiral.service_options import ServiceOptions
+from spiral.runtime import metrics
+from spiral.runtime.allocator import retain_freed_memory
+from spiral.runtime.service_options import ServiceOptions
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +26,7 @@ def start_process(opts: ServiceOptions, torch_threads: int | None = None, member
     """Configure logging (and torch threads) and start the metrics endpoint of a service process.
 
     ``health`` is what the endpoint's ``/healthz`` reports (:meth:`GuardedLoop.check`);
-    ``retain_memory`` calls :func:`spiral.allocator.retain_freed_memory` (the policy learner,
+    ``retain_memory`` calls :func:`spiral.runtime.allocator.retain_freed_memory` (the policy learner,
     whose CPU updates allocate activations far above glibc's mmap threshold).
     """
     logging.basicConfig(level=os.environ.get("SPIRAL_LOG_LEVEL", "INFO"), stream=sys.stderr,

@@ -17,7 +17,7 @@ it is also the no-gRPC baseline of ``bench/env_throughput.py``.
 
 ``spiral local --config tiny --minutes 5`` writes the same run directory as ``spiral up``
 (checkpoints, samples, ``learner.jsonl``, TensorBoard), runs under a
-:class:`~spiral.guarded_loop.GuardedLoop` and resumes from its checkpoints when started again.
+:class:`~spiral.runtime.guarded_loop.GuardedLoop` and resumes from its checkpoints when started again.
 """
 
 from __future__ import annotations
@@ -36,14 +36,14 @@ from actor.actor import Actor, ActorPeers
 from discriminator.learner import DiscriminatorLearner
 from learner.learner import PolicyLearner
 from replaybuffer.table import LocalRenders, ReplayTable
-from spiral.acting import EpisodeRunner
+from spiral.agent.acting import EpisodeRunner
 from spiral.config import ExperimentConfig, dump_experiment, experiment_path, load_experiment
 from spiral.data import for_experiment
 from spiral.envs import make_env
-from spiral.guarded_loop import GuardedLoop
+from spiral.runtime.guarded_loop import GuardedLoop
 from spiral.nets import build_policy
-from spiral.seeding import actor_seed, discriminator_seed, replay_seed
-from spiral.service_runtime import ProgressLog
+from spiral.runtime.seeding import actor_seed, discriminator_seed, replay_seed
+from spiral.runtime.service_runtime import ProgressLog
 
 log = logging.getLogger(__name__)
 

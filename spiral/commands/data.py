@@ -150,7 +150,7 @@ def _info(request: DatasetRequest) -> int:
 
 
 def _grid(request: DatasetRequest, args: argparse.Namespace) -> int:
-    from spiral.visualize import image_grid, save_png
+    from spiral.evaluation.visualize import image_grid, save_png
 
     if args.count < 1 or args.columns < 1 or args.scale < 1:
         raise ValueError("--count, --columns and --scale must be >= 1")

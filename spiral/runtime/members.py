@@ -16,7 +16,7 @@ from typing import Any, Iterable
 
 import yaml
 
-from spiral.atomic import atomic_write_bytes
+from spiral.runtime.atomic import atomic_write_bytes
 
 
 @dataclass(frozen=True)

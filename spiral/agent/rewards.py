@@ -3,7 +3,7 @@
 The reward arrives once, at the end of an episode, from its final render (paper, section 3):
 
 * ``discriminator_weight * S(final)``: the critic's reward score of the render (or of the pair
-  ``(render, target)`` in conditional mode; :mod:`spiral.critic` says what the critic sees and
+  ``(render, target)`` in conditional mode; :mod:`spiral.agent.discriminator_inputs` says what the critic sees and
   how its output becomes the score S). This is the adversarial reward. With
   ``temporal_credit`` (SPIRAL++) it is paid per step instead, as the score's changes (see
   :meth:`learner.training.PolicyTrainer.step_rewards`), and with ``normalize: running`` S is
@@ -94,7 +94,7 @@ def episode_rewards(final_canvases: np.ndarray, targets: np.ndarray | None, rewa
         targets: uint8 ``[B, H, W, C]`` targets (conditional runs), else None.
         reward_cfg: The weights.
         critic_scores: ``[B]`` the critic's reward scores of the renders
-            (:func:`spiral.critic.reward_scores`), or None for no adversarial term (no critic
+            (:func:`spiral.agent.discriminator_inputs.reward_scores`), or None for no adversarial term (no critic
             yet, or a run that pays the critic per step).
         device: Where the rewards live.
         empty_canvases: Empty-scene renders for the blank test (None: white paper).

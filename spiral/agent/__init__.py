@@ -1,0 +1,1 @@
+"""The agent: acting, unrolls, rewards, what the discriminator judges, training state."""

@@ -1,0 +1,1 @@
+"""Wiring: the ``spiral`` command and its subcommands. Nothing outside this package imports it."""

@@ -1,0 +1,1 @@
+"""Evaluation: held-out reconstruction, sampling, the digit distance, pictures."""

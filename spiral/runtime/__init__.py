@@ -1,0 +1,1 @@
+"""Process runtime: service options, guarded loops, metrics, checkpoints, TensorBoard, seeding."""
