@@ -19,7 +19,7 @@ seed and confirm it on another: the held-out digits are the score, not a validat
 Usage::
 
     # during the run: while true; do cp -n RUN/learner/ckpt-*.pt TRAIL/; sleep 3; done
-    python bench/average_trail.py --config experiments/tiny-unconditional-average.yaml --seed 1 \\
+    python -m bench.average_trail --config experiments/tiny-unconditional-average.yaml --seed 1 \\
         --trail TRAIL --up-to 9100 --decays 0.999 0.9995 0.9998 --out DIR/average-trail.json
 """
 
@@ -28,23 +28,21 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from unconditional import GRID, add_classifier_arguments, classifier_and_reference, run_experiment  # noqa: E402
-from spiral.checkpoint import checkpoint_version, list_checkpoints, load_checkpoint  # noqa: E402
-from spiral.data import for_experiment  # noqa: E402
-from spiral.digit_fid import score_paintings  # noqa: E402
-from spiral.nets import build_policy  # noqa: E402
-from spiral.nets.policy import SpiralPolicy  # noqa: E402
-from spiral.sampling import has_average, policy_from_state, sample_policy  # noqa: E402
-from spiral.visualize import image_grid, save_png  # noqa: E402
+from bench.unconditional import GRID, add_classifier_arguments, classifier_and_reference, run_experiment
+from spiral.runtime.checkpoint import checkpoint_version, list_checkpoints, load_checkpoint
+from spiral.data import for_experiment
+from spiral.evaluation.digit_fid import score_paintings
+from spiral.nets import build_policy
+from spiral.nets.policy import SpiralPolicy
+from spiral.evaluation.sampling import has_average, policy_from_state, sample_policy
+from spiral.evaluation.visualize import image_grid, save_png
 
 
 def trail_averages(paths: list[Path], decays_per_checkpoint: list[float]) -> list[dict[str, torch.Tensor]]:

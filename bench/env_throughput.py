@@ -7,7 +7,7 @@ Prints, measured in one run on this machine (so the ratios are fair on a noisy m
 2. baseline 1, the actor loop alone in one process with no gRPC (policy inference +
    libmypaint, N canvases, one thread): environment frames/s. Nothing consumes its episodes.
 3. baseline 2, the whole training loop in one process with no gRPC (``spiral local``,
-   :class:`spiral.local.LocalSystem`): the same actor loop, the policy update, the replay table
+   :class:`spiral.commands.local.LocalSystem`): the same actor loop, the policy update, the replay table
    and the discriminator updates in turn, on as many torch threads as the machine has cores
    (:func:`inprocess_training_rate`): the same work per frame as the system;
 4. the one-machine system (replay buffer, discriminator, learner and ``--actors`` actors as
@@ -19,7 +19,7 @@ The last line is all figures as one JSON object.
 
 Usage::
 
-    python bench/env_throughput.py [--config tiny] [--num-envs 8] [--seconds 20] [--system-seconds 90]
+    python -m bench.env_throughput [--config tiny] [--num-envs 8] [--seconds 20] [--system-seconds 90]
                                    [--actors 1 2 4]
 """
 
@@ -29,7 +29,6 @@ import argparse
 import dataclasses
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -37,13 +36,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from spiral.acting import EpisodeRunner  # noqa: E402
-from spiral.allocator import retain_freed_memory  # noqa: E402
-from spiral.config import ExperimentConfig, dump_experiment, experiment_path, load_experiment  # noqa: E402
-from spiral.envs import action_spec_for, make_env  # noqa: E402
-from spiral.nets import build_policy  # noqa: E402
+from spiral.agent.acting import EpisodeRunner
+from spiral.runtime.allocator import retain_freed_memory
+from spiral.config import ExperimentConfig, dump_experiment, experiment_path, load_experiment
+from spiral.envs import action_spec_for, make_env
+from spiral.nets import build_policy
 
 
 def random_actions(cfg: ExperimentConfig, rng: np.random.Generator, n: int) -> np.ndarray:
@@ -105,7 +103,7 @@ def inprocess_actor_rate(cfg: ExperimentConfig, num_envs: int, seconds: float) -
 def inprocess_training_rate(cfg: ExperimentConfig, num_envs: int, seconds: float, threads: int) -> dict[str, float]:
     """Frames/s of the whole training loop in one process, no gRPC, on ``threads`` torch threads.
 
-    This is ``spiral local`` (:class:`spiral.local.LocalSystem`): the same work per frame as
+    This is ``spiral local`` (:class:`spiral.commands.local.LocalSystem`): the same work per frame as
     the system, done by the same classes the services wrap: one actor (its own policy copy,
     refreshed from the learner as a remote actor's is), a policy learner update per
     ``learner.batch_size`` episodes scored by the discriminator's critic, every final render
@@ -113,7 +111,7 @@ def inprocess_training_rate(cfg: ExperimentConfig, num_envs: int, seconds: float
     ``samples_per_insert`` allows, all in turn on one Python thread (checkpoints, logs and
     sample grids go to a temporary run directory, as the services write theirs).
     """
-    from spiral.local import LocalSystem
+    from spiral.commands.local import LocalSystem
 
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -135,8 +133,8 @@ def inprocess_training_rate(cfg: ExperimentConfig, num_envs: int, seconds: float
 
 def system_actor_rate(config_path: Path, num_actors: int, seconds: float, warmup: float) -> dict[str, float]:
     """Frames/s summed over the actors of a real one-machine system (after ``warmup`` seconds),
-    started as ``spiral up`` starts it (:func:`spiral.up.plan_layout`, :class:`spiral.up.Supervisor`)."""
-    from spiral.up import Supervisor, plan_layout, scrape
+    started as ``spiral up`` starts it (:func:`spiral.commands.up.plan_layout`, :class:`spiral.commands.up.Supervisor`)."""
+    from spiral.commands.up import Supervisor, plan_layout, scrape
 
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(tmp) / "run"

@@ -11,7 +11,7 @@ in this process, in one run:
 
 Usage::
 
-    python bench/learner_rpc.py [--config tiny] [--seconds 20] [--clients 2]
+    python -m bench.learner_rpc [--config tiny] [--seconds 20] [--clients 2]
 """
 
 from __future__ import annotations
@@ -30,21 +30,18 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from spiral.acting import EpisodeRunner  # noqa: E402
-from spiral.config import load_experiment  # noqa: E402
-from spiral.envs import action_spec_for, make_env  # noqa: E402
-from spiral.nets import build_policy  # noqa: E402
-from spiral.nets.params import snapshot_of  # noqa: E402
-from spiral.snapshot import ParameterSnapshot  # noqa: E402
-from spiral.rpc.client import make_channel  # noqa: E402
-from spiral.rpc.messages import UnrollExpectation, decode_unroll, encode_unroll  # noqa: E402
-from spiral.rpc.parameters import fetch_parameters  # noqa: E402
-from spiral.up import free_port  # noqa: E402
-from spiral.v1 import learner_pb2_grpc  # noqa: E402
-from system_harness import write_config  # noqa: E402
+from spiral.agent.acting import EpisodeRunner
+from spiral.config import dump_experiment, experiment_path, load_experiment
+from spiral.envs import action_spec_for, make_env
+from spiral.nets import build_policy
+from spiral.nets.params import snapshot_of
+from spiral.runtime.snapshot import ParameterSnapshot
+from spiral.rpc.client import make_channel
+from spiral.rpc.messages import UnrollExpectation, decode_unroll, encode_unroll
+from spiral.rpc.parameters import fetch_parameters
+from spiral.commands.up import free_port
+from spiral.v1 import learner_pb2_grpc
 
 
 def timed(fn, repeats: int) -> list[float]:  # noqa: ANN001
@@ -64,12 +61,16 @@ def main() -> None:
     parser.add_argument("--json")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp())
-    # A huge ingest queue and max lag so that the measurement sees the RPC path, not backpressure.
-    config = write_config(tmp, {"learner": {"queue_capacity": 1_000_000, "max_policy_lag": 1_000_000}},
-                          base=args.config)
-    cfg = load_experiment(config)
+    # A huge ingest queue and max lag so that the measurement sees the RPC path, not backpressure;
+    # small batches and an eager update so that the learner turns over quickly beside it.
+    cfg = load_experiment(experiment_path(args.config), {
+        "learner": {"batch_size": 8, "checkpoint_every_updates": 5, "sample_grid_every_updates": 5,
+                    "compile": False, "queue_capacity": 1_000_000, "max_policy_lag": 1_000_000},
+        "actor": {"num_envs": 4}})
+    config = tmp / "experiment.yaml"
+    dump_experiment(cfg, config)
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "spiral.cli", "learner", "--config", str(config),
+    proc = subprocess.Popen([sys.executable, "-m", "spiral.commands.cli", "learner", "--config", str(config),
                              "--run-dir", str(tmp / "run"), "--listen", f"127.0.0.1:{port}", "--metrics-port", "0",
                              "--discriminator-address", f"127.0.0.1:{free_port()}"],
                             stdout=open(tmp / "learner.log", "wb"), stderr=subprocess.STDOUT)  # noqa: SIM115

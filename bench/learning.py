@@ -9,29 +9,27 @@ targets and reconstructions for each time is written next to the JSON figures.
 
 Usage::
 
-    python bench/learning.py --minutes 10 30 --out bench/results/learning
+    python -m bench.learning --minutes 10 30 --out bench/results/learning
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from run_record import read_record, summarize  # noqa: E402
-from training_run import bench_experiment, train_and_copy  # noqa: E402
-from spiral.config import ExperimentConfig  # noqa: E402
-from spiral.data import for_experiment  # noqa: E402
-from spiral.evaluation import empty_canvas_l2, reconstruct  # noqa: E402
-from spiral.nets import build_policy  # noqa: E402
-from spiral.sampling import load_policy  # noqa: E402
-from spiral.visualize import image_grid, plot_curves, save_png  # noqa: E402
+from bench.run_record import read_record, summarize
+from bench.training_run import bench_experiment, train_and_copy
+from spiral.config import ExperimentConfig
+from spiral.data import for_experiment
+from spiral.evaluation.reconstruction import empty_canvas_l2, reconstruct
+from spiral.nets import build_policy
+from spiral.evaluation.sampling import load_policy
+from spiral.evaluation.visualize import image_grid, plot_curves, save_png
 
 
 def main() -> None:

@@ -16,7 +16,7 @@ return that was not finite or left the band.
 
 Usage::
 
-    python bench/paper_smoke.py --minutes 3 --out bench/results/paper-smoke
+    python -m bench.paper_smoke --minutes 3 --out bench/results/paper-smoke
 """
 
 from __future__ import annotations
@@ -26,16 +26,14 @@ import dataclasses
 import json
 import math
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from training_run import run_up  # noqa: E402
-from pbt_controller.state import read_jsonl  # noqa: E402
-from spiral.config import ExperimentConfig, dump_experiment, experiment_path, load_experiment  # noqa: E402
-from spiral.data import OMNIGLOT_PATH_ENV  # noqa: E402
+from bench.training_run import run_up
+from pbt_controller.state import read_jsonl
+from spiral.config import ExperimentConfig, dump_experiment, experiment_path, load_experiment
+from spiral.data import OMNIGLOT_PATH_ENV
 
 PAPER_EXPERIMENTS = ("mnist", "omniglot", "celeba", "mujoco")
 

@@ -17,7 +17,7 @@ counts. The last line of output is one JSON object with every number.
 
 Usage::
 
-    python bench/policy_speed.py [--config tiny mnist] [--num-envs 64] [--batch 64] [--threads 1]
+    python -m bench.policy_speed [--config tiny mnist] [--num-envs 64] [--batch 64] [--threads 1]
                                  [--seconds 3] [--device cpu]
 """
 
@@ -26,24 +26,21 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from spiral.allocator import retain_freed_memory  # noqa: E402
-from spiral.config import ExperimentConfig, experiment_path, load_experiment  # noqa: E402
-from spiral.envs import action_spec_for  # noqa: E402
-from spiral.envs.base import Observation  # noqa: E402
-from spiral.nets import build_policy, observation_to_tensors  # noqa: E402
-from spiral.nets.layers import MLP, ConvEncoder, xy_grids  # noqa: E402
-from spiral.nets.policy import PolicyInputs, PolicyOutput, UnrollOutput  # noqa: E402
+from spiral.runtime.allocator import retain_freed_memory
+from spiral.config import ExperimentConfig, experiment_path, load_experiment
+from spiral.envs import action_spec_for
+from spiral.envs.base import Observation
+from spiral.nets import build_policy, observation_to_tensors
+from spiral.nets.layers import MLP, ConvEncoder, xy_grids
+from spiral.nets.policy import PolicyInputs, PolicyOutput, UnrollOutput
 
 
 class ConvLSTMBaseline(nn.Module):

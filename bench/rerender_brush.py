@@ -14,7 +14,7 @@ It analyses a finished run; it trains nothing, and the policies never saw the ot
 
 Usage::
 
-    python bench/rerender_brush.py --config bench/results/unconditional-average/experiment.yaml \\
+    python -m bench.rerender_brush --config bench/results/unconditional-average/experiment.yaml \\
         --checkpoint bench/results/unconditional-average/policy-20min.pt \\
         --brushes classic/dry_brush classic/pen --out bench/results/unconditional-average/rerender.json
 """
@@ -24,23 +24,21 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from unconditional import GRID, add_classifier_arguments, classifier_and_reference, run_experiment  # noqa: E402
-from spiral.checkpoint import load_checkpoint  # noqa: E402
-from spiral.config import ExperimentConfig  # noqa: E402
-from spiral.data import for_experiment  # noqa: E402
-from spiral.digit_fid import score_paintings  # noqa: E402
-from spiral.envs.programs import execute_actions  # noqa: E402
-from spiral.nets import build_policy  # noqa: E402
-from spiral.sampling import has_average, policy_from_state, sample_policy  # noqa: E402
-from spiral.visualize import image_grid, save_png  # noqa: E402
+from bench.unconditional import GRID, add_classifier_arguments, classifier_and_reference, run_experiment
+from spiral.runtime.checkpoint import load_checkpoint
+from spiral.config import ExperimentConfig
+from spiral.data import for_experiment
+from spiral.evaluation.digit_fid import score_paintings
+from spiral.envs.programs import execute_actions
+from spiral.nets import build_policy
+from spiral.evaluation.sampling import has_average, policy_from_state, sample_policy
+from spiral.evaluation.visualize import image_grid, save_png
 
 
 def with_brush(cfg: ExperimentConfig, brush: str) -> ExperimentConfig:

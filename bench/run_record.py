@@ -16,7 +16,7 @@ computes them from that record, so they are measured the same way each time:
 
 Usage::
 
-    python bench/run_record.py bench/results/critic-reward/seed-0/run/learner.jsonl
+    python -m bench.run_record bench/results/critic-reward/seed-0/run/learner.jsonl
 """
 
 from __future__ import annotations

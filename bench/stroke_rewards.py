@@ -15,26 +15,23 @@ learns to paint less. The last line is every figure as one JSON object.
 
 Usage::
 
-    python bench/stroke_rewards.py [--config tiny] [--targets 256]
+    python -m bench.stroke_rewards [--config tiny] [--targets 256]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from learner.training import pooled  # noqa: E402
-from spiral.config import ExperimentConfig, experiment_path, load_experiment  # noqa: E402
-from spiral.data import for_experiment  # noqa: E402
-from spiral.envs import action_spec_for, make_env  # noqa: E402
-from spiral.evaluation import blank_l2  # noqa: E402
-from spiral.rewards import reconstruction_l2  # noqa: E402
+from learner.training import pooled
+from spiral.config import ExperimentConfig, experiment_path, load_experiment
+from spiral.data import for_experiment
+from spiral.envs import action_spec_for, make_env
+from spiral.evaluation.reconstruction import blank_l2
+from spiral.agent.rewards import reconstruction_l2
 
 POOLS = (1, 2, 4, 8)
 INK_LEVEL = 128

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from spiral.checkpoint import list_checkpoints
+from spiral.runtime.checkpoint import list_checkpoints
 from spiral.config import ExperimentConfig, dump_experiment, experiment_path, load_experiment
 
 
@@ -48,7 +48,7 @@ def run_up(config_arg: str, out: Path, minutes: float, actors: int,
     ``out/up.log``. Progress is printed as it goes.
     """
     shutil.rmtree(out / "run", ignore_errors=True)
-    proc = subprocess.Popen([sys.executable, "-m", "spiral.cli", "up", "--config", config_arg, "--name", "run",
+    proc = subprocess.Popen([sys.executable, "-m", "spiral.commands.cli", "up", "--config", config_arg, "--name", "run",
                              "--runs-dir", str(out), "--actors", str(actors), "--status-every", "30",
                              "--no-restart"], stdout=open(out / "up.log", "wb"), stderr=subprocess.STDOUT)  # noqa: SIM115
     started = time.monotonic()

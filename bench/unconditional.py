@@ -7,7 +7,7 @@ copy (and, when the run keeps one, ``learner.policy_average_decay``, the moving 
 weights, as a second row "trained M min, averaged"). Score: the Fréchet distance (FID) between
 ``--samples`` paintings from fresh noise and the 1,000 held-out real digits
 (``dataset.holdout``, never trained on), in the feature space of a small MNIST classifier
-trained on the training split (``spiral/digit_fid.py``; cached after its first training, its
+trained on the training split (``spiral/evaluation/digit_fid.py``; cached after its first training, its
 held-out accuracy is reported). Lower is better. The same run measures two references: an
 untrained policy (``torch.manual_seed(cfg.seed)`` then ``build_policy``, the same weights as
 ``bench/learning.py``'s) and real vs real (held-out against as many training digits: the
@@ -21,9 +21,9 @@ is ``fid.json``'s content.
 
 Usage::
 
-    python bench/unconditional.py                        # 20 minutes of training, then scoring
-    python bench/unconditional.py --minutes 10 20 --out bench/results/unconditional
-    python bench/unconditional.py --evaluate 20=bench/results/unconditional/policy-20min.pt
+    python -m bench.unconditional                        # 20 minutes of training, then scoring
+    python -m bench.unconditional --minutes 10 20 --out bench/results/unconditional
+    python -m bench.unconditional --evaluate 20=bench/results/unconditional/policy-20min.pt
 """
 
 from __future__ import annotations
@@ -31,25 +31,23 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from training_run import bench_experiment, train_and_copy  # noqa: E402
-from spiral.config import ExperimentConfig, experiment_path, load_experiment  # noqa: E402
-from spiral.data import ImageDataset, for_experiment  # noqa: E402
-from spiral.digit_fid import (ClassifierSettings, TrainedClassifier, features, load_or_train_classifier,  # noqa: E402
+from bench.training_run import bench_experiment, train_and_copy
+from spiral.config import ExperimentConfig, experiment_path, load_experiment
+from spiral.data import ImageDataset, for_experiment
+from spiral.evaluation.digit_fid import (ClassifierSettings, TrainedClassifier, features, load_or_train_classifier,
                               score_paintings)
-from spiral.nets import build_policy  # noqa: E402
-from spiral.nets.policy import SpiralPolicy  # noqa: E402
-from spiral.checkpoint import load_checkpoint  # noqa: E402
-from spiral.sampling import has_average, policy_from_state, sample_policy  # noqa: E402
-from spiral.visualize import image_grid, plot_curves, save_png  # noqa: E402
+from spiral.nets import build_policy
+from spiral.nets.policy import SpiralPolicy
+from spiral.runtime.checkpoint import load_checkpoint
+from spiral.evaluation.sampling import has_average, policy_from_state, sample_policy
+from spiral.evaluation.visualize import image_grid, plot_curves, save_png
 
 GOAL_RATIO = 1 / 3
 """A trained policy's distance should be at most this fraction of the untrained policy's."""

@@ -1,16 +1,16 @@
-"""Update speed with and without keeping freed memory (spiral.allocator), measured in one run.
+"""Update speed with and without keeping freed memory (spiral.runtime.allocator), measured in one run.
 
 One policy-learner update (:class:`learner.training.PolicyTrainer` on a batch of real
 episodes from the actor loop, the experiment's ``learner.batch_size``) and one discriminator
 update (:class:`discriminator.training.DiscriminatorTrainer`, ``discriminator_learner.batch_size``)
 are timed in two child processes that differ only in ``SPIRAL_MALLOC_RETAIN``: ``0`` (glibc's
 defaults, the baseline) and ``1`` (what the policy learner does at start-up,
-:func:`spiral.allocator.retain_freed_memory`). Each child also counts the minor page faults
+:func:`spiral.runtime.allocator.retain_freed_memory`). Each child also counts the minor page faults
 per update. The last line is every figure as one JSON object.
 
 Usage::
 
-    python bench/update_memory.py [--config tiny] [--updates 20]
+    python -m bench.update_memory [--config tiny] [--updates 20]
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Callable
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
 
 def per_update(fn: Callable[[], object], updates: int) -> dict[str, float]:
@@ -47,18 +46,18 @@ def measure(config: str, updates: int) -> dict[str, float]:
     import numpy as np
     import torch
 
-    from spiral.allocator import retain_freed_memory
+    from spiral.runtime.allocator import retain_freed_memory
 
     torch.set_num_threads(1)
     retained = retain_freed_memory()
-    from spiral.acting import EpisodeRunner
+    from spiral.agent.acting import EpisodeRunner
     from discriminator.training import DiscriminatorTrainer
     from learner.training import PolicyTrainer
     from spiral.config import experiment_path, load_experiment
     from spiral.data import for_experiment
     from spiral.envs import make_env
     from spiral.nets import build_discriminator, build_policy
-    from spiral.trajectory import Unroll
+    from spiral.agent.trajectory import Unroll
 
     cfg = load_experiment(experiment_path(config))
     torch.manual_seed(cfg.seed)
@@ -87,7 +86,7 @@ def measure(config: str, updates: int) -> dict[str, float]:
 
 def child(config: str, updates: int, retain: bool) -> dict[str, float]:
     env = {**os.environ, "SPIRAL_MALLOC_RETAIN": "1" if retain else "0", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, __file__, "--config", config, "--updates", str(updates), "--child"],
+    result = subprocess.run([sys.executable, "-m", "bench.update_memory", "--config", config, "--updates", str(updates), "--child"],
                             capture_output=True, text=True, env=env, cwd=REPO, timeout=1800)
     if result.returncode != 0:
         raise SystemExit(f"child failed:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}")
@@ -107,7 +106,7 @@ def main() -> None:
     kept = child(args.config, args.updates, retain=True)
     results: dict[str, float] = {}
     print(f"{args.config}: one update on one core, glibc defaults (baseline) vs freed memory kept "
-          f"(spiral.allocator, what the learner does):")
+          f"(spiral.runtime.allocator, what the learner does):")
     for what in ("policy_update", "discriminator_update"):
         speedup = base[f"{what}_ms"] / kept[f"{what}_ms"]
         results.update({f"{what}_ms_default": base[f"{what}_ms"], f"{what}_ms_retained": kept[f"{what}_ms"],

@@ -8,7 +8,7 @@ the forward, backward and Adam step. Each variant is timed in alternating rounds
 round is reported):
 
 * ``eager fp32``: the baseline, what the learner ran before precision was configurable;
-* ``eager bf16``: ``learner.precision: bf16`` (:mod:`spiral.precision`);
+* ``eager bf16``: ``learner.precision: bf16`` (:mod:`spiral.nets.precision`);
 * ``nchw fp32``: the policy's convolutions in channels-first layout instead of channels-last,
   to show what the layout is worth;
 * with ``--compile``: ``torch.compile`` (inductor) of the policy's unroll, in fp32 and bf16,
@@ -26,7 +26,7 @@ The last line is every figure as one JSON object.
 
 Usage::
 
-    python bench/update_speed.py [--config tiny mnist] [--updates 5] [--threads 1] [--compile]
+    python -m bench.update_speed [--config tiny mnist] [--updates 5] [--threads 1] [--compile]
                                  [--device cpu|cuda] [--batch B]
 """
 
@@ -35,17 +35,14 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from spiral.allocator import retain_freed_memory  # noqa: E402
+from spiral.runtime.allocator import retain_freed_memory
 
 
 def _sync(device: torch.device) -> None:
@@ -86,14 +83,14 @@ def timed_rounds(variants: dict[str, Callable[[], object]], rounds: int, device:
 
 
 def measure_profile(name: str, args: argparse.Namespace, device: torch.device) -> dict[str, dict[str, float]]:
-    from spiral.acting import EpisodeRunner
+    from spiral.agent.acting import EpisodeRunner
     from learner.training import PolicyTrainer
     from spiral.config import experiment_path, load_experiment
     from spiral.data import for_experiment
     from spiral.envs import make_env
     from spiral.nets import build_discriminator, build_policy, observation_to_tensors
-    from spiral.precision import autocast
-    from spiral.trajectory import Unroll
+    from spiral.nets.precision import autocast
+    from spiral.agent.trajectory import Unroll
     from torch.utils.flop_counter import FlopCounterMode
 
     cfg = load_experiment(experiment_path(name))
@@ -213,7 +210,7 @@ def main() -> None:
             f["ratio"] = base["ms"] / f["ms"]
             extra = f"   (compile {f['compile_seconds']:.0f} s)" if f["compile_seconds"] else ""
             if "bf16" in variant and not f["precision"]:
-                extra += "   (fp32: bf16 does not pay on this CPU, spiral.precision.bf16_native)"
+                extra += "   (fp32: bf16 does not pay on this CPU, spiral.nets.precision.bf16_native)"
             print(f"  {variant:14s} {f['ms']:9.1f} {f['frames_per_second_per_core']:14,.0f} {f['gflops']:8.1f} "
                   f"{f['fraction_of_peak']:8.1%} {f['ratio']:7.2f}x{extra}")
         act32, act16 = figures["acting fp32"], figures["acting bf16"]

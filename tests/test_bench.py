@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from learner.training import PolicyTrainer
-from spiral.checkpoint import save_checkpoint
+from spiral.runtime.checkpoint import save_checkpoint
 from spiral.config import load_experiment
 from spiral.nets import build_policy
 
@@ -39,7 +39,7 @@ def synthetic_record(updates: int) -> list[dict]:
 
 
 def test_env_throughput_bench_measures_every_renderer_and_the_actor_loop() -> None:
-    figures = run_bench("bench/env_throughput.py", "--seconds", "0.3", "--num-envs", "4", "--renderer-envs",
+    figures = run_bench("-m", "bench.env_throughput", "--seconds", "0.3", "--num-envs", "4", "--renderer-envs",
                         "--skip-system")
     for key in ("libmypaint_steps_per_second_per_core_n4", "fast_steps_per_second_per_core_n4",
                 "mujoco_steps_per_second_per_core_n4", "fast_over_libmypaint_n4", "fast_torch_steps_per_second_per_core_n4",
@@ -49,7 +49,7 @@ def test_env_throughput_bench_measures_every_renderer_and_the_actor_loop() -> No
 
 
 def test_policy_speed_bench_times_both_profiles() -> None:
-    figures = run_bench("bench/policy_speed.py", "--config", "tiny", "mnist", "--num-envs", "2", "--batch", "2",
+    figures = run_bench("-m", "bench.policy_speed", "--config", "tiny", "mnist", "--num-envs", "2", "--batch", "2",
                         "--seconds", "0.05")
     assert [p["config"] for p in figures["profiles"]] == ["tiny", "mnist"]
     for profile in figures["profiles"]:
@@ -66,7 +66,7 @@ def test_learning_bench_scores_checkpoints_against_both_baselines(tmp_path: Path
     (tmp_path / "out" / "run").mkdir(parents=True)
     (tmp_path / "out" / "run" / "learner.jsonl").write_text(
         "".join(json.dumps(row) + "\n" for row in synthetic_record(400)))
-    figures = run_bench("bench/learning.py", "--out", str(tmp_path / "out"), "--evaluate", f"1={path}")
+    figures = run_bench("-m", "bench.learning", "--out", str(tmp_path / "out"), "--evaluate", f"1={path}")
     assert set(figures) == {"blank canvas", "untrained policy", "trained 1 min", "training record"}
     assert figures["training record"]["updates"] == 400
     figures.pop("training record")
@@ -79,14 +79,14 @@ def test_learning_bench_scores_checkpoints_against_both_baselines(tmp_path: Path
 
 
 def test_learner_rpc_bench_measures_ingest_and_parameter_fetches() -> None:
-    figures = run_bench("bench/learner_rpc.py", "--seconds", "1", "--clients", "1")
+    figures = run_bench("-m", "bench.learner_rpc", "--seconds", "1", "--clients", "1")
     for key in ("grpc_ingest_unrolls_per_second", "full_fetch_ms", "poll_ms", "inprocess_snapshot_ms",
                 "parameter_bytes"):
         assert figures[key] > 0, key
 
 
 def test_update_memory_bench_times_both_trainers_with_and_without_retained_memory() -> None:
-    figures = run_bench("bench/update_memory.py", "--updates", "1")
+    figures = run_bench("-m", "bench.update_memory", "--updates", "1")
     for what in ("policy_update", "discriminator_update"):
         for key in ("ms_default", "ms_retained", "speedup"):
             assert figures[f"{what}_{key}"] > 0, (what, key)
@@ -94,7 +94,7 @@ def test_update_memory_bench_times_both_trainers_with_and_without_retained_memor
 
 
 def test_update_speed_bench_reports_each_variant_against_the_measured_peak() -> None:
-    figures = run_bench("bench/update_speed.py", "--config", "tiny", "mnist", "--batch", "2", "--updates", "1")
+    figures = run_bench("-m", "bench.update_speed", "--config", "tiny", "mnist", "--batch", "2", "--updates", "1")
     assert figures["peak_gflops"]["fp32"] > 0 and figures["peak_gflops"]["bf16"] > 0
     for profile in ("tiny", "mnist"):
         variants = figures[profile]
@@ -109,7 +109,7 @@ def test_update_speed_bench_reports_each_variant_against_the_measured_peak() -> 
 
 
 def test_stroke_rewards_bench_pays_random_and_ink_strokes_at_every_pool() -> None:
-    figures = run_bench("bench/stroke_rewards.py", "--targets", "8")
+    figures = run_bench("-m", "bench.stroke_rewards", "--targets", "8")
     for pool in (1, 2, 4, 8):
         for policy in ("random", "ink"):
             assert f"{policy}_paint_step_reward_pool{pool}" in figures, (policy, pool)
@@ -122,7 +122,7 @@ def test_run_record_summarises_a_learners_per_update_record(tmp_path: Path) -> N
     path = tmp_path / "learner.jsonl.gz"
     with gzip.open(path, "wt") as f:
         f.writelines(json.dumps(row) + "\n" for row in rows)
-    summary = run_bench("bench/run_record.py", str(path))[str(path)]
+    summary = run_bench("-m", "bench.run_record", str(path))[str(path)]
     assert summary["updates"] == 1000
     assert summary["updates_per_second"] == pytest.approx(4.0)
     assert summary["collapse_updates"] == 2, "update 50 is inside the warm-up"

@@ -1,4 +1,4 @@
-"""The digit FID (``spiral/digit_fid.py``) and the unconditional benchmark that reports it."""
+"""The digit FID (``spiral/evaluation/digit_fid.py``) and the unconditional benchmark that reports it."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from learner.training import PolicyTrainer
-from spiral.checkpoint import checkpoint_version, save_checkpoint
+from spiral.runtime.checkpoint import checkpoint_version, save_checkpoint
 from spiral.config import DatasetConfig, load_experiment
 from spiral.data import ImageDataset, load_dataset
-from spiral.digit_fid import (
+from spiral.evaluation.digit_fid import (
     ClassifierSettings,
     features,
     frechet_distance,
@@ -142,7 +142,7 @@ def test_unconditional_bench_scores_a_checkpoint_against_both_references(tmp_pat
     path = save_checkpoint(tmp_path / "learner", 5, {"trainer": trainer.state_dict()})
     out = tmp_path / "out"
     result = subprocess.run(
-        [sys.executable, "bench/unconditional.py", "--out", str(out), "--samples", "32", "--backend", "fast",
+        [sys.executable, "-m", "bench.unconditional", "--out", str(out), "--samples", "32", "--backend", "fast",
          "--cache-dir", str(tmp_path / "cache"), "--classifier-epochs", "1", "--evaluate", f"20={path}"],
         cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -188,7 +188,7 @@ def test_average_trail_bench_rebuilds_the_learners_average_from_its_checkpoints(
 
     out = tmp_path / "out" / "trail.json"
     result = subprocess.run(
-        [sys.executable, "bench/average_trail.py", "--config", str(UNCONDITIONAL), "--trail", str(trail),
+        [sys.executable, "-m", "bench.average_trail", "--config", str(UNCONDITIONAL), "--trail", str(trail),
          "--up-to", "20", "--decays", "0.5", "--samples", "16", "--backend", "fast",
          "--cache-dir", str(tmp_path / "cache"), "--classifier-epochs", "1", "--out", str(out)],
         cwd=REPO, capture_output=True, text=True, timeout=300)
@@ -208,7 +208,7 @@ def test_rerender_brush_bench_scores_the_same_programs_in_each_brush(tmp_path: P
     trainer = PolicyTrainer(cfg, build_policy(cfg))
     path = save_checkpoint(tmp_path / "learner", 7, {"trainer": trainer.state_dict()})
     out = tmp_path / "out" / "rerender.json"
-    command = [sys.executable, "bench/rerender_brush.py", "--config", str(UNCONDITIONAL), "--checkpoint", str(path),
+    command = [sys.executable, "-m", "bench.rerender_brush", "--config", str(UNCONDITIONAL), "--checkpoint", str(path),
                "--samples", "16", "--cache-dir", str(tmp_path / "cache"), "--classifier-epochs", "1",
                "--out", str(out), "--brushes"]
     result = subprocess.run(command + ["classic/dry_brush", "classic/pen"], cwd=REPO, capture_output=True,
