@@ -5,6 +5,18 @@ executes programs, the dataset of real images, the networks, the two learners, t
 buffer, the actors, the service addresses and population-based training. Every section is a
 frozen dataclass with a default for each field, so a YAML file only states what differs.
 
+An experiment is a base and its differences. A file may name another as its ``base``
+(``base: tiny`` for ``experiments/tiny.yaml``, or a path relative to the file, ``base:
+../tiny.yaml``); loading merges the file's own settings over its base's, section by section,
+and a base may have a base of its own. ``base`` is consumed by loading: it is not a field.
+
+Any field can also be set from the command line: ``--set learner.reward.band=[-5,5]`` (the
+value is YAML) is parsed by :func:`parse_overrides` into ``{"learner": {"reward": {"band":
+[-5, 5]}}}`` and merged over the file's settings. In Kubernetes the same items come from the
+environment variable ``SPIRAL_SET`` (:func:`split_override_items` defines its format).
+:func:`resolve_experiment` does all three (bases, overrides, validation) and says how the
+result was made, which ``spiral up`` records next to a run.
+
 Loading is strict: an unknown field, a value of the wrong type or a value out of range raises
 :class:`ConfigError` with the dotted path of the offending field (``learner.batch_size``).
 
@@ -12,6 +24,7 @@ Example::
 
     cfg = load_experiment("experiments/mnist.yaml", overrides={"actor": {"num_envs": 4}})
     cfg.env.paint.grid_size  # 32
+    resolve_experiment(experiment_path("tiny-l2"), ["seed=3"]).chain  # (.../tiny-l2.yaml, .../tiny.yaml)
 """
 
 from __future__ import annotations
@@ -21,7 +34,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Iterable, Literal, Mapping
 
 import dacite
 import yaml
@@ -758,21 +771,242 @@ def to_dict(cfg: ExperimentConfig) -> dict[str, Any]:
     return plain(dataclasses.asdict(cfg))
 
 
-def load_experiment(path: str | os.PathLike[str], overrides: Mapping[str, Any] | None = None) -> ExperimentConfig:
-    """Read an experiment YAML file, apply nested ``overrides`` and validate."""
-    text = Path(path).read_text()
+BASE_KEY = "base"
+"""The top-level key of an experiment file that names its base (consumed by loading)."""
+
+
+@dataclass(frozen=True)
+class ExperimentFile:
+    """An experiment file's settings merged over those of its bases, not yet validated.
+
+    Attributes:
+        data: The plain settings (no ``base`` key): the file's own over its base's, and so on.
+        chain: The file first, then its base, its base's base, and so on.
+    """
+
+    data: dict[str, Any]
+    chain: tuple[Path, ...]
+
+
+def _read_mapping(path: Path) -> dict[str, Any]:
+    """One YAML file's top-level mapping (an empty file is an empty mapping)."""
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from exc
     try:
         data = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
     if not isinstance(data, Mapping):
         raise ConfigError(f"{path}: the top level must be a mapping")
+    return dict(data)
+
+
+def base_path(reference: str, asking_file: Path) -> Path:
+    """The file a ``base: REFERENCE`` names: a name (``tiny``) is ``experiments/tiny.yaml``; a path
+    (one with a ``/`` or a ``.yaml``/``.yml`` suffix) is relative to ``asking_file``'s directory."""
+    if "/" in reference or Path(reference).suffix in (".yaml", ".yml"):
+        return asking_file.parent / reference
+    return EXPERIMENTS_DIR / f"{reference}.yaml"
+
+
+def _chain_names(chain: Iterable[Path]) -> str:
+    """``a.yaml -> b.yaml -> a.yaml``: file names, or whole paths where two names are alike."""
+    chain = list(chain)
+    distinct = {p.resolve() for p in chain}
+    names_unique = len({p.name for p in distinct}) == len(distinct)
+    return " -> ".join(p.name if names_unique else str(p) for p in chain)
+
+
+def read_experiment_file(path: str | os.PathLike[str]) -> ExperimentFile:
+    """Read an experiment file and its chain of bases, and merge them (the file's keys win).
+
+    Raises:
+        ConfigError: a file that cannot be read or is not a YAML mapping, a ``base`` that is not a
+            name or path, a base that does not exist (naming the file that asked for it), or a
+            cycle of bases (naming all of it: ``a.yaml -> b.yaml -> a.yaml``).
+    """
+    chain = [Path(path)]
+    layers = [_read_mapping(chain[0])]
+    while BASE_KEY in layers[-1]:
+        asking = chain[-1]
+        reference = layers[-1].pop(BASE_KEY)
+        if not isinstance(reference, str) or not reference.strip():
+            raise ConfigError(f"{asking}: {BASE_KEY}: expected an experiment name or a path, got {reference!r}")
+        base = base_path(reference.strip(), asking)
+        if base.resolve() in {p.resolve() for p in chain}:
+            raise ConfigError(f"{chain[0]}: {BASE_KEY}: a cycle of bases: {_chain_names([*chain, base])}")
+        if not base.is_file():
+            raise ConfigError(f"{asking}: {BASE_KEY}: {reference!r} is {base}, which does not exist")
+        chain.append(base)
+        layers.append(_read_mapping(base))
+    data: dict[str, Any] = {}
+    for layer in reversed(layers):
+        data = _deep_merge(data, layer)
+    return ExperimentFile(data=data, chain=tuple(chain))
+
+
+def load_experiment(path: str | os.PathLike[str], overrides: Mapping[str, Any] | None = None) -> ExperimentConfig:
+    """Read an experiment YAML file with its bases, apply nested ``overrides`` and validate."""
+    data = read_experiment_file(path).data
     if overrides:
-        data = _deep_merge(dict(data), overrides)
+        data = _deep_merge(data, overrides)
     try:
         return from_dict(data)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from exc
+
+
+# ---------------------------------------------------------------------------------------------
+# Overrides: --set FIELD=VALUE and SPIRAL_SET
+# ---------------------------------------------------------------------------------------------
+
+OVERRIDES_ENV_VAR = "SPIRAL_SET"
+"""The environment variable that carries ``--set`` items to a service (Kubernetes pods)."""
+
+
+def split_override_items(text: str) -> list[str]:
+    """The ``FIELD=VALUE`` items of a ``SPIRAL_SET`` value.
+
+    Items are separated by newlines or by ``;`` (``learner.batch_size=32;env.conditional=false``);
+    blanks around an item and empty items are ignored. Commas are no separators, so a YAML list
+    keeps its commas (``learner.reward.band=[-5, 5]``); a value cannot contain ``;``.
+    """
+    return [item.strip() for line in text.splitlines() for item in line.split(";") if item.strip()]
+
+
+def _override_item(item: str, source: str) -> tuple[str, Any]:
+    """``"a.b=VALUE"`` -> ``("a.b", parsed VALUE)``; VALUE is YAML, an empty one the empty string."""
+    where = f"{source} {item}"
+    dotted, equals, raw = item.partition("=")
+    dotted = dotted.strip()
+    if not equals:
+        raise ConfigError(f"{where}: expected FIELD=VALUE, e.g. learner.batch_size=16 (no '=' found)")
+    if not dotted or any(not part for part in dotted.split(".")):
+        raise ConfigError(f"{where}: expected a dotted field before '=', e.g. learner.reward.band=[-5,5]")
+    if not raw.strip():
+        return dotted, ""
+    try:
+        return dotted, yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        problem = str(getattr(exc, "problem", None) or exc).strip()
+        raise ConfigError(f"{where}: {dotted}: the value {raw!r} is not valid YAML ({problem})") from exc
+
+
+def _check_override_field(dotted: str, value: Any) -> None:
+    """Raise ConfigError unless ``dotted`` names a field that ``value`` may set.
+
+    A setting takes any value (its type is checked when the experiment is validated); a section
+    takes only a mapping of its own fields.
+    """
+    cls: type = ExperimentConfig
+    parts = dotted.split(".")
+    for depth, name in enumerate(parts):
+        where = ".".join(parts[:depth + 1])
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        if name not in fields:
+            raise ConfigError(f"{where}: unknown field (known: {', '.join(sorted(fields))})")
+        section = _dataclass_for(fields[name].type)
+        last = depth == len(parts) - 1
+        if section is None and not last:
+            raise ConfigError(f"{where}: a setting, not a section: it has no field {parts[depth + 1]!r}")
+        if section is not None and last:
+            if not isinstance(value, Mapping):
+                known = ", ".join(sorted(f.name for f in dataclasses.fields(section)))
+                raise ConfigError(f"{where}: a section, not a setting: set one of its fields, "
+                                  f"{where}.FIELD=VALUE (fields: {known})")
+            _check_known_fields(section, value, where)
+        if section is not None:
+            cls = section
+
+
+def parse_overrides(items: Iterable[str], source: str = "--set") -> dict[str, Any]:
+    """Nested overrides from ``FIELD=VALUE`` items: ``["learner.batch_size=8", "seed=3"]`` ->
+    ``{"learner": {"batch_size": 8}, "seed": 3}``.
+
+    The field is a dotted path of the experiment (``learner.reward.band``); the value is YAML,
+    so ``[-5,5]`` is a list, ``false`` a boolean and ``3e-4`` a number; an empty value is the
+    empty string. A later item wins over an earlier one for the same field.
+
+    Args:
+        items: The items, in command-line order.
+        source: Where they came from, for error messages (``--set``, ``SPIRAL_SET``).
+
+    Raises:
+        ConfigError: naming the item and the dotted field: a missing ``=``, an unknown field
+            (``--set learner.batchsize=3: learner.batchsize: unknown field (known: ...)``), a
+            section given a plain value (``--set learner=3``), or a value that is not YAML.
+    """
+    nested: dict[str, Any] = {}
+    for item in items:
+        dotted, value = _override_item(item, source)
+        try:
+            _check_override_field(dotted, value)
+        except ConfigError as exc:
+            raise ConfigError(f"{source} {item}: {exc}") from None
+        for name in reversed(dotted.split(".")):
+            value = {name: value}
+        nested = _deep_merge(nested, value)
+    return nested
+
+
+@dataclass(frozen=True)
+class ResolvedExperiment:
+    """A validated experiment and how it was made: a file, its bases, and overrides.
+
+    Attributes:
+        config: The experiment.
+        chain: The experiment file first, then its base, its base's base, and so on.
+        overrides: The ``FIELD=VALUE`` items applied over the files' settings, in order.
+    """
+
+    config: ExperimentConfig
+    chain: tuple[Path, ...]
+    overrides: tuple[str, ...] = ()
+
+    def provenance(self) -> dict[str, Any]:
+        """Plain data saying how :attr:`config` was made (what ``runs/NAME/overrides.yaml`` holds)."""
+        return {"experiment": str(self.chain[0]), "bases": [str(p) for p in self.chain[1:]],
+                "set": list(self.overrides)}
+
+
+def _blamed_items(message: str, items: Iterable[str]) -> list[str]:
+    """The items that set the field a validation ``message`` (``a.b: ...``) names, or a part of it."""
+    field_path = message.split(":", 1)[0].strip()
+    blamed = []
+    for item in items:
+        dotted = item.partition("=")[0].strip()
+        if dotted == field_path or field_path.startswith(f"{dotted}.") or dotted.startswith(f"{field_path}."):
+            blamed.append(item)
+    return blamed
+
+
+def resolve_experiment(path: str | os.PathLike[str], overrides: Iterable[str] = (),
+                       source: str = "--set") -> ResolvedExperiment:
+    """Read an experiment file with its bases, apply ``FIELD=VALUE`` overrides, and validate.
+
+    Args:
+        path: The experiment file.
+        overrides: ``--set`` items (see :func:`parse_overrides`); later ones win.
+        source: Where the items came from, for error messages (``--set``, ``SPIRAL_SET``).
+
+    Raises:
+        ConfigError: naming the dotted field, and the item that set it when one did
+            (``--set learner.batch_size=0: learner.batch_size: must be >= 1``), or else the file.
+    """
+    items = tuple(overrides)
+    nested = parse_overrides(items, source)
+    read = read_experiment_file(path)
+    try:
+        config = from_dict(_deep_merge(read.data, nested))
+    except ConfigError as exc:
+        blamed = _blamed_items(str(exc), items)
+        if blamed:
+            raise ConfigError(f"{source} {' '.join(blamed)}: {exc}") from exc
+        with_items = f" with {source} {' '.join(items)}" if items else ""
+        raise ConfigError(f"{path}{with_items}: {exc}") from exc
+    return ResolvedExperiment(config=config, chain=read.chain, overrides=items)
 
 
 def dump_experiment(cfg: ExperimentConfig, path: str | os.PathLike[str]) -> None:

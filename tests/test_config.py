@@ -1,4 +1,4 @@
-"""Experiment configuration: every shipped file loads; bad input names the field."""
+"""Experiment configuration: every shipped file loads; bases and overrides; bad input names the field."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from spiral.config import ConfigError, dump_experiment, experiment_path, from_dict, load_experiment
+from spiral.config import (ConfigError, dump_experiment, experiment_path, from_dict, load_experiment, parse_overrides,
+                           read_experiment_file, resolve_experiment, split_override_items)
 
 EXPERIMENTS = sorted(Path(__file__).resolve().parent.parent.joinpath("experiments").glob("*.yaml"))
 
@@ -83,3 +84,101 @@ def test_the_pbt_controller_forgets_actors_after_four_missed_heartbeats() -> Non
     assert cfg.pbt.actor_timeout_seconds == 20.0
     with pytest.raises(ConfigError, match="pbt.actor_heartbeat_seconds"):
         load_experiment(experiment_path("tiny"), {"pbt": {"actor_heartbeat_seconds": 0}})
+
+
+# -- base: an experiment is a base and its differences --------------------------------------------
+
+def test_a_file_overrides_its_base_and_a_base_may_have_a_base(tmp_path: Path) -> None:
+    (tmp_path / "middle.yaml").write_text("base: tiny\nlearner:\n  batch_size: 8\n  entropy_cost: 0.5\n")
+    (tmp_path / "top.yaml").write_text("base: middle.yaml\nname: top\nlearner:\n  entropy_cost: 0.25\n")
+    cfg = load_experiment(tmp_path / "top.yaml")
+    tiny = load_experiment(experiment_path("tiny"))
+    assert (cfg.name, cfg.learner.batch_size, cfg.learner.entropy_cost) == ("top", 8, 0.25)
+    assert cfg.learner.learning_rate == tiny.learner.learning_rate and cfg.env == tiny.env
+    chain = read_experiment_file(tmp_path / "top.yaml").chain
+    assert [p.name for p in chain] == ["top.yaml", "middle.yaml", "tiny.yaml"]
+
+
+def test_a_relative_base_path_is_read_from_the_files_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "root.yaml").write_text("name: root\nseed: 7\n")
+    (tmp_path / "sub" / "child.yaml").write_text("base: ../root.yaml\nname: child\n")
+    monkeypatch.chdir(tmp_path / "sub")
+    assert load_experiment(tmp_path / "sub" / "child.yaml").seed == 7
+
+
+def test_a_cycle_of_bases_is_refused_naming_the_whole_cycle(tmp_path: Path) -> None:
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match=r"a\.yaml -> b\.yaml -> a\.yaml"):
+        load_experiment(tmp_path / "a.yaml")
+    (tmp_path / "self.yaml").write_text("base: self.yaml\n")
+    with pytest.raises(ConfigError, match=r"self\.yaml -> self\.yaml"):
+        load_experiment(tmp_path / "self.yaml")
+
+
+def test_a_missing_base_names_the_file_that_asked_for_it(tmp_path: Path) -> None:
+    (tmp_path / "middle.yaml").write_text("base: no-such-experiment\n")
+    (tmp_path / "top.yaml").write_text("base: middle.yaml\n")
+    with pytest.raises(ConfigError, match=r"middle\.yaml: base: 'no-such-experiment' is .*no-such-experiment\.yaml, "
+                                          r"which does not exist"):
+        load_experiment(tmp_path / "top.yaml")
+    (tmp_path / "listed.yaml").write_text("base: [tiny]\n")
+    with pytest.raises(ConfigError, match=r"listed\.yaml: base: expected an experiment name or a path"):
+        load_experiment(tmp_path / "listed.yaml")
+
+
+def test_base_is_consumed_by_loading_not_a_field() -> None:
+    assert "base" not in from_dict({}).__dataclass_fields__
+    with pytest.raises(ConfigError, match=r"--set base=tiny: base: unknown field"):
+        parse_overrides(["base=tiny"])
+
+
+# -- --set FIELD=VALUE and SPIRAL_SET --------------------------------------------------------------
+
+def test_override_values_are_yaml_and_nest_by_their_dotted_field() -> None:
+    assert parse_overrides(["learner.reward.band=[-5,5]", "env.conditional=false", "seed=3", "dataset.path=",
+                            "learner.learning_rate=3e-4", "learner.reward.band=[-4, 4]"]) == {
+        "learner": {"reward": {"band": [-4, 4]}, "learning_rate": "3e-4"},
+        "env": {"conditional": False}, "seed": 3, "dataset": {"path": ""}}
+    cfg = resolve_experiment(experiment_path("tiny"), ["learner.reward.band=[-5,5]", "env.conditional=false",
+                                                       "learner.learning_rate=3e-4"]).config
+    assert cfg.learner.reward.band == (-5.0, 5.0) and cfg.env.conditional is False
+    assert cfg.learner.learning_rate == pytest.approx(3e-4)
+
+
+@pytest.mark.parametrize("item, message", [
+    ("learner.batchsize=3", r"--set learner\.batchsize=3: learner\.batchsize: unknown field \(known: .*batch_size"),
+    ("learner=3", r"--set learner=3: learner: a section, not a setting: set one of its fields"),
+    ("learner.batch_size", r"--set learner\.batch_size: expected FIELD=VALUE"),
+    ("=3", r"--set =3: expected a dotted field before '='"),
+    ("learner.batch_size.more=1", r"learner\.batch_size: a setting, not a section"),
+    ("learner.reward.band=[1,", r"learner\.reward\.band: the value '\[1,' is not valid YAML"),
+    ("env={paint: {gridsize: 4}}", r"--set env=\{paint: \{gridsize: 4\}\}: env\.paint\.gridsize: unknown field"),
+])
+def test_bad_overrides_name_the_item_and_the_field(item: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        parse_overrides([item])
+
+
+def test_an_override_that_fails_validation_is_named_with_its_field() -> None:
+    with pytest.raises(ConfigError, match=r"^--set learner\.batch_size=0: learner\.batch_size: must be >= 1$"):
+        resolve_experiment(experiment_path("tiny"), ["seed=1", "learner.batch_size=0"])
+    with pytest.raises(ConfigError, match=r"^SPIRAL_SET learner\.batch_size=many: learner\.batch_size: expected int"):
+        resolve_experiment(experiment_path("tiny"), ["learner.batch_size=many"], source="SPIRAL_SET")
+    with pytest.raises(ConfigError, match=r"tiny\.yaml with --set env\.paint\.canvas_size=40: discriminator\.input_pool"):
+        resolve_experiment(experiment_path("tiny"), ["env.paint.canvas_size=40"])
+
+
+def test_spiral_set_separates_items_by_newlines_or_semicolons_and_keeps_list_commas() -> None:
+    text = "learner.reward.band=[-5, 5]; seed=3\n  env.conditional=false ;;\n\n"
+    assert split_override_items(text) == ["learner.reward.band=[-5, 5]", "seed=3", "env.conditional=false"]
+    assert parse_overrides(split_override_items(text))["learner"] == {"reward": {"band": [-5, 5]}}
+
+
+def test_a_resolved_experiment_says_how_it_was_made(tmp_path: Path) -> None:
+    (tmp_path / "variant.yaml").write_text("base: tiny\nname: variant\n")
+    resolved = resolve_experiment(tmp_path / "variant.yaml", ["seed=3"])
+    assert resolved.config.seed == 3 and resolved.config.name == "variant"
+    assert resolved.provenance() == {"experiment": str(tmp_path / "variant.yaml"),
+                                     "bases": [str(experiment_path("tiny"))], "set": ["seed=3"]}
