@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
+import yaml
 
-from spiral.config import (ConfigError, dump_experiment, experiment_path, from_dict, load_experiment, parse_overrides,
-                           read_experiment_file, resolve_experiment, split_override_items)
+from spiral.commands.cli import main as spiral_main
+from spiral.config import (ConfigError, ExperimentConfig, dump_experiment, experiment_path, from_dict, load_experiment,
+                           parse_overrides, read_experiment_file, resolve_experiment, split_override_items, to_dict)
 
 EXPERIMENTS = sorted(Path(__file__).resolve().parent.parent.joinpath("experiments").glob("*.yaml"))
 
@@ -182,3 +185,25 @@ def test_a_resolved_experiment_says_how_it_was_made(tmp_path: Path) -> None:
     assert resolved.config.seed == 3 and resolved.config.name == "variant"
     assert resolved.provenance() == {"experiment": str(tmp_path / "variant.yaml"),
                                      "bases": [str(experiment_path("tiny"))], "set": ["seed=3"]}
+
+
+def test_config_resolve_prints_every_field_without_base_and_says_how_it_was_made(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "variant.yaml").write_text("base: tiny\nname: variant\nlearner:\n  batch_size: 8\n")
+    assert spiral_main(["config", "resolve", str(tmp_path / "variant.yaml"), "--set", "seed=3"]) == 0
+    text = capsys.readouterr().out
+    first, second, third = text.splitlines()[:3]
+    assert first.startswith(f"# {(tmp_path / 'variant.yaml').as_posix()} on ")
+    assert first.endswith("tiny.yaml, fully resolved with --set seed=3.")
+    assert third == f"#   spiral config resolve {tmp_path / 'variant.yaml'} --set seed=3"
+    data = yaml.safe_load(text)
+    assert "base" not in data and set(data) == {f.name for f in dataclasses.fields(ExperimentConfig)}
+    assert data["learner"] == to_dict(load_experiment(tmp_path / "variant.yaml"))["learner"]  # every field
+    (tmp_path / "resolved.yaml").write_text(text)
+    assert load_experiment(tmp_path / "resolved.yaml") == resolve_experiment(tmp_path / "variant.yaml",
+                                                                             ["seed=3"]).config
+
+    assert spiral_main(["config", "resolve", "tiny", "--set", "learner.batchsize=3"]) == 2
+    assert "spiral config: --set learner.batchsize=3: learner.batchsize: unknown field" in capsys.readouterr().err
+    assert spiral_main(["config", "resolve", "no-such-experiment"]) == 2
+    assert "no-such-experiment.yaml: no such experiment file" in capsys.readouterr().err

@@ -206,3 +206,16 @@ def test_errors_are_clear_and_exit_2(conditional_run: Path, tmp_path: Path,
 
     check_fails([str(conditional_run), "--out", out, "--num", "0"], capsys, "--num must be >= 1")
     assert not (tmp_path / "out").exists()
+
+
+def test_set_changes_a_setting_of_the_runs_config_and_a_bad_one_is_named(
+        conditional_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "pen"
+    assert spiral_main(["sample", str(conditional_run), "--num", "2", "--out", str(out),
+                        "--set", "env.paint.brush_type=classic/pen"]) == 0
+    program = json.loads(sorted((out / "programs").glob("*.json"))[0].read_text())
+    assert program["env"]["paint"]["brush_type"] == "classic/pen"
+    capsys.readouterr()
+    assert spiral_main(["sample", str(conditional_run), "--num", "2", "--out", str(out),
+                        "--set", "env.paint.brushtype=classic/pen"]) == 2
+    assert "--set env.paint.brushtype=classic/pen: env.paint.brushtype: unknown field" in capsys.readouterr().err

@@ -17,6 +17,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "render": ("spiral.commands.render", "re-execute a program JSON and write the canvas as PNG"),
     "sample": ("spiral.commands.sample", "paint N episodes with a run's trained policy (canvases, grid, programs)"),
     "data": ("spiral.commands.data", "prepare and inspect datasets (spiral data prepare NAME)"),
+    "config": ("spiral.commands.config", "show an experiment fully resolved (spiral config resolve NAME [--set F=V])"),
     "actor": ("actor.main", "run an actor: environments + lagging policy, streams unrolls"),
     "learner": ("learner.main", "run the policy learner service"),
     "discriminator": ("discriminator.main", "run the discriminator learner service"),

@@ -16,7 +16,8 @@ unlimited). That makes a run deterministic for a seed and easy to step through i
 it is also the no-gRPC baseline of ``bench/env_throughput.py``.
 
 ``spiral local --config tiny --minutes 5`` writes the same run directory as ``spiral up``
-(checkpoints, samples, ``learner.jsonl``, TensorBoard), runs under a
+(``config.yaml`` and ``overrides.yaml``, checkpoints, samples, ``learner.jsonl``, TensorBoard),
+takes the same ``--set FIELD=VALUE`` and ``--seed N``, runs under a
 :class:`~spiral.runtime.guarded_loop.GuardedLoop` and resumes from its checkpoints when started again.
 """
 
@@ -37,11 +38,13 @@ from discriminator.learner import DiscriminatorLearner
 from learner.learner import PolicyLearner
 from replaybuffer.table import LocalRenders, ReplayTable
 from spiral.agent.acting import EpisodeRunner
-from spiral.config import ExperimentConfig, dump_experiment, experiment_path, load_experiment
+from spiral.commands.overrides import add_override_arguments, override_items
+from spiral.config import ExperimentConfig, experiment_path, resolve_experiment
 from spiral.data import for_experiment
 from spiral.envs import make_env
 from spiral.runtime.guarded_loop import GuardedLoop
 from spiral.nets import build_policy
+from spiral.runtime.run_config import record_run_config
 from spiral.runtime.seeding import actor_seed, discriminator_seed, replay_seed
 from spiral.runtime.service_runtime import ProgressLog
 
@@ -129,6 +132,7 @@ class LocalSystem:
 
 def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default="tiny", help="experiment YAML or name under experiments/ (default: tiny)")
+    add_override_arguments(parser)
     parser.add_argument("--run-dir", help="run directory (default: RUNS_DIR/NAME)")
     parser.add_argument("--name", help="run name (default: the experiment's name)")
     parser.add_argument("--runs-dir", default="runs", help="parent directory of runs (default: runs)")
@@ -141,17 +145,17 @@ def register(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=os.environ.get("SPIRAL_LOG_LEVEL", "INFO"), stream=sys.stderr,
                         format="%(asctime)s local %(levelname)s %(name)s: %(message)s")
-    try:
-        cfg = load_experiment(experiment_path(args.config))
-    except (OSError, ValueError) as exc:
-        print(f"spiral local: {exc}", file=sys.stderr)
-        return 2
     if args.actors < 1:
         print(f"spiral local: --actors must be >= 1, got {args.actors}", file=sys.stderr)
         return 2
-    run_dir = Path(args.run_dir) if args.run_dir else Path(args.runs_dir) / (args.name or cfg.name)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    dump_experiment(cfg, run_dir / "config.yaml")
+    try:
+        experiment = resolve_experiment(experiment_path(args.config), override_items(args))
+        cfg = experiment.config
+        run_dir = Path(args.run_dir) if args.run_dir else Path(args.runs_dir) / (args.name or cfg.name)
+        record_run_config(run_dir, experiment)
+    except (OSError, ValueError) as exc:  # ConfigError and run_config.RunConfigMismatch are ValueErrors
+        print(f"spiral local: {exc}", file=sys.stderr)
+        return 2
     guard = GuardedLoop("local", "local system loop", max(cfg.learner.stall_seconds, cfg.actor.stall_seconds),
                         linger_seconds=0)
     system = LocalSystem(cfg, run_dir, args.actors, device=args.device, stop=guard.stop_event)

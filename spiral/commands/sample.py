@@ -4,10 +4,13 @@ Usage::
 
     spiral sample RUN_DIR|CHECKPOINT --num N --out DIR [--targets FILE.npz] [--seed S]
                   [--greedy] [--average] [--backend libmypaint|fast] [--config FILE.yaml]
+                  [--set FIELD=VALUE ...]
 
 ``RUN_DIR`` is a ``spiral up`` run directory (its newest ``learner/ckpt-*.pt``; a PBT member
 directory ``member-K`` works too) and ``CHECKPOINT`` one checkpoint file, whose config is read
-from ``<ckpt dir>/../config.yaml`` unless ``--config`` names one. Conditional runs paint the
+from ``<ckpt dir>/../config.yaml`` unless ``--config`` names one; ``--set`` changes a setting of
+that config (``--set env.paint.brush_type=classic/pen``: the same policy with another brush;
+``--seed`` is the sampling seed, not the run's). Conditional runs paint the
 experiment's held-out images, or those of ``--targets`` (one uint8 ``[N, H, W, C]`` array),
 cycled when ``--num`` exceeds them; ``--num`` defaults to the number of targets (conditional)
 or 64 (unconditional). See :mod:`spiral.evaluation.sampling` for what is written. Exit status: 0 on
@@ -20,6 +23,8 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+
+from spiral.commands.overrides import add_override_arguments
 
 UNCONDITIONAL_DEFAULT_NUM = 64
 """Episodes painted by an unconditional run when ``--num`` is not given."""
@@ -43,6 +48,7 @@ def register(parser: argparse.ArgumentParser) -> None:
                         help="paint renderer (default: the experiment's env.paint.backend)")
     parser.add_argument("--config", default=None, metavar="FILE.yaml",
                         help="experiment config (default: the run's config.yaml)")
+    add_override_arguments(parser, seed=False)  # --seed is the sampling seed here
 
 
 def run(args: argparse.Namespace) -> int:
@@ -51,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
                                  resolve_run, sample_policy, with_backend, write_samples)
 
     try:
-        resolved = resolve_run(args.run, args.config)
+        resolved = resolve_run(args.run, args.config, args.set)
         cfg = with_backend(resolved.cfg, args.backend)
         targets = None
         if args.targets is not None:

@@ -6,7 +6,9 @@ learner, the policy learner and N actors (N defaults to half the machine's cores
 processes bound to 127.0.0.1 on free ports, exactly as they run in Kubernetes, and supervises
 them:
 
-* everything a run produces lands under ``runs/NAME/``: the resolved ``config.yaml``, one log
+* everything a run produces lands under ``runs/NAME/``: the resolved ``config.yaml`` and
+  ``overrides.yaml`` (the experiment file, its bases and the ``--set`` items that made it;
+  :mod:`spiral.runtime.run_config`), one log
   per process in ``logs/``, checkpoints, sample grids and TensorBoard event files
   (``tensorboard/``, printed as a ``tensorboard --logdir`` line at start) written by the services, and
   ``cluster.json`` listing each process (role, member, pid, gRPC address, metrics URL, log) so
@@ -19,6 +21,11 @@ them:
 * Ctrl-C, SIGTERM or ``--duration SECONDS`` stop every process cleanly: actors first, then
   the learners and the replay buffer, each with SIGTERM and a grace period before SIGKILL.
 
+Any setting of the experiment can be changed for one run with ``--set FIELD=VALUE`` (repeatable;
+the value is YAML: ``--set learner.reward.band=[-5,5] --set env.conditional=false``), and
+``--seed N`` is ``--set seed=N``. A run directory that already holds a run is resumed only with
+the same experiment: started with other settings it is refused, naming the fields that differ.
+
 With ``--shared-discriminator`` (or ``pbt.shared_discriminator``) a population runs SPIRAL++'s
 population discriminator: one replay buffer and one discriminator, member 0's, serve every
 member. Every member's learner scores with that discriminator and every member's actors insert
@@ -28,7 +35,6 @@ into that replay buffer; members 1..K-1 run only a learner and actors.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import signal
@@ -43,9 +49,11 @@ from typing import IO, Callable, Sequence
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from spiral.commands.overrides import add_override_arguments, override_items
+from spiral.config import OVERRIDES_ENV_VAR, ConfigError, ExperimentConfig, experiment_path, resolve_experiment
 from spiral.runtime.atomic import atomic_write_bytes
-from spiral.config import ExperimentConfig, dump_experiment, experiment_path, load_experiment
 from spiral.runtime.members import MemberAddresses, write_members_file
+from spiral.runtime.run_config import RunConfigMismatch, record_run_config
 
 STOP_ORDER = ("actor", "pbt-controller", "learner", "discriminator", "replaybuffer")
 """Roles in the order they are stopped (producers first, so nothing is left half-sent)."""
@@ -177,6 +185,9 @@ class Supervisor:
         self.max_backoff = max_backoff_seconds
         self.children = [ManagedProcess(spec) for spec in layout.processes]
         self.env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+        # The children load the resolved config.yaml, overrides included: a SPIRAL_SET left in
+        # this shell must not change it behind the run's back.
+        self.env.pop(OVERRIDES_ENV_VAR, None)
         self.env.setdefault("MUJOCO_GL", "egl")
 
     def _spawn(self, child: ManagedProcess) -> None:
@@ -361,6 +372,7 @@ def default_actors(cores: int | None = None) -> int:
 
 def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default="tiny", help="experiment YAML or name under experiments/ (default: tiny)")
+    add_override_arguments(parser)
     parser.add_argument("--name", help="run name (default: the experiment's name); output goes to RUNS_DIR/NAME")
     parser.add_argument("--runs-dir", default="runs", help="parent directory of runs (default: runs)")
     parser.add_argument("--actors", type=int, default=None,
@@ -380,24 +392,22 @@ def run(args: argparse.Namespace) -> int:
     if not config_path.exists():
         print(f"spiral up: config {config_path} does not exist", file=sys.stderr)
         return 2
-    cfg = load_experiment(config_path)
-    population = args.population or cfg.pbt.population_size
-    if population < 1:
-        print(f"spiral up: --population must be >= 1, got {population}", file=sys.stderr)
+    if args.population is not None and args.population < 1:
+        print(f"spiral up: --population must be >= 1, got {args.population}", file=sys.stderr)
         return 2
-    # Always write the effective size: a population experiment run with --population 1 has no
-    # controller, so its learner must not report to one nor its actors ask one for a member.
-    shared = cfg.pbt.shared_discriminator if args.shared_discriminator is None else args.shared_discriminator
-    cfg = dataclasses.replace(cfg, pbt=dataclasses.replace(cfg.pbt, population_size=population,
-                                                           shared_discriminator=shared))
     actors = default_actors() if args.actors is None else args.actors
     if actors < 1:
         print("spiral up: --actors must be >= 1", file=sys.stderr)
         return 2
-    run_dir = Path(args.runs_dir) / (args.name or cfg.name)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    resolved = run_dir / "config.yaml"
-    dump_experiment(cfg, resolved)
+    try:
+        experiment = resolve_experiment(config_path, override_items(args))
+        cfg = experiment.config
+        run_dir = Path(args.runs_dir) / (args.name or cfg.name)
+        resolved = record_run_config(run_dir, experiment)
+    except (ConfigError, RunConfigMismatch) as exc:
+        print(f"spiral up: {exc}", file=sys.stderr)
+        return 2
+    population = cfg.pbt.population_size
 
     layout = plan_layout(cfg, resolved.resolve(), run_dir.resolve(), actors, population)
     supervisor = Supervisor(layout, run_dir, restart=not args.no_restart)

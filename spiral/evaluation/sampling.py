@@ -21,13 +21,13 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
 from spiral.agent.acting import EpisodeRunner  # the actors' own loop, so sampling acts exactly alike
 from spiral.runtime.checkpoint import latest_checkpoint, load_checkpoint
-from spiral.config import ExperimentConfig, load_experiment
+from spiral.config import ExperimentConfig, resolve_experiment
 from spiral.envs import action_spec_for, make_env
 from spiral.envs.programs import Program, program_from_actions, save_program
 from spiral.nets import build_policy
@@ -143,7 +143,7 @@ class ResolvedRun:
     """Where the checkpoint came from: a file, or ``DIR (newest)`` for a run directory."""
 
 
-def resolve_run(path: str | Path, config: str | Path | None = None) -> ResolvedRun:
+def resolve_run(path: str | Path, config: str | Path | None = None, overrides: Sequence[str] = ()) -> ResolvedRun:
     """Find the config and checkpoint a run directory or checkpoint file names.
 
     Args:
@@ -151,6 +151,8 @@ def resolve_run(path: str | Path, config: str | Path | None = None) -> ResolvedR
             newest loadable checkpoint is used), a PBT member directory (``member-K``, its
             config one level up), or a checkpoint file (its config at ``<dir>/../config.yaml``).
         config: An experiment YAML that overrides the one found next to the run.
+        overrides: ``FIELD=VALUE`` items applied over the config (``spiral sample --set``; see
+            :func:`spiral.config.parse_overrides`), e.g. another brush to paint the same programs with.
 
     Raises:
         SampleError: no such path, no config, no loadable checkpoint.
@@ -172,8 +174,8 @@ def resolve_run(path: str | Path, config: str | Path | None = None) -> ResolvedR
     if not config_path.is_file():
         raise SampleError(f"{config_path}: no experiment config (pass --config FILE.yaml)")
     try:
-        cfg = load_experiment(config_path)
-    except (ValueError, OSError) as exc:  # ConfigError is a ValueError and names the file
+        cfg = resolve_experiment(config_path, overrides).config
+    except (ValueError, OSError) as exc:  # ConfigError is a ValueError and names the file or the --set item
         raise SampleError(f"bad experiment config: {exc}") from exc
     if ckpt_dir is not None:
         latest = latest_checkpoint(ckpt_dir)

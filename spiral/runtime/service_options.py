@@ -9,6 +9,7 @@ command line wins over its variable.
 flag                        environment variable            meaning
 =========================== =============================== =======================================
 ``--config``                ``SPIRAL_CONFIG``               experiment YAML file (required)
+``--set FIELD=VALUE``       ``SPIRAL_SET``                  override a setting (repeatable), see below
 ``--run-dir``               ``SPIRAL_RUN_DIR``              checkpoints, samples, logs (``runs/NAME``)
 ``--listen``                ``SPIRAL_LISTEN``               gRPC address to bind (servers only)
 ``--metrics-port``          ``SPIRAL_METRICS_PORT``         Prometheus HTTP port (0 disables)
@@ -21,6 +22,14 @@ flag                        environment variable            meaning
 ``--pbt-address``           ``SPIRAL_PBT_ADDRESS``          overrides ``services.pbt_address``
 ``--shared-discriminator``  ``SPIRAL_SHARED_DISCRIMINATOR`` overrides ``pbt.shared_discriminator``
 =========================== =============================== =======================================
+
+``--set FIELD=VALUE`` overrides one setting of the experiment, named by its dotted path; the
+value is YAML (``--set learner.reward.band=[-5,5] --set env.conditional=false``). ``SPIRAL_SET``
+carries several such items, separated by newlines or ``;``
+(``SPIRAL_SET="learner.batch_size=32;learner.reward.band=[-5, 5]"``; see
+:func:`spiral.config.split_override_items`); like every variable here it is read only when no
+``--set`` is given. Every service of a run must be given the same overrides: peers refuse a
+caller whose experiment differs in what they rely on (:mod:`spiral.rpc.contract`).
 
 ``SPIRAL_SHARED_DISCRIMINATOR`` is ``true``/``false`` (also ``1``/``0``, ``yes``/``no``); on the
 command line ``--shared-discriminator`` / ``--no-shared-discriminator``. It lets a Kubernetes
@@ -44,13 +53,15 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
-from spiral.config import ExperimentConfig, experiment_path, load_experiment
+from spiral.config import OVERRIDES_ENV_VAR, ConfigError, ExperimentConfig, experiment_path, resolve_experiment, \
+    split_override_items
 
 DEFAULT_PORTS = {"learner": 50051, "discriminator": 50052, "replaybuffer": 50053, "pbt-controller": 50054}
 DEFAULT_METRICS_PORT = 9000
 
 ENV_VARS = {
     "config": "SPIRAL_CONFIG",
+    "set": OVERRIDES_ENV_VAR,
     "run_dir": "SPIRAL_RUN_DIR",
     "listen": "SPIRAL_LISTEN",
     "metrics_port": "SPIRAL_METRICS_PORT",
@@ -73,6 +84,8 @@ class ServiceOptions:
     role: str
     config: ExperimentConfig
     config_path: Path
+    overrides: tuple[str, ...]
+    """The ``FIELD=VALUE`` items applied over the experiment file (``--set`` or ``SPIRAL_SET``)."""
     run_dir: Path
     listen: str
     metrics_port: int
@@ -84,6 +97,9 @@ class ServiceOptions:
 def add_service_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the shared flags (all optional on the command line; env vars fill them in)."""
     parser.add_argument("--config", help="experiment YAML (or a name under experiments/) [SPIRAL_CONFIG]")
+    parser.add_argument("--set", action="append", default=None, metavar="FIELD=VALUE",
+                        help="override a setting of the experiment, e.g. learner.batch_size=32 (VALUE is YAML; "
+                             f"repeatable) [{OVERRIDES_ENV_VAR}: items separated by newlines or ';']")
     parser.add_argument("--run-dir", help="directory for checkpoints, samples and logs [SPIRAL_RUN_DIR]")
     parser.add_argument("--listen", help="gRPC address to bind, e.g. 0.0.0.0:50051 [SPIRAL_LISTEN]")
     parser.add_argument("--metrics-port", type=int, help=f"Prometheus port, 0 disables "
@@ -139,7 +155,15 @@ def resolve_service_options(role: str, args: argparse.Namespace) -> ServiceOptio
     path = experiment_path(config_ref)
     if not path.exists():
         raise SystemExit(f"spiral {role}: config file {path} does not exist")
-    config = load_experiment(path)
+    if getattr(args, "set", None):
+        items, source = list(args.set), "--set"
+    else:
+        items, source = split_override_items(os.environ.get(OVERRIDES_ENV_VAR, "")), OVERRIDES_ENV_VAR
+    try:
+        resolved = resolve_experiment(path, items, source=source)
+    except ConfigError as exc:
+        raise SystemExit(f"spiral {role}: {exc}") from None
+    config = resolved.config
     overrides = {f"{peer}_address": _pick(args, f"{peer}_address") for peer in ("learner", "discriminator", "replay", "pbt")}
     overrides = {k: v for k, v in overrides.items() if v}
     if overrides:
@@ -175,6 +199,7 @@ def resolve_service_options(role: str, args: argparse.Namespace) -> ServiceOptio
         role=role,
         config=config,
         config_path=path,
+        overrides=resolved.overrides,
         run_dir=Path(_pick(args, "run_dir") or Path("runs") / config.name),
         listen=listen,
         metrics_port=integer("metrics_port", DEFAULT_METRICS_PORT),
