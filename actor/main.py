@@ -34,6 +34,7 @@ from spiral.envs import action_spec_for, make_env
 from spiral.runtime.guarded_loop import GuardedLoop
 from spiral.nets import build_policy
 from spiral.rpc.client import TRANSIENT_CODES, make_channel
+from spiral.rpc.contract import declare_process_contract
 from spiral.rpc.peers import RemoteParameterSource, RemoteRenderSink, RemoteUnrollSink
 from spiral.runtime.seeding import actor_seed
 from spiral.runtime.service_options import ServiceOptions, add_service_arguments, resolve_service_options
@@ -138,6 +139,7 @@ def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     opts = resolve_service_options("actor", args)
     cfg = opts.config
+    declare_process_contract(cfg)  # every call to a peer says what this actor's experiment is
     guard = GuardedLoop("actor", "actor episode loop", cfg.actor.stall_seconds,
                         linger_seconds=cfg.services.failure_linger_seconds)
     start_process(opts, torch_threads=cfg.actor.torch_threads, health=guard.check)

@@ -19,6 +19,7 @@ from discriminator.learner import DiscriminatorLearner
 from discriminator.service import DiscriminatorLearnerServicer
 from spiral.data import for_experiment
 from spiral.runtime.guarded_loop import GuardedLoop
+from spiral.rpc.contract import declare_process_contract
 from spiral.rpc.peers import RemoteRenderSampler
 from spiral.rpc.server import build_server
 from spiral.runtime.seeding import discriminator_seed
@@ -36,6 +37,7 @@ def register(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     opts = resolve_service_options("discriminator", args)
     cfg = opts.config
+    declare_process_contract(cfg)  # peers of another experiment are refused, and refuse this one
     guard = GuardedLoop("discriminator", "discriminator updates", cfg.discriminator_learner.stall_seconds,
                         linger_seconds=cfg.services.failure_linger_seconds)
     start_process(opts, health=guard.check)

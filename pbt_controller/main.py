@@ -28,6 +28,7 @@ from pbt_controller.controller import Controller
 from pbt_controller.discovery import make_discovery
 from pbt_controller.service import PBTControllerServicer
 from pbt_controller.state import StateStore
+from spiral.rpc.contract import declare_process_contract
 from spiral.rpc.server import BindError, build_server
 from spiral.runtime.service_runtime import start_process
 from spiral.runtime.service_options import add_service_arguments, resolve_service_options
@@ -55,6 +56,7 @@ def register(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     opts = resolve_service_options("pbt-controller", args)
     cfg = opts.config
+    declare_process_contract(cfg)  # peers of another experiment are refused, and refuse this one
     start_process(opts, member_in_log=False)
     population = cfg.pbt.population_size  # the experiment is the one place that sets it
     try:

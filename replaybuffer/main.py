@@ -19,6 +19,7 @@ import logging
 
 from replaybuffer.service import ReplayBufferServicer
 from replaybuffer.table import ReplayTable
+from spiral.rpc.contract import declare_process_contract
 from spiral.rpc.messages import experiment_image_shape
 from spiral.rpc.server import BindError, build_server
 from spiral.runtime.service_runtime import start_process
@@ -39,6 +40,7 @@ def register(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     opts = resolve_service_options("replaybuffer", args)
     cfg = opts.config
+    declare_process_contract(cfg)  # callers of another experiment are refused
     start_process(opts)
     table = ReplayTable(capacity=cfg.replay.capacity, min_size=cfg.replay.min_size,
                         samples_per_insert=cfg.replay.samples_per_insert, seed=replay_seed(cfg.seed, opts.member))

@@ -1,12 +1,15 @@
 """A real policy learner process answers malformed or stale unrolls precisely and keeps serving.
 
 Valid unrolls are made here with the real environment and a policy copy fetched from the
-learner over gRPC, then damaged one field at a time.
+learner over gRPC, then damaged one field at a time. A real replay buffer started with other
+overrides (``SPIRAL_SET``) refuses the peers of the unchanged experiment, and a service given a
+bad override exits naming it.
 """
 
 from __future__ import annotations
 
 import copy
+import os
 import signal
 import subprocess
 import sys
@@ -19,13 +22,15 @@ import numpy as np
 import pytest
 
 from spiral.agent.acting import EpisodeRunner
-from spiral.config import load_experiment
+from spiral.config import experiment_path, load_experiment, resolve_experiment
 from spiral.envs import action_spec_for, make_env
 from spiral.nets import build_policy
 from spiral.runtime.snapshot import ParameterSnapshot
 from spiral.rpc.client import make_channel
+from spiral.rpc.contract import declare_process_contract
 from spiral.rpc.messages import encode_unroll
 from spiral.rpc.parameters import fetch_parameters
+from spiral.rpc.peers import PeerRejected, RemoteRenderSink
 from spiral.commands.up import free_port, scrape
 from spiral.v1 import learner_pb2, learner_pb2_grpc
 from system_harness import write_config
@@ -142,3 +147,47 @@ def test_bad_unrolls_are_refused_counted_and_the_learner_goes_on(learner: tuple[
     assert "newer than the learner's" in info.value.details()
     assert scrape(metrics_url).get("spiral_rejected_messages_total", 0) >= rejected + 2
     channel.close()
+
+
+def test_a_replay_buffer_started_with_other_overrides_refuses_this_experiments_renders(tmp_path: Path) -> None:
+    """SPIRAL_SET gives one pod another grid: its peers' calls are refused, naming the field."""
+    port = free_port()
+    log = open(tmp_path / "replaybuffer.log", "wb")  # noqa: SIM115
+    env = dict(os.environ, SPIRAL_SET="env.paint.grid_size=16\nlearner.reward.band=[-5, 5]; seed=3")
+    proc = subprocess.Popen([sys.executable, "-m", "spiral.commands.cli", "replaybuffer", "--config", "tiny",
+                             "--run-dir", str(tmp_path / "run"), "--listen", f"127.0.0.1:{port}", "--metrics-port", "0"],
+                            stdout=log, stderr=subprocess.STDOUT, env=env)
+    cfg = load_experiment(experiment_path("tiny"))
+    renders = np.zeros((2, 64, 64, 1), np.uint8)
+    try:
+        with make_channel(f"127.0.0.1:{port}", cfg.services) as channel:
+            grpc.channel_ready_future(channel).result(timeout=60)
+        declare_process_contract(cfg)  # this test acts as an actor of the unchanged experiment
+        sink = RemoteRenderSink(f"127.0.0.1:{port}", cfg.services)
+        with pytest.raises(PeerRejected) as caught:
+            sink.insert(renders, renders, policy_version=0, actor_id="test")
+        assert caught.value.code == grpc.StatusCode.FAILED_PRECONDITION
+        assert caught.value.details.startswith("experiment mismatch: env.paint.grid_size is 16 here, 8 at the caller")
+        sink.close()
+        declare_process_contract(resolve_experiment(experiment_path("tiny"), ["env.paint.grid_size=16"]).config)
+        sink = RemoteRenderSink(f"127.0.0.1:{port}", cfg.services)
+        assert sink.insert(renders, renders, policy_version=0, actor_id="test") == 2  # the same experiment: taken
+        sink.close()
+    finally:
+        declare_process_contract(None)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0, (tmp_path / "replaybuffer.log").read_text()
+        log.close()
+    assert "experiment mismatch: env.paint.grid_size is 16 here, 8 at the caller" in \
+        (tmp_path / "replaybuffer.log").read_text()
+
+
+def test_a_service_given_a_bad_override_exits_naming_the_item_and_the_field(tmp_path: Path) -> None:
+    for how, extra_args, env in (("--set", ["--set", "replay.capcity=5"], dict(os.environ)),
+                                 ("SPIRAL_SET", [], dict(os.environ, SPIRAL_SET="seed=1;replay.capcity=5"))):
+        done = subprocess.run([sys.executable, "-m", "spiral.commands.cli", "replaybuffer", "--config", "tiny",
+                               "--run-dir", str(tmp_path), "--metrics-port", "0", *extra_args],
+                              capture_output=True, text=True, env=env, timeout=60)
+        assert done.returncode != 0
+        assert f"spiral replaybuffer: {how} replay.capcity=5: replay.capcity: unknown field (known: capacity," in \
+            done.stderr, done.stderr

@@ -11,7 +11,7 @@ import subprocess
 import threading
 import time
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import grpc
 import numpy as np
@@ -20,10 +20,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client import REGISTRY
 
-from spiral.config import ServicesConfig, load_experiment
+from spiral.config import ExperimentConfig, ServicesConfig, experiment_path, load_experiment, resolve_experiment
 from spiral.envs import action_spec_for
 from spiral.runtime.snapshot import ParameterSnapshot
 from spiral.rpc.client import RetryDeadlineExceeded, RetryPolicy, RetryStopped, call_with_retry, make_channel
+from spiral.rpc.contract import contract_mismatch, declare_process_contract, experiment_contract
 from spiral.rpc.errors import InvalidMessage, PreconditionFailed, rejects_bad_messages
 from spiral.rpc.messages import UnrollExpectation, decode_unroll
 from spiral.rpc.parameters import assemble_parameters, chunk_parameters, fetch_parameters, up_to_date_chunk
@@ -696,3 +697,94 @@ def test_tls_config_errors_name_the_field(tmp_path: Path) -> None:
                      ServicesConfig(tls_cert=str(tmp_path / "junk.pem"), tls_key=str(tmp_path / "k.pem")))
     with pytest.raises(TLSConfigError, match="tls_ca"):
         build_server([service.binding()], "127.0.0.1:0", ServicesConfig(tls_ca=str(tmp_path / "junk.pem")))
+
+
+# -------------------------------------------------------------------------------------------
+# Experiment contract: peers of another experiment are refused, naming the differing fields
+# -------------------------------------------------------------------------------------------
+
+
+def tiny_with(*items: str) -> ExperimentConfig:
+    return resolve_experiment(experiment_path("tiny"), items).config
+
+
+@pytest.fixture()
+def declared() -> Iterator[Callable[[ExperimentConfig | None], None]]:
+    """Declare this test process's contract (as a service's main does); undeclared afterwards."""
+    yield declare_process_contract
+    declare_process_contract(None)
+
+
+def test_the_contract_holds_what_peers_rely_on_and_nothing_else() -> None:
+    tiny = experiment_contract(tiny_with())
+    assert tiny["env.paint.grid_size"] == 8 and tiny["policy.core_dim"] == 64 and tiny["env.conditional"] is True
+    assert "env.mujoco.grid_size" not in tiny and "policy.fp32_heads" not in tiny
+    for own_business in ("learner.batch_size=4", "learner.learning_rate=1e-3", "seed=5", "policy.fp32_heads=false",
+                         "actor.num_envs=2", "env.paint.brush_type=classic/pen"):
+        assert experiment_contract(tiny_with(own_business)) == tiny, own_business
+    for shared in ("env.paint.grid_size=16", "env.paint.canvas_size=32", "env.paint.use_color=true",
+                   "env.episode_length=5", "env.conditional=false", "env.noise_dim=4", "policy.core_dim=32",
+                   "discriminator.channels=8", "discriminator_learner.objective=sngan", "env.paint.brush_sizes=[1, 2]"):
+        assert experiment_contract(tiny_with(shared)) != tiny, shared
+    assert contract_mismatch(tiny, experiment_contract(tiny_with("env.paint.grid_size=16", "policy.core_dim=32"))) == (
+        "experiment mismatch: env.paint.grid_size is 8 here, 16 at the caller; policy.core_dim is 64 here, 32 at the "
+        "caller (every service of a run needs the same experiment and --set / SPIRAL_SET overrides)")
+    assert contract_mismatch(tiny, dict(tiny)) is None
+
+
+def test_a_server_refuses_callers_of_another_experiment_and_serves_its_own(
+        declared: Callable[[ExperimentConfig | None], None]) -> None:
+    service = ParamService(PublishedParameters(small_state(3)))
+    server = build_server([service.binding()], "127.0.0.1:0", CFG, contract=experiment_contract(tiny_with()))
+    server.start()
+    before = sample("spiral_rejected_messages_total", service=DISC, reason="experiment_mismatch")
+    try:
+        declared(tiny_with("env.paint.grid_size=16"))  # this process now acts for another experiment
+        other = RemoteParameterSource(server.address, CFG, "discriminator")
+        with pytest.raises(PeerRejected) as caught:
+            other.fetch(-1)
+        assert caught.value.code == grpc.StatusCode.FAILED_PRECONDITION
+        assert caught.value.details.startswith("experiment mismatch: env.paint.grid_size is 8 here, 16 at the caller")
+        assert sample("spiral_rejected_messages_total", service=DISC, reason="experiment_mismatch") == before + 1
+        with make_channel(server.address, CFG) as channel:  # health answers anyone
+            status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=DISC), timeout=5)
+            assert status.status == health_pb2.HealthCheckResponse.SERVING
+        other.close()
+
+        declared(tiny_with("learner.batch_size=4"))  # a setting that is the caller's own business
+        same = RemoteParameterSource(server.address, CFG, "discriminator")
+        assert same.fetch(-1).version == 3  # type: ignore[union-attr]
+        same.close()
+        declared(None)  # a caller that sends no contract (grpcurl, a probe) is not checked
+        bare = RemoteParameterSource(server.address, CFG, "discriminator")
+        assert bare.fetch(-1).version == 3  # type: ignore[union-attr]
+        bare.close()
+    finally:
+        server.stop(grace=0.5)
+
+
+def test_a_streaming_submit_of_another_experiment_is_refused_before_it_is_read(
+        declared: Callable[[ExperimentConfig | None], None]) -> None:
+    cfg = tiny_with()
+    spec = action_spec_for(cfg)
+    services = dataclasses.replace(cfg.services, max_message_bytes=8 << 20)
+    service = UnrollService(UnrollExpectation.for_experiment(cfg, spec), latest_version=10, max_lag=3)
+    declared(cfg)  # the server takes the process's contract by default, as a service's does
+    server = build_server([service.binding()], "127.0.0.1:0", services)
+    server.start()
+    try:
+        declared(tiny_with("env.noise_dim=4", "env.episode_length=5"))
+        sink = RemoteUnrollSink(server.address, services, spec.names)
+        with pytest.raises(PeerRejected) as caught:
+            sink.submit(make_unroll(9))
+        assert caught.value.code == grpc.StatusCode.FAILED_PRECONDITION
+        assert "env.episode_length is 10 here, 5 at the caller; env.noise_dim is 10 here, 4 at the caller" in \
+            caught.value.details
+        assert service.received == []
+        sink.close()
+        declared(cfg)
+        sink = RemoteUnrollSink(server.address, services, spec.names)
+        assert sink.submit(make_unroll(9)) == 10
+        sink.close()
+    finally:
+        server.stop(grace=0.5)

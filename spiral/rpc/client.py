@@ -3,7 +3,8 @@
 :func:`make_channel` opens a channel with the same message limits and keepalive as the
 servers (:mod:`spiral.rpc.server`), TLS client credentials when configured, gRPC's own
 retries off (retrying is explicit, below) and a bounded reconnect backoff, so a restarted
-peer is found again within seconds.
+peer is found again within seconds. Every call on it carries the process's experiment
+contract (:mod:`spiral.rpc.contract`), which the peer checks.
 
 :func:`call_with_retry` runs one call with a per-attempt deadline; when it fails with a
 transient status (UNAVAILABLE, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED, ABORTED) it sleeps for
@@ -37,6 +38,7 @@ import grpc
 
 from spiral.runtime import metrics
 from spiral.config import ServicesConfig
+from spiral.rpc.contract import Contract, process_contract, with_contract
 from spiral.rpc.server import KeepaliveSettings
 from spiral.rpc.tls import channel_credentials
 
@@ -74,7 +76,7 @@ def channel_options(services_cfg: ServicesConfig, keepalive: KeepaliveSettings,
 
 
 def make_channel(address: str, services_cfg: ServicesConfig, *, keepalive: KeepaliveSettings = KeepaliveSettings(),
-                 server_name: str | None = None) -> grpc.Channel:
+                 server_name: str | None = None, contract: Contract | None = None) -> grpc.Channel:
     """Open a channel to a spiral service (TLS when the config names a CA or a client certificate).
 
     Args:
@@ -82,12 +84,16 @@ def make_channel(address: str, services_cfg: ServicesConfig, *, keepalive: Keepa
         services_cfg: Message limit and TLS files (see :mod:`spiral.rpc.tls`).
         keepalive: Keepalive settings; must match the servers'.
         server_name: Name to verify in the server's certificate instead of ``address``'s host.
+        contract: The experiment contract sent with every call (default: the one this process
+            declared with :func:`spiral.rpc.contract.declare_process_contract`; none: not sent).
     """
     options = channel_options(services_cfg, keepalive, server_name)
     credentials = channel_credentials(services_cfg)
     if credentials is None:
-        return grpc.insecure_channel(address, options=options)
-    return grpc.secure_channel(address, credentials, options=options)
+        channel = grpc.insecure_channel(address, options=options)
+    else:
+        channel = grpc.secure_channel(address, credentials, options=options)
+    return with_contract(channel, process_contract() if contract is None else contract)
 
 
 @dataclass(frozen=True)

@@ -14,16 +14,27 @@ its handler. spiral wraps every handler twice:
   limit is set higher (see :func:`spiral.rpc.server.transport_receive_limit`) so that these
   messages reach the interceptor; only grossly larger ones are cut off by the transport with
   ``RESOURCE_EXHAUSTED``.
+
+A server with an experiment contract (:mod:`spiral.rpc.contract`) also installs
+:class:`ContractInterceptor`: a call to a spiral service whose caller sent a contract that
+differs from the server's is refused with ``FAILED_PRECONDITION`` naming the differing fields
+(``experiment mismatch: env.paint.grid_size is 8 here, 16 at the caller``), counted in
+``spiral_rejected_messages_total{reason="experiment_mismatch"}`` and logged once per mismatch.
 """
 
 from __future__ import annotations
 
+import logging
+import threading
 import time
 from typing import Any, Callable, Iterator
 
 import grpc
 
+from spiral.rpc.contract import CONTRACT_METADATA_KEY, Contract, contract_mismatch, decode_contract
 from spiral.runtime import metrics
+
+log = logging.getLogger(__name__)
 
 _HISTOGRAM_HAS_CODE = "code" in getattr(metrics.GRPC_HANDLING_SECONDS, "_labelnames", ())
 """Whether the handling-time histogram is labelled by status code too."""
@@ -170,3 +181,53 @@ class MessageSizeInterceptor(grpc.ServerInterceptor):
                 refuse(context, request.size)
             return behaviour(request, context)
         return _rebuild(handler, checked_unary, checked_deserializer)
+
+
+class ContractInterceptor(grpc.ServerInterceptor):
+    """Refuses calls to spiral services from callers whose experiment contract differs.
+
+    Only the ``spiral.*`` services are checked (health and reflection answer anyone), and only
+    calls that carry :data:`~spiral.rpc.contract.CONTRACT_METADATA_KEY`.
+
+    Args:
+        contract: This server's contract (:func:`spiral.rpc.contract.experiment_contract`).
+    """
+
+    def __init__(self, contract: Contract) -> None:
+        self.contract = dict(contract)
+        self._logged: set[str] = set()
+        self._lock = threading.Lock()
+
+    def _refusal(self, metadata: Any) -> tuple[str, grpc.StatusCode] | None:
+        """Why a call with this metadata is refused, or None to let it through."""
+        sent = next((value for key, value in (metadata or ()) if key == CONTRACT_METADATA_KEY), None)
+        if sent is None:
+            return None
+        try:
+            caller = decode_contract(sent)
+        except ValueError as exc:
+            return f"malformed {CONTRACT_METADATA_KEY} metadata: {exc}", grpc.StatusCode.INVALID_ARGUMENT
+        message = contract_mismatch(self.contract, caller)
+        return None if message is None else (message, grpc.StatusCode.FAILED_PRECONDITION)
+
+    def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+                          handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        handler = continuation(handler_call_details)
+        service, method = split_method(handler_call_details.method)
+        if handler is None or not service.startswith("spiral."):
+            return handler
+        refusal = self._refusal(handler_call_details.invocation_metadata)
+        if refusal is None:
+            return handler
+        message, code = refusal
+        with self._lock:
+            first = message not in self._logged
+            self._logged.add(message)
+        if first:
+            log.warning("refusing %s calls from a peer of another experiment: %s", method, message)
+
+        def refuse(_request: Any, context: grpc.ServicerContext) -> Any:
+            metrics.REJECTED_MESSAGES_TOTAL.labels(service, "experiment_mismatch").inc()
+            context.abort(code, message)
+
+        return _rebuild(handler, refuse)

@@ -10,7 +10,8 @@
   for the server as a whole (the empty name) once started, and NOT_SERVING from the moment
   shutdown begins, so Kubernetes probes and load balancers stop sending work;
 * server reflection for the registered services (``grpcurl`` works without .proto files);
-* the interceptors of :mod:`spiral.rpc.interceptors` (call metrics, message-size policy);
+* the interceptors of :mod:`spiral.rpc.interceptors` (call metrics, message-size policy, and
+  the experiment contract of :mod:`spiral.rpc.contract` when the process declared one);
 * exactly one listening address, the configured one, plaintext or TLS / mutual TLS from
   :mod:`spiral.rpc.tls`.
 
@@ -44,7 +45,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from spiral.config import ServicesConfig
-from spiral.rpc.interceptors import MessageSizeInterceptor, MetricsInterceptor
+from spiral.rpc.contract import Contract, process_contract
+from spiral.rpc.interceptors import ContractInterceptor, MessageSizeInterceptor, MetricsInterceptor
 from spiral.rpc.tls import server_credentials
 
 log = logging.getLogger(__name__)
@@ -216,7 +218,8 @@ def _run_hook(name: str, hook: Callable[[], None] | None) -> None:
 def build_server(services: Sequence[ServiceBinding], address: str, services_cfg: ServicesConfig, *,
                  max_workers: int = 16, keepalive: KeepaliveSettings = KeepaliveSettings(),
                  maximum_concurrent_rpcs: int | None = None,
-                 interceptors: Sequence[grpc.ServerInterceptor] = ()) -> SpiralServer:
+                 interceptors: Sequence[grpc.ServerInterceptor] = (),
+                 contract: Contract | None = None) -> SpiralServer:
     """Build (not start) a server for ``services`` bound to exactly ``address``.
 
     Args:
@@ -227,7 +230,9 @@ def build_server(services: Sequence[ServiceBinding], address: str, services_cfg:
         keepalive: Keepalive and idle settings.
         maximum_concurrent_rpcs: Calls beyond this many are refused with RESOURCE_EXHAUSTED
             instead of queueing (None: no limit).
-        interceptors: Extra interceptors, run inside the metrics and size interceptors.
+        interceptors: Extra interceptors, run inside the metrics, size and contract interceptors.
+        contract: The experiment contract callers must match (default: the one this process
+            declared with :func:`spiral.rpc.contract.declare_process_contract`; none: no check).
 
     Raises:
         BindError: The address cannot be bound.
@@ -236,9 +241,12 @@ def build_server(services: Sequence[ServiceBinding], address: str, services_cfg:
     if not services:
         raise ValueError("build_server needs at least one service")
     credentials = server_credentials(services_cfg)
+    contract = process_contract() if contract is None else contract
+    checks = [ContractInterceptor(contract)] if contract is not None else []
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc-handler"),
-        interceptors=[MetricsInterceptor(), MessageSizeInterceptor(services_cfg.max_message_bytes), *interceptors],
+        interceptors=[MetricsInterceptor(), MessageSizeInterceptor(services_cfg.max_message_bytes), *checks,
+                      *interceptors],
         options=server_options(services_cfg, keepalive),
         maximum_concurrent_rpcs=maximum_concurrent_rpcs,
     )
