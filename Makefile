@@ -11,16 +11,18 @@ export MUJOCO_GL ?= egl
 export OMP_NUM_THREADS ?= 1
 PYTEST_ARGS ?=
 
-.PHONY: help deps test test-fast run proto proto-check bench bench-learning bench-learning-bf16 bench-learning-shaped bench-paper-smoke clean image base-image image-test kind-up kind-test kind-down
+.PHONY: help deps test test-fast run proto proto-check bench bench-learning bench-headline bench-run bench-learning-bf16 bench-learning-shaped bench-paper-smoke clean image base-image image-test kind-up kind-test kind-down
 
 help:
 	@echo "make run        run the whole system on this machine (spiral up, conditional MNIST)"
 	@echo "make test       install dependencies and run the test suite"
-	@echo "make bench      run the benchmarks in bench/ (figures in bench/RESULTS.md)"
-	@echo "make bench-learning  the critic-reward evidence: 20-minute runs of spiral up, then held-out scores"
-	@echo "make bench-learning-bf16  the critic-reward runs with the learner in bf16, compiled"
+	@echo "make bench      the speed benchmarks in bench/: renderers, system, policy, learner update and RPC, stroke rewards (minutes)"
+	@echo "make bench-headline  the learning runs behind bench/RESULTS.md's current figures (hours: python -m bench.runs list)"
+	@echo "make bench-run NAME=ENTRY [SEED=S]  one entry of bench/runs.yaml, all its seeds or one (python -m bench.runs list)"
+	@echo "make bench-learning  every entry of bench/runs.yaml, one after another (about a day on 2 cores)"
+	@echo "make bench-learning-bf16  tiny-critic with the learner in bf16, compiled: 3 seeds of 20 minutes"
+	@echo "make bench-learning-shaped  30 minutes of the L2-shaped profile (tiny-l2-shaped, make run's default until 2026-12-04)"
 	@echo "make bench-paper-smoke  3 minutes of each paper-sized experiment: finite rewards in their band"
-	@echo "make bench-learning-shaped  30 minutes of the default L2-shaped profile"
 	@echo "make proto      regenerate gRPC stubs from protos/"
 	@echo "make image      build the CPU container image offline (wheelhouse; local Debian base if no registry)"
 	@echo "make image-test start every role from the built image, locked down as the manifests run it"
@@ -68,90 +70,33 @@ bench: deps
 	$(PYTHON) -m bench.update_speed
 	$(PYTHON) -m bench.stroke_rewards
 
-# The critic-reward evidence (bench/RESULTS.md): 20 minutes of spiral up per run, one after
-# another (52 runs, about 18 hours on 2 cores).
-LEARN := $(PYTHON) -m bench.learning --minutes 10 20 --actors 2
+# The learning runs, as data in bench/runs.yaml (python -m bench.runs list shows every entry, its
+# commands and hours). Each run is spiral up for 10-30 minutes, then its checkpoints scored.
+# bench-learning: every entry, one after another (about a day on 2 cores).
 bench-learning: deps
-	for seed in 0 1 2; do $(LEARN) --config experiments/tiny-critic.yaml --seed $$seed \
-	  --out bench/results/critic-reward/seed-$$seed || exit 1; done
-	for seed in 0 1 2; do $(LEARN) --config experiments/tiny-critic-pool.yaml --seed $$seed \
-	  --out bench/results/critic-reward-pool/seed-$$seed || exit 1; done
-	for seed in 0 1 2; do $(LEARN) --config experiments/tiny-critic-clip.yaml --seed $$seed \
-	  --out bench/results/critic-reward-clip/seed-$$seed || exit 1; done
-	$(LEARN) --config experiments/tiny-l2.yaml --seed 0 --out bench/results/l2-reward/seed-0
-	$(LEARN) --config experiments/tiny-l2-pool.yaml --seed 0 --out bench/results/l2-reward-pool/seed-0
-	$(LEARN) --config experiments/tiny-omniglot.yaml --seed 0 --out bench/results/omniglot/seed-0
-	$(PYTHON) -m bench.unconditional --minutes 20 --actors 2 --seed 0 --out bench/results/unconditional
-	$(LEARN) --config experiments/tiny-mujoco.yaml --seed 0 --out bench/results/mujoco/seed-0
-	$(LEARN) --config experiments/tiny-mujoco-pool.yaml --seed 0 --out bench/results/mujoco-pool/seed-0
-	$(LEARN) --config experiments/tiny-clip.yaml --seed 0 --out bench/results/l2-shaped-clip/seed-0
-	for seed in 0 1 2; do $(LEARN) --config experiments/tiny-critic-clip-lr.yaml --seed $$seed \
-	  --out bench/results/critic-reward-clip-lr/seed-$$seed || exit 1; done
-	$(LEARN) --config experiments/tiny-critic-clip-ent.yaml --seed 0 --out bench/results/critic-reward-clip-ent/seed-0
-	$(LEARN) --config experiments/tiny-mujoco-norm.yaml --seed 0 --out bench/results/mujoco-norm/seed-0
-	$(PYTHON) -m bench.unconditional --config experiments/tiny-unconditional-pool.yaml --minutes 20 --actors 2 \
-	  --seed 0 --out bench/results/unconditional-pool
-	for seed in 0 1 2; do $(LEARN) --config experiments/tiny-critic-clip-lr-ent.yaml --seed $$seed \
-	  --out bench/results/critic-reward-clip-lr-ent/seed-$$seed || exit 1; done
-	$(PYTHON) -m bench.unconditional --config experiments/tiny-unconditional-norm.yaml --minutes 20 --actors 2 \
-	  --seed 0 --out bench/results/unconditional-norm
-	$(PYTHON) -m bench.unconditional --config experiments/tiny-unconditional-lr-ent.yaml --minutes 20 --actors 2 \
-	  --seed 0 --out bench/results/unconditional-lr-ent
-	$(LEARN) --config experiments/tiny-l2-lr-ent.yaml --seed 0 --out bench/results/l2-reward-lr-ent/seed-0
-	$(LEARN) --config experiments/tiny-critic-clip-lr-lowent.yaml --seed 0 --out bench/results/critic-reward-clip-lr-lowent/seed-0
-	for seed in 0 1 2; do $(LEARN) --actors 1 --config experiments/tiny-critic-clip-lr-lowent.yaml --seed $$seed \
-	  --out bench/results/critic-reward-clip-lr-lowent-1actor/seed-$$seed || exit 1; done
-	for seed in 0 1 2; do $(LEARN) --actors 1 --config experiments/tiny-critic-clip-lr-ent.yaml --seed $$seed \
-	  --out bench/results/critic-reward-clip-lr-ent-1actor/seed-$$seed || exit 1; done
-	$(LEARN) --actors 1 --config experiments/tiny-mujoco-lr-ent.yaml --seed 0 --out bench/results/mujoco-lr-ent-1actor/seed-0
-	$(LEARN) --actors 1 --config experiments/tiny-complement-lr-ent.yaml --seed 0 --out bench/results/complement-lr-ent-1actor/seed-0
-	$(PYTHON) -m bench.unconditional --config experiments/tiny-unconditional-sngan.yaml --minutes 20 --actors 1 \
-	  --seed 0 --out bench/results/unconditional-sngan
-	$(LEARN) --config experiments/tiny-mujoco-w1.yaml --seed 0 --out bench/results/mujoco-w1/seed-0
-	$(LEARN) --actors 1 --config experiments/tiny-omniglot-lr-ent.yaml --seed 0 --out bench/results/omniglot-lr-ent-1actor/seed-0
-	$(PYTHON) -m bench.unconditional --config experiments/tiny-unconditional-pool.yaml --minutes 20 --actors 1 \
-	  --seed 0 --out bench/results/unconditional-pool-1actor
-	$(PYTHON) -m bench.unconditional --config experiments/tiny-unconditional-sngan.yaml --minutes 20 --actors 1 \
-	  --seed 1 --out bench/results/unconditional-sngan-seed1
-	$(PYTHON) -m bench.unconditional --config experiments/tiny-unconditional-pool.yaml --minutes 20 --actors 1 \
-	  --seed 1 --out bench/results/unconditional-pool-1actor-seed1
-	$(PYTHON) -m bench.unconditional --config experiments/tiny-unconditional-pool.yaml --minutes 10 20 --actors 1 \
-	  --seed 0 --out bench/results/unconditional-pool-1actor-10-20
-	$(PYTHON) -m bench.unconditional --config experiments/tiny-unconditional-critic4.yaml --minutes 10 20 --actors 1 \
-	  --seed 0 --out bench/results/unconditional-critic4
-	$(PYTHON) -m bench.unconditional --config experiments/tiny-unconditional-strokes.yaml --minutes 10 20 --actors 1 \
-	  --seed 0 --out bench/results/unconditional-strokes
-	$(PYTHON) -m bench.unconditional --config experiments/tiny-unconditional-average.yaml --minutes 10 20 --actors 1 \
-	  --seed 0 --out bench/results/unconditional-average
-	$(PYTHON) -m bench.unconditional --config experiments/tiny-unconditional-average.yaml --minutes 10 20 --actors 1 \
-	  --seed 1 --out bench/results/unconditional-average-seed1
-	$(PYTHON) -m bench.unconditional --config experiments/tiny-unconditional-average.yaml --minutes 10 20 --actors 1 \
-	  --seed 2 --out bench/results/unconditional-average-seed2
-	$(PYTHON) -m bench.unconditional --config experiments/tiny-unconditional-pen.yaml --minutes 10 20 --actors 1 \
-	  --seed 0 --out bench/results/unconditional-pen
-	$(PYTHON) -m bench.unconditional --config experiments/tiny-unconditional-pen.yaml --minutes 10 20 --actors 1 \
-	  --seed 1 --out bench/results/unconditional-pen-seed1
-	$(PYTHON) -m bench.unconditional --config experiments/tiny-unconditional-pen.yaml --minutes 10 20 --actors 1 \
-	  --seed 2 --out bench/results/unconditional-pen-seed2
-	for run in unconditional-average unconditional-average-seed1 unconditional-average-seed2 unconditional-pen; do \
-	  $(PYTHON) -m bench.rerender_brush --config bench/results/$$run/experiment.yaml \
-	    --checkpoint bench/results/$$run/policy-20min.pt --brushes classic/dry_brush classic/pen \
-	    --out bench/results/$$run/rerender-brush.json || exit 1; done
+	$(PYTHON) -m bench.runs run --all
+
+# The entries behind the current figures of bench/RESULTS.md (and the README's).
+bench-headline: deps
+	$(PYTHON) -m bench.runs run --headline
+
+# One entry by name, all its seeds or SEED's run only: make bench-run NAME=unconditional-pen SEED=1
+bench-run: deps
+	@test -n "$(NAME)" || { echo "make bench-run NAME=ENTRY [SEED=S]: python -m bench.runs list names the entries"; exit 2; }
+	$(PYTHON) -m bench.runs run $(NAME) $(if $(SEED),--seed $(SEED))
 
 # The paper-sized experiments for 3 minutes each on CPU: the reward stays finite and in its band.
 bench-paper-smoke: deps
-	$(PYTHON) -m bench.paper_smoke --minutes 3 --actors 2 --out bench/results/paper-smoke
+	$(PYTHON) -m bench.runs run paper-smoke
 
-# The same evidence with the learner in bf16 and compiled (experiments/tiny-critic-bf16.yaml).
+# The critic's reward with the learner in bf16 and compiled (experiments/tiny-critic-bf16.yaml).
 bench-learning-bf16: deps
-	for seed in 0 1 2; do $(LEARN) --config experiments/tiny-critic-bf16.yaml --seed $$seed \
-	  --out bench/results/critic-reward-bf16/seed-$$seed || exit 1; done
+	$(PYTHON) -m bench.runs run critic-reward-bf16
 
-# The L2-shaped profile that make run ran before the critic's reward met its goal: 30 minutes,
-# held-out error at 10 and 30.
+# The L2-shaped profile that make run ran before the critic's reward met its goal
+# (experiments/tiny-l2-shaped.yaml): 30 minutes, held-out error at 10 and 30.
 bench-learning-shaped: deps
-	$(PYTHON) -m bench.learning --config experiments/tiny-l2-shaped.yaml --minutes 10 30 --actors 2 \
-	  --out bench/results/learning
+	$(PYTHON) -m bench.runs run l2-shaped
 
 # The container image (deploy/image/): built with the classic builder from a host wheelhouse,
 # so it needs no registry, no BuildKit and no network inside the build.
