@@ -117,6 +117,10 @@ def test_the_headline_entries_are_the_runs_behind_the_current_figures() -> None:
             assert all((ROOT / run.out).is_dir() for run in group.runs), group.name
     result = runs_cli("run", "--headline", "--dry-run")
     assert result.stdout.splitlines() == [run.shell_line() for run in choose(groups, [], headline=True)]
+    front_page = (ROOT / "bench" / "RESULTS.md").read_text().split("## The record")[0]
+    for name in HEADLINE:
+        assert re.search(rf"python -m bench\.runs run [a-z0-9 -]*\b{re.escape(name)}\b", front_page), \
+            f"RESULTS.md's current figures must say how to repeat {name}"
 
 
 def test_every_re_render_comes_after_the_run_it_redraws() -> None:
@@ -222,3 +226,10 @@ def test_the_makefile_runs_the_entries_through_the_runner() -> None:
     help_text = subprocess.run(["make", "help"], cwd=ROOT, capture_output=True, text=True, timeout=60).stdout
     assert "default L2-shaped" not in help_text and "bench-headline" in help_text
 
+
+def test_the_record_links_resolve() -> None:
+    pages = [ROOT / "bench" / "RESULTS.md", *sorted((ROOT / "bench" / "log").glob("*.md"))]
+    for page in pages:
+        for target in re.findall(r"\]\(([^)#\s]+)\)", page.read_text()):
+            if not re.match(r"[a-z]+://", target):
+                assert (page.parent / target).exists(), f"{page.relative_to(ROOT)}: broken link {target}"
