@@ -36,7 +36,8 @@ import pytest
 import yaml
 
 from spiral.commands.cli import SUBCOMMANDS
-from spiral.config import load_experiment
+from spiral.commands.config import resolved_yaml
+from spiral.config import load_experiment, resolve_experiment, to_dict
 from spiral.runtime.metrics import metric_names
 from spiral.runtime.service_options import DEFAULT_METRICS_PORT, DEFAULT_PORTS, ENV_VARS
 
@@ -96,7 +97,8 @@ def _pbt_test_overlay() -> Path:
     """
     root = Path(tempfile.mkdtemp(prefix="spiral-pbt-overlay-"))
     atexit.register(shutil.rmtree, root, True)
-    shutil.copy(ROOT / "experiments" / "tiny.yaml", root / "tiny.yaml")
+    (root / "tiny.yaml").write_text(resolved_yaml(resolve_experiment(ROOT / "experiments" / "tiny.yaml"),
+                                                  "spiral config resolve tiny"))
     deploy = os.path.relpath(DEPLOY, root)
     (root / "kustomization.yaml").write_text(textwrap.dedent(f"""\
         apiVersion: kustomize.config.k8s.io/v1beta1
@@ -246,22 +248,27 @@ def test_overlays_use_distinct_namespaces_and_the_kind_scripts_agree() -> None:
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_experiment_config_is_an_identical_copy_of_experiments_yaml(overlay: str) -> None:
-    """Kustomize reads no file outside an overlay, so each keeps a copy; it must not drift."""
+def test_experiment_config_is_experiments_yaml_resolved(overlay: str) -> None:
+    """Kustomize reads no file outside an overlay, and a pod cannot follow a ``base:`` that lives
+    elsewhere, so each overlay keeps its experiment resolved (``spiral config resolve NAME``).
+    Editing the experiment, or any base of it, fails here until the overlay is regenerated."""
     generators = [g for g in overlay_kustomization(overlay).get("configMapGenerator", [])
                   if g["name"] == "spiral-experiment"]
     assert len(generators) == 1, f"{overlay}: needs one configMapGenerator named spiral-experiment"
     (entry,) = generators[0]["files"]
     key, _, filename = entry.partition("=")
     assert key == "experiment.yaml", "the pods read /etc/spiral/experiment.yaml"
-    copy = DEPLOY / "overlays" / overlay / filename
+    resolved = DEPLOY / "overlays" / overlay / filename
     original = ROOT / "experiments" / filename
-    assert original.exists(), f"{copy} must be named after an experiments/*.yaml file"
-    assert copy.read_bytes() == original.read_bytes(), f"{copy} differs from {original}: cp {original} {copy}"
-    config = load_experiment(copy)
+    assert original.exists(), f"{resolved} must be named after an experiments/*.yaml file"
+    regenerate = f"spiral config resolve {original.stem} > deploy/overlays/{overlay}/{filename}"
+    assert "base" not in yaml.safe_load(resolved.read_text()), f"{resolved} must be resolved: {regenerate}"
+    config = load_experiment(resolved)
+    assert to_dict(config) == to_dict(load_experiment(original)), \
+        f"{resolved} is not {original} resolved (the experiment or a base of it changed): {regenerate}"
     (cm,) = [c for c in by_kind(rendered(overlay), "ConfigMap") if c["metadata"]["name"].startswith("spiral-experiment-")]
-    assert cm["data"]["experiment.yaml"] == original.read_text(), "the generated ConfigMap carries the config"
-    assert config.name == filename.removesuffix(".yaml")
+    assert cm["data"]["experiment.yaml"] == resolved.read_text(), "the generated ConfigMap carries the config"
+    assert config.name == original.stem
 
 
 def test_experiment_configmap_name_is_hashed_so_a_config_change_rolls_the_pods() -> None:

@@ -34,7 +34,7 @@ caller whose experiment differs in what they rely on (:mod:`spiral.rpc.contract`
 ``SPIRAL_SHARED_DISCRIMINATOR`` is ``true``/``false`` (also ``1``/``0``, ``yes``/``no``); on the
 command line ``--shared-discriminator`` / ``--no-shared-discriminator``. It lets a Kubernetes
 component switch a population to one shared discriminator and replay buffer
-(``deploy/components/population-discriminator``) while the experiment file stays a verbatim copy.
+(``deploy/components/population-discriminator``) while the experiment file stays as generated.
 
 A peer address may contain ``{member}``, replaced by the member index: in Kubernetes, replica
 *i* of each member StatefulSet finds its own member's services as
