@@ -6,8 +6,8 @@ buffer, the actors, the service addresses and population-based training. Every s
 frozen dataclass with a default for each field, so a YAML file only states what differs.
 
 An experiment is a base and its differences. A file may name another as its ``base``
-(``base: tiny`` for ``experiments/tiny.yaml``, or a path relative to the file, ``base:
-../tiny.yaml``); loading merges the file's own settings over its base's, section by section,
+(``base: tiny`` for ``experiments/tiny.yaml``, see :func:`base_path`, or a path relative to the
+file, ``base: ../tiny.yaml``); loading merges the file's own settings over its base's, section by section,
 and a base may have a base of its own. ``base`` is consumed by loading: it is not a field.
 
 Any field can also be set from the command line: ``--set learner.reward.band=[-5,5]`` (the
@@ -804,11 +804,17 @@ def _read_mapping(path: Path) -> dict[str, Any]:
 
 
 def base_path(reference: str, asking_file: Path) -> Path:
-    """The file a ``base: REFERENCE`` names: a name (``tiny``) is ``experiments/tiny.yaml``; a path
-    (one with a ``/`` or a ``.yaml``/``.yml`` suffix) is relative to ``asking_file``'s directory."""
+    """The file a ``base: REFERENCE`` names.
+
+    A path (one with a ``/`` or a ``.yaml``/``.yml`` suffix) is relative to ``asking_file``'s
+    directory. A name (``tiny``) is ``experiments/tiny.yaml``: the ``tiny.yaml`` beside the asking
+    file when there is one (so a copied experiments folder, e.g. the image's ``/app/experiments``,
+    resolves within itself), else the project's.
+    """
     if "/" in reference or Path(reference).suffix in (".yaml", ".yml"):
         return asking_file.parent / reference
-    return EXPERIMENTS_DIR / f"{reference}.yaml"
+    sibling = asking_file.parent / f"{reference}.yaml"
+    return sibling if sibling.is_file() else EXPERIMENTS_DIR / f"{reference}.yaml"
 
 
 def _chain_names(chain: Iterable[Path]) -> str:

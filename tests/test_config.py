@@ -110,6 +110,15 @@ def test_a_relative_base_path_is_read_from_the_files_directory(tmp_path: Path, m
     assert load_experiment(tmp_path / "sub" / "child.yaml").seed == 7
 
 
+def test_a_named_base_is_found_beside_the_file_first(tmp_path: Path) -> None:
+    """A copied experiments folder (the image's /app/experiments) resolves its names within itself."""
+    (tmp_path / "tiny.yaml").write_text("name: copied-tiny\nseed: 9\n")
+    (tmp_path / "variant.yaml").write_text("base: tiny\nname: variant\n")
+    assert load_experiment(tmp_path / "variant.yaml").seed == 9
+    (tmp_path / "tiny.yaml").unlink()
+    assert load_experiment(tmp_path / "variant.yaml").seed == load_experiment(experiment_path("tiny")).seed
+
+
 def test_a_cycle_of_bases_is_refused_naming_the_whole_cycle(tmp_path: Path) -> None:
     (tmp_path / "a.yaml").write_text("base: b.yaml\n")
     (tmp_path / "b.yaml").write_text("base: a.yaml\n")
