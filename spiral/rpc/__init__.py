@@ -9,6 +9,8 @@
 * :mod:`spiral.rpc.server`: :func:`build_server` (limits, keepalive, health, reflection,
   metrics, TLS, graceful shutdown).
 * :mod:`spiral.rpc.client`: :func:`make_channel` and :func:`call_with_retry`.
+* :mod:`spiral.rpc.contract`: the experiment fields the services of one run must share, sent
+  with every call and checked by every server (``experiment mismatch: ...``).
 * :mod:`spiral.rpc.publish`: the shared ``GetParameters`` body of both learners.
 * :mod:`spiral.rpc.peers`: :mod:`spiral.core`' interfaces over the network
   (``RemoteParameterSource``, ``RemoteUnrollSink``, ``RemoteRenderSink``,
