@@ -32,6 +32,8 @@ def start_process(opts: ServiceOptions, torch_threads: int | None = None, member
     logging.basicConfig(level=os.environ.get("SPIRAL_LOG_LEVEL", "INFO"), stream=sys.stderr,
                         format=f"%(asctime)s {opts.role}{f'[{opts.member}]' if member_in_log else ''} "
                                "%(levelname)s %(name)s: %(message)s")
+    log.info("experiment %s (%s)%s", opts.config.name, opts.config_path,
+             f" with overrides {' '.join(opts.overrides)}" if opts.overrides else "")
     if torch_threads is not None:
         import torch  # only the services that run networks pay for importing torch
 
