@@ -1,11 +1,14 @@
-"""Learning evidence: held-out MNIST reconstruction error of the CPU profile after 10 and 30 minutes.
+"""Learning evidence: held-out reconstruction error of a conditional profile after a few minutes of training.
 
 Runs the one-machine system (``spiral up``, the tiny conditional-MNIST experiment) for the
 longest of ``--minutes``, copies the learner's newest checkpoint at each of those times, and
-then scores each copy on the fixed held-out digits (``dataset.holdout``, never trained on):
-mean squared error in [0, 1] pixel units between final canvas and target. The same run also
-measures two baselines: an untrained policy (random strokes) and a blank canvas. A picture of
-targets and reconstructions for each time is written next to the JSON figures.
+then scores each copy on the fixed held-out targets (``dataset.holdout``, never trained on):
+mean squared error in [0, 1] pixel units between final canvas and target, and that error as a
+multiple of the domain's baseline canvas (blank for strokes, empty floor for scenes, mean
+intensity for faces). The same run scores an untrained policy. MNIST runs add the share of
+reconstructions read as the right digit, scene runs the per-placement diagnostics (see
+:func:`evaluate`). A picture of targets and reconstructions for each time is written next to
+the JSON figures.
 
 Usage::
 
@@ -17,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,11 +29,14 @@ import torch
 from bench.run_record import read_record, summarize
 from bench.training_run import bench_experiment, train_and_copy
 from spiral.config import ExperimentConfig
-from spiral.data import for_experiment
-from spiral.evaluation.reconstruction import empty_canvas_l2, reconstruct
-from spiral.nets import build_policy
+from spiral.data import ImageDataset, for_experiment
+from spiral.envs import action_spec_for
+from spiral.evaluation.placements import placement_report
+from spiral.evaluation.reconstruction import Reconstruction, domain_baseline, empty_canvas_l2, reconstruct
 from spiral.evaluation.sampling import load_policy
 from spiral.evaluation.visualize import image_grid, plot_curves, save_png
+from spiral.nets import build_policy
+from spiral.nets.policy import SpiralPolicy
 
 
 def main() -> None:
@@ -56,29 +63,47 @@ def main() -> None:
 
 
 def evaluate(cfg: ExperimentConfig, copies: dict[float, Path], out: Path) -> dict[str, dict[str, float]]:
-    """Score the blank canvas, an untrained policy and each checkpoint on the held-out digits.
+    """Score the baselines, an untrained policy and each checkpoint on the held-out targets.
 
     Each policy paints every held-out target twice: sampling its actions as the actors do
-    (``l2``) and taking each head's most likely value (``l2_greedy``). Where the run's
-    per-update record is there (``out/run/learner.jsonl``), its summary (bench/run_record.py:
-    speed, collapses, entropy, clip fraction) is stored as ``"training record"``.
+    (``l2``) and taking each head's most likely value (``l2_greedy``). ``l2_x`` and
+    ``l2_greedy_x`` are the same errors as a multiple of the domain's baseline canvas
+    (:func:`spiral.evaluation.reconstruction.domain_baseline`: the blank canvas for strokes,
+    the empty floor for scenes, the mean-intensity canvas for faces), named under
+    ``"baseline"``. Per domain, a measure that L2 misses is added:
+
+    * MNIST: ``digit_match`` (and ``_greedy``), the share of reconstructions that the digit
+      classifier of :mod:`spiral.evaluation.digit_fid` reads as the target's digit;
+    * scenes: ``placements`` (and ``_greedy``), the per-placement diagnostics of
+      :mod:`spiral.evaluation.placements` against the targets' own programs.
+
+    Where the run's per-update record is there (``out/run/learner.jsonl``), its summary
+    (bench/run_record.py: speed, collapses, entropy, clip fraction) is stored as
+    ``"training record"``.
     """
-    holdout = for_experiment(cfg).holdout
+    dataset = for_experiment(cfg)
+    holdout = dataset.holdout
+    measures = DomainMeasures(cfg, dataset)
     results: dict[str, dict[str, float]] = {}
     rows = [holdout]
-    results["blank canvas"] = {"l2": empty_canvas_l2(cfg, holdout)}
+    baseline_name, baseline = domain_baseline(cfg, holdout)
+    results["baseline"] = {"name": baseline_name, "l2": baseline}
+    if baseline_name != "blank canvas" and cfg.env.kind == "paint":
+        results["blank canvas"] = {"l2": empty_canvas_l2(cfg, holdout)}
+    results[baseline_name] = {"l2": baseline}
     torch.manual_seed(cfg.seed)  # the same untrained weights in every run
     untrained = build_policy(cfg)
-    random_rec = reconstruct(cfg, untrained, holdout, seed=0)
-    results["untrained policy"] = {"l2": random_rec.mean_l2,
-                                   "l2_greedy": reconstruct(cfg, untrained, holdout, seed=0, greedy=True).mean_l2}
-    rows.append(random_rec.canvases)
+    policies: list[tuple[str, SpiralPolicy, dict[str, float]]] = [("untrained policy", untrained, {})]
     for minutes, path in sorted(copies.items()):
         policy, version = load_policy(cfg, path)
-        rec = reconstruct(cfg, policy, holdout, seed=0)
+        policies.append((f"trained {minutes:g} min", policy, {"version": version}))
+    for name, policy, extra in policies:
+        sampled = reconstruct(cfg, policy, holdout, seed=0)
         greedy = reconstruct(cfg, policy, holdout, seed=0, greedy=True)
-        results[f"trained {minutes:g} min"] = {"l2": rec.mean_l2, "l2_greedy": greedy.mean_l2, "version": version}
-        rows.extend([rec.canvases, greedy.canvases])
+        results[name] = {"l2": sampled.mean_l2, "l2_greedy": greedy.mean_l2, "l2_x": sampled.mean_l2 / baseline,
+                         "l2_greedy_x": greedy.mean_l2 / baseline, **extra,
+                         **measures(sampled), **measures(greedy, suffix="_greedy")}
+        rows.extend([sampled.canvases] if name == "untrained policy" else [sampled.canvases, greedy.canvases])
     count = min(16, len(holdout))
     picture = np.concatenate([image_grid(r[:count], columns=count) for r in rows], axis=0)
     save_png(picture, out / "reconstructions.png")
@@ -90,18 +115,58 @@ def evaluate(cfg: ExperimentConfig, copies: dict[float, Path], out: Path) -> dic
     if (run_dir / "discriminator.jsonl").exists():
         plot_curves(run_dir / "discriminator.jsonl", ["d_real", "d_fake", "level", "gp"], out / "critic_curves.png")
     (out / "learning.json").write_text(json.dumps(results, indent=2))
+    print_results(cfg, results, len(holdout), out)
+    return results
+
+
+class DomainMeasures:
+    """The held-out measures beside L2 that a domain has (see :func:`evaluate`)."""
+
+    def __init__(self, cfg: ExperimentConfig, dataset: ImageDataset) -> None:
+        self.cfg = cfg
+        self.dataset = dataset
+        self.classifier = None
+        if cfg.dataset.name == "mnist" and dataset.holdout_labels is not None:
+            from spiral.evaluation.digit_fid import load_or_train_classifier
+
+            self.classifier = load_or_train_classifier(cfg).model
+        self.spec = action_spec_for(cfg)
+
+    def __call__(self, reconstruction: Reconstruction, suffix: str = "") -> dict[str, Any]:
+        figures: dict[str, Any] = {}
+        if self.classifier is not None:
+            from spiral.evaluation.digit_fid import accuracy
+
+            figures[f"digit_match{suffix}"] = accuracy(self.classifier, reconstruction.canvases,
+                                                       self.dataset.holdout_labels)
+        if self.dataset.holdout_programs is not None:
+            report = placement_report(self.spec, reconstruction.actions, self.dataset.holdout_programs)
+            figures[f"placements{suffix}"] = report.as_dict()
+        return figures
+
+
+def print_results(cfg: ExperimentConfig, results: dict[str, Any], count: int, out: Path) -> None:
+    """The table a reader wants: each row's error, its multiple of the baseline, and the domain's measures."""
     renderer = cfg.env.paint.backend if cfg.env.kind == "paint" else "MuJoCo"
-    print(f"held-out {cfg.dataset.name} images: {len(holdout)}, {renderer} renderer; "
-          f"mean L2 (lower is better), sampled / greedy actions")
-    blank = results["blank canvas"]["l2"]
+    baseline = results["baseline"]
+    print(f"held-out {cfg.dataset.name} images: {count}, {renderer} renderer; mean L2 (lower is better), "
+          f"sampled / greedy actions, as a multiple of the {baseline['name']}'s {baseline['l2']:.4f}")
     for name, row in results.items():
-        if name == "training record":
+        if name in ("training record", "baseline") or "l2_x" not in row:
             continue
-        greedy_text = f"   greedy {row['l2_greedy']:.4f}  {row['l2_greedy'] / blank:.2f}x" if "l2_greedy" in row else ""
-        print(f"  {name:20s} {row['l2']:.4f}  {row['l2'] / blank:.2f}x blank{greedy_text}")
+        line = (f"  {name:20s} {row['l2']:.4f}  {row['l2_x']:.2f}x   greedy {row['l2_greedy']:.4f}  "
+                f"{row['l2_greedy_x']:.2f}x")
+        if "digit_match" in row:
+            line += f"   right digit {row['digit_match']:.0%} / {row['digit_match_greedy']:.0%}"
+        if "placements" in row:
+            p, g = row["placements"], row["placements_greedy"]
+            line += (f"   on a target cell {p['on_target_cell']:.0%} / {g['on_target_cell']:.0%} "
+                     f"(chance {p['chance']:.0%}), right object {p['right_object']:.0%} / {g['right_object']:.0%}, "
+                     f"placed {p['placements_per_episode']:.1f} / {g['placements_per_episode']:.1f}")
+        print(line)
     print(f"picture: {out / 'reconstructions.png'} (rows: targets, untrained, then per time sampled and greedy)")
     print(json.dumps(results))
-    return results
+
 
 if __name__ == "__main__":
     main()

@@ -67,13 +67,18 @@ def test_learning_bench_scores_checkpoints_against_both_baselines(tmp_path: Path
     (tmp_path / "out" / "run" / "learner.jsonl").write_text(
         "".join(json.dumps(row) + "\n" for row in synthetic_record(400)))
     figures = run_bench("-m", "bench.learning", "--out", str(tmp_path / "out"), "--evaluate", f"1={path}")
-    assert set(figures) == {"blank canvas", "untrained policy", "trained 1 min", "training record"}
+    assert set(figures) == {"baseline", "blank canvas", "untrained policy", "trained 1 min", "training record"}
     assert figures["training record"]["updates"] == 400
     figures.pop("training record")
+    assert figures["baseline"] == {"name": "blank canvas", "l2": figures["blank canvas"]["l2"]}
     assert figures["trained 1 min"]["version"] == 5
     for row in figures.values():
         assert 0 < row["l2"] < 1
-    assert figures["untrained policy"]["l2_greedy"] > 0
+    for name in ("untrained policy", "trained 1 min"):
+        row = figures[name]
+        assert row["l2_greedy"] > 0
+        assert row["l2_x"] == pytest.approx(row["l2"] / figures["blank canvas"]["l2"])
+        assert 0 <= row["digit_match"] <= 1 and 0 <= row["digit_match_greedy"] <= 1
     assert (tmp_path / "out" / "reconstructions.png").read_bytes()[:4] == b"\x89PNG"
     shutil.rmtree(tmp_path / "out")
 

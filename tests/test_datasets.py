@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from spiral.config import DatasetConfig, experiment_path, load_experiment
+from spiral.data.scenes import render_scene_programs
 from spiral.data import (
     OMNIGLOT_PATH_ENV,
     DatasetSourceError,
@@ -210,6 +211,22 @@ def test_mujoco_scenes_dataset(cache_dir: Path) -> None:
     np.testing.assert_array_equal(again.images, scenes.images)
     other_seed = dataclasses.replace(cfg, seed=cfg.seed + 1)
     assert cache_path(other_seed) != scenes.cache_path
+
+
+def test_mujoco_scenes_keep_the_program_that_rendered_each_image(cache_dir: Path) -> None:
+    cfg = load_experiment(experiment_path("mujoco"), overrides={
+        "dataset": {"cache_dir": str(cache_dir), "num_images": 12, "holdout": 4}})
+    scenes = load_dataset(cfg)
+    assert scenes.programs.shape[:2] == (8, 5) and scenes.holdout_programs.shape[:2] == (4, 5)
+    again = load_dataset(cfg)
+    assert again.from_cache
+    np.testing.assert_array_equal(again.holdout_programs, scenes.holdout_programs)
+    # Executed again, each held-out program renders exactly its image.
+    rendered = render_scene_programs(cfg.env.mujoco, scenes.holdout_programs)
+    np.testing.assert_array_equal(rendered, scenes.holdout)
+    # Datasets of real images have no programs.
+    digits = load_dataset(dataset(cache_dir, "mnist", num_images=40, holdout=4))
+    assert digits.programs is None and digits.holdout_programs is None
 
 
 def test_missing_package_names_what_to_install(cache_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:

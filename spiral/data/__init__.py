@@ -86,6 +86,10 @@ class ImageDataset:
         labels: ``[N]`` int64 class of each training image, or None for unlabelled datasets.
         holdout_labels: ``[M]`` int64 classes of the holdout images, or None.
         label_names: name of each class index, or None.
+        programs: ``[N, S, K]`` int64 program that rendered each training image (generated
+            datasets: ``mujoco-scenes``), else None. For diagnostics only (which placements hit a
+            target object, :mod:`spiral.evaluation.placements`): never an input, never a reward.
+        holdout_programs: the programs of the holdout images, or None.
         cache_path: the cache file the arrays were read from or written to.
         from_cache: True if this load read an existing cache file, False if it prepared one.
     """
@@ -96,6 +100,8 @@ class ImageDataset:
     labels: np.ndarray | None = None
     holdout_labels: np.ndarray | None = None
     label_names: tuple[str, ...] | None = None
+    programs: np.ndarray | None = None
+    holdout_programs: np.ndarray | None = None
     cache_path: Path | None = None
     from_cache: bool = False
 
@@ -167,15 +173,16 @@ def _source(cfg: DatasetConfig, image_size: int, channels: int, scene: SceneConf
         count = cfg.num_images or DEFAULT_SCENE_IMAGES
 
         def prepare_scenes() -> PreparedImages:
-            from spiral.data.scenes import generate_scenes
+            from spiral.data.scenes import render_scene_programs, scene_programs
 
-            rgb = generate_scenes(scene_cfg, count, seed)
+            programs = scene_programs(scene_cfg, count, seed)
+            rgb = render_scene_programs(scene_cfg, programs)
             if rgb.dtype != np.uint8 or rgb.shape != (count, image_size, image_size, 3):
-                raise ValueError(f"generate_scenes returned {rgb.dtype} {rgb.shape}, "
+                raise ValueError(f"render_scene_programs returned {rgb.dtype} {rgb.shape}, "
                                  f"expected uint8 {(count, image_size, image_size, 3)}")
-            if channels == 3:
-                return PreparedImages(images=np.ascontiguousarray(rgb))
-            return PreparedImages(images=np.stack([image_to_array(Image.fromarray(im), channels) for im in rgb]))
+            if channels != 3:
+                rgb = np.stack([image_to_array(Image.fromarray(im), channels) for im in rgb])
+            return PreparedImages(images=np.ascontiguousarray(rgb), programs=programs)
 
         fingerprint = {"source": SCENES_MODULE, "code_sha256": _scenes_source_digest(), "seed": seed,
                        "scene": dataclasses.asdict(scene_cfg), "count": count}
@@ -270,7 +277,7 @@ def load_dataset(cfg: ExperimentConfig | DatasetConfig, image_size: int | None =
     if cfg.holdout >= total:
         raise ValueError(f"dataset.holdout ({cfg.holdout}) must be smaller than the {total} images of "
                          f"dataset {cfg.name!r}, so that some remain for training")
-    labels = prepared.labels
+    labels, programs = prepared.labels, prepared.programs
     return ImageDataset(
         name=cfg.name,
         images=prepared.images[cfg.holdout:],
@@ -278,6 +285,8 @@ def load_dataset(cfg: ExperimentConfig | DatasetConfig, image_size: int | None =
         labels=None if labels is None else labels[cfg.holdout:],
         holdout_labels=None if labels is None else labels[:cfg.holdout],
         label_names=prepared.label_names,
+        programs=None if programs is None else programs[cfg.holdout:],
+        holdout_programs=None if programs is None else programs[:cfg.holdout],
         cache_path=path,
         from_cache=from_cache,
     )

@@ -60,11 +60,15 @@ class PreparedImages:
             the ones a loader sets aside as holdout).
         labels: ``[N]`` int64 class index per image, or None for unlabelled data.
         label_names: the name of each class index (``labels`` indexes into it), or None.
+        programs: ``[N, S, K]`` int64, for generated datasets only (``mujoco-scenes``): the
+            program that rendered each image, ``S`` steps of the action spec's ``K`` heads. Kept
+            for diagnostics (which placements hit a target object), never as an input or a reward.
     """
 
     images: np.ndarray
     labels: np.ndarray | None = None
     label_names: tuple[str, ...] | None = None
+    programs: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if self.images.ndim != 4 or self.images.dtype != np.uint8 or self.images.shape[-1] not in (1, 3):
@@ -73,6 +77,8 @@ class PreparedImages:
             raise ValueError(f"labels must have shape ({len(self.images)},), got {self.labels.shape}")
         if self.label_names is not None and self.labels is None:
             raise ValueError("label_names given without labels")
+        if self.programs is not None and (self.programs.ndim != 3 or len(self.programs) != len(self.images)):
+            raise ValueError(f"programs must be [{len(self.images)}, steps, heads], got {self.programs.shape}")
 
 
 def image_to_array(image: Image.Image, channels: int) -> np.ndarray:
@@ -103,6 +109,8 @@ def write_prepared(path: Path, prepared: PreparedImages, key: str) -> None:
         arrays["labels"] = prepared.labels.astype(np.int64)
     if prepared.label_names is not None:
         arrays["label_names"] = np.array(prepared.label_names, dtype=np.str_)
+    if prepared.programs is not None:
+        arrays["programs"] = prepared.programs.astype(np.int64)
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
     atomic_write_bytes(path, buffer.getvalue(), mode=CACHE_FILE_MODE)  # the cache is shared by services
@@ -124,7 +132,8 @@ def read_prepared(path: Path, key: str) -> PreparedImages | None:
                 return None
             labels = stored["labels"] if "labels" in stored.files else None
             names = tuple(str(n) for n in stored["label_names"]) if "label_names" in stored.files else None
-            return PreparedImages(images=stored["images"], labels=labels, label_names=names)
+            programs = stored["programs"] if "programs" in stored.files else None
+            return PreparedImages(images=stored["images"], labels=labels, label_names=names, programs=programs)
     except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
         log.warning("cache file %s is unreadable (%s); preparing again", path, exc)
         return None

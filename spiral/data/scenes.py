@@ -75,15 +75,22 @@ def render_scene_programs(cfg: SceneConfig, programs: np.ndarray) -> np.ndarray:
     return images
 
 
-def generate_scenes(cfg: SceneConfig, count: int, seed: int) -> np.ndarray:
-    """``count`` random scenes of 1 to 5 objects rendered by :class:`SceneEnv`: uint8 ``[count, S, S, 3]``.
+def scene_programs(cfg: SceneConfig, count: int, seed: int) -> np.ndarray:
+    """The programs of the ``mujoco-scenes`` dataset: ``[count, MAX_OBJECTS, K]`` int64 actions.
 
     Args:
-        cfg: The scene layout (image size, grid, sizes, colour bins), as the agent's environment.
+        cfg: The scene layout (grid, sizes, colour bins), as the agent's environment.
         count: Number of scenes.
-        seed: Seed of the random programs; the same seed and layout give the same images.
+        seed: Seed of the random programs; the same seed and layout give the same programs.
     """
     cfg.validate("env.mujoco")
     spec = scene_action_spec(cfg.grid_size, cfg.num_sizes, cfg.color_bins)
-    programs = random_scene_programs(spec, count, np.random.default_rng(seed))
-    return render_scene_programs(cfg, programs)
+    return random_scene_programs(spec, count, np.random.default_rng(seed))
+
+
+def generate_scenes(cfg: SceneConfig, count: int, seed: int) -> np.ndarray:
+    """``count`` random scenes of 1 to 5 objects rendered by :class:`SceneEnv`: uint8 ``[count, S, S, 3]``.
+
+    The images of :func:`scene_programs` with the same arguments.
+    """
+    return render_scene_programs(cfg, scene_programs(cfg, count, seed))

@@ -2,9 +2,16 @@
 
 The conditional agent's task is to paint a given target. Its quality is the mean squared
 error, in [0, 1] pixel units, between its final canvas and the target, averaged over a fixed
-held-out batch (``dataset.holdout`` images that training never samples). Two baselines put
-the number in context: the empty canvas (painting nothing: white paper, or the empty floor of a
-MuJoCo scene) and an untrained policy (random strokes). The same figure, negated, is the default fitness of population-based training.
+held-out batch (``dataset.holdout`` images that training never samples). Baselines put the
+number in context: an untrained policy (random strokes), and each domain's canvas of doing
+almost nothing (:func:`domain_baseline`), against which its goals are stated:
+
+* strokes (MNIST, Omniglot): the **blank canvas**, white paper;
+* MuJoCo scenes: the **empty floor**;
+* faces (LFW, CelebA): the **mean-intensity canvas**, each target's own mean grey. A blank
+  canvas is too easy a baseline for faces: most of a face is mid-grey, far from white.
+
+The same figure, negated, is the default fitness of population-based training.
 """
 
 from __future__ import annotations
@@ -22,11 +29,19 @@ from spiral.agent.rewards import reconstruction_l2
 
 @dataclass(frozen=True)
 class Reconstruction:
-    """Final canvases for a batch of targets and their per-image errors."""
+    """Final canvases for a batch of targets, their per-image errors and the programs that painted them.
+
+    Attributes:
+        canvases: ``[B, H, W, C]`` uint8 final canvases.
+        targets: ``[B, H, W, C]`` uint8 targets.
+        l2: ``[B]`` mean squared error of each canvas to its target, in [0, 1] pixel units.
+        actions: ``[B, T, K]`` int64 each episode's actions (its program).
+    """
 
     canvases: np.ndarray
     targets: np.ndarray
     l2: np.ndarray
+    actions: np.ndarray
 
     @property
     def mean_l2(self) -> float:
@@ -48,7 +63,8 @@ def reconstruct(cfg: ExperimentConfig, policy: SpiralPolicy, targets: np.ndarray
     finally:
         env.close()
     canvases = unroll.final_canvases
-    return Reconstruction(canvases=canvases, targets=targets, l2=reconstruction_l2(canvases, targets))
+    return Reconstruction(canvases=canvases, targets=targets, l2=reconstruction_l2(canvases, targets),
+                          actions=np.swapaxes(unroll.actions, 0, 1).astype(np.int64))
 
 
 def blank_l2(targets: np.ndarray) -> float:
@@ -67,3 +83,23 @@ def empty_canvas_l2(cfg: ExperimentConfig, targets: np.ndarray, backend: str | N
     finally:
         env.close()
     return float(reconstruction_l2(np.broadcast_to(empty, targets.shape).copy(), targets).mean())
+
+
+FACE_DATASETS = ("lfw", "celeba")
+"""Datasets whose baseline is the mean-intensity canvas."""
+
+
+def mean_intensity_l2(targets: np.ndarray) -> float:
+    """Mean error of a canvas filled with each target's own mean intensity (over pixels and channels)."""
+    targets = np.asarray(targets)
+    means = targets.reshape(len(targets), -1).astype(np.float32).mean(axis=1).round()
+    flat = np.broadcast_to(means[:, None, None, None], targets.shape).astype(np.uint8)
+    return float(reconstruction_l2(flat, targets).mean())
+
+
+def domain_baseline(cfg: ExperimentConfig, targets: np.ndarray, backend: str | None = None) -> tuple[str, float]:
+    """``(name, mean L2)`` of the canvas a domain's goals are stated against (see the module docstring)."""
+    if cfg.dataset.name in FACE_DATASETS:
+        return "mean-intensity canvas", mean_intensity_l2(targets)
+    name = "empty floor" if cfg.env.kind == "mujoco" else "blank canvas"
+    return name, empty_canvas_l2(cfg, targets, backend=backend)
