@@ -104,9 +104,18 @@ class SceneConfig:
     """Number of object sizes."""
     color_bins: int = 4
     """Number of bins for each of red, green and blue."""
+    camera_pitch_degrees: float = 55.0
+    """How far below the horizon the fixed camera looks at the middle of the grid (90: straight
+    down)."""
+    frame_grid: bool = False
+    """Place the camera as close as it can be with the whole location grid in view, so the grid
+    fills the image (looking down steeply, grid cell ``(row, col)`` then lies near the image's
+    ``(row, col)`` block, as a canvas's cell does for painting). Off: 4.2 m away, where the grid
+    covers the middle ~36 x 27 pixels of a 64-pixel image."""
 
     def validate(self, path: str) -> None:
         _require(self.image_size >= 16, f"{path}.image_size", "must be >= 16")
+        _require(0 < self.camera_pitch_degrees <= 90, f"{path}.camera_pitch_degrees", "must be in (0, 90]")
         _require(self.grid_size >= 2, f"{path}.grid_size", "must be >= 2")
         _require(self.num_sizes >= 1, f"{path}.num_sizes", "must be >= 1")
         _require(self.color_bins >= 2, f"{path}.color_bins", "must be >= 2")

@@ -269,3 +269,39 @@ def test_generate_scenes_shapes_determinism_and_diversity() -> None:
     # Scenes hold colours, not only the grey floor.
     spread = scenes.astype(np.int64).max(axis=-1) - scenes.astype(np.int64).min(axis=-1)
     assert (spread > 60).any(axis=(1, 2)).mean() > 0.5
+
+
+def test_a_camera_framing_the_grid_puts_its_corners_on_the_image_edge() -> None:
+    for pitch in (55.0, 80.0, 90.0):
+        camera = scene_model.Camera.framing_grid(pitch)
+        assert camera.grid_extent() == pytest.approx(1.0, abs=1e-6)
+        assert camera.distance < scene_model.DEFAULT_CAMERA.distance
+    # Looking straight down, cell (row, col) of a G x G grid is the image's (row, col) block.
+    camera = scene_model.Camera.framing_grid(90.0)
+    grid = 8
+    centres = scene_model.cell_centers(np.arange(grid * grid), grid)
+    image = camera.project(np.concatenate([centres, np.zeros((grid * grid, 1))], axis=1))
+    rows, cols = np.divmod(np.arange(grid * grid), grid)
+    np.testing.assert_allclose(image[:, 0], (cols + 0.5) / grid * 2 - 1, atol=1e-9)
+    np.testing.assert_allclose(image[:, 1], (rows + 0.5) / grid * 2 - 1, atol=1e-9)
+    with pytest.raises(ValueError, match="pitch"):
+        scene_model.Camera(pitch_degrees=95.0)
+
+
+def test_with_frame_grid_an_object_in_a_corner_cell_is_drawn_in_that_corner() -> None:
+    layout = SceneConfig(grid_size=8, camera_pitch_degrees=80.0, frame_grid=True)
+    spec = scene_action_spec(layout.grid_size, layout.num_sizes, layout.color_bins)
+    env = SceneEnv(layout, num_envs=2, episode_length=2, noise_dim=1, seed=0)
+    try:
+        empty = env.reset().canvas[0].astype(int)
+        row = np.zeros((2, spec.num_heads), np.int64)
+        row[:, spec.index("flag")] = FLAG_PLACE
+        row[:, spec.index("location")] = (0, 63)  # the far-left and the near-right corner cells
+        row[:, spec.index("red")] = 3
+        canvases = env.step(row).canvas.astype(int)
+    finally:
+        env.close()
+    for canvas, (rows, cols) in zip(canvases, ((slice(0, 16), slice(0, 16)), (slice(48, 64), slice(48, 64)))):
+        changed = np.abs(canvas - empty).sum(-1) > 30
+        inside = changed[rows, cols].sum()
+        assert inside > 0.6 * changed.sum(), "the object lies mostly in its corner of the image"

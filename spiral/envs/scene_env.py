@@ -170,9 +170,11 @@ class SceneRenderer:
         max_tiles: The most environments rendered in one call.
         shadows: Whether the light casts shadows (an extra depth pass per render: about 2.7x the
             software-rendering cost, but objects look grounded on the floor).
+        camera: Where the fixed camera is.
     """
 
-    def __init__(self, image_size: int, num_slots: int, max_tiles: int, shadows: bool = True) -> None:
+    def __init__(self, image_size: int, num_slots: int, max_tiles: int, shadows: bool = True,
+                 camera: scene_model.Camera = scene_model.DEFAULT_CAMERA) -> None:
         if image_size > MAX_FRAMEBUFFER_SIDE:
             raise ValueError(f"image_size must be <= {MAX_FRAMEBUFFER_SIDE}, got {image_size}")
         self._mj = load_mujoco()
@@ -185,7 +187,8 @@ class SceneRenderer:
         self._tile_rows = math.ceil(tiles_per_pass / self._tile_cols)
         self._tiles_per_pass = tiles_per_pass
         width, height = self._tile_cols * image_size, self._tile_rows * image_size
-        xml = scene_model.scene_xml(num_slots, width, height, shadow_map_size=4 * image_size if shadows else 0)
+        xml = scene_model.scene_xml(num_slots, width, height, shadow_map_size=4 * image_size if shadows else 0,
+                                    camera=camera)
         self.model = mj.MjModel.from_xml_string(xml)
         self.data = mj.MjData(self.model)
         # Poses cameras and lights once (static); per render only geom frames are recomputed.
@@ -278,6 +281,13 @@ class SceneRenderer:
             pass
 
 
+def scene_camera(scene: SceneConfig) -> scene_model.Camera:
+    """The camera a scene layout asks for (``camera_pitch_degrees``, ``frame_grid``)."""
+    if scene.frame_grid:
+        return scene_model.Camera.framing_grid(scene.camera_pitch_degrees)
+    return scene_model.Camera(pitch_degrees=scene.camera_pitch_degrees)
+
+
 class SceneEnv(BatchedEnv):
     """N MuJoCo scenes stepped together; each placing step adds one primitive to a scene.
 
@@ -301,7 +311,8 @@ class SceneEnv(BatchedEnv):
         self._sizes = scene_model.size_values(scene.num_sizes)
         self._colors = scene_model.color_values(scene.color_bins)
         self._slots = ObjectSlots.empty(num_envs, self.steps_per_episode)
-        self._renderer = SceneRenderer(size, self.steps_per_episode, max_tiles=num_envs, shadows=shadows)
+        self._renderer = SceneRenderer(size, self.steps_per_episode, max_tiles=num_envs, shadows=shadows,
+                                       camera=scene_camera(scene))
         self._empty_image = self._renderer.render(self._slots, np.zeros(1, np.int64))[0]
         self._images = np.broadcast_to(self._empty_image, (num_envs, size, size, 3)).copy()
 

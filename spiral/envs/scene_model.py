@@ -21,6 +21,7 @@ it costs nothing to load):
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -41,9 +42,9 @@ SHAPE_GEOM_TYPES = np.array([GEOM_BOX, GEOM_SPHERE, GEOM_CYLINDER, GEOM_CAPSULE]
 assert len(SHAPE_GEOM_TYPES) == len(SCENE_SHAPES)
 
 CAMERA_PITCH_DEGREES = 55.0
-"""How far below the horizon the fixed camera looks."""
+"""How far below the horizon the fixed camera looks (the default camera)."""
 CAMERA_DISTANCE = 4.2
-"""Distance from the camera to the point it looks at (the middle of the grid)."""
+"""Distance from the default camera to the point it looks at (the middle of the grid)."""
 CAMERA_FOVY_DEGREES = 45.0
 LIGHT_DIRECTION = (-0.4, -0.2, -1.0)
 """Direction of the fixed directional light: from above, behind and right of the camera."""
@@ -121,26 +122,90 @@ def primitive_geometry(shape: np.ndarray, half_extent: np.ndarray) -> tuple[np.n
     return geom_type.astype(np.int32), size, center_z, quat
 
 
-def camera_pose() -> tuple[np.ndarray, np.ndarray]:
-    """Position and ``xyaxes`` (camera right and up in world frame) of the fixed camera.
+@dataclass(frozen=True)
+class Camera:
+    """The fixed camera: it looks at the middle of the grid from the ``-y`` side.
 
-    The camera sits on the ``-y`` side, looks toward ``+y`` and down by
-    :data:`CAMERA_PITCH_DEGREES` at the centre of the grid, so the far row of cells is at the
-    top of the image and column 0 on the left.
+    Attributes:
+        pitch_degrees: How far below the horizon it looks (90: straight down).
+        distance: From the camera to the middle of the grid (metres).
+        fovy_degrees: Vertical field of view.
     """
-    pitch = math.radians(CAMERA_PITCH_DEGREES)
-    view_direction = np.array([0.0, math.cos(pitch), -math.sin(pitch)])
-    position = -CAMERA_DISTANCE * view_direction
-    right = np.array([1.0, 0.0, 0.0])
-    up = np.array([0.0, math.sin(pitch), math.cos(pitch)])
-    return position, np.concatenate([right, up])
+
+    pitch_degrees: float = CAMERA_PITCH_DEGREES
+    distance: float = CAMERA_DISTANCE
+    fovy_degrees: float = CAMERA_FOVY_DEGREES
+
+    def __post_init__(self) -> None:
+        if not 0 < self.pitch_degrees <= 90:
+            raise ValueError(f"camera pitch must be in (0, 90] degrees, got {self.pitch_degrees}")
+        if self.distance <= 0 or not 0 < self.fovy_degrees < 180:
+            raise ValueError(f"camera distance must be > 0 and field of view in (0, 180), got "
+                             f"{self.distance}, {self.fovy_degrees}")
+
+    @classmethod
+    def framing_grid(cls, pitch_degrees: float, fovy_degrees: float = CAMERA_FOVY_DEGREES) -> "Camera":
+        """The camera at ``pitch_degrees`` as close as it can be with the whole grid in view.
+
+        The square of floor that the location grid covers then fills the image: its near edge
+        touches the image's bottom corners (or, looking straight down, its sides touch the
+        image's sides). Looking down steeply, cell ``(row, col)`` then lies near the image's
+        ``(row, col)`` block, as a canvas's grid cell does for painting.
+        """
+        low, high = 0.5, 100.0  # the grid's extent in the image shrinks as the distance grows
+        for _ in range(60):
+            middle = (low + high) / 2
+            if cls(pitch_degrees, middle, fovy_degrees).grid_extent() > 1.0:
+                low = middle
+            else:
+                high = middle
+        return cls(pitch_degrees, high, fovy_degrees)
+
+    def pose(self) -> tuple[np.ndarray, np.ndarray]:
+        """Position and ``xyaxes`` (camera right and up in world frame), as MJCF's camera takes them.
+
+        The far row of cells is at the top of the image and column 0 on the left.
+        """
+        pitch = math.radians(self.pitch_degrees)
+        view_direction = np.array([0.0, math.cos(pitch), -math.sin(pitch)])
+        position = -self.distance * view_direction
+        right = np.array([1.0, 0.0, 0.0])
+        up = np.array([0.0, math.sin(pitch), math.cos(pitch)])
+        return position, np.concatenate([right, up])
+
+    def project(self, world: np.ndarray) -> np.ndarray:
+        """World points ``[N, 3]`` to image coordinates ``[N, 2]`` (x right, y down) in [-1, 1] at the edges."""
+        position, axes = self.pose()
+        right, up = axes[:3], axes[3:]
+        forward = -np.cross(right, up)  # MuJoCo cameras look along their -z axis, z = x cross y
+        d = np.asarray(world, dtype=np.float64) - position
+        focal = 1.0 / math.tan(math.radians(self.fovy_degrees) / 2)
+        depth = d @ forward
+        return np.stack([focal * (d @ right) / depth, -focal * (d @ up) / depth], axis=-1)
+
+    def grid_extent(self) -> float:
+        """The largest image coordinate of the grid's corners (1.0: it touches the image's edge)."""
+        corners = np.array([[x, y, 0.0] for x in (-FLOOR_HALF_EXTENT, FLOOR_HALF_EXTENT)
+                            for y in (-FLOOR_HALF_EXTENT, FLOOR_HALF_EXTENT)])
+        return float(np.abs(self.project(corners)).max())
+
+
+DEFAULT_CAMERA = Camera()
+"""The camera of every scene experiment that sets no other: pitch 55 degrees, 4.2 m away.
+The grid then covers the middle ~36 x 27 pixels of a 64-pixel image."""
+
+
+def camera_pose(camera: Camera = DEFAULT_CAMERA) -> tuple[np.ndarray, np.ndarray]:
+    """Position and ``xyaxes`` of ``camera`` (:meth:`Camera.pose`)."""
+    return camera.pose()
 
 
 def _fmt(values: np.ndarray | tuple[float, ...]) -> str:
     return " ".join(f"{float(v):.6g}" for v in values)
 
 
-def scene_xml(num_slots: int, framebuffer_width: int, framebuffer_height: int, shadow_map_size: int) -> str:
+def scene_xml(num_slots: int, framebuffer_width: int, framebuffer_height: int, shadow_map_size: int,
+              camera: Camera = DEFAULT_CAMERA) -> str:
     """The MJCF of the scene: floor, light, camera ``"view"`` and ``num_slots`` hidden object slots.
 
     Slot ``k`` is the geom named ``slot{k}`` with its own material ``slot{k}`` (both are
@@ -152,10 +217,11 @@ def scene_xml(num_slots: int, framebuffer_width: int, framebuffer_height: int, s
         framebuffer_width: Width of the offscreen framebuffer (all tiles of one render pass).
         framebuffer_height: Height of the offscreen framebuffer.
         shadow_map_size: Side of the light's shadow map in texels (0 turns shadows off).
+        camera: Where the fixed camera ``"view"`` is.
     """
     if num_slots < 1:
         raise ValueError(f"num_slots must be >= 1, got {num_slots}")
-    camera_position, camera_axes = camera_pose()
+    camera_position, camera_axes = camera.pose()
     materials = "\n".join(
         f'    <material name="slot{k}" rgba="1 1 1 0" specular="0.2" shininess="0.3"/>' for k in range(num_slots))
     slots = "\n".join(
@@ -165,7 +231,7 @@ def scene_xml(num_slots: int, framebuffer_width: int, framebuffer_height: int, s
     return f"""<mujoco model="spiral_scene">
   <statistic center="0 0 0" extent="6"/>
   <visual>
-    <global offwidth="{framebuffer_width}" offheight="{framebuffer_height}" fovy="{CAMERA_FOVY_DEGREES}"/>
+    <global offwidth="{framebuffer_width}" offheight="{framebuffer_height}" fovy="{camera.fovy_degrees:g}"/>
     <quality shadowsize="{max(shadow_map_size, 1)}" offsamples="0"/>
     <headlight ambient="0.4 0.4 0.4" diffuse="0.3 0.3 0.3" specular="0 0 0"/>
   </visual>
@@ -178,7 +244,7 @@ def scene_xml(num_slots: int, framebuffer_width: int, framebuffer_height: int, s
            specular="0.1 0.1 0.1" castshadow="{cast_shadow}"/>
     <geom name="floor" type="plane" size="10 10 0.1" material="floor" contype="0" conaffinity="0"/>
 {slots}
-    <camera name="view" pos="{_fmt(camera_position)}" xyaxes="{_fmt(camera_axes)}" fovy="{CAMERA_FOVY_DEGREES}"/>
+    <camera name="view" pos="{_fmt(camera_position)}" xyaxes="{_fmt(camera_axes)}" fovy="{camera.fovy_degrees:g}"/>
   </worldbody>
 </mujoco>
 """
