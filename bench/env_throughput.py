@@ -106,7 +106,7 @@ def inprocess_training_rate(cfg: ExperimentConfig, num_envs: int, seconds: float
     This is ``spiral local`` (:class:`spiral.commands.local.LocalSystem`): the same work per frame as
     the system, done by the same classes the services wrap: one actor (its own policy copy,
     refreshed from the learner as a remote actor's is), a policy learner update per
-    ``learner.batch_size`` episodes scored by the discriminator's critic, every final render
+    ``learner.batch_size`` episodes scored by the discriminator, every final render
     into a replay table with the experiment's limits, and as many discriminator updates as its
     ``samples_per_insert`` allows, all in turn on one Python thread (checkpoints, logs and
     sample grids go to a temporary run directory, as the services write theirs).
@@ -123,12 +123,13 @@ def inprocess_training_rate(cfg: ExperimentConfig, num_envs: int, seconds: float
             while time.perf_counter() - start < seconds:
                 system.step()
             elapsed = time.perf_counter() - start
-            frames, updates, critic_updates = system.frames, system.learner.updates, system.discriminator.updates
+            frames, updates = system.frames, system.learner.updates
+            discriminator_updates = system.discriminator.updates
             system.close()
     finally:
         torch.set_num_threads(previous)
     return {"frames_per_second": frames / elapsed, "learner_updates_per_second": updates / elapsed,
-            "discriminator_updates_per_second": critic_updates / elapsed}
+            "discriminator_updates_per_second": discriminator_updates / elapsed}
 
 
 def system_actor_rate(config_path: Path, num_actors: int, seconds: float, warmup: float) -> dict[str, float]:

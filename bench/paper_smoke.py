@@ -1,11 +1,11 @@
-"""Smoke runs of the paper-sized experiments on CPU: does the critic's reward keep its scale?
+"""Smoke runs of the paper-sized experiments on CPU: does the discriminator's reward keep its scale?
 
 The paper-sized experiments (``mnist``, ``omniglot``, ``celeba``, ``mujoco``) ship with the
-critic's reward as it learnt at small scale. They are meant for GPUs and many actors, so a CPU
+discriminator's reward as it learnt at small scale. They are meant for GPUs and many actors, so a CPU
 cannot show them learning; what it can show in a few minutes is that they start, update, and
 that the reward stays finite and at the level it is configured for: each batch's mean episode
-return inside ``learner.reward.band`` (the band the learner alerts on), and the critic's level
-pinned near 0.
+return inside ``learner.reward.band`` (the band the learner alerts on), and the
+discriminator's level pinned near 0 (reported as ``critic_level_max_abs``, the results' name).
 
 Each experiment runs ``spiral up`` for ``--minutes`` with ``--actors`` actors and one member
 (``pbt.population_size`` 1). Where an experiment's data is not on this machine, the run says
@@ -57,25 +57,25 @@ def smoke_experiment(name: str) -> tuple[ExperimentConfig, str]:
 
 
 def summarise(cfg: ExperimentConfig, run_dir: Path) -> dict[str, Any]:
-    """Updates, the returns' range against the band, and the critic's level, from a run's logs."""
+    """Updates, the returns' range against the band, and the discriminator's level, from a run's logs."""
     learner = read_jsonl(run_dir / "learner.jsonl") if (run_dir / "learner.jsonl").exists() else []
-    critic = read_jsonl(run_dir / "discriminator.jsonl") if (run_dir / "discriminator.jsonl").exists() else []
+    discriminator = read_jsonl(run_dir / "discriminator.jsonl") if (run_dir / "discriminator.jsonl").exists() else []
     low, high = cfg.learner.reward.band
     returns = [float(r["mean_reward"]) for r in learner]
     finite = [r for r in returns if math.isfinite(r)]
-    levels = [float(r["level"]) for r in critic if "level" in r]
+    levels = [float(r["level"]) for r in discriminator if "level" in r]
     row: dict[str, Any] = {
         "updates": len(learner),
         "frames": int(learner[-1]["frames"]) if learner else 0,
-        "critic_updates": len(critic),
+        "critic_updates": len(discriminator),
         "band": [low, high],
         "non_finite_returns": len(returns) - len(finite),
         "out_of_band": sum(1 for r in finite if not low <= r <= high) + len(returns) - len(finite),
         "return_min": min(finite) if finite else None,
         "return_max": max(finite) if finite else None,
         "critic_level_max_abs": max(abs(v) for v in levels) if levels else None,
-        "d_real_last": float(critic[-1]["d_real"]) if critic else None,
-        "d_fake_last": float(critic[-1]["d_fake"]) if critic else None,
+        "d_real_last": float(discriminator[-1]["d_real"]) if discriminator else None,
+        "d_fake_last": float(discriminator[-1]["d_fake"]) if discriminator else None,
     }
     row["ok"] = row["updates"] > 0 and row["out_of_band"] == 0
     return row

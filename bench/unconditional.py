@@ -1,7 +1,7 @@
 """Unconditional MNIST: do the paintings look like digits after 20 minutes on a CPU?
 
 Runs the one-machine system (``spiral up``, default ``experiments/tiny-unconditional.yaml``:
-no target image, the critic's reward alone) for the longest of ``--minutes``, copies the
+no target image, the discriminator's reward alone) for the longest of ``--minutes``, copies the
 learner's newest checkpoint at each of those times, stops the run with SIGINT, then scores each
 copy (and, when the run keeps one, ``learner.policy_average_decay``, the moving average of its
 weights, as a second row "trained M min, averaged"). Score: the Fréchet distance (FID) between

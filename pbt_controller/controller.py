@@ -207,7 +207,7 @@ class Controller:
                 exploit = {**common, "event": "exploit", "hyperparameters_before": dict(record.hyperparameters),
                            "hyperparameters_after": dict(decided.donor_hyperparameters)}
                 if self.shared_discriminator:
-                    exploit["discriminator"] = "shared"  # one critic for all: nothing to copy
+                    exploit["discriminator"] = "shared"  # one discriminator for all: nothing to copy
                 self.store.append_lineage(exploit)
                 self.store.append_lineage({**common, "event": "explore",
                                            "hyperparameters_before": dict(decided.donor_hyperparameters),

@@ -2,7 +2,7 @@
 
 Where parameters, unrolls and renders go, and what a learner does. An actor cannot tell whether
 its parameters come from a learner in the same process or over gRPC, and a learner cannot
-tell whether its critic's do. The in-process implementations (the learners themselves,
+tell whether its discriminator's do. The in-process implementations (the learners themselves,
 :class:`PublishedParameters`, :class:`replaybuffer.table.LocalRenders`) wire the system in one
 process (``spiral local``); :mod:`spiral.rpc.peers` implements the same interfaces over the
 network (``spiral up``, Kubernetes).

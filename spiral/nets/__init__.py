@@ -30,11 +30,11 @@ def build_policy(cfg: ExperimentConfig) -> SpiralPolicy:
 
 
 def build_discriminator(cfg: ExperimentConfig) -> Discriminator:
-    """The critic for ``cfg``.
+    """The discriminator for ``cfg``.
 
     Conditional experiments judge (render, target) pairs, unless ``discriminator.complement``
     mixes each pair into one image first (:mod:`spiral.agent.discriminator_inputs`); ``discriminator_learner.objective``
-    ``sngan`` makes the critic spectrally normalised.
+    ``sngan`` makes it spectrally normalised.
     """
     return Discriminator(cfg.image_channels, cfg.env.image_size,
                          conditional=cfg.env.conditional and not cfg.discriminator.complement,

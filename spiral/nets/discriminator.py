@@ -1,20 +1,20 @@
-"""SPIRAL's discriminator: a DCGAN-style critic trained with WGAN-GP.
+"""SPIRAL's discriminator: a DCGAN-style network trained with WGAN-GP (the WGAN papers' "critic").
 
 A stack of stride-2 4x4 convolutions (``channels``, ``2 * channels``, ``4 * channels``, ...)
 with LeakyReLU(0.2), then a Linear layer to one unbounded score per image. There is no batch
 normalisation: the WGAN-GP gradient penalty is computed per sample, and batch statistics would
 couple the samples. Layer normalisation (per sample) may be switched on instead.
 
-In conditional mode the critic judges (image, target) pairs: the two are concatenated along
+In conditional mode the discriminator judges (image, target) pairs: the two are concatenated along
 channels, so it learns whether a render reconstructs *its* target, not merely whether it looks
 real. Images come in as floats in [0, 1] and are shifted to [-1, 1] inside.
 
 With ``spectral_norm`` (SPIRAL++), every conv and the final Linear are reparametrised by
 ``torch.nn.utils.parametrizations.spectral_norm``: each weight is divided by its largest
-singular value (one power iteration per training forward), which bounds the critic's
+singular value (one power iteration per training forward), which bounds the discriminator's
 Lipschitz constant without a gradient penalty.
 
-With ``input_pool`` k > 1 (not in the papers), the critic judges its inputs average-pooled by
+With ``input_pool`` k > 1 (not in the papers), the discriminator judges its inputs average-pooled by
 k: it sees where ink is at a coarser scale, not the texture of a brush stroke against a pen's.
 A stroke beside the target's ink then already shares pooled cells with it, so the score, and
 the agent's reward, changes smoothly as a stroke moves towards the ink, as ``l2_pool`` does for
@@ -28,7 +28,7 @@ from torch import nn
 
 
 class Discriminator(nn.Module):
-    """DCGAN-style critic on ``[B, C, S, S]`` images (or image/target pairs).
+    """DCGAN-style discriminator on ``[B, C, S, S]`` images (or image/target pairs).
 
     Args:
         image_channels: C of images (and of targets).

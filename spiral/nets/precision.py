@@ -11,7 +11,7 @@ What stays fp32 (mixed precision as in Micikevicius et al. 2018):
   their bf16 copies per op and the gradients arrive in fp32;
 * **log-probabilities, entropies and values**: the policy casts its logits and its value to
   fp32 before the softmax (:class:`spiral.nets.policy.SpiralPolicy`);
-* **V-trace, the losses and the critic's scores as rewards**: computed outside the autocast
+* **V-trace, the losses and the discriminator's scores as rewards**: computed outside the autocast
   region, on fp32 tensors.
 
 bfloat16 keeps fp32's exponent range, so unlike fp16 it needs no loss scaling.

@@ -12,7 +12,7 @@ send each other or load from each other:
 * the episode length, the conditional mode and the noise size, which fix an unroll's shape;
 * the policy's architecture (every ``policy`` field but ``fp32_heads``, which changes
   arithmetic, not parameters), whose parameters the actors load from the learner;
-* the critic's architecture (``discriminator.*`` and ``discriminator_learner.objective``,
+* the discriminator's architecture (``discriminator.*`` and ``discriminator_learner.objective``,
   which decides spectral normalisation), whose parameters the learner loads.
 
 :func:`experiment_contract` takes those fields from an experiment as ``{dotted field: value}``.

@@ -92,7 +92,7 @@ DISCRIMINATOR_PARAMETER_VERSION = Gauge(
 DISCRIMINATOR_WASSERSTEIN = Gauge(
     "spiral_discriminator_wasserstein_estimate", "Mean D(real) minus mean D(fake) of the last batch.", ["member"])
 DISCRIMINATOR_SCORE = Gauge(
-    "spiral_discriminator_score", "Mean critic score of the last batch, by kind (real or fake).",
+    "spiral_discriminator_score", "Mean discriminator score of the last batch, by kind (real or fake).",
     ["member", "kind"])
 DISCRIMINATOR_LOSS = Gauge(
     "spiral_discriminator_loss", "Last update's loss terms.", ["member", "term"])

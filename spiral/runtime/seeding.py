@@ -5,7 +5,7 @@ would waste a core), yet a run must be reproducible from ``cfg.seed``. Each role
 seed by its own stride, so the streams of different roles and members do not collide:
 
 * the policy learner of member ``m``: ``seed + m`` (its initial weights);
-* the discriminator of member ``m``: ``seed + 1000 m`` (initial critic, real-image draws);
+* the discriminator of member ``m``: ``seed + 1000 m`` (initial weights, real-image draws);
 * the replay buffer of member ``m``: ``seed + 7919 m`` (sampling);
 * an actor: ``seed + crc32(actor_id)`` (its environments, noise and action sampling), so a
   restarted actor with the same identity repeats its stream and replicas differ.

@@ -88,10 +88,10 @@ def scalar_tag(key: str) -> str:
     prefixes (:data:`PREFIX_GROUPS`); anything else falls back to :data:`FALLBACK_GROUP`.
 
     Args:
-        key: A stats record key, e.g. ``pg_loss`` or ``critic_real_mean``.
+        key: A stats record key, e.g. ``pg_loss`` or ``d_real``.
 
     Returns:
-        The tag, e.g. ``loss/pg_loss`` or ``critic/critic_real_mean``.
+        The tag, e.g. ``loss/pg_loss`` or ``critic/d_real``.
     """
     group = EXACT_GROUPS.get(key)
     if group is None:

@@ -28,7 +28,7 @@ if _version_not_supported:
 
 
 class DiscriminatorLearnerStub:
-    """Trains the WGAN-GP critic on real images and replayed renders; publishes its parameters.
+    """Trains the WGAN-GP discriminator on real images and replayed renders; publishes its parameters.
     """
 
     def __init__(self, channel):
@@ -60,7 +60,7 @@ class DiscriminatorLearnerStub:
 
 
 class DiscriminatorLearnerServicer:
-    """Trains the WGAN-GP critic on real images and replayed renders; publishes its parameters.
+    """Trains the WGAN-GP discriminator on real images and replayed renders; publishes its parameters.
     """
 
     def GetParameters(self, request, context):
@@ -78,9 +78,10 @@ class DiscriminatorLearnerServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetTrainingState(self, request, context):
-        """Full trainer state for a population-based-training copy: critic weights under
-        "critic/<name>" and Adam state under "optimizer/<param_index>/<key>", chunked like
-        parameters, version = the discriminator's current version.
+        """Full trainer state for a population-based-training copy: discriminator weights under
+        "critic/<name>" (their name when the format was fixed) and Adam state under
+        "optimizer/<param_index>/<key>", chunked like parameters, version = the discriminator's
+        current version.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -126,7 +127,7 @@ def add_DiscriminatorLearnerServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class DiscriminatorLearner:
-    """Trains the WGAN-GP critic on real images and replayed renders; publishes its parameters.
+    """Trains the WGAN-GP discriminator on real images and replayed renders; publishes its parameters.
     """
 
     @staticmethod
