@@ -8,7 +8,7 @@ Two policies paint the same training digits with libmypaint, one episode each:
   left). It is not learnt; it shows what placing strokes on the ink is worth.
 
 For each pool factor it prints the mean per-step reward of a paint step (``l2_weight`` times
-the drop in pooled squared error, as :meth:`learner.training.PolicyTrainer.step_rewards` pays
+the drop in pooled squared error, as :class:`spiral.agent.rewards.RewardFunction` pays
 it) under both policies, and each policy's full-resolution final error as a fraction of the
 blank canvas's. A random stroke that costs more than an ink stroke earns is why an agent first
 learns to paint less. The last line is every figure as one JSON object.
@@ -25,13 +25,11 @@ import json
 
 import numpy as np
 
-
-from learner.training import pooled
 from spiral.config import ExperimentConfig, experiment_path, load_experiment
 from spiral.data import for_experiment
 from spiral.envs import action_spec_for, make_env
 from spiral.evaluation.reconstruction import blank_l2
-from spiral.agent.rewards import reconstruction_l2
+from spiral.agent.rewards import pooled, reconstruction_l2
 
 POOLS = (1, 2, 4, 8)
 INK_LEVEL = 128

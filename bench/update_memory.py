@@ -68,8 +68,9 @@ def measure(config: str, updates: int) -> dict[str, float]:
     episodes = -(-cfg.learner.batch_size // num_envs)
     batch = Unroll.concatenate([runner.run_episode() for _ in range(episodes)])
     policy = PolicyTrainer(cfg, build_policy(cfg))
-    critic = build_discriminator(cfg).eval()
-    figures = {f"policy_update_{k}": v for k, v in per_update(lambda: policy.update(batch, critic, 1), updates).items()}
+    discriminator = build_discriminator(cfg).eval()
+    figures = {f"policy_update_{k}": v
+               for k, v in per_update(lambda: policy.update(batch, discriminator, 1), updates).items()}
 
     b = cfg.discriminator_learner.batch_size
     rng = np.random.default_rng(0)

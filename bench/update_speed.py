@@ -3,7 +3,7 @@
 For each profile (by default the CPU profile ``tiny`` and the paper profile ``mnist``) this
 measures, in one run and on one core (``--threads``), what the policy learner does per update:
 :meth:`learner.training.PolicyTrainer.update` on a batch of real episodes from the actor loop
-(the profile's ``learner.batch_size``), which scores the episodes with the critic and then takes
+(the profile's ``learner.batch_size``), which scores the episodes with the discriminator and then takes
 the forward, backward and Adam step. Each variant is timed in alternating rounds (the median
 round is reported):
 
@@ -102,7 +102,7 @@ def measure_profile(name: str, args: argparse.Namespace, device: torch.device) -
                            data.images if cfg.env.conditional else None, seed=0, actor_id="bench")
     batch = Unroll.concatenate([runner.run_episode() for _ in range(-(-batch_size // num_envs))])
     frames = batch.num_steps * batch.batch_size
-    critic = build_discriminator(cfg).to(device).eval()
+    discriminator = build_discriminator(cfg).to(device).eval()
 
     def trainer(precision: str, layout: torch.memory_format = torch.channels_last,
                 compiled: bool = False) -> tuple[PolicyTrainer, float]:
@@ -119,7 +119,7 @@ def measure_profile(name: str, args: argparse.Namespace, device: torch.device) -
         compile_seconds = 0.0
         if compiled:
             start = time.perf_counter()
-            t.update(batch, critic, 1)
+            t.update(batch, discriminator, 1)
             _sync(device)
             compile_seconds = time.perf_counter() - start
         return t, compile_seconds
@@ -131,9 +131,9 @@ def measure_profile(name: str, args: argparse.Namespace, device: torch.device) -
         trainers["compiled fp32"] = trainer("fp32", compiled=True)
         trainers["compiled bf16"] = trainer("bf16", compiled=True)
     with FlopCounterMode(display=False) as counter:
-        trainers["eager fp32"][0].update(batch, critic, 1)
+        trainers["eager fp32"][0].update(batch, discriminator, 1)
     flops = counter.get_total_flops()
-    seconds = timed_rounds({k: (lambda t=t: t.update(batch, critic, 1)) for k, (t, _) in trainers.items()},
+    seconds = timed_rounds({k: (lambda t=t: t.update(batch, discriminator, 1)) for k, (t, _) in trainers.items()},
                            args.updates, device)
     out: dict[str, dict[str, float]] = {}
     for variant, (t, compile_seconds) in trainers.items():
@@ -150,13 +150,14 @@ def measure_profile(name: str, args: argparse.Namespace, device: torch.device) -
     rng = np.random.default_rng(0)
     real = data.images[rng.integers(0, len(data.images), size=b)]
     fake = np.resize(batch.final_canvases, (b, *batch.final_canvases.shape[1:]))
-    critics = {}
+    discriminator_updates = {}
     for precision in ("fp32", "bf16"):
         dcfg = load_experiment(experiment_path(name), overrides={"discriminator_learner": {"precision": precision}})
         torch.manual_seed(0)
         trainer_d = DiscriminatorTrainer(dcfg, build_discriminator(dcfg), device=device)
-        critics[precision] = (lambda t=trainer_d: t.update(real, fake, real if cfg.env.conditional else None))
-    for precision, s in timed_rounds(critics, args.updates, device).items():
+        discriminator_updates[precision] = (
+            lambda t=trainer_d: t.update(real, fake, real if cfg.env.conditional else None))
+    for precision, s in timed_rounds(discriminator_updates, args.updates, device).items():
         out[f"discriminator {precision}"] = {"ms": 1000 * s, "images_per_second_per_core": 2 * b / s / args.threads}
 
     # Acting: one sampling forward for the actor's N environments.

@@ -2,27 +2,26 @@
 
 :class:`DiscriminatorLearner` samples a batch of real images from the dataset and a batch of
 renders from the replay buffer (the paper's 20 most recent batches), takes one WGAN-GP step,
-and publishes the critic with version + 1 for the policy learner to score episodes with. In
-conditional mode the critic judges pairs: real pairs are (target, target), fake pairs are
-(render, target), so real images come from the targets the renders were made for.
+and publishes the discriminator with version + 1 for the policy learner to score episodes with.
+In conditional mode the discriminator judges pairs: real pairs are (target, target), fake pairs
+are (render, target), so real images come from the targets the renders were made for.
 
-Checkpoints are atomic and the learner resumes from the newest one. Every update's statistics
-also go to TensorBoard (:class:`spiral.runtime.tensorboard.TrainingBoard`, ``tensorboard/discriminator``).
+Checkpoints are atomic and the learner resumes from the newest one. Every update is recorded
+like the policy learner's (:class:`spiral.runtime.recorder.UpdateRecorder`: a row of
+``discriminator.jsonl``, TensorBoard scalars in ``tensorboard/discriminator``, Prometheus).
 
 Population-based training copies a donor discriminator into this one
-(:meth:`DiscriminatorLearner.request_copy`): the donor's training state is stored and applied
-at the start of the next :meth:`~DiscriminatorLearner.step`, between two updates and never
-during one; the version then rises by one and the copy is published like an update.
+(:meth:`DiscriminatorLearner.request_copy`, the same as the policy learner's): the donor's
+training state is validated, stored and applied at the start of the next
+:meth:`~DiscriminatorLearner.step`, between two updates and never during one; the version then
+rises by one, the copy is published like an update and logged as a ``copy`` event.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping
 
@@ -30,37 +29,21 @@ import numpy as np
 import torch
 
 from discriminator.training import DiscriminatorTrainer
+from spiral.agent.training_state import CopyRequest, CopySlot
 from spiral.runtime import metrics
-from spiral.evaluation.visualize import json_safe
 from spiral.runtime.checkpoint import latest_checkpoint, save_checkpoint
 from spiral.config import ExperimentConfig
 from spiral.nets import build_discriminator
 from spiral.nets.params import snapshot_of
 from spiral.runtime.snapshot import ParameterSnapshot
+from spiral.runtime.recorder import UpdateRecorder
 from spiral.runtime.service_runtime import ProgressLog
 from spiral.core import PeerFailure, PublishedParameters, RenderSampler
-from spiral.runtime.tensorboard import TrainingBoard
 
 log = logging.getLogger(__name__)
 
-
-@dataclass
-class PendingCopy:
-    """A requested PBT copy of a donor discriminator's training state.
-
-    Attributes:
-        tensors: The donor's training state (``critic/...`` and ``optimizer/...``).
-        donor_version: The donor's parameter version the state was taken at.
-        done: Set once the copy was applied, or replaced by a newer request before that.
-        applied: Whether it was applied (False if superseded).
-        version: This learner's version right after applying it (-1 before).
-    """
-
-    tensors: dict[str, np.ndarray]
-    donor_version: int
-    done: threading.Event = field(default_factory=threading.Event)
-    applied: bool = False
-    version: int = -1
+LOSS_TERMS = ("loss", "gp", "level_penalty")
+"""The update's loss terms, exported as ``spiral_discriminator_loss{term=...}``."""
 
 
 class DiscriminatorLearner:
@@ -88,9 +71,9 @@ class DiscriminatorLearner:
         self.rng = np.random.default_rng(seed)
         with torch.random.fork_rng(devices=[]):  # the seed picks the initial weights
             torch.manual_seed(seed)
-            self.critic = build_discriminator(cfg).to(device)
-        self.trainer = DiscriminatorTrainer(cfg, self.critic, device=device)
-        log.info("critic updates on %s in %s", device, self.trainer.precision)
+            self.discriminator = build_discriminator(cfg).to(device)
+        self.trainer = DiscriminatorTrainer(cfg, self.discriminator, device=device)
+        log.info("discriminator updates on %s in %s", device, self.trainer.precision)
         self.version = 0
         self.updates = 0
         self.samples_consumed = 0
@@ -98,20 +81,20 @@ class DiscriminatorLearner:
         """Held while weights, optimizer state and version change together (an update, a PBT copy),
         so a reader of the training state (:meth:`export_training_state`) sees one version."""
         self.restore()
-        self.published = PublishedParameters(snapshot_of(self.critic, self.version))
-        self._log_path = self.run_dir / "discriminator.jsonl"
+        self.published = PublishedParameters(snapshot_of(self.discriminator, self.version))
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.last_stats: dict[str, float] = {}
-        self._pending_copy: PendingCopy | None = None
-        self._pending_copy_lock = threading.Lock()
-        self.board = TrainingBoard(self.run_dir, "discriminator", member)
-        metrics.DISCRIMINATOR_PARAMETER_VERSION.labels(self.member).set(self.version)
+        self.pending_copy = CopySlot()
+        """The PBT copy to apply before the next update (:meth:`request_copy`)."""
+        self.recorder = UpdateRecorder(self.run_dir, "discriminator", member, LOSS_TERMS,
+                                       cfg.discriminator_learner.checkpoint_every_updates)
+        self.recorder.version_published(self.version)
 
     def fetch(self, have_version: int) -> ParameterSnapshot | None:
-        """ParameterSource: the published critic if newer than ``have_version``."""
+        """ParameterSource: the published discriminator if newer than ``have_version``."""
         return self.published.fetch(have_version)
 
-    def request_copy(self, tensors: Mapping[str, np.ndarray], donor_version: int = -1) -> PendingCopy:
+    def request_copy(self, tensors: Mapping[str, np.ndarray], donor_version: int = -1) -> CopyRequest:
         """Become a copy of a donor (PBT exploit) before the next update.
 
         The state is validated now (so a bad one is refused at once) and applied at the start
@@ -120,41 +103,33 @@ class DiscriminatorLearner:
         when the copy took effect.
 
         Raises:
-            ValueError: The state does not fit this critic (names every bad entry).
+            ValueError: The state does not fit this discriminator (names every bad entry).
         """
         problems = self.trainer.check_state(tensors)
         if problems:
             raise ValueError("donor training state does not fit this discriminator: " + "; ".join(problems))
-        request = PendingCopy(tensors=dict(tensors), donor_version=int(donor_version))
-        with self._pending_copy_lock:
-            previous, self._pending_copy = self._pending_copy, request
-        if previous is not None:
-            previous.done.set()
-        return request
+        return self.pending_copy.put(CopyRequest(tensors=dict(tensors), donor_version=int(donor_version)))
+
+    def _publish_next_version(self) -> None:
+        """Publish the discriminator as version + 1 (under ``state_lock``, after an update or a copy)."""
+        self.version += 1
+        self.published.publish(snapshot_of(self.discriminator, self.version))
+        self.recorder.version_published(self.version)
+
+    def _apply_copy(self, request: CopyRequest) -> int:
+        """Take the donor's state; the version after it (the discriminator has no PBT hyperparameters)."""
+        with self.state_lock:
+            if request.tensors is not None:
+                self.trainer.import_state(request.tensors)
+                self._publish_next_version()  # so the policy learner picks the copied discriminator up
+            return self.version
 
     def _apply_pending_copy(self) -> None:
-        with self._pending_copy_lock:
-            request, self._pending_copy = self._pending_copy, None
-        if request is None:
-            return
-        try:
-            with self.state_lock:
-                self.trainer.import_state(request.tensors)
-                # The version keeps rising so the policy learner picks the copied critic up.
-                self.version += 1
-                self.published.publish(snapshot_of(self.critic, self.version))
-        except ValueError:
-            log.exception("could not apply the donor's training state (donor version %d)", request.donor_version)
-            request.done.set()
-            return
-        metrics.DISCRIMINATOR_PARAMETER_VERSION.labels(self.member).set(self.version)
-        request.version, request.applied = self.version, True
-        request.done.set()
-        with open(self._log_path, "a") as handle:
-            handle.write(json.dumps(json_safe({"time": time.time(), "event": "copy", "update": self.version,
-                                               "donor_version": request.donor_version})) + "\n")
-        log.info("copied donor discriminator state (donor version %d); version now %d",
-                 request.donor_version, self.version)
+        request = self.pending_copy.apply_waiting(self._apply_copy)
+        if request is not None:
+            self.recorder.event("copy", {"update": self.version, "donor_version": request.donor_version})
+            log.info("copied donor discriminator state (donor version %d); version now %d",
+                     request.donor_version, self.version)
 
     def step(self) -> dict[str, float] | None:
         """One WGAN-GP update, or None while the replay buffer cannot serve a batch.
@@ -177,29 +152,18 @@ class DiscriminatorLearner:
         started = time.perf_counter()
         with self.state_lock:
             stats = self.trainer.update(real, fake, fake_targets if self.cfg.env.conditional else None)
-            self.version += 1
             self.updates += 1
-            self.published.publish(snapshot_of(self.critic, self.version))
+            self._publish_next_version()
         elapsed = time.perf_counter() - started
-        record = {k: float(v) for k, v in dataclasses.asdict(stats).items() if isinstance(v, (int, float))}
-        record.update(update=self.version, seconds=elapsed)
+        record = self.recorder.record(stats, self.version, {"seconds": elapsed})
         self.last_stats = record
         m = self.member
-        metrics.DISCRIMINATOR_UPDATES_TOTAL.labels(m).inc()
-        metrics.DISCRIMINATOR_PARAMETER_VERSION.labels(m).set(self.version)
         for key, kind in (("d_real", "real"), ("d_fake", "fake")):
             if key in record:
                 metrics.DISCRIMINATOR_SCORE.labels(m, kind).set(record[key])
         if "wasserstein" in record:
             metrics.DISCRIMINATOR_WASSERSTEIN.labels(m).set(record["wasserstein"])
-        for key in ("loss", "gp", "level_penalty"):
-            if key in record:
-                metrics.DISCRIMINATOR_LOSS.labels(m, key).set(record[key])
-        with open(self._log_path, "a") as handle:
-            handle.write(json.dumps(json_safe({"time": time.time(), **record})) + "\n")
-        self.board.scalars(record, step=self.version)
-        every = self.cfg.discriminator_learner.checkpoint_every_updates
-        if every and self.version % every == 0:
+        if self.recorder.checkpoint_due(self.version):
             self.checkpoint()
         return record
 
@@ -216,7 +180,7 @@ class DiscriminatorLearner:
         return self.version
 
     def export_training_state(self) -> tuple[int, dict[str, np.ndarray]]:
-        """``(version, critic weights and Adam state)`` between two updates (a PBT donor's answer)."""
+        """``(version, discriminator weights and Adam state)`` between two updates (a PBT donor's answer)."""
         with self.state_lock:
             return self.version, self.trainer.export_state()
 
@@ -226,7 +190,7 @@ class DiscriminatorLearner:
 
     def close(self) -> None:
         """Flush and close the TensorBoard event file."""
-        self.board.close()
+        self.recorder.close()
 
     def run(self, stop: threading.Event, beat: Callable[[], None] = lambda: None, idle_sleep: float = 0.2) -> None:
         """The discriminator's loop, the one ``spiral discriminator`` runs: update until ``stop``.

@@ -1,11 +1,11 @@
-"""The discriminator learner's gRPC face: versioned critic parameters and status.
+"""The discriminator learner's gRPC face: versioned discriminator parameters and status.
 
-The policy learner polls ``GetParameters`` to score its episodes with the newest critic; the
+The policy learner polls ``GetParameters`` to score its episodes with the newest discriminator; the
 answer is one "up to date" chunk when it already holds that version.
 
 Population-based training:
 
-* ``GetTrainingState`` serves the critic's weights and Adam state (see
+* ``GetTrainingState`` serves the discriminator's weights and Adam state (see
   :mod:`spiral.agent.training_state`), taken between two updates under its ``state_lock``.
 * ``LoadFrom`` makes this discriminator a copy of a donor: it fetches the donor's training
   state (``GetTrainingState`` on ``donor_address`` for ``donor_member``), hands it to
@@ -14,18 +14,18 @@ Population-based training:
   the copy already took effect (then ``version`` is the version it was published as); when
   it did not within the wait (the update loop is busy or not running), the copy stays
   pending and is still applied before the next update, so no update after the reply ever
-  starts from the old critic, unless a newer ``LoadFrom`` replaces it.
+  starts from the old discriminator, unless a newer ``LoadFrom`` replaces it.
 
   Errors: an empty ``donor_address`` or a negative ``donor_member`` is ``INVALID_ARGUMENT``;
   a donor that cannot be reached (down, too slow) is ``UNAVAILABLE``; a wrong ``member`` (the
   one rule of :func:`spiral.rpc.errors.check_member`), a donor that refuses, or a state that
-  does not fit this critic is ``FAILED_PRECONDITION``.
+  does not fit this discriminator is ``FAILED_PRECONDITION``.
 
 A population discriminator (``pbt.shared_discriminator``: member 0's discriminator scores
 every member's episodes) answers ``GetParameters`` for every member of the population
 (``serves``) and still refuses members outside it. ``GetTrainingState`` stays its own member's.
 It never copies a donor: ``LoadFrom`` is ``FAILED_PRECONDITION`` (``shared``), since replacing
-the one critic would change every member's reward, not only the exploiting member's.
+the one discriminator would change every member's reward, not only the exploiting member's.
 """
 
 from __future__ import annotations

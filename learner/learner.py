@@ -2,31 +2,29 @@
 
 :class:`PolicyLearner` owns the policy, its optimizer (through
 :class:`learner.training.PolicyTrainer`), the ingest queue, the published parameters and the
-critic copy that scores episodes. Its loop:
+copy of the discriminator that scores episodes. Its loop:
 
 1. take ``batch_size`` episodes from the ingest queue (waiting as long as it must);
-2. refresh the critic from the discriminator learner if a newer version exists;
-3. score the final canvases, compute V-trace and update (the critic version is recorded);
+2. refresh the discriminator from the discriminator learner if a newer version exists;
+3. score the episodes, compute V-trace and update (the discriminator version is recorded);
 4. publish the new parameters with version + 1;
-5. write a JSON-lines log row and TensorBoard scalars (:class:`spiral.runtime.tensorboard.TrainingBoard`)
-   after every update, and every few updates an atomic checkpoint and a sample grid.
+5. record the update (:class:`spiral.runtime.recorder.UpdateRecorder`: a JSON-lines row,
+   TensorBoard scalars, Prometheus metrics) and every few updates write an atomic checkpoint
+   and a sample grid.
 
 ``submit`` is what the gRPC service (or an in-process actor) calls; it refuses unrolls whose
 policy is too far behind (``learner.max_policy_lag`` versions) with :class:`StaleUnroll`.
 Hyperparameter changes and weight copies from population-based training are applied between
-updates, never during one (:meth:`request_exploit`).
+updates, never during one (:meth:`PolicyLearner.request_copy`, the same as the discriminator's).
 """
 
 from __future__ import annotations
 
 import collections
-import dataclasses
-import json
 import math
 import logging
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping
 
@@ -37,7 +35,6 @@ import torch
 from learner.ingest import IngestQueue
 from learner.training import PolicyTrainer
 from spiral.runtime import metrics
-from spiral.evaluation.visualize import json_safe
 from spiral.runtime.checkpoint import latest_checkpoint, save_checkpoint
 from spiral.nets.compilation import persist_compile_cache
 from spiral.runtime.atomic import atomic_write_bytes
@@ -50,7 +47,8 @@ from spiral.runtime.snapshot import ParameterSnapshot
 from spiral.runtime.seeding import learner_seed
 from spiral.runtime.service_runtime import ProgressLog
 from spiral.core import ParameterSource, PublishedParameters, Refused
-from spiral.runtime.tensorboard import TrainingBoard
+from spiral.runtime.recorder import UpdateRecorder, due
+from spiral.agent.training_state import CopyRequest, CopySlot
 from spiral.agent.trajectory import Unroll
 from spiral.evaluation.visualize import pair_grid, save_png
 
@@ -73,14 +71,11 @@ class StaleUnroll(Refused):
         super().__init__(message, stale=True)
 
 
-@dataclass
-class ExploitRequest:
-    """A PBT instruction: become a copy of a donor, with new hyperparameters."""
-
-    training_state: Mapping[str, np.ndarray] | None
-    """The donor's flattened trainer state (policy weights and optimizer state), or None to
-    change hyperparameters only."""
-    hyperparameters: dict[str, float]
+LOSS_TERMS = ("loss", "pg_loss", "baseline_loss", "entropy_loss")
+"""The update's loss terms, exported as ``spiral_learner_loss{term=...}``."""
+CHECKPOINT_DISCRIMINATOR_VERSION = "critic_version"
+"""The checkpoint key of the discriminator version the last update scored with (its name
+from before the discriminator was called that everywhere; old checkpoints carry it too)."""
 
 
 class PolicyLearner:
@@ -91,12 +86,20 @@ class PolicyLearner:
         run_dir: Where checkpoints (``learner/``), samples (``samples/``), logs and TensorBoard
             event files (``tensorboard/learner[-MEMBER]``) go.
         member: Population member index (metric label).
-        critic_source: Where discriminator parameters come from (None: reward without a critic).
+        discriminator_source: Where discriminator parameters come from (None: reward without
+            the discriminator's term).
         device: Torch device for updates.
+        critic_source: The former name of ``discriminator_source``, accepted until every caller
+            passes the new one (``spiral.commands.local`` still does); not both.
     """
 
     def __init__(self, cfg: ExperimentConfig, run_dir: Path, member: int = 0,
-                 critic_source: ParameterSource | None = None, device: str = "cpu") -> None:
+                 discriminator_source: ParameterSource | None = None, device: str = "cpu", *,
+                 critic_source: ParameterSource | None = None) -> None:
+        if critic_source is not None:
+            if discriminator_source is not None:
+                raise ValueError("pass discriminator_source alone (critic_source is its former name)")
+            discriminator_source = critic_source
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.checkpoint_dir = self.run_dir / "learner"
@@ -106,9 +109,11 @@ class PolicyLearner:
         with torch.random.fork_rng(devices=[]):  # the experiment's seed picks the initial weights
             torch.manual_seed(learner_seed(cfg.seed, member))
             self.policy = build_policy(cfg).to(device)
-        self.critic = build_discriminator(cfg).to(device).eval()
-        self.critic_version = 0
-        self.critic_source = critic_source
+        self.discriminator = build_discriminator(cfg).to(device).eval()
+        """The copy of the discriminator that scores episodes (refreshed before each update)."""
+        self.discriminator_version = 0
+        """Its version (0: none received yet, and the reward has no discriminator term)."""
+        self.discriminator_source = discriminator_source
         if cfg.learner.compile:
             persist_compile_cache(self.run_dir)
         self.trainer = PolicyTrainer(cfg, self.policy, device=device)
@@ -118,23 +123,21 @@ class PolicyLearner:
         self.version = 0
         self.frames = 0
         self.updates = 0
-        self._pending: ExploitRequest | None = None
-        self._pending_lock = threading.Lock()
+        self.pending_copy = CopySlot()
+        """The PBT copy to apply before the next update (:meth:`request_copy`)."""
         self.state_lock = threading.Lock()
         """Held while weights, optimizer state and version change together (an update, a PBT copy),
         so a reader of the training state (``GetTrainingState``) sees one consistent version."""
         self._actor_runs: collections.OrderedDict[str, str] = collections.OrderedDict()
         self._actor_runs_lock = threading.Lock()
-        self._log_path = self.run_dir / "learner.jsonl"
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.restore()
         self.published = PublishedParameters(self._snapshot())
         self.last_stats: dict[str, float] = {}
         self.last_final_canvases: np.ndarray | None = None
-        self.board = TrainingBoard(self.run_dir, "learner", member)
-        self._last_update_wall: float | None = None
-        """``time.monotonic()`` at the end of the previous update (frames/s between updates)."""
-        metrics.LEARNER_PARAMETER_VERSION.labels(self.member).set(self.version)
+        self.recorder = UpdateRecorder(self.run_dir, "learner", member, LOSS_TERMS,
+                                       cfg.learner.checkpoint_every_updates)
+        self.recorder.version_published(self.version)
 
     # -- what peers call ---------------------------------------------------------------------
 
@@ -183,10 +186,34 @@ class PolicyLearner:
         """ParameterSource: the published policy if newer than ``have_version``."""
         return self.published.fetch(have_version)
 
-    def request_exploit(self, request: ExploitRequest) -> None:
-        """Apply a PBT copy/perturbation before the next update."""
-        with self._pending_lock:
-            self._pending = request
+    def request_copy(self, tensors: Mapping[str, np.ndarray] | None, donor_version: int = -1,
+                     hyperparameters: Mapping[str, float] | None = None) -> CopyRequest:
+        """Become a copy of a donor (PBT exploit) with new hyperparameters before the next update.
+
+        The state and the hyperparameters are validated now (so a bad one is refused at once)
+        and applied at the start of the next :meth:`step`. A newer request replaces one not yet
+        applied (whose ``done`` is then set with ``applied`` False). Wait on the result's
+        ``done`` to know when the copy took effect.
+
+        Args:
+            tensors: The donor's training state (policy weights and Adam state), or None to
+                change the hyperparameters only (PBT's explore).
+            donor_version: The donor's parameter version the state was taken at.
+            hyperparameters: ``learning_rate`` and/or ``entropy_cost`` to set (None: keep them).
+
+        Raises:
+            ValueError: The state does not fit this policy, or a hyperparameter is refused
+                (names every bad entry).
+        """
+        hyperparameters = {name: float(value) for name, value in (hyperparameters or {}).items()}
+        problems = self.trainer.check_hyperparameters(hyperparameters)
+        if tensors is not None:
+            problems += self.trainer.check_state(tensors)
+        if problems:
+            raise ValueError("donor training state or hyperparameters do not fit this policy learner: "
+                             + "; ".join(problems))
+        return self.pending_copy.put(CopyRequest(tensors=None if tensors is None else dict(tensors),
+                                                 donor_version=int(donor_version), hyperparameters=hyperparameters))
 
     @property
     def hyperparameters(self) -> dict[str, float]:
@@ -197,80 +224,78 @@ class PolicyLearner:
     def _snapshot(self) -> ParameterSnapshot:
         return snapshot_of(self.policy, self.version)
 
-    def _refresh_critic(self) -> None:
-        if self.critic_source is None:
+    def _refresh_discriminator(self) -> None:
+        if self.discriminator_source is None:
             return
         try:
-            snapshot = self.critic_source.fetch(self.critic_version)
+            snapshot = self.discriminator_source.fetch(self.discriminator_version)
         except Exception as exc:  # noqa: BLE001 - a missing discriminator must not stop learning
             log.warning("could not refresh discriminator parameters: %s", exc)
             return
         if snapshot is not None:
-            load_snapshot(self.critic, snapshot)
-            self.critic_version = snapshot.version
+            load_snapshot(self.discriminator, snapshot)
+            self.discriminator_version = snapshot.version
 
-    def _apply_pending(self) -> None:
-        with self._pending_lock:
-            request, self._pending = self._pending, None
-        if request is None:
-            return
+    def _publish_next_version(self) -> None:
+        """Publish the policy as version + 1 (under ``state_lock``, after an update or a copy)."""
+        self.version += 1
+        self.published.publish(self._snapshot())
+        self.recorder.version_published(self.version)
+
+    def _apply_copy(self, request: CopyRequest) -> int:
+        """Take the donor's state (if any) and the hyperparameters; the version after it."""
         with self.state_lock:
+            if request.tensors is not None:
+                self.trainer.import_state(request.tensors)
+                self._publish_next_version()  # so actors pick up the copied weights
             self.trainer.set_hyperparameters(**request.hyperparameters)
-            if request.training_state is not None:
-                self.trainer.import_state(request.training_state)
-                # The version keeps rising so actors pick up the copied weights.
-                self.version += 1
-                self.published.publish(self._snapshot())
-                metrics.LEARNER_PARAMETER_VERSION.labels(self.member).set(self.version)
-        log.info("applied PBT %s; hyperparameters now %s",
-                 "copy" if request.training_state is not None else "hyperparameters", self.trainer.hyperparameters)
+            return self.version
+
+    def _apply_pending_copy(self) -> None:
+        request = self.pending_copy.apply_waiting(self._apply_copy)
+        if request is not None:
+            log.info("applied PBT %s; hyperparameters now %s",
+                     "copy" if request.tensors is not None else "hyperparameters", self.trainer.hyperparameters)
 
     def step(self, timeout: float = 1.0) -> dict[str, float] | None:
-        """One update if a full batch arrives within ``timeout``; returns its statistics."""
-        self._apply_pending()
+        """One update if a full batch arrives within ``timeout``; returns its record.
+
+        A requested copy (:meth:`request_copy`) is applied first, even when no batch comes.
+        """
+        self._apply_pending_copy()
         batch = self.queue.take_batch(self.cfg.learner.batch_size, timeout=timeout)
         metrics.LEARNER_QUEUE_DEPTH.labels(self.member).set(self.queue.depth)
         if batch is None:
             return None
-        self._refresh_critic()
-        critic = self.critic if self.critic_version > 0 else None
+        self._refresh_discriminator()
+        discriminator = self.discriminator if self.discriminator_version > 0 else None
+        frames = batch.num_steps * batch.batch_size
         started = time.perf_counter()
         with self.state_lock:
-            stats = self.trainer.update(batch, critic, discriminator_version=self.critic_version)
-            self.version += 1
+            stats = self.trainer.update(batch, discriminator, discriminator_version=self.discriminator_version)
             self.updates += 1
-            self.frames += batch.num_steps * batch.batch_size
-            self.published.publish(self._snapshot())
+            self.frames += frames
+            self._publish_next_version()
         elapsed = time.perf_counter() - started
-        record = {k: float(v) for k, v in dataclasses.asdict(stats).items() if isinstance(v, (int, float))}
-        record.update(update=self.version, frames=self.frames, seconds=elapsed,
-                      policy_lag=float(self.version - 1 - batch.policy_version))
+        policy_lag = float(self.version - 1 - batch.policy_version)
+        record = self.recorder.record(stats, self.version,
+                                      {"frames": self.frames, "seconds": elapsed, "policy_lag": policy_lag},
+                                      frames_consumed=frames)
         self.last_stats = record
         self.last_final_canvases = batch.final_canvases
-        self._export_metrics(record, batch, elapsed)
-        self._write_board(record, batch)
-        self._periodic(batch, record)
+        self._export_metrics(record, frames, elapsed)
+        if self.recorder.checkpoint_due(self.version):
+            self.checkpoint()
+        if due(self.cfg.learner.sample_grid_every_updates, self.version):
+            self.save_samples(batch)
         return record
 
-    def _write_board(self, record: dict[str, float], batch: Unroll) -> None:
-        """TensorBoard scalars of one update, plus frames/s since the previous update."""
-        now = time.monotonic()
-        scalars = dict(record)
-        if self._last_update_wall is not None and now > self._last_update_wall:
-            scalars["frames_per_second"] = batch.num_steps * batch.batch_size / (now - self._last_update_wall)
-        self._last_update_wall = now
-        self.board.scalars(scalars, step=self.version)
-
-    def _export_metrics(self, record: dict[str, float], batch: Unroll, elapsed: float) -> None:
+    def _export_metrics(self, record: dict[str, float], frames: int, elapsed: float) -> None:
+        """The policy learner's own metrics (the recorder exports those both learners have)."""
         m = self.member
-        metrics.LEARNER_UPDATES_TOTAL.labels(m).inc()
-        metrics.LEARNER_FRAMES_TOTAL.labels(m).inc(batch.num_steps * batch.batch_size)
-        metrics.LEARNER_PARAMETER_VERSION.labels(m).set(self.version)
+        metrics.LEARNER_FRAMES_TOTAL.labels(m).inc(frames)
         metrics.LEARNER_UPDATE_SECONDS.labels(m).observe(elapsed)
-        metrics.LEARNER_DISCRIMINATOR_VERSION.labels(m).set(self.critic_version)
-        for key, value in record.items():
-            if key.endswith("_loss") or key == "loss":
-                metrics.LEARNER_LOSS.labels(m, key).set(value)
+        metrics.LEARNER_DISCRIMINATOR_VERSION.labels(m).set(self.discriminator_version)
         if "mean_reward" in record:
             metrics.LEARNER_REWARD.labels(m).set(record["mean_reward"])
             if not reward_in_band(record["mean_reward"], self.cfg.learner.reward.band):
@@ -280,15 +305,6 @@ class PolicyLearner:
                             list(self.cfg.learner.reward.band))
         if "reconstruction_l2" in record:
             metrics.LEARNER_RECONSTRUCTION_L2.labels(m).set(record["reconstruction_l2"])
-
-    def _periodic(self, batch: Unroll, record: dict[str, float]) -> None:
-        lc = self.cfg.learner
-        with open(self._log_path, "a") as handle:
-            handle.write(json.dumps(json_safe({"time": time.time(), **record})) + "\n")
-        if lc.checkpoint_every_updates and self.version % lc.checkpoint_every_updates == 0:
-            self.checkpoint()
-        if lc.sample_grid_every_updates and self.version % lc.sample_grid_every_updates == 0:
-            self.save_samples(batch)
 
     def save_samples(self, batch: Unroll, count: int = 16) -> Path:
         """Sample grid PNG of final canvases (next to their targets in conditional runs).
@@ -302,7 +318,7 @@ class PolicyLearner:
         stem = f"update-{self.version:08d}"
         path = save_png(grid, self.samples_dir / f"{stem}.png")
         save_png(grid, self.samples_dir / "latest.png")
-        self.board.image("samples/grid", grid, step=self.version)
+        self.recorder.image("samples/grid", grid, self.version)
         program = program_from_actions(self.cfg.env, batch.actions[:, 0], action_spec_for(self.cfg))
         for name in (stem, "latest"):
             save_program(program, self.samples_dir / f"{name}.json")
@@ -343,11 +359,12 @@ class PolicyLearner:
         with self.state_lock:  # state_dict() holds the live tensors: serialise them between updates
             return save_checkpoint(self.checkpoint_dir, self.version,
                                    {"trainer": self.trainer.state_dict(), "frames": self.frames,
-                                    "updates": self.updates, "critic_version": self.critic_version})
+                                    "updates": self.updates,
+                                    CHECKPOINT_DISCRIMINATOR_VERSION: self.discriminator_version})
 
     def close(self) -> None:
         """Flush and close the TensorBoard event file."""
-        self.board.close()
+        self.recorder.close()
 
     def run(self, stop: threading.Event, beat: Callable[[], None] = lambda: None,
             between_updates: Callable[[threading.Event], None] | None = None) -> None:
@@ -367,4 +384,5 @@ class PolicyLearner:
             if stats is not None:
                 progress.maybe_log(self.updates, version=self.version, frames=self.frames,
                                    reward=stats.get("mean_reward", float("nan")),
-                                   l2=stats.get("reconstruction_l2", float("nan")), critic=self.critic_version)
+                                   l2=stats.get("reconstruction_l2", float("nan")),
+                                   discriminator=self.discriminator_version)

@@ -20,6 +20,7 @@ from learner.service import PolicyLearnerServicer
 from spiral.config import ExperimentConfig
 from spiral.data import for_experiment
 from spiral.runtime.guarded_loop import GuardedLoop
+from spiral.rpc.contract import declare_process_contract
 from spiral.rpc.peers import RemoteParameterSource
 from spiral.rpc.server import build_server
 from spiral.runtime.service_options import add_service_arguments, resolve_service_options
@@ -47,15 +48,17 @@ def register(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     opts = resolve_service_options("learner", args)
     cfg = opts.config
+    declare_process_contract(cfg)  # peers of another experiment are refused, and refuse this one
     guard = GuardedLoop("learner", "policy learner updates", cfg.learner.stall_seconds,
                         linger_seconds=cfg.services.failure_linger_seconds)
     start_process(opts, retain_memory=True, health=guard.check)
     # Short deadlines: a discriminator that is down must not stall policy updates (they go on
-    # scoring with the critic they have, or with the reconstruction term alone).
-    critic_source = RemoteParameterSource(cfg.services.discriminator_address, cfg.services, "discriminator",
-                                          member=opts.member, call_timeout=cfg.services.call_timeout_seconds,
-                                          unavailable_retry_seconds=0.2)
-    learner = PolicyLearner(cfg, opts.run_dir, member=opts.member, critic_source=critic_source, device=args.device)
+    # scoring with the discriminator they have, or with the reconstruction term alone).
+    discriminator_source = RemoteParameterSource(cfg.services.discriminator_address, cfg.services, "discriminator",
+                                                 member=opts.member, call_timeout=cfg.services.call_timeout_seconds,
+                                                 unavailable_retry_seconds=0.2)
+    learner = PolicyLearner(cfg, opts.run_dir, member=opts.member, discriminator_source=discriminator_source,
+                            device=args.device)
     population = make_population_member(learner, opts.member, cfg)
     servicer = PolicyLearnerServicer(learner, member=opts.member)
     server = build_server([servicer.binding()], opts.listen, cfg.services)
@@ -67,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
     server.serve_until_signal(grace=cfg.services.shutdown_grace_seconds, stop_event=guard.exit_requested,
                               on_stopping=guard.stop, on_stopped=guard.unless_failed(learner.checkpoint))
     learner.close()  # flush the TensorBoard event file
-    critic_source.close()
+    discriminator_source.close()
     if population is not None:
         population.close()
     if guard.failure is None:

@@ -12,7 +12,7 @@ The controller answers with a :class:`~spiral.v1.pbt_pb2.Directive`:
   explored hyperparameters; :class:`~learner.learner.PolicyLearner` applies it before its
   next update (never in the middle of one) and raises its parameter version, so its actors
   pick the copied weights up. With a population discriminator (``pbt.shared_discriminator``:
-  every member scores with member 0's critic) there is no discriminator of the member's own,
+  every member scores with member 0's discriminator) there is no discriminator of the member's own,
   so the copy is skipped and logged (:func:`discriminator_copy_skipped`); the controller's
   lineage line says ``"discriminator": "shared"``.
 
@@ -21,13 +21,14 @@ Fitness (higher is better; ``pbt.fitness``, ``auto`` by default):
 * ``reconstruction`` (``auto`` in conditional runs): minus the mean L2 reconstruction error on
   a fixed held-out batch (``pbt.fitness_images`` of the ``dataset.holdout`` images, seed
   ``pbt.fitness_seed`` every time), the number the task is about;
-* ``critic`` (``auto`` in unconditional runs): the mean score a critic gives the final canvases
-  of the member's latest batch. With ``pbt.reference_critic`` (a discriminator checkpoint)
-  every member is scored by that one frozen critic: comparable across members and over time,
-  but only as good as that discriminator, and a policy may learn to please it. Without one,
-  each member's own current critic is used, and that is weak: members' critics have their own
-  scales and drift as they train, so rankings are noisy; prefer a conditional task or a
-  reference critic when comparing members matters.
+* ``critic`` (``auto`` in unconditional runs; the setting keeps its name): the mean score a
+  discriminator gives the final canvases of the member's latest batch. With
+  ``pbt.reference_critic`` (a discriminator checkpoint) every member is scored by that one
+  frozen discriminator: comparable across members and over time, but only as good as that
+  discriminator, and a policy may learn to please it. Without one, each member's own current
+  discriminator is used, and that is weak: members' discriminators have their own scales and
+  drift as they train, so rankings are noisy; prefer a conditional task or a reference
+  discriminator when comparing members matters.
 
 A controller that is down only delays the next report: training never waits for it.
 """
@@ -45,7 +46,8 @@ import grpc
 import numpy as np
 import torch
 
-from learner.learner import ExploitRequest, PolicyLearner
+from learner.learner import PolicyLearner
+from spiral.agent.training_state import DISCRIMINATOR_STATE_NAME
 from spiral.runtime.checkpoint import latest_checkpoint, load_checkpoint
 from spiral.config import ExperimentConfig, ServicesConfig
 from spiral.evaluation.reconstruction import reconstruct
@@ -71,17 +73,17 @@ def conditional_fitness(cfg: ExperimentConfig, holdout: np.ndarray) -> Callable[
 
 
 @torch.no_grad()
-def critic_fitness(learner: PolicyLearner) -> float:
-    """Mean score the member's own critic gives its latest batch's final canvases (see the caveat)."""
+def discriminator_fitness(learner: PolicyLearner) -> float:
+    """Mean score the member's own discriminator gives its latest batch's final canvases (see the caveat)."""
     canvases = learner.last_final_canvases
-    if canvases is None or learner.critic_version == 0:
+    if canvases is None or learner.discriminator_version == 0:
         return 0.0
-    scores = learner.critic(images_to_tensor(canvases).to(learner.device))
+    scores = learner.discriminator(images_to_tensor(canvases).to(learner.device))
     return float(scores.mean())
 
 
-def load_reference_critic(cfg: ExperimentConfig, path: str | Path) -> torch.nn.Module:
-    """A frozen critic from a discriminator checkpoint file, or the newest one in a directory.
+def load_reference_discriminator(cfg: ExperimentConfig, path: str | Path) -> torch.nn.Module:
+    """A frozen discriminator from a discriminator checkpoint file, or the newest one in a directory.
 
     Raises:
         ValueError: naming ``pbt.reference_critic`` when nothing loadable is there or the
@@ -98,20 +100,20 @@ def load_reference_critic(cfg: ExperimentConfig, path: str | Path) -> torch.nn.M
             state = load_checkpoint(path)[1]
         except (OSError, KeyError, RuntimeError, ValueError) as exc:
             raise ValueError(f"pbt.reference_critic: cannot read {path}: {exc}") from exc
-    critic = build_discriminator(cfg)
+    discriminator = build_discriminator(cfg)
     try:
-        critic.load_state_dict(state["trainer"]["critic"])
+        discriminator.load_state_dict(state["trainer"][DISCRIMINATOR_STATE_NAME])
     except (KeyError, RuntimeError, TypeError) as exc:
         raise ValueError(f"pbt.reference_critic: {path} is not a discriminator checkpoint of this "
                          f"experiment: {exc}") from exc
-    return critic.eval().requires_grad_(False)
+    return discriminator.eval().requires_grad_(False)
 
 
-def reference_critic_fitness(critic: torch.nn.Module) -> Callable[[PolicyLearner], float]:
-    """Mean score a fixed reference critic gives the member's latest final canvases.
+def reference_discriminator_fitness(discriminator: torch.nn.Module) -> Callable[[PolicyLearner], float]:
+    """Mean score a fixed reference discriminator gives the member's latest final canvases.
 
     Every member is scored by the same frozen network, so the numbers are comparable across
-    members and over time (unlike :func:`critic_fitness`); the reference is only as good as
+    members and over time (unlike :func:`discriminator_fitness`); the reference is only as good as
     the discriminator it was trained as, and a policy can overfit to it over long runs.
     """
 
@@ -120,8 +122,8 @@ def reference_critic_fitness(critic: torch.nn.Module) -> Callable[[PolicyLearner
         canvases = learner.last_final_canvases
         if canvases is None:
             return 0.0
-        critic.to(learner.device)
-        return float(critic(images_to_tensor(canvases).to(learner.device)).mean())
+        discriminator.to(learner.device)
+        return float(discriminator(images_to_tensor(canvases).to(learner.device)).mean())
 
     return fitness
 
@@ -133,14 +135,14 @@ def fitness_for(cfg: ExperimentConfig, holdout: np.ndarray | None) -> Callable[[
             raise ValueError("pbt.fitness: reconstruction fitness needs held-out images (dataset.holdout > 0)")
         return conditional_fitness(cfg, holdout[:cfg.pbt.fitness_images])
     if cfg.pbt.reference_critic:
-        return reference_critic_fitness(load_reference_critic(cfg, cfg.pbt.reference_critic))
-    return critic_fitness
+        return reference_discriminator_fitness(load_reference_discriminator(cfg, cfg.pbt.reference_critic))
+    return discriminator_fitness
 
 
 def discriminator_copy_skipped(cfg: ExperimentConfig, directive: pbt_pb2.Directive) -> str | None:
     """Why an exploit must not ask this member's discriminator to copy the donor's (None: copy it).
 
-    Skipped with a population discriminator (``pbt.shared_discriminator``: one critic serves
+    Skipped with a population discriminator (``pbt.shared_discriminator``: one discriminator serves
     every member, and copying into it would change every member's reward), and whenever the
     donor's discriminator is this member's own (the same address: a copy into itself).
     """
@@ -216,13 +218,19 @@ class PopulationMember:
         """Follow a directive (the copy itself is applied by the learner before its next update).
 
         An exploit copies the donor's training state if the donor still holds at least the
-        ``donor_version`` the controller ranked; otherwise (unreachable, or gone back to an
-        older checkpoint) it keeps this member's state and reports the failure at once.
+        ``donor_version`` the controller ranked and the state fits this member's policy;
+        otherwise (unreachable, gone back to an older checkpoint, another architecture) it
+        keeps this member's state and reports the failure at once. Only once the policy copy
+        is accepted is this member's discriminator told to copy the donor's.
         """
         hyperparameters = {k: float(v) for k, v in directive.hyperparameters.items()}
         if directive.action != pbt_pb2.Directive.EXPLOIT:
             if hyperparameters and hyperparameters != self.learner.hyperparameters:
-                self.learner.request_exploit(ExploitRequest(training_state=None, hyperparameters=hyperparameters))
+                try:
+                    self.learner.request_copy(None, hyperparameters=hyperparameters)
+                except ValueError as exc:
+                    log.warning("keeping this member's hyperparameters: the controller's %s are refused: %s",
+                                hyperparameters, exc)
             return
         services = self.learner.cfg.services
         try:
@@ -237,6 +245,11 @@ class PopulationMember:
             self._exploit_failed(directive, f"the donor is at version {donor.version}, older than the version "
                                             f"{directive.donor_version} the controller ranked")
             return
+        try:
+            self.learner.request_copy(donor.tensors, donor_version=donor.version, hyperparameters=hyperparameters)
+        except ValueError as exc:
+            self._exploit_failed(directive, str(exc))
+            return
         skipped = discriminator_copy_skipped(self.learner.cfg, directive)
         if skipped is not None:
             self.discriminator_copies_skipped += 1
@@ -247,8 +260,6 @@ class PopulationMember:
                 self.copy_discriminator(directive.donor_discriminator_address, int(directive.donor_member))
             except PeerError as error:
                 log.warning("own discriminator could not copy member %d's: %s", directive.donor_member, error)
-        self.learner.request_exploit(ExploitRequest(training_state=dict(donor.tensors),
-                                                    hyperparameters=hyperparameters))
         self.exploits += 1
         log.info("exploit: copying member %d (version %d, fitness rank %s) with hyperparameters %s",
                  directive.donor_member, donor.version, directive.reason, hyperparameters)

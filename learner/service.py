@@ -78,7 +78,7 @@ class PolicyLearnerServicer(learner_pb2_grpc.PolicyLearnerServicer):
             version=learner.version, updates=learner.updates, frames=learner.frames,
             queue_depth=learner.queue.depth, member=self.member,
             hyperparameters={k: float(v) for k, v in learner.hyperparameters.items()},
-            discriminator_version=learner.critic_version)
+            discriminator_version=learner.discriminator_version)
 
     def binding(self) -> ServiceBinding:
         return ServiceBinding(descriptor=learner_pb2.DESCRIPTOR.services_by_name["PolicyLearner"],

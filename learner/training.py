@@ -3,11 +3,11 @@
 :class:`PolicyTrainer` turns a batch of finished episodes (:class:`~spiral.agent.trajectory.Unroll`)
 into one optimiser step of SPIRAL's off-policy actor-critic (A2C with V-trace, as IMPALA):
 
-1. **Rewards** (:meth:`PolicyTrainer.step_rewards`). The final render of each episode is
-   scored (:func:`spiral.agent.rewards.episode_rewards`: the critic's score, optional negative L2 to
-   the target, blank-canvas penalty); that reward sits at the last step ``T - 1`` and every
+1. **Rewards** (:class:`spiral.agent.rewards.RewardFunction`, :attr:`PolicyTrainer.rewards`).
+   The final render of each episode is scored (the discriminator's score, optional negative L2
+   to the target, blank-canvas penalty); that reward sits at the last step ``T - 1`` and every
    other step gets 0, minus ``stroke_start_penalty`` where a paint step starts a new stroke.
-   With ``temporal_credit`` the critic's score is paid per step instead, as its change.
+   With ``temporal_credit`` the discriminator's score is paid per step instead, as its change.
 2. **Re-evaluation.** The learner's policy scores the actors' actions from a fresh LSTM state
    (:meth:`SpiralPolicy.unroll`): log-probabilities, entropies and values, all ``[T, B]``.
 3. **V-trace.** With the behaviour log-probabilities the actors recorded, discount ``gamma``
@@ -18,7 +18,7 @@ into one optimiser step of SPIRAL's off-policy actor-critic (A2C with V-trace, a
 5. **Average** (``policy_average_decay`` > 0). An exponential moving average of the weights,
    kept beside them for evaluation only (:attr:`PolicyTrainer.average`).
 
-With ``learner.precision: bf16`` steps 1's critic and 2 run under bf16 autocast
+With ``learner.precision: bf16`` step 1's discriminator and step 2 run under bf16 autocast
 (:mod:`spiral.nets.precision`); V-trace, the losses and Adam's fp32 master weights do not.
 
 The learning rate and entropy cost are the hyperparameters population-based training tunes
@@ -37,15 +37,13 @@ import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from spiral.config import ExperimentConfig
-from spiral.envs.spec import FLAG_PAINT
 from spiral.losses import baseline_loss, entropy_loss, policy_gradient_loss, trust_region_mask, vtrace
 from spiral.nets import observation_to_tensors
 from spiral.nets.discriminator import Discriminator
 from spiral.nets.policy import SpiralPolicy
 from spiral.nets.compilation import maybe_compile
 from spiral.nets.precision import autocast, resolve_precision
-from spiral.agent.discriminator_inputs import random_halves, reward_scores, score_images
-from spiral.agent.rewards import RunningScoreNormalizer, episode_rewards, reconstruction_l2, stroke_starts
+from spiral.agent.rewards import RewardFunction
 from spiral.agent.training_state import check_training_state, export_training_state, import_training_state
 from spiral.agent.trajectory import Unroll
 
@@ -59,12 +57,12 @@ class PolicyUpdateStats:
         pg_loss, baseline_loss, entropy_loss: Its unweighted terms.
         mean_reward: Mean per-episode return (final reward plus shaping penalties).
         reconstruction_l2: Mean squared error of final renders to targets (NaN if unconditional).
-        discriminator_score: Mean critic score of the final renders (NaN without a critic).
+        discriminator_score: Mean discriminator output on the final renders (NaN without a discriminator).
         mean_rho: Mean importance weight pi/mu (1 when on-policy; drifts with policy lag).
         clip_fraction: Share of steps whose policy-gradient term ``learner.ppo_clip`` dropped
             (0 without it): how far the learner's policy has moved from the acting one.
         grad_norm: Global gradient norm before clipping.
-        discriminator_version: Version of the critic that produced the rewards.
+        discriminator_version: Version of the discriminator that produced the rewards.
         learning_rate, entropy_cost: The hyperparameters in force.
         mean_entropy: Mean per-step policy entropy (summed over kept heads).
         blank_fraction: Fraction of final renders that show nothing.
@@ -72,10 +70,11 @@ class PolicyUpdateStats:
             environment). An agent that learns to paint less on its way to a blank canvas shows
             here first.
         reward_critic, reward_l2, reward_blank, reward_stroke: Each reward term's mean
-            per-episode return; together they make ``mean_reward``.
-        discriminator_score_empty: Mean critic output on the empty canvases (temporal credit).
-        normalizer_mean, normalizer_std: The statistics the critic's scores were normalised with
-            (``normalize: running``; 0 and 1 otherwise).
+            per-episode return; together they make ``mean_reward``. ``reward_critic`` is the
+            discriminator's (adversarial) term; the logs and dashboards keep that name.
+        discriminator_score_empty: Mean discriminator output on the empty canvases.
+        normalizer_mean, normalizer_std: The statistics the discriminator's scores were
+            normalised with (``normalize: running``; 0 and 1 otherwise).
     """
 
     loss: float
@@ -105,18 +104,7 @@ class PolicyUpdateStats:
 
 _REWARD_PARTS = ("reward_critic", "reward_l2", "reward_blank", "reward_stroke", "discriminator_score_empty",
                  "normalizer_mean", "normalizer_std")
-"""Fields of :class:`PolicyUpdateStats` copied from :meth:`PolicyTrainer.step_rewards`'s parts."""
-
-
-def pooled(images: np.ndarray, factor: int) -> np.ndarray:
-    """uint8 ``[B, H, W, C]`` images average-pooled by ``factor`` (``factor`` 1: unchanged)."""
-    if factor == 1:
-        return images
-    b, h, w, c = images.shape
-    if h % factor or w % factor:
-        raise ValueError(f"learner.reward.l2_pool: {factor} does not divide the image size {h}x{w}")
-    blocks = images.reshape(b, h // factor, factor, w // factor, factor, c).astype(np.float32)
-    return blocks.mean(axis=(2, 4)).round().astype(np.uint8)
+"""Fields of :class:`PolicyUpdateStats` copied from the reward's parts (:class:`RewardFunction`)."""
 
 
 class PolicyTrainer:
@@ -138,20 +126,16 @@ class PolicyTrainer:
         self._entropy_cost = float(lc.entropy_cost)
         self.optimizer = torch.optim.Adam(self.policy.parameters(), lr=self._learning_rate,
                                           betas=(lc.adam_beta1, lc.adam_beta2), eps=lc.adam_eps)
-        rc = lc.reward
-        self.normalizer = (RunningScoreNormalizer(rc.normalize_decay, rc.normalize_freeze_updates)
-                           if rc.normalize == "running" else None)
-        """The critic scores' running statistics (``learner.reward.normalize: running``), else None."""
         self.average = (AveragedModel(self.policy, multi_avg_fn=get_ema_multi_avg_fn(lc.policy_average_decay),
                                       use_buffers=True)
                         if lc.policy_average_decay > 0 else None)
         """The exponential moving average of the policy's weights (``learner.policy_average_decay``;
         ``average.module`` is a :class:`SpiralPolicy`), else None. Updated after every step."""
-        self.halves_rng = np.random.default_rng(cfg.seed)
-        """Draws each episode's complement half (``discriminator.complement``)."""
         self.precision = resolve_precision(lc.precision, self.device, "learner.precision")
-        """The arithmetic of the unroll's forward and backward and of the critic's scoring
+        """The arithmetic of the unroll's forward and backward and of the discriminator's scoring
         (``learner.precision`` where this device runs it natively, else fp32)."""
+        self.rewards = RewardFunction(cfg, self.device, self.precision)
+        """Turns an unroll's canvases into its per-step rewards (owns the running normaliser)."""
         self._unroll = (maybe_compile(self.policy.unroll_unchecked, self.device, "learner.compile") if lc.compile
                         else self.policy.unroll_unchecked)
         """The policy's unroll (validated by :meth:`learn` first), compiled with ``learner.compile``."""
@@ -163,112 +147,44 @@ class PolicyTrainer:
         """``{"learning_rate": ..., "entropy_cost": ...}`` currently in force."""
         return {"learning_rate": self._learning_rate, "entropy_cost": self._entropy_cost}
 
+    def check_hyperparameters(self, hyperparameters: Mapping[str, float]) -> list[str]:
+        """Every reason :meth:`set_hyperparameters` would refuse ``hyperparameters`` (empty: none)."""
+        problems = [f"{name}: not a hyperparameter of the policy learner (it has {sorted(self.hyperparameters)})"
+                    for name in hyperparameters if name not in self.hyperparameters]
+        learning_rate = hyperparameters.get("learning_rate")
+        if learning_rate is not None and not (math.isfinite(learning_rate) and learning_rate > 0):
+            problems.append(f"learning_rate must be a finite number > 0, got {learning_rate!r}")
+        entropy_cost = hyperparameters.get("entropy_cost")
+        if entropy_cost is not None and not (math.isfinite(entropy_cost) and entropy_cost >= 0):
+            problems.append(f"entropy_cost must be a finite number >= 0, got {entropy_cost!r}")
+        return problems
+
     def set_hyperparameters(self, learning_rate: float | None = None, entropy_cost: float | None = None) -> None:
-        """Change the learning rate (in every optimiser parameter group) and/or the entropy cost."""
+        """Change the learning rate (in every optimiser parameter group) and/or the entropy cost.
+
+        Raises:
+            ValueError: A value :meth:`check_hyperparameters` refuses; nothing was changed.
+        """
+        given = {name: value for name, value in (("learning_rate", learning_rate), ("entropy_cost", entropy_cost))
+                 if value is not None}
+        problems = self.check_hyperparameters(given)
+        if problems:
+            raise ValueError("; ".join(problems))
         if learning_rate is not None:
-            if not (math.isfinite(learning_rate) and learning_rate > 0):
-                raise ValueError(f"learning_rate must be a finite number > 0, got {learning_rate!r}")
             self._learning_rate = float(learning_rate)
             for group in self.optimizer.param_groups:
                 group["lr"] = self._learning_rate
         if entropy_cost is not None:
-            if not (math.isfinite(entropy_cost) and entropy_cost >= 0):
-                raise ValueError(f"entropy_cost must be a finite number >= 0, got {entropy_cost!r}")
             self._entropy_cost = float(entropy_cost)
-
-    # -- rewards -------------------------------------------------------------------------------
-
-    def step_rewards(self, unroll: Unroll, critic: Discriminator | None) -> tuple[torch.Tensor, dict[str, float]]:
-        """Per-step rewards ``[T, B]`` of an unroll and the reward's parts (batch means).
-
-        * The critic's term: ``discriminator_weight * S(final)`` at step ``T - 1``, or with
-          ``temporal_credit`` ``discriminator_weight * (S(canvas t+1) - S(canvas t))`` at every
-          step t (canvas 0 is the empty canvas the episode started from). All scored canvases
-          go through the critic in one batched call; ``normalize: running`` rescales the scores
-          first.
-        * L2 and the blank penalty at step ``T - 1`` (:func:`spiral.agent.rewards.episode_rewards`);
-          with ``l2_shaping`` the L2 term is paid per step as the (pooled) error drops.
-        * The stroke-start penalty (painting only) at the step that starts the stroke.
-
-        The parts hold the mean per-episode return of each term (``reward_critic``,
-        ``reward_l2``, ``reward_blank``, ``reward_stroke``), the critic's raw output on the
-        final and on the empty canvases (``discriminator_score``, ``discriminator_score_empty``)
-        and the normaliser's statistics.
-        """
-        t, b = unroll.num_steps, unroll.batch_size
-        reward_cfg = self.cfg.learner.reward
-        final, parts = episode_rewards(unroll.final_canvases, unroll.targets, reward_cfg, device=self.device,
-                                       empty_canvases=unroll.canvases[0])
-        rewards = torch.zeros(t, b, dtype=torch.float32, device=self.device)
-        rewards[-1] = final
-        if critic is not None:
-            critic_rewards = self._critic_rewards(unroll, critic, parts)
-            rewards += critic_rewards
-            parts["reward_critic"] = float(critic_rewards.sum(0).mean())
-        if reward_cfg.l2_shaping and reward_cfg.l2_weight and unroll.targets is not None:
-            # Potential-based shaping: trade the terminal -w*L2(final) for per-step drops in L2.
-            final_errors = reconstruction_l2(unroll.canvases[-1], unroll.targets)
-            rewards[-1] += reward_cfg.l2_weight * torch.from_numpy(final_errors).to(self.device)
-            targets = pooled(unroll.targets, reward_cfg.l2_pool)
-            errors = np.stack([reconstruction_l2(pooled(c, reward_cfg.l2_pool), targets)
-                               for c in unroll.canvases])  # [T+1, B]
-            rewards += reward_cfg.l2_weight * torch.from_numpy(errors[:-1] - errors[1:]).to(self.device)
-            parts["reward_l2"] = float(reward_cfg.l2_weight * (errors[0] - errors[-1]).mean())
-        penalty = reward_cfg.stroke_start_penalty
-        flags = unroll.actions[..., 0]
-        if self.cfg.env.kind == "paint":
-            starts = stroke_starts(flags)
-            parts["paint_fraction"] = float((flags == FLAG_PAINT).mean())
-        else:
-            starts = np.zeros((t, b), np.float32)
-        if penalty:
-            rewards -= penalty * torch.from_numpy(starts).to(self.device)
-        parts["stroke_starts"] = float(starts.sum(0).mean())
-        parts["reward_stroke"] = float(-penalty * starts.sum(0).mean())
-        return rewards, parts
-
-    def _critic_rewards(self, unroll: Unroll, critic: Discriminator, parts: dict[str, float]) -> torch.Tensor:
-        """The critic's term of :meth:`step_rewards`, ``[T, B]``; records its figures in ``parts``."""
-        t, b = unroll.num_steps, unroll.batch_size
-        reward_cfg = self.cfg.learner.reward
-        # Temporal credit scores every canvas (T + 1 per episode); otherwise the empty and the
-        # final ones (the empty canvas's score is logged: it shows where the critic's level is).
-        scored = unroll.canvases if reward_cfg.temporal_credit else unroll.canvases[[0, -1]]
-        k = len(scored)
-        targets = None
-        if unroll.targets is not None:
-            targets = np.broadcast_to(unroll.targets, scored.shape).reshape(k * b, *scored.shape[2:])
-        halves = None
-        if self.cfg.discriminator.complement:
-            halves = np.tile(random_halves(self.halves_rng, b), k)  # one half per episode, all its canvases
-        with autocast(self.precision, self.device):
-            outputs = score_images(critic, self.cfg, scored.reshape(k * b, *scored.shape[2:]), targets, halves,
-                                   self.device).reshape(k, b)
-        parts["discriminator_score"] = float(outputs[-1].mean())
-        parts["discriminator_score_empty"] = float(outputs[0].mean())
-        scores = reward_scores(outputs, self.cfg)
-        if reward_cfg.temporal_credit:
-            scores = self._normalized(scores, parts)
-            return reward_cfg.discriminator_weight * (scores[1:] - scores[:-1])
-        critic_rewards = torch.zeros(t, b, dtype=torch.float32, device=self.device)
-        critic_rewards[-1] = reward_cfg.discriminator_weight * self._normalized(scores[-1:], parts)[0]
-        return critic_rewards
-
-    def _normalized(self, scores: torch.Tensor, parts: dict[str, float]) -> torch.Tensor:
-        """``scores`` through the running normaliser (identity when ``normalize`` is ``none``)."""
-        if self.normalizer is None:
-            parts.update(normalizer_mean=0.0, normalizer_std=1.0)
-            return scores
-        scores = self.normalizer(scores)
-        parts.update(normalizer_mean=self.normalizer.mean, normalizer_std=self.normalizer.std)
-        return scores
 
     # -- the update ----------------------------------------------------------------------------
 
-    def update(self, unroll: Unroll, critic: Discriminator | None, discriminator_version: int = 0) -> PolicyUpdateStats:
-        """Score the unroll's episodes with ``critic`` and take one optimiser step on them."""
+    def update(self, unroll: Unroll, discriminator: Discriminator | None,
+               discriminator_version: int = 0) -> PolicyUpdateStats:
+        """Score the unroll's episodes with ``discriminator`` (None: no adversarial term) and take
+        one optimiser step on them."""
         unroll.validate()
-        rewards, parts = self.step_rewards(unroll, critic)
+        rewards, parts = self.rewards(unroll, discriminator)
         return self.learn(unroll, rewards, parts, discriminator_version)
 
     def learn(self, unroll: Unroll, rewards: torch.Tensor, parts: dict[str, float] | None = None,
@@ -328,8 +244,7 @@ class PolicyTrainer:
         """Policy weights, optimiser state and hyperparameters (a checkpoint or a PBT copy)."""
         state = {"policy": self.policy.state_dict(), "optimizer": self.optimizer.state_dict(),
                  "hyperparameters": self.hyperparameters}
-        if self.normalizer is not None:
-            state["reward_normalizer"] = self.normalizer.state_dict()
+        state.update(self.rewards.state_dict())  # the reward normaliser's statistics, if any
         if self.average is not None:
             state["policy_average"] = self.average.module.state_dict()
             state["policy_average_updates"] = int(self.average.n_averaged)
@@ -343,8 +258,7 @@ class PolicyTrainer:
         self.policy.load_state_dict(state["policy"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.set_hyperparameters(**state["hyperparameters"])
-        if self.normalizer is not None and "reward_normalizer" in state:
-            self.normalizer.load_state_dict(state["reward_normalizer"])
+        self.rewards.load_state_dict(state)
         if self.average is not None:
             if "policy_average" in state:
                 self.average.module.load_state_dict(state["policy_average"])

@@ -198,7 +198,7 @@ def test_the_local_system_trains_and_resumes_from_its_checkpoints(cfg: Experimen
         system.step()
     assert system.frames == 6 * 2 * cfg.actor.num_envs * (cfg.env.episode_length - 1)
     assert system.learner.updates == 6 * 2 * cfg.actor.num_envs // cfg.learner.batch_size
-    assert system.discriminator.updates > 0 and system.learner.critic_version > 0
+    assert system.discriminator.updates > 0 and system.learner.discriminator_version > 0
     assert all(actor.runner.policy_version > 0 for actor in system.actors)  # they act with trained weights
     versions = (system.learner.version, system.discriminator.version)
     system.checkpoint()

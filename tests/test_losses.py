@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
 import pytest
 import torch
 
-from spiral.config import RewardConfig
-from spiral.losses import (baseline_loss, critic_loss, entropy_loss, gradient_penalty, policy_gradient_loss,
-                           trust_region_mask, vtrace, wasserstein_estimate)
+from spiral.agent.rewards import RewardFunction, is_blank, reconstruction_l2, stroke_starts
+from spiral.agent.trajectory import Unroll
+from spiral.config import ExperimentConfig, RewardConfig, experiment_path, load_experiment
+from spiral.losses import (baseline_loss, entropy_loss, gradient_penalty, policy_gradient_loss, trust_region_mask,
+                           vtrace, wasserstein_estimate, wgan_discriminator_loss)
+from spiral.nets import images_to_tensor
 from spiral.nets.discriminator import Discriminator
-from spiral.agent.rewards import episode_rewards, is_blank, reconstruction_l2, stroke_starts
 
 
 def reference_vtrace(mu_log, pi_log, gamma, r, v, bootstrap, rho_bar, pg_rho_bar, c_bar):
@@ -131,7 +134,7 @@ def test_trust_region_mask_is_where_ppos_clipped_surrogate_has_gradient(epsilon)
         trust_region_mask(rhos.detach(), advantages, 1.0)
 
 
-class LinearCritic(torch.nn.Module):
+class LinearDiscriminator(torch.nn.Module):
     """D(x) = <w, x> (+ <u, target>): its gradient w.r.t. x is w everywhere."""
 
     def __init__(self, shape, conditional=False):
@@ -149,40 +152,40 @@ class LinearCritic(torch.nn.Module):
 
 
 @pytest.mark.parametrize("conditional", [False, True])
-def test_gradient_penalty_of_linear_critics(conditional):
+def test_gradient_penalty_of_linear_discriminators(conditional):
     shape = (1, 8, 8)
-    critic = LinearCritic(shape, conditional)
+    discriminator = LinearDiscriminator(shape, conditional)
     real, fake = torch.rand(6, *shape), torch.rand(6, *shape)
     targets = torch.rand(6, *shape) if conditional else None
     with torch.no_grad():
-        critic.w /= critic.w.norm()  # 1-Lipschitz, gradient norm exactly 1
-    gp = gradient_penalty(critic, real, fake, targets, weight=10.0)
+        discriminator.w /= discriminator.w.norm()  # 1-Lipschitz, gradient norm exactly 1
+    gp = gradient_penalty(discriminator, real, fake, targets, weight=10.0)
     assert gp.item() == pytest.approx(0.0, abs=1e-10)
     with torch.no_grad():
-        critic.w *= 3.0  # gradient norm 3 everywhere: penalty weight * (3 - 1)^2
-    gp = gradient_penalty(critic, real, fake, targets, weight=10.0)
+        discriminator.w *= 3.0  # gradient norm 3 everywhere: penalty weight * (3 - 1)^2
+    gp = gradient_penalty(discriminator, real, fake, targets, weight=10.0)
     assert gp.item() == pytest.approx(40.0, rel=1e-5)
-    gp.backward()  # the penalty back-propagates into the critic's weights
-    assert critic.w.grad is not None and critic.w.grad.norm() > 0
+    gp.backward()  # the penalty back-propagates into the discriminator's weights
+    assert discriminator.w.grad is not None and discriminator.w.grad.norm() > 0
 
 
 def test_gradient_penalty_uses_interpolates_between_real_and_fake():
     seen = []
 
-    def critic(x):
+    def discriminator(x):
         seen.append(x.detach().clone())
         return (x ** 2).flatten(1).sum(1)
 
     real, fake = torch.ones(64, 1, 2, 2), torch.zeros(64, 1, 2, 2)
-    gradient_penalty(critic, real, fake, weight=1.0, generator=torch.Generator().manual_seed(0))
+    gradient_penalty(discriminator, real, fake, weight=1.0, generator=torch.Generator().manual_seed(0))
     eps = seen[0][:, 0, 0, 0]
     assert torch.all(seen[0] == eps[:, None, None, None])  # one eps per sample
     assert 0.0 <= eps.min() < 0.2 and 0.8 < eps.max() <= 1.0
 
 
-def test_critic_loss_and_wasserstein_estimate():
+def test_wgan_discriminator_loss_and_wasserstein_estimate():
     d_real, d_fake = torch.tensor([2.0, 4.0]), torch.tensor([1.0, -1.0])
-    assert critic_loss(d_real, d_fake).item() == pytest.approx(0.0 - 3.0)
+    assert wgan_discriminator_loss(d_real, d_fake).item() == pytest.approx(0.0 - 3.0)
     assert wasserstein_estimate(d_real, d_fake).item() == pytest.approx(3.0)
 
 
@@ -220,31 +223,117 @@ def test_blank_detection_and_stroke_starts():
     np.testing.assert_array_equal(starts, [[1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 0, 0]])
 
 
-def test_episode_rewards_combine_l2_blank_and_critic():
+def reward_experiment(reward: RewardConfig, conditional: bool = True) -> ExperimentConfig:
+    """The tiny painting experiment with the given reward settings."""
+    cfg = load_experiment(experiment_path("tiny"), overrides={"env": {"conditional": conditional}})
+    return dataclasses.replace(cfg, learner=dataclasses.replace(cfg.learner, reward=reward))
+
+
+def hand_unroll(canvases: np.ndarray, flags: np.ndarray, targets: np.ndarray | None) -> Unroll:
+    """Episodes given by their canvases ``[T + 1, B, H, W, C]`` and flag actions ``[T, B]``."""
+    t, b = flags.shape
+    return Unroll(canvases=canvases, actions=flags[..., None].astype(np.int64), masks=np.ones((t, b, 1), np.float32),
+                  behaviour_log_probs=np.zeros((t, b), np.float32), noise=np.zeros((b, 1), np.float32),
+                  targets=targets, policy_version=0)
+
+
+def one_step(finals: np.ndarray, targets: np.ndarray | None) -> Unroll:
+    """One move per episode, from white paper to ``finals``."""
+    return hand_unroll(np.stack([np.full_like(finals, 255), finals]), np.zeros((1, len(finals)), np.int64), targets)
+
+
+class ConstantScores(torch.nn.Module):
+    """A discriminator that answers ``scores`` whatever it is shown."""
+
+    def __init__(self, scores: torch.Tensor) -> None:
+        super().__init__()
+        self.scores = scores
+
+    def forward(self, images: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        return self.scores
+
+
+def test_the_reward_function_combines_l2_blank_and_the_discriminator():
     targets = digit_like(2)
     finals = targets.copy()
     finals[0] = 255  # blank canvas vs a perfect reconstruction
-    cfg = RewardConfig(discriminator_weight=0.0, l2_weight=2.0, blank_penalty=0.5)
-    rewards, parts = episode_rewards(finals, targets, cfg)
+    cfg = reward_experiment(RewardConfig(discriminator_weight=0.0, l2_weight=2.0, blank_penalty=0.5))
+    rewards, parts = RewardFunction(cfg)(one_step(finals, targets), None)
     l2 = reconstruction_l2(finals, targets)
     assert l2[0] > 0.01 and l2[1] == 0.0
-    torch.testing.assert_close(rewards, torch.tensor([-2.0 * l2[0] - 0.5, 0.0]))
+    torch.testing.assert_close(rewards[-1], torch.tensor([-2.0 * l2[0] - 0.5, 0.0]))
     assert parts["blank_fraction"] == 0.5 and math.isnan(parts["discriminator_score"])
     assert parts["reconstruction_l2"] == pytest.approx(l2.mean())
     assert parts["reward_l2"] + parts["reward_blank"] + parts["reward_critic"] == pytest.approx(parts["reward"])
 
-    critic = Discriminator(1, 16, conditional=True, channels=4, num_layers=2)
-    cfg = RewardConfig(discriminator_weight=3.0, l2_weight=0.0)
-    from spiral.nets import images_to_tensor
+    discriminator = Discriminator(1, 16, conditional=True, channels=4, num_layers=2)
+    cfg = reward_experiment(RewardConfig(discriminator_weight=3.0, l2_weight=0.0))
     with torch.no_grad():
-        scores = critic(images_to_tensor(finals), images_to_tensor(targets))
-    rewards, parts = episode_rewards(finals, targets, cfg, critic_scores=scores)
+        scores = discriminator(images_to_tensor(finals), images_to_tensor(targets))
+    rewards, parts = RewardFunction(cfg)(one_step(finals, targets), discriminator)
     expected = 3.0 * scores
-    torch.testing.assert_close(rewards, expected)
+    torch.testing.assert_close(rewards[-1], expected)
     assert parts["discriminator_score"] == pytest.approx(float(expected.mean() / 3.0), rel=1e-5)
     assert parts["reward_critic"] == pytest.approx(float(expected.mean()), rel=1e-5)
-    with pytest.raises(RuntimeError, match="shape"):
-        episode_rewards(finals, None, cfg, critic_scores=scores[:1])
+    unconditional = reward_experiment(RewardConfig(discriminator_weight=3.0, l2_weight=0.0), conditional=False)
+    with pytest.raises(RuntimeError, match="shape"):  # one score for every canvas it was shown
+        RewardFunction(unconditional)(one_step(finals, None), ConstantScores(scores[:1]))
 
-    rewards, parts = episode_rewards(finals, None, RewardConfig(l2_weight=1.0), critic_scores=torch.zeros(2))
-    assert rewards.shape == (2,) and math.isnan(parts["reconstruction_l2"])
+    unconditional = reward_experiment(RewardConfig(l2_weight=1.0), conditional=False)
+    rewards, parts = RewardFunction(unconditional)(one_step(finals, None), ConstantScores(torch.zeros(4)))
+    assert rewards.shape == (1, 2) and math.isnan(parts["reconstruction_l2"])
+
+
+class InkFraction(torch.nn.Module):
+    """D(image, target) = the image's mean ink (1 - brightness), in [0, 1]."""
+
+    def forward(self, images: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        return (1.0 - images).mean(dim=(1, 2, 3))
+
+
+def two_tiny_episodes() -> Unroll:
+    """Two episodes of two steps on 2x2 paper, worked out by hand in the test below.
+
+    Episode 0 paints the target's two dark pixels, one per step (flags paint, paint: one stroke
+    start); episode 1 moves, then paints nothing visible (flags move, paint: a stroke start at
+    step 1) and ends blank, one dark pixel short of its target.
+    """
+    white = np.full((2, 2, 1), 255, np.uint8)
+    one, two = white.copy(), white.copy()
+    one[0, 0] = 0
+    two[0, :] = 0
+    canvases = np.stack([np.stack([white, white]), np.stack([one, white]), np.stack([two, white])])  # [3, 2, 2, 2, 1]
+    targets = np.stack([two, one])
+    return hand_unroll(canvases, np.array([[1, 0], [1, 1]]), targets)
+
+
+def test_the_reward_function_pays_what_the_hand_computes_for_two_tiny_episodes():
+    unroll = two_tiny_episodes()
+    # Ink per canvas [T + 1, B]: episode 0 goes 0, 1/4, 1/2; episode 1 stays 0.
+    # Squared error to the target per canvas: episode 0 goes 1/2, 1/4, 0; episode 1 stays 1/4.
+    terminal = reward_experiment(RewardConfig(discriminator_weight=2.0, l2_weight=4.0, blank_penalty=0.5,
+                                              stroke_start_penalty=0.1))
+    rewards, parts = RewardFunction(terminal)(unroll, InkFraction())
+    expected = [[-0.1, 0.0],  # episode 0 starts its stroke; episode 1 moves
+                [2.0 * 0.5 - 4.0 * 0.0, 2.0 * 0.0 - 4.0 * 0.25 - 0.5 - 0.1]]  # ink, L2, blank, stroke
+    np.testing.assert_allclose(rewards.numpy(), expected, atol=1e-6)
+    assert parts == pytest.approx({
+        "discriminator_score": 0.25, "discriminator_score_empty": 0.0, "reconstruction_l2": 0.125,
+        "reward_critic": 0.5, "reward_l2": -0.5, "reward_blank": -0.25, "reward_stroke": -0.1,
+        "reward": -0.75, "blank_fraction": 0.5, "paint_fraction": 0.75, "stroke_starts": 1.0,
+        "normalizer_mean": 0.0, "normalizer_std": 1.0})
+    assert float(rewards.sum(0).mean()) == pytest.approx(
+        parts["reward_critic"] + parts["reward_l2"] + parts["reward_blank"] + parts["reward_stroke"])
+
+    # Temporal credit on running-normalised scores, and the L2 term paid as the error drops.
+    per_step = reward_experiment(RewardConfig(discriminator_weight=2.0, temporal_credit=True, normalize="running",
+                                              l2_weight=4.0, l2_shaping=True))
+    rewards, parts = RewardFunction(per_step)(unroll, InkFraction())
+    ink = np.array([[0.0, 0.0], [0.25, 0.0], [0.5, 0.0]])
+    mean, std = ink.mean(), ink.std()  # the normaliser's first batch: every scored canvas
+    adversarial = 2.0 * np.diff(ink, axis=0) / std
+    shaping = 4.0 * np.array([[0.25, 0.0], [0.25, 0.0]])  # 4 * (error before - error after)
+    np.testing.assert_allclose(rewards.numpy(), adversarial + shaping, rtol=1e-5, atol=1e-6)
+    assert parts["normalizer_mean"] == pytest.approx(mean) and parts["normalizer_std"] == pytest.approx(std)
+    assert parts["reward_critic"] == pytest.approx(adversarial.sum(0).mean(), rel=1e-5)
+    assert parts["reward_l2"] == pytest.approx(4.0 * (0.5 - 0.0) / 2)

@@ -1,4 +1,4 @@
-"""PBT fitness choices: reconstruction, the member's own critic, or one frozen reference critic."""
+"""PBT fitness choices: reconstruction, the member's own discriminator, or one frozen reference discriminator."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from discriminator.training import DiscriminatorTrainer
-from learner.population import critic_fitness, fitness_for, load_reference_critic, reference_critic_fitness
+from learner.population import (discriminator_fitness, fitness_for, load_reference_discriminator,
+                                reference_discriminator_fitness)
 from spiral.runtime.checkpoint import save_checkpoint
 from spiral.config import ConfigError, load_experiment
 from spiral.nets import build_discriminator, images_to_tensor
@@ -32,7 +33,7 @@ def test_auto_fitness_is_reconstruction_when_conditional_and_critic_otherwise() 
     conditional = load_experiment(REPO / "experiments" / "tiny.yaml", overrides={"pbt": {"population_size": 2}})
     assert conditional.pbt.fitness_kind(True) == "reconstruction"
     assert unconditional().pbt.fitness_kind(False) == "critic"
-    assert fitness_for(unconditional(), None) is critic_fitness
+    assert fitness_for(unconditional(), None) is discriminator_fitness
     with pytest.raises(ValueError, match="held-out"):
         fitness_for(conditional, None)
 
@@ -48,32 +49,32 @@ def test_fitness_config_errors_name_the_field(overrides: dict, field: str) -> No
         load_experiment(REPO / "experiments" / "tiny.yaml", overrides=overrides)
 
 
-def test_every_member_is_scored_by_the_same_frozen_reference_critic(tmp_path: Path) -> None:
+def test_every_member_is_scored_by_the_same_frozen_reference_discriminator(tmp_path: Path) -> None:
     cfg = unconditional()
     torch.manual_seed(0)
     trainer = DiscriminatorTrainer(cfg, build_discriminator(cfg))
     save_checkpoint(tmp_path / "reference", 7, {"trainer": trainer.state_dict()})
-    from_dir = load_reference_critic(cfg, tmp_path / "reference")
-    from_file = load_reference_critic(cfg, next((tmp_path / "reference").iterdir()))
+    from_dir = load_reference_discriminator(cfg, tmp_path / "reference")
+    from_file = load_reference_discriminator(cfg, next((tmp_path / "reference").iterdir()))
     assert not any(p.requires_grad for p in from_dir.parameters())
 
     fitness = fitness_for(unconditional(reference_critic=str(tmp_path / "reference")), None)
     members = [SimpleNamespace(last_final_canvases=renders(seed), device="cpu") for seed in (1, 2)]
     with torch.no_grad():
-        expected = [float(trainer.critic(images_to_tensor(m.last_final_canvases)).mean()) for m in members]
+        expected = [float(trainer.discriminator(images_to_tensor(m.last_final_canvases)).mean()) for m in members]
     assert [fitness(m) for m in members] == pytest.approx(expected, rel=1e-5)
-    assert reference_critic_fitness(from_file)(members[0]) == pytest.approx(expected[0], rel=1e-5)
+    assert reference_discriminator_fitness(from_file)(members[0]) == pytest.approx(expected[0], rel=1e-5)
     assert expected[0] != pytest.approx(expected[1]), "different renders score differently"
     assert fitness(SimpleNamespace(last_final_canvases=None, device="cpu")) == 0.0
 
 
-def test_a_bad_reference_critic_is_a_clear_error(tmp_path: Path) -> None:
+def test_a_bad_reference_discriminator_is_a_clear_error(tmp_path: Path) -> None:
     cfg = unconditional()
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="pbt.reference_critic: no discriminator checkpoint"):
-        load_reference_critic(cfg, tmp_path / "empty")
+        load_reference_discriminator(cfg, tmp_path / "empty")
     with pytest.raises(ValueError, match="pbt.reference_critic: cannot read"):
-        load_reference_critic(cfg, tmp_path / "missing.pt")
+        load_reference_discriminator(cfg, tmp_path / "missing.pt")
     save_checkpoint(tmp_path / "other", 1, {"trainer": {"critic": {"bogus": torch.zeros(2)}}})
     with pytest.raises(ValueError, match="not a discriminator checkpoint of this experiment"):
-        load_reference_critic(cfg, tmp_path / "other")
+        load_reference_discriminator(cfg, tmp_path / "other")

@@ -25,6 +25,7 @@ from pbt_controller.service import PBTControllerServicer
 from pbt_controller.state import StateStore
 from replaybuffer.service import ReplayBufferServicer
 from replaybuffer.table import ReplayTable
+from spiral.agent.training_state import CopyRequest
 from spiral.config import ExperimentConfig, PBTConfig, ServicesConfig
 from spiral.runtime.members import MemberAddresses, load_members_file
 from spiral.rpc.errors import PreconditionFailed
@@ -273,7 +274,7 @@ def member_with_a_donor(monkeypatch: pytest.MonkeyPatch, cfg: ExperimentConfig, 
 
     requested: list[Any] = []
     learner = SimpleNamespace(cfg=cfg, updates=updates, hyperparameters={"learning_rate": 1e-4, "entropy_cost": 0.01},
-                              request_exploit=requested.append)
+                              request_copy=lambda tensors, **kwargs: requested.append(CopyRequest(tensors, **kwargs)))
     monkeypatch.setattr(population, "fetch_training_state",
                         lambda *args, **kwargs: SimpleNamespace(tensors={"w": np.zeros(1)}, version=donor_version))
     member = population.PopulationMember(learner, 1, "127.0.0.1:1",  # type: ignore[arg-type]
@@ -304,7 +305,7 @@ def test_an_exploit_skips_the_discriminator_copy_when_shared(monkeypatch: pytest
     assert len(stub.calls) == copies
     assert member.discriminator_copies_skipped == 1 - copies
     assert member.exploits == 1 and len(requested) == 1, "the policy is copied either way"
-    assert requested[0].training_state is not None
+    assert requested[0].tensors is not None
 
 
 def test_an_exploit_refuses_a_donor_older_than_the_version_the_controller_ranked(
@@ -322,3 +323,22 @@ def test_an_exploit_refuses_a_donor_older_than_the_version_the_controller_ranked
         assert member.exploits == 1 and len(requested) == 1
     finally:
         member.close()
+
+
+def test_an_exploit_whose_donor_state_does_not_fit_copies_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The learner validates a copy when it is requested: a donor state it refuses is a failed
+    exploit, reported at once, and this member's discriminator is not told to copy either."""
+    member, _, copies = member_with_a_donor(monkeypatch, population_cfg(2, False), donor_version=7, updates=3)
+
+    def refuse(tensors: Any, **kwargs: Any) -> None:
+        raise ValueError("donor training state or hyperparameters do not fit this policy learner: w: ...")
+
+    member.learner.request_copy = refuse
+    try:
+        member.apply(pbt_pb2.Directive(action=pbt_pb2.Directive.EXPLOIT, donor_member=0, donor_version=7,
+                                       donor_learner_address="learner-0:1", donor_discriminator_address="disc-0:2",
+                                       hyperparameters={"learning_rate": 2e-4}))
+    finally:
+        member.close()
+    assert member.failed_exploits == 1 and member.exploits == 0 and copies.calls == []
+    assert member._failed_donor == 0 and member._next_report == 3  # noqa: SLF001 - reported at once

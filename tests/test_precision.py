@@ -27,11 +27,13 @@ import torch
 from spiral.agent.acting import EpisodeRunner
 from discriminator.training import DiscriminatorTrainer
 from learner.training import PolicyTrainer
-from spiral.config import ConfigError, ExperimentConfig, experiment_path, load_experiment
+from spiral.agent.rewards import RewardFunction
+from spiral.config import ConfigError, ExperimentConfig, RewardConfig, experiment_path, load_experiment
 from spiral.envs import make_env
 from spiral.losses import vtrace
 from spiral.nets import build_discriminator, build_policy, observation_to_tensors
 from spiral.nets.precision import autocast, bf16_native, bf16_runs, cpu_bf16_units, resolve_precision
+from test_losses import reward_experiment, two_tiny_episodes
 
 LOG_PROB_TOL = 0.2
 LOG_PROB_MEAN_TOL = 0.03
@@ -171,9 +173,9 @@ def test_bf16_updates_keep_fp32_master_weights_and_optimizer_state(cfg: Experime
         "learner": {"precision": "bf16"}, "discriminator_learner": {"precision": "bf16"}})
     unroll = EpisodeRunner(bf16, make_env(bf16, 8, 0), build_policy(bf16), _targets(8), seed=0).run_episode()
     trainer = PolicyTrainer(bf16, build_policy(bf16))
-    critic = build_discriminator(bf16).eval()
+    discriminator = build_discriminator(bf16).eval()
     before = [p.detach().clone() for p in trainer.policy.parameters()]
-    stats = trainer.update(unroll, critic, 1)
+    stats = trainer.update(unroll, discriminator, 1)
     assert trainer.precision == "bf16"
     assert np.isfinite([stats.loss, stats.grad_norm, stats.mean_reward]).all()
     assert all(p.dtype == torch.float32 for p in trainer.policy.parameters())
@@ -186,12 +188,12 @@ def test_bf16_updates_keep_fp32_master_weights_and_optimizer_state(cfg: Experime
     real = _targets(8)
     out = disc.update(real, unroll.final_canvases, real)
     assert np.isfinite([out.loss, out.gp, out.d_real, out.d_fake]).all()
-    assert all(p.dtype == torch.float32 for p in disc.critic.parameters())
+    assert all(p.dtype == torch.float32 for p in disc.discriminator.parameters())
 
 
 @needs_bf16
-def test_bf16_critic_update_stays_close_to_fp32(cfg: ExperimentConfig) -> None:
-    """The same critic, batch and penalty draws in both precisions: losses agree within 2%."""
+def test_bf16_discriminator_update_stays_close_to_fp32(cfg: ExperimentConfig) -> None:
+    """The same discriminator, batch and penalty draws in both precisions: losses agree within 2%."""
     unroll = EpisodeRunner(cfg, make_env(cfg, 8, 0), build_policy(cfg), _targets(8), seed=0).run_episode()
     real = _targets(8)
     results = {}
@@ -214,18 +216,18 @@ def test_compiled_unroll_matches_eager_and_checks_actions_outside_the_graph(cfg:
     compiled_cfg = load_experiment(experiment_path("tiny-critic"), overrides={
         "env": {"paint": {"backend": cfg.env.paint.backend}}, "learner": {"compile": True}})
     unroll = EpisodeRunner(cfg, make_env(cfg, 8, 0), build_policy(cfg), _targets(8), seed=0).run_episode()
-    critic = build_discriminator(cfg).eval()
+    discriminator = build_discriminator(cfg).eval()
     stats = {}
     for name, c in (("eager", cfg), ("compiled", compiled_cfg)):
         torch.manual_seed(0)
         trainer = PolicyTrainer(c, build_policy(c))
-        stats[name] = trainer.update(unroll, critic, 1)
+        stats[name] = trainer.update(unroll, discriminator, 1)
     assert stats["compiled"].loss == pytest.approx(stats["eager"].loss, rel=1e-4, abs=1e-4)
     assert stats["compiled"].grad_norm == pytest.approx(stats["eager"].grad_norm, rel=1e-3)
     bad = copy.deepcopy(unroll)
     bad.actions[0, 0, 1] = 10_000
     with pytest.raises(ValueError, match="out of range"):
-        trainer.update(bad, critic, 1)
+        trainer.update(bad, discriminator, 1)
 
 
 @needs_bf16
@@ -245,3 +247,25 @@ def test_fp32_heads_cut_bf16s_log_prob_error(cfg: ExperimentConfig) -> None:
                 half = policy.unroll(inputs, actions, policy.initial_state(8))
         errors[name] = float((full.log_prob - half.log_prob).abs().mean())
     assert errors["fp32_heads"] < 0.25 * errors["plain"]
+
+
+class AutocastSpy(torch.nn.Module):
+    """A conditional discriminator that notes whether it ran under CPU autocast, and in which dtype."""
+
+    def forward(self, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        self.autocast_dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
+        return (1.0 - images).mean(dim=(1, 2, 3))
+
+
+@pytest.mark.parametrize("precision, autocast_dtype", [("fp32", None), ("bf16", torch.bfloat16)])
+def test_the_reward_runs_the_discriminator_in_the_learners_precision(precision: str,
+                                                                      autocast_dtype: torch.dtype | None) -> None:
+    """``learner.precision`` covers the discriminator's forward in the reward as it covers the
+    unroll (:class:`spiral.agent.rewards.RewardFunction` gets the trainer's resolved precision);
+    the rewards themselves stay fp32."""
+    spy = AutocastSpy()
+    rewards, _ = RewardFunction(reward_experiment(RewardConfig()), "cpu", precision)(two_tiny_episodes(), spy)
+    assert spy.autocast_dtype == autocast_dtype and rewards.dtype == torch.float32
+    eager = load_experiment(experiment_path("tiny"), overrides={"learner": {"compile": False}})
+    trainer = PolicyTrainer(eager, build_policy(eager))
+    assert trainer.rewards.precision == trainer.precision

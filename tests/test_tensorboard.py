@@ -154,8 +154,8 @@ def test_an_unwritable_directory_warns_once_and_training_goes_on(cfg, tmp_path: 
     learner = DiscriminatorLearner(cfg, tmp_path, np.zeros((4, SIZE, SIZE, 1), np.uint8), FixedRenders())
     for _ in range(2):
         assert learner.step() is not None
-    assert not learner.board.enabled
-    assert not learner.board.image("samples/grid", np.zeros((4, 4, 3), np.uint8), step=2)
+    assert not learner.recorder.board.enabled
+    assert not learner.recorder.image("samples/grid", np.zeros((4, 4, 3), np.uint8), 2)
     learner.close()
     warnings = [r for r in caplog.records if r.name == "spiral.runtime.tensorboard"]
     assert len(warnings) == 1 and "TensorBoard" in warnings[0].getMessage()

@@ -86,9 +86,9 @@ def test_policy_update_on_a_real_unroll(cfg):
     policy = build_policy(cfg)
     unroll = collect(cfg, policy, batch=4, seed=1)
     trainer = PolicyTrainer(cfg, policy)
-    critic = build_discriminator(cfg).eval()
+    discriminator = build_discriminator(cfg).eval()
     before = parameters(policy)
-    stats = trainer.update(unroll, critic, discriminator_version=3)
+    stats = trainer.update(unroll, discriminator, discriminator_version=3)
     assert isinstance(stats, PolicyUpdateStats)
     for name, value in vars(stats).items():
         assert math.isfinite(value), name
@@ -108,7 +108,7 @@ def test_rewards_sit_at_the_last_step_with_stroke_penalties(cfg):
     policy = build_policy(cfg)
     unroll = collect(cfg, policy, batch=4, seed=2)
     trainer = PolicyTrainer(cfg, policy)
-    rewards, parts = trainer.step_rewards(unroll, None)
+    rewards, parts = trainer.rewards(unroll, None)
     flags = unroll.actions[..., 0]
     starts = (flags == 1) & ~np.concatenate([np.zeros((1, 4), bool), flags[:-1] == 1])
     l2 = ((unroll.final_canvases / 255.0 - unroll.targets / 255.0) ** 2).reshape(4, -1).mean(1)
@@ -128,8 +128,8 @@ def test_l2_shaping_pays_each_step_its_drop_in_error(cfg):
     plain_cfg = eager_tiny(cfg.env.paint.backend, {"reward": {**reward, "l2_shaping": False}})
     policy = build_policy(shaped_cfg)
     unroll = collect(shaped_cfg, policy, batch=4, seed=3)
-    shaped, _ = PolicyTrainer(shaped_cfg, policy).step_rewards(unroll, None)
-    plain, _ = PolicyTrainer(plain_cfg, policy).step_rewards(unroll, None)
+    shaped, _ = PolicyTrainer(shaped_cfg, policy).rewards(unroll, None)
+    plain, _ = PolicyTrainer(plain_cfg, policy).rewards(unroll, None)
     errors = np.stack([((c / 255.0 - unroll.targets / 255.0) ** 2).reshape(4, -1).mean(1) for c in unroll.canvases])
     np.testing.assert_allclose(shaped.numpy(), 2.0 * (errors[:-1] - errors[1:]), atol=1e-5)
     # Same return up to a per-episode constant (the empty canvas's error): same optimal policy.
@@ -331,7 +331,7 @@ def test_discriminator_trainer_state_round_trip(cfg):
     restored = DiscriminatorTrainer(cfg, build_discriminator(cfg))
     restored.load_state_dict(state)
     assert_same_state(restored.optimizer.state_dict(), trainer.optimizer.state_dict())
-    assert_same_state(restored.critic.state_dict(), trainer.critic.state_dict())
+    assert_same_state(restored.discriminator.state_dict(), trainer.discriminator.state_dict())
 
 
 @pytest.mark.slow

@@ -149,13 +149,13 @@ def test_discriminator_state_round_trip(cfg):
     recipient.import_state(state)
     assert recipient.optimizer.param_groups[0]["lr"] == 1e-3  # hyperparameters stay
     recipient.optimizer.param_groups[0]["lr"] = donor.optimizer.param_groups[0]["lr"]
-    assert_same(weights(recipient.critic), weights(donor.critic))
+    assert_same(weights(recipient.discriminator), weights(donor.discriminator))
     # The gradient penalty's random interpolation is not training state: align it for the comparison.
     donor.generator.manual_seed(5)
     recipient.generator.manual_seed(5)
     donor.update(real, fake, real)
     recipient.update(real, fake, real)
-    assert_same(weights(recipient.critic), weights(donor.critic))
+    assert_same(weights(recipient.discriminator), weights(donor.discriminator))
 
 
 # -- the policy learner over gRPC -------------------------------------------------------------------
@@ -194,6 +194,41 @@ def test_learner_training_state_over_grpc(cfg, tmp_path: Path):
         assert refused.value.code == grpc.StatusCode.FAILED_PRECONDITION and "member" in refused.value.details
     finally:
         server.stop(grace=0)
+
+
+def test_the_policy_learner_takes_a_copy_between_two_updates_like_the_discriminator(cfg, tmp_path: Path):
+    donor = PolicyLearner(cfg, tmp_path / "donor", member=1)  # another member: other initial weights
+    donor_version, tensors = donor.export_training_state()
+    learner = PolicyLearner(cfg, tmp_path / "recipient", member=0)
+    assert not all(torch.equal(a, b) for a, b in zip(weights(learner.policy), weights(donor.policy)))
+
+    # Refused at once, naming what does not fit: nothing is queued.
+    missing = {k: v for k, v in tensors.items() if k != next(iter(tensors))}
+    with pytest.raises(ValueError, match="missing 1 policy tensor"):
+        learner.request_copy(missing)
+    with pytest.raises(ValueError, match="learning_rate must be a finite number > 0"):
+        learner.request_copy(tensors, hyperparameters={"learning_rate": -1.0})
+    with pytest.raises(ValueError, match="gamma: not a hyperparameter"):
+        learner.request_copy(None, hyperparameters={"gamma": 0.5})
+    assert learner.pending_copy.request is None
+
+    superseded = learner.request_copy(tensors, donor_version=donor_version, hyperparameters={"learning_rate": 5e-4})
+    copy = learner.request_copy(tensors, donor_version=donor_version,
+                                hyperparameters={"learning_rate": 2e-4, "entropy_cost": 0.03})
+    assert superseded.done.is_set() and not superseded.applied
+    assert not copy.done.is_set() and learner.version == 0  # held until the next update
+    assert learner.step(timeout=0.01) is None  # no batch came, but the copy was applied first
+    assert copy.done.is_set() and copy.applied and copy.version == learner.version == 1
+    assert copy.donor_version == donor_version
+    assert_same(weights(learner.policy), weights(donor.policy))
+    assert learner.hyperparameters == {"learning_rate": 2e-4, "entropy_cost": 0.03}
+    assert learner.fetch(0).version == 1  # published like an update, so actors pick it up
+
+    explore = learner.request_copy(None, hyperparameters={"entropy_cost": 0.0})  # hyperparameters only
+    learner.step(timeout=0.01)
+    assert explore.applied and learner.version == 1 and learner.hyperparameters["entropy_cost"] == 0.0
+    learner.close()
+    donor.close()
 
 
 # -- the discriminator over gRPC ----------------------------------------------------------------------
@@ -248,7 +283,8 @@ def test_discriminator_load_from_copies_the_donor_between_updates(cfg, tmp_path:
     try:
         assert learner.step() is not None
         version = learner.version
-        assert not all(torch.equal(a, b) for a, b in zip(weights(learner.critic), weights(donor_learner.critic)))
+        assert not all(torch.equal(a, b)
+                       for a, b in zip(weights(learner.discriminator), weights(donor_learner.discriminator)))
 
         reply = load_from(server, cfg, donor_address=donor_server.address, donor_member=1, member=0)
         assert reply.donor_version == donor_learner.version == 3
@@ -260,7 +296,7 @@ def test_discriminator_load_from_copies_the_donor_between_updates(cfg, tmp_path:
         assert learner.version == version + 1
         published = learner.published.latest()
         assert published.version == version + 1
-        donor_weights = donor_learner.critic.state_dict()
+        donor_weights = donor_learner.discriminator.state_dict()
         assert published.tensors.keys() == donor_weights.keys()
         for name, value in published.tensors.items():
             assert np.array_equal(value, donor_weights[name].numpy()), name
@@ -273,7 +309,7 @@ def test_discriminator_load_from_copies_the_donor_between_updates(cfg, tmp_path:
         donor_learner.renders = renders
         assert donor_learner.step() is not None and learner.step() is not None
         assert learner.version == version + 2
-        assert_same(weights(learner.critic), weights(donor_learner.critic))
+        assert_same(weights(learner.discriminator), weights(donor_learner.discriminator))
     finally:
         server.stop(grace=0)
 
@@ -335,7 +371,7 @@ def test_discriminator_load_from_refuses_bad_requests(cfg, tmp_path: Path, donor
             load_from(server, cfg, donor_address=nowhere, donor_member=1, member=0)
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE
         assert nowhere in info.value.details() and "cannot reach" in info.value.details()
-        assert learner.version == 0 and learner._pending_copy is None
+        assert learner.version == 0 and learner.pending_copy.request is None
         with pytest.raises(PeerRejected) as rejected:
             request_discriminator_copy(server.address, cfg.services, "", donor_member=1, member=0)
         assert rejected.value.code == grpc.StatusCode.INVALID_ARGUMENT
@@ -352,7 +388,7 @@ def test_request_copy_refuses_a_state_of_another_architecture(cfg, tmp_path: Pat
     other = DiscriminatorTrainer(other_cfg, build_discriminator(other_cfg))
     with pytest.raises(ValueError, match="critic/"):
         learner.request_copy(other.export_state())
-    assert learner._pending_copy is None
+    assert learner.pending_copy.request is None
 
 
 def test_training_state_chunks_round_trip():

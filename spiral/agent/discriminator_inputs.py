@@ -1,10 +1,11 @@
-"""What the critic judges, and how its judgement becomes a reward score.
+"""What the discriminator judges, and how its judgement becomes a reward score.
 
-Both learners use the critic: the discriminator learner trains it on real examples against the
-agent's renders, the policy learner turns its scores into rewards. This module holds the rules
-they must share, so that the critic is trained on exactly the inputs it later scores.
+Both learners use the discriminator: the discriminator learner trains it on real examples
+against the agent's renders, the policy learner turns its scores into rewards
+(:class:`spiral.agent.rewards.RewardFunction`). This module holds the rules they must share, so
+that the discriminator is trained on exactly the inputs it later scores.
 
-**What the critic sees** (:func:`critic_inputs`), by experiment:
+**What the discriminator sees** (:func:`discriminator_inputs`), by experiment:
 
 * unconditional runs: the image alone;
 * conditional runs: the pair ``(image, target)``; the real pair is ``(target, target)``;
@@ -13,10 +14,11 @@ they must share, so that the critic is trained on exactly the inputs it later sc
   itself. Halves are numbered :data:`HALVES`; each episode draws one (:func:`random_halves`)
   and keeps it for all of its canvases, so per-step score differences compare like with like.
 
-**The reward score** (:func:`reward_scores`): what the agent maximises. A WGAN-GP critic's
-output D is a Wasserstein potential and is used as it is; a non-saturating GAN critic
-(``sngan``) outputs a logit, and the score is ``log sigmoid(D)``, the log-probability it gives
-the image of being real (the generator's objective in the non-saturating GAN loss).
+**The reward score** (:func:`reward_scores`): what the agent maximises. A WGAN-GP
+discriminator's output D is a Wasserstein potential (the WGAN paper's "critic") and is used as
+it is; a non-saturating GAN discriminator (``sngan``) outputs a logit, and the score is
+``log sigmoid(D)``, the log-probability it gives the image of being real (the generator's
+objective in the non-saturating GAN loss).
 """
 
 from __future__ import annotations
@@ -64,9 +66,9 @@ def complement_mix(images: torch.Tensor, targets: torch.Tensor, halves: np.ndarr
     return mask * images + (1 - mask) * targets
 
 
-def critic_inputs(cfg: ExperimentConfig, images: torch.Tensor, targets: torch.Tensor | None,
-                  halves: np.ndarray | torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
-    """The arguments with which the experiment's critic scores ``images`` (see the module docstring).
+def discriminator_inputs(cfg: ExperimentConfig, images: torch.Tensor, targets: torch.Tensor | None,
+                         halves: np.ndarray | torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+    """The arguments with which the experiment's discriminator scores ``images`` (see the module docstring).
 
     Args:
         cfg: The experiment (``env.conditional`` and ``discriminator.complement`` decide).
@@ -75,14 +77,14 @@ def critic_inputs(cfg: ExperimentConfig, images: torch.Tensor, targets: torch.Te
         halves: ``[B]`` complement halves (complement runs only).
 
     Returns:
-        ``(images,)`` or ``(images, targets)``: call ``critic(*critic_inputs(...))``.
+        ``(images,)`` or ``(images, targets)``: call ``discriminator(*discriminator_inputs(...))``.
     """
     if not cfg.env.conditional:
         if targets is not None:
-            raise ValueError("an unconditional critic judges images alone: pass no targets")
+            raise ValueError("an unconditional discriminator judges images alone: pass no targets")
         return (images,)
     if targets is None:
-        raise ValueError("the critic of a conditional run needs the images' targets")
+        raise ValueError("the discriminator of a conditional run needs the images' targets")
     if cfg.discriminator.complement:
         if halves is None:
             raise ValueError("the complement discriminator needs each image's half (spiral.agent.discriminator_inputs.random_halves)")
@@ -90,23 +92,24 @@ def critic_inputs(cfg: ExperimentConfig, images: torch.Tensor, targets: torch.Te
     return (images, targets)
 
 
-def reward_scores(critic_outputs: torch.Tensor, cfg: ExperimentConfig) -> torch.Tensor:
-    """The score the agent maximises, from the critic's raw outputs (see the module docstring)."""
+def reward_scores(outputs: torch.Tensor, cfg: ExperimentConfig) -> torch.Tensor:
+    """The score the agent maximises, from the discriminator's raw outputs (see the module docstring)."""
     if cfg.discriminator_learner.objective == "sngan":
-        return F.logsigmoid(critic_outputs)
-    return critic_outputs
+        return F.logsigmoid(outputs)
+    return outputs
 
 
 @torch.no_grad()
-def score_images(critic: torch.nn.Module, cfg: ExperimentConfig, images: np.ndarray, targets: np.ndarray | None,
-                 halves: np.ndarray | None = None, device: str | torch.device = "cpu") -> torch.Tensor:
-    """The critic's raw outputs ``[N]`` (float32, on ``device``) for uint8 ``[N, H, W, C]`` images.
+def score_images(discriminator: torch.nn.Module, cfg: ExperimentConfig, images: np.ndarray,
+                 targets: np.ndarray | None, halves: np.ndarray | None = None,
+                 device: str | torch.device = "cpu") -> torch.Tensor:
+    """The discriminator's raw outputs ``[N]`` (float32, on ``device``) for uint8 ``[N, H, W, C]`` images.
 
     One batched call, without gradients. ``targets`` and ``halves`` are as for
-    :func:`critic_inputs`, one per image.
+    :func:`discriminator_inputs`, one per image.
     """
     from spiral.nets import images_to_tensor  # local: keeps this module free of the nets at import
 
     images_t = images_to_tensor(images).to(device)
     targets_t = None if targets is None else images_to_tensor(targets).to(device)
-    return critic(*critic_inputs(cfg, images_t, targets_t, halves)).float().reshape(len(images))
+    return discriminator(*discriminator_inputs(cfg, images_t, targets_t, halves)).float().reshape(len(images))

@@ -2,11 +2,11 @@
 
 Population-based training's *exploit* step makes a member a copy of a donor: the policy
 learner takes the donor learner's policy weights **and** Adam state, and the member's
-discriminator takes the donor discriminator's critic weights and Adam state. Both travel as
-one flat ``{name: numpy array}`` mapping, the *training state*:
+discriminator takes the donor discriminator's weights and Adam state. Both travel as one flat
+``{name: numpy array}`` mapping, the *training state*:
 
 * ``"<module>/<state_dict name>"``: the network's weights and persistent buffers
-  (``module`` is ``policy`` or ``critic``);
+  (``module`` is ``policy``, or :data:`DISCRIMINATOR_STATE_NAME` for the discriminator);
 * ``"optimizer/<param_index>/<key>"``: the optimiser's per-parameter state, indexed like
   ``torch.optim.Optimizer.state_dict()["state"]`` (the position of the parameter in the
   flattened parameter groups), e.g. ``optimizer/3/step``, ``optimizer/3/exp_avg``,
@@ -21,16 +21,28 @@ gRPC thread, and torch releases the GIL inside ``optimizer.step()``, so an expor
 an update would see half of it. Both learners therefore follow one lock discipline: their
 ``state_lock`` is held across every change of weights, optimiser state and version together
 (an update, a PBT copy), and their ``export_training_state()`` and ``checkpoint()`` read under it.
+
+Applying a copy. Both learners take a copy the same way (:class:`CopyRequest`): the donor's
+state is validated when the request arrives, held (:class:`CopySlot`, one at a time: a newer
+request replaces an older one) and applied at the start of the next update, never during one;
+the learner's version then rises by one and the copy is published like an update.
 """
 
 from __future__ import annotations
 
+import logging
 import re
-from typing import Mapping
+import threading
+from dataclasses import dataclass, field
+from typing import Callable, Mapping
 
 import numpy as np
 import torch
 
+DISCRIMINATOR_STATE_NAME = "critic"
+"""The discriminator's name in its training state (``critic/<name>``) and in its checkpoints'
+trainer state: the name it had when those formats were fixed, kept so that old checkpoints
+load and members of either age copy each other."""
 OPTIMIZER_PREFIX = "optimizer"
 """Name prefix of optimiser-state tensors in a training state."""
 SCALAR_STATE_KEYS = frozenset({"step"})
@@ -38,6 +50,8 @@ SCALAR_STATE_KEYS = frozenset({"step"})
 _OPTIMIZER_NAME = re.compile(r"^optimizer/(?P<index>\d+)/(?P<key>[A-Za-z_][A-Za-z0-9_]*)$")
 
 TrainingState = dict[str, np.ndarray]
+
+log = logging.getLogger(__name__)
 
 
 class TrainingStateError(ValueError):
@@ -176,4 +190,85 @@ def import_training_state(tensors: Mapping[str, np.ndarray], module_prefix: str,
     optimizer.load_state_dict({"state": optimizer_state, "param_groups": groups})
 
 
-# -- a consistent snapshot from a live learner ------------------------------------------------------
+# -- a PBT copy, applied by a live learner between two updates --------------------------------------
+
+
+@dataclass
+class CopyRequest:
+    """A PBT exploit's instruction to a learner: become a copy of a donor before the next update.
+
+    Attributes:
+        tensors: The donor's training state (validated by the learner on arrival), or None to
+            change the hyperparameters only.
+        donor_version: The donor's parameter version the state was taken at (-1: not known).
+        hyperparameters: Hyperparameters to set with it (the policy learner's ``learning_rate``
+            and ``entropy_cost``: PBT's explore); empty: keep them.
+        done: Set once the request was applied, or replaced by a newer one before that.
+        applied: Whether it was applied (False if superseded or if applying it failed).
+        version: The learner's version right after applying it (-1 before).
+    """
+
+    tensors: TrainingState | None
+    donor_version: int = -1
+    hyperparameters: dict[str, float] = field(default_factory=dict)
+    done: threading.Event = field(default_factory=threading.Event)
+    applied: bool = False
+    version: int = -1
+
+    def finish(self, version: int | None) -> None:
+        """Mark the request done: applied, the learner now at ``version``; or (None) not applied."""
+        if version is not None:
+            self.version, self.applied = int(version), True
+        self.done.set()
+
+
+class CopySlot:
+    """The one copy a learner holds until its next update.
+
+    A newer request replaces one not yet applied, whose ``done`` is then set with ``applied``
+    False. Thread-safe: requests arrive on gRPC threads, the update loop takes them.
+    """
+
+    def __init__(self) -> None:
+        self._request: CopyRequest | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def request(self) -> CopyRequest | None:
+        """The request waiting to be applied, if any."""
+        with self._lock:
+            return self._request
+
+    def put(self, request: CopyRequest) -> CopyRequest:
+        """Hold ``request`` (replacing a waiting one) and return it."""
+        with self._lock:
+            previous, self._request = self._request, request
+        if previous is not None:
+            previous.finish(None)
+        return request
+
+    def take(self) -> CopyRequest | None:
+        """The waiting request, now the caller's to apply (None if there is none)."""
+        with self._lock:
+            request, self._request = self._request, None
+        return request
+
+    def apply_waiting(self, apply: Callable[[CopyRequest], int]) -> CopyRequest | None:
+        """Apply the waiting request, if any, and mark it done; return it once applied.
+
+        Args:
+            apply: Applies a request to the learner (under its ``state_lock``) and returns the
+                learner's version after it. A ``ValueError`` it raises is logged and leaves the
+                request done but not applied (None is returned).
+        """
+        request = self.take()
+        if request is None:
+            return None
+        try:
+            version = apply(request)
+        except ValueError:
+            log.exception("could not apply the PBT copy of donor version %d", request.donor_version)
+            request.finish(None)
+            return None
+        request.finish(version)
+        return request

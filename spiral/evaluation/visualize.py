@@ -7,8 +7,6 @@ JSON-lines logs the learners write.
 
 from __future__ import annotations
 
-import math
-
 import json
 from pathlib import Path
 
@@ -75,8 +73,3 @@ def plot_curves(jsonl_path: str | Path, keys: list[str], out_path: str | Path, x
     fig.savefig(out, dpi=90)
     plt.close(fig)
     return out
-
-
-def json_safe(record: dict[str, float]) -> dict[str, float | None]:
-    """``record`` with NaN and infinities as None, so a JSON-lines log stays standard JSON."""
-    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}

@@ -1,4 +1,4 @@
-"""The standard (non-saturating) GAN discriminator loss, used with a spectrally normalised critic.
+"""The standard (non-saturating) GAN discriminator loss, used with a spectrally normalised discriminator.
 
 SPIRAL++ (Mellor et al. 2019) replaces WGAN-GP by a spectrally normalised discriminator D that
 outputs a logit and is trained as a classifier of real against rendered images::
@@ -17,6 +17,6 @@ import torch
 import torch.nn.functional as F
 
 
-def nonsaturating_critic_loss(d_real: torch.Tensor, d_fake: torch.Tensor) -> torch.Tensor:
+def nonsaturating_discriminator_loss(d_real: torch.Tensor, d_fake: torch.Tensor) -> torch.Tensor:
     """``mean(softplus(-D(real))) + mean(softplus(D(fake)))`` of logits ``[B]``."""
     return F.softplus(-d_real).mean() + F.softplus(d_fake).mean()
