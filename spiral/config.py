@@ -217,6 +217,14 @@ class PolicyConfig:
     vector, which a small core (the CPU profile's 64) carries poorly. Zero-initialised, so an
     untrained policy acts exactly as without it."""
 
+    location_features: bool = False
+    """Not in the paper: after a location head picks a cell, the encoder's features at that cell
+    (its 8x8 map resampled to the head's grid, as for ``location_skip``) are added, through a
+    zero-initialised Linear, to the vector the later heads read. What to draw there (a scene
+    object's shape, size and colour) can then be read off the chosen spot instead of being
+    carried for every spot through the core vector. An untrained policy acts exactly as
+    without it."""
+
     def validate(self, path: str) -> None:
         for name in ("conv_channels", "action_embed_dim", "core_dim"):
             _require(getattr(self, name) >= 1, f"{path}.{name}", "must be >= 1")

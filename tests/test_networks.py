@@ -39,6 +39,8 @@ VARIANTS = {
     "tiny-location-skip": lambda: with_policy(tiny(), location_skip=True),
     "paper-paint": lambda: ExperimentConfig(),
     "scene": lambda: load_experiment("experiments/mujoco.yaml"),
+    "scene-location-features": lambda: with_policy(load_experiment("experiments/mujoco.yaml"), location_skip=True,
+                                                   location_features=True),
 }
 
 
@@ -149,6 +151,35 @@ def test_location_skip_starts_as_the_policy_without_it_then_reads_the_encoder_ma
     torch.testing.assert_close(changed[0], before[0])  # flag has no shortcut
     for k in (1, 2):
         assert changed[k].shape == (3, grid_size * grid_size)
+        assert not torch.allclose(changed[k], before[k])
+
+
+def scenes(grid_size: int) -> ExperimentConfig:
+    return load_experiment("experiments/tiny-mujoco.yaml", overrides={"env": {"mujoco": {"grid_size": grid_size}}})
+
+
+@pytest.mark.parametrize("grid_size", [4, 8, 16])
+def test_location_features_start_as_the_policy_without_them_then_feed_the_heads_after_the_location(
+        grid_size: int) -> None:
+    base = scenes(grid_size)
+    plain = build_policy(with_policy(base, location_features=False))
+    cfg = with_policy(base, location_features=True)
+    featured = build_policy(cfg)
+    missing, unexpected = featured.load_state_dict(plain.state_dict(), strict=False)
+    assert sorted(missing) == ["location_feature_projections.1.bias", "location_feature_projections.1.weight"]
+    assert not unexpected
+    inputs, actions = random_inputs(cfg, (3,)), random_actions(cfg, (3,))
+    with torch.no_grad():
+        before = plain.head_logits(inputs, plain.initial_state(3), actions)
+        same = featured.head_logits(inputs, featured.initial_state(3), actions)
+        for a, b in zip(before, same):
+            torch.testing.assert_close(a, b)  # zero-initialised: acts exactly as without them
+        for parameter in featured.location_feature_projections.parameters():
+            parameter.normal_()
+        changed = featured.head_logits(inputs, featured.initial_state(3), actions)
+    for k in (0, 1):  # flag and location come before the features
+        torch.testing.assert_close(changed[k], before[k])
+    for k in range(2, len(before)):  # shape, size and colours read the chosen cell's features
         assert not torch.allclose(changed[k], before[k])
 
 

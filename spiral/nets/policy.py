@@ -20,7 +20,10 @@ The architecture follows DeepMind's released ``spiral/agents/default.py``:
 
 With ``policy.location_skip`` (not in DeepMind's agent) each location head also adds a 1x1
 conv of the encoder's 8x8 map, resampled to its grid, to its logits: a spatial shortcut that
-lets "paint where the target has ink" skip the LSTM's flat bottleneck.
+lets "paint where the target has ink" skip the LSTM's flat bottleneck. With
+``policy.location_features`` (not in DeepMind's agent either) the encoder's features at the
+chosen cell are folded into the vector the later heads read, so that "what is there" (a scene
+object's colour, say) reaches the colour heads without passing through the core vector.
 
 The sampled ``flag`` decides which heads matter (:meth:`ActionSpec.masks_for`): a move ignores
 size, pressure and colour. Every head is still sampled (the environment needs a full action
@@ -202,6 +205,15 @@ class SpiralPolicy(nn.Module):
                     skip = nn.Conv2d(ch, 1, 1, bias=False)
                     nn.init.zeros_(skip.weight)
                     self.location_skips[str(k)] = skip
+        # Optional: the encoder's features at a chosen cell, for the heads after a location head.
+        self.location_feature_projections = nn.ModuleDict()
+        if config.location_features:
+            for k, head in enumerate(spec.heads[:-1]):
+                if head.spatial:
+                    projection = nn.Linear(ch, config.core_dim)
+                    nn.init.zeros_(projection.weight)
+                    nn.init.zeros_(projection.bias)
+                    self.location_feature_projections[str(k)] = projection
         # The last head's choice feeds nothing, so it has no embedding or residual MLP.
         self.action_embeds = nn.ModuleList(nn.Linear(self._encoding_width(k), config.action_embed_dim)
                                            for k in range(spec.num_heads - 1))
@@ -277,6 +289,21 @@ class SpiralPolicy(nn.Module):
             logits = F.adaptive_avg_pool2d(logits, grid)
         return logits.flatten(1)
 
+    def _features_at(self, k: int, encoded: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """The encoder's features ``[N, C]`` at the cells ``values`` of location head ``k``'s grid.
+
+        The 8x8 map is resampled to the grid as :meth:`_skip_logits` does: averaged over blocks
+        for a coarser grid, the nearest cell for a finer one.
+        """
+        grid = self.spec.heads[k].grid_size
+        rows, cols = values // grid, values % grid
+        if grid <= ENCODED_SIZE:
+            feature_map = F.adaptive_avg_pool2d(encoded, grid) if grid < ENCODED_SIZE else encoded
+        else:
+            feature_map = encoded
+            rows, cols = rows * ENCODED_SIZE // grid, cols * ENCODED_SIZE // grid
+        return feature_map[torch.arange(values.shape[0], device=values.device), :, rows, cols]
+
     def _heads(self, z: torch.Tensor, encoded: torch.Tensor, actions: torch.Tensor | None,
                generator: torch.Generator | None, greedy: bool = False) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Run the heads in order; sample each (``actions`` None) or take the given value.
@@ -313,6 +340,8 @@ class SpiralPolicy(nn.Module):
             if k < last:
                 embedded = self.action_embeds[k](self._encode_action(k, value))
                 z = F.relu(z + self.residual_mlps[k](torch.cat([z, embedded], dim=1)))
+                if str(k) in self.location_feature_projections:
+                    z = F.relu(z + self.location_feature_projections[str(k)](self._features_at(k, encoded, value)))
         return logits_list, torch.stack(chosen, dim=1)
 
     def _score(self, logits_list: list[torch.Tensor],
