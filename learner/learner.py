@@ -89,17 +89,10 @@ class PolicyLearner:
         discriminator_source: Where discriminator parameters come from (None: reward without
             the discriminator's term).
         device: Torch device for updates.
-        critic_source: The former name of ``discriminator_source``, accepted until every caller
-            passes the new one (``spiral.commands.local`` still does); not both.
     """
 
     def __init__(self, cfg: ExperimentConfig, run_dir: Path, member: int = 0,
-                 discriminator_source: ParameterSource | None = None, device: str = "cpu", *,
-                 critic_source: ParameterSource | None = None) -> None:
-        if critic_source is not None:
-            if discriminator_source is not None:
-                raise ValueError("pass discriminator_source alone (critic_source is its former name)")
-            discriminator_source = critic_source
+                 discriminator_source: ParameterSource | None = None, device: str = "cpu") -> None:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.checkpoint_dir = self.run_dir / "learner"

@@ -75,7 +75,7 @@ class LocalSystem:
         self.renders = LocalRenders(self.table)
         self.discriminator = DiscriminatorLearner(cfg, self.run_dir, dataset.images, self.renders, device=device,
                                                   seed=discriminator_seed(cfg.seed, 0))
-        self.learner = PolicyLearner(cfg, self.run_dir, critic_source=self.discriminator.published, device=device)
+        self.learner = PolicyLearner(cfg, self.run_dir, discriminator_source=self.discriminator.published, device=device)
         targets = dataset.images if cfg.env.conditional else None
         self.actors: list[Actor] = []
         for index in range(num_actors):
