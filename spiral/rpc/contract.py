@@ -8,7 +8,8 @@ send each other or load from each other:
 * the action space (``env.kind``, the paint grid, brush sizes, pressure and colour heads, or
   the MuJoCo grid, sizes and colour bins), which fixes the unrolls' action heads;
 * the image size and channels (``env.paint.canvas_size`` / ``env.mujoco.image_size``,
-  ``env.paint.use_color``), which fix renders, targets and the networks' inputs;
+  ``env.paint.use_color``), which fix renders, targets and the networks' inputs, and the scene
+  camera (``env.mujoco.camera_pitch_degrees``, ``frame_grid``), which fixes what a scene looks like;
 * the episode length, the conditional mode and the noise size, which fix an unroll's shape;
 * the policy's architecture (every ``policy`` field but ``fp32_heads``, which changes
   arithmetic, not parameters), whose parameters the actors load from the learner;
@@ -45,7 +46,7 @@ Contract = Mapping[str, Any]
 """``{dotted field: plain value}``, e.g. ``{"env.paint.grid_size": 8, ...}``."""
 
 _PAINT_FIELDS = ("canvas_size", "grid_size", "brush_sizes", "use_color", "use_pressure")
-_SCENE_FIELDS = ("image_size", "grid_size", "num_sizes", "color_bins")
+_SCENE_FIELDS = ("image_size", "grid_size", "num_sizes", "color_bins", "camera_pitch_degrees", "frame_grid")
 _POLICY_ARITHMETIC_ONLY = frozenset({"fp32_heads"})
 
 
