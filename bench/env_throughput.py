@@ -134,8 +134,11 @@ def inprocess_training_rate(cfg: ExperimentConfig, num_envs: int, seconds: float
 
 def system_actor_rate(config_path: Path, num_actors: int, seconds: float, warmup: float) -> dict[str, float]:
     """Frames/s summed over the actors of a real one-machine system (after ``warmup`` seconds),
-    started as ``spiral up`` starts it (:func:`spiral.commands.up.plan_layout`, :class:`spiral.commands.up.Supervisor`)."""
-    from spiral.commands.up import Supervisor, plan_layout, scrape
+    started as ``spiral up`` starts it (:func:`spiral.commands.layout.plan_layout`,
+    :class:`spiral.commands.supervisor.Supervisor`)."""
+    from spiral.commands.layout import plan_layout
+    from spiral.commands.status import scrape
+    from spiral.commands.supervisor import Supervisor
 
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(tmp) / "run"

@@ -40,7 +40,7 @@ from spiral.runtime.snapshot import ParameterSnapshot
 from spiral.rpc.client import make_channel
 from spiral.rpc.messages import UnrollExpectation, decode_unroll, encode_unroll
 from spiral.rpc.parameters import fetch_parameters
-from spiral.commands.up import free_port
+from spiral.commands.layout import free_port
 from spiral.v1 import learner_pb2_grpc
 
 

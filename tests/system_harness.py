@@ -1,7 +1,7 @@
 """Real multi-process systems for tests: write a config, start services, wait, scrape metrics.
 
 Everything here runs the real ``spiral ROLE`` entry points as separate processes on loopback
-(through :class:`spiral.commands.up.Supervisor`, the same supervisor ``spiral up`` uses), so the tests
+(through :class:`spiral.commands.supervisor.Supervisor`, the same supervisor ``spiral up`` uses), so the tests
 exercise exactly what a user runs.
 """
 
@@ -14,7 +14,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from spiral.config import dump_experiment, experiment_path, load_experiment
-from spiral.commands.up import Layout, Supervisor, plan_layout, scrape
+from spiral.commands.layout import Layout, plan_layout
+from spiral.commands.status import scrape
+from spiral.commands.supervisor import Supervisor
 
 FAST_SYSTEM = {
     # Eager: each test's run directory would compile the unroll afresh (~44 s cold on 2 cores);

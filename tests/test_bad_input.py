@@ -31,7 +31,8 @@ from spiral.rpc.contract import declare_process_contract
 from spiral.rpc.messages import encode_unroll
 from spiral.rpc.parameters import fetch_parameters
 from spiral.rpc.peers import PeerRejected, RemoteRenderSink
-from spiral.commands.up import free_port, scrape
+from spiral.commands.layout import free_port
+from spiral.commands.status import scrape
 from spiral.v1 import learner_pb2, learner_pb2_grpc
 from system_harness import write_config
 

@@ -21,7 +21,8 @@ import pytest
 
 from spiral.config import load_experiment
 from spiral.runtime.guarded_loop import FAULT_ENV, FaultSpec, GuardedLoop, InjectedFault, Watchdog
-from spiral.commands.up import Layout, Supervisor, free_port, plan_layout
+from spiral.commands.layout import Layout, free_port, plan_layout
+from spiral.commands.supervisor import Supervisor
 from system_harness import grpc_health, http_get, write_config
 
 

@@ -21,7 +21,7 @@ import uuid
 
 import pytest
 
-from spiral.commands.up import free_port
+from spiral.commands.layout import free_port
 from system_harness import grpc_health, http_get
 
 IMAGE = os.environ.get("SPIRAL_IMAGE", "spiral:0.1.0-cpu")

@@ -28,7 +28,7 @@ from typing import Callable
 import pytest
 
 from manifest_containers import ManifestCluster, docker, render
-from spiral.commands.up import scrape
+from spiral.commands.status import scrape
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGE = os.environ.get("SPIRAL_IMAGE", "spiral:0.1.0-cpu")

@@ -33,7 +33,7 @@ from spiral.rpc.peers import PeerRejected, RemoteRenderSink
 from spiral.rpc.publish import ParameterPublisher
 from spiral.rpc.server import build_server
 from spiral.runtime.service_options import add_service_arguments, parse_switch, resolve_service_options
-from spiral.commands.up import plan_layout
+from spiral.commands.layout import plan_layout
 from spiral.v1 import parameters_pb2, pbt_pb2
 
 SHAPE = (8, 8, 1)

@@ -27,7 +27,7 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 PODMONITOR = REPO / "deploy" / "components" / "monitoring" / "podmonitor.yaml"
 
-from spiral.commands.up import free_port
+from spiral.commands.layout import free_port
 from system_harness import write_config
 
 pytestmark = [pytest.mark.slow,

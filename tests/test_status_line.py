@@ -1,13 +1,13 @@
 """``spiral up``'s status line: counters are system totals, per-member gauges are not summed.
 
-Pure logic on hand-made snapshots (what :func:`spiral.commands.up.take_snapshot` scrapes): with a
+Pure logic on hand-made snapshots (what :func:`spiral.commands.status.take_snapshot` scrapes): with a
 population of K members the reward and the reconstruction L2 are each member's own gauges, so
 the line shows their mean over members and the best member, never K times one member's value.
 """
 
 from __future__ import annotations
 
-from spiral.commands.up import StatusSnapshot, format_status
+from spiral.commands.status import StatusSnapshot, format_status
 
 
 def snapshot(time: float, members: dict[int, dict[str, float]], steps: float) -> StatusSnapshot:
