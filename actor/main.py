@@ -25,21 +25,18 @@ import threading
 import time
 from typing import Callable
 
-import grpc
-
 from actor.actor import Actor, ActorPeers
 from spiral.agent.acting import EpisodeRunner
 from spiral.config import ExperimentConfig
 from spiral.envs import action_spec_for, make_env
 from spiral.runtime.guarded_loop import GuardedLoop
 from spiral.nets import build_policy
-from spiral.rpc.client import TRANSIENT_CODES, make_channel
+from spiral.rpc.client import TRANSIENT_CODES
 from spiral.rpc.contract import declare_process_contract
-from spiral.rpc.peers import RemoteParameterSource, RemoteRenderSink, RemoteUnrollSink
+from spiral.rpc.peers import PeerError, RemotePBTController, RemoteParameterSource, RemoteRenderSink, RemoteUnrollSink
 from spiral.runtime.seeding import actor_seed
 from spiral.runtime.service_options import ServiceOptions, add_service_arguments, resolve_service_options
 from spiral.runtime.service_runtime import start_process
-from spiral.v1 import pbt_pb2, pbt_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -79,12 +76,10 @@ class MemberAssigner:
 
     def __init__(self, address: str, cfg: ExperimentConfig, actor_id: str,
                  connect: Callable[[int, str, str], ActorPeers]) -> None:
-        self.channel = make_channel(address, cfg.services)
-        self.stub = pbt_pb2_grpc.PBTControllerStub(self.channel)
+        self.controller = RemotePBTController(address, cfg.services, call_timeout=cfg.services.call_timeout_seconds)
         self.actor_id = actor_id
         self.connect = connect
         self.heartbeat = cfg.pbt.actor_heartbeat_seconds
-        self.call_timeout = cfg.services.call_timeout_seconds
         self.member: int | None = None
         self._addresses: tuple[str, str] | None = None
         self._next = 0.0
@@ -95,11 +90,9 @@ class MemberAssigner:
         if now < self._next:
             return self.member is not None
         try:
-            assignment = self.stub.AssignActor(pbt_pb2.AssignRequest(
-                actor_id=self.actor_id, previous_member=-1 if self.member is None else self.member),
-                timeout=self.call_timeout)
-        except grpc.RpcError as error:
-            log.warning("PBT controller: %s %s; %s", error.code().name, error.details(),
+            assignment = self.controller.assign_actor(self.actor_id, self.member)
+        except PeerError as error:
+            log.warning("PBT controller: %s; %s", error,
                         "retrying" if self.member is None else f"staying with member {self.member}")
             self._next = now + (2.0 if self.member is None else self.heartbeat)
             return self.member is not None
@@ -112,7 +105,7 @@ class MemberAssigner:
         return True
 
     def close(self) -> None:
-        self.channel.close()
+        self.controller.close()
 
 
 def build_actor(opts: ServiceOptions, stop: threading.Event) -> Actor:

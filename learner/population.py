@@ -42,7 +42,6 @@ import threading
 from pathlib import Path
 from typing import Callable
 
-import grpc
 import numpy as np
 import torch
 
@@ -52,10 +51,9 @@ from spiral.runtime.checkpoint import latest_checkpoint, load_checkpoint
 from spiral.config import ExperimentConfig, ServicesConfig
 from spiral.evaluation.reconstruction import reconstruct
 from spiral.nets import build_discriminator, images_to_tensor
-from spiral.rpc.client import make_channel
-from spiral.rpc.peers import PeerError
+from spiral.rpc.peers import PeerError, RemotePBTController
 from spiral.rpc.training_state import fetch_training_state, request_discriminator_copy
-from spiral.v1 import pbt_pb2, pbt_pb2_grpc
+from spiral.v1 import pbt_pb2
 
 log = logging.getLogger(__name__)
 
@@ -164,9 +162,8 @@ class PopulationMember:
         self.member = member
         self.fitness = fitness
         self.every = cfg.pbt.report_every_updates
-        self.report_timeout = cfg.services.call_timeout_seconds
-        self.channel = make_channel(pbt_address, cfg.services)
-        self.stub = pbt_pb2_grpc.PBTControllerStub(self.channel)
+        self.controller = RemotePBTController(pbt_address, cfg.services,
+                                              call_timeout=cfg.services.call_timeout_seconds)
         self.copy_discriminator: Callable[[str, int], object] = functools.partial(
             self._request_discriminator_copy, cfg.services.discriminator_address, cfg.services)
         """``(donor_address, donor_member)``: tell this member's discriminator to copy the donor's."""
@@ -183,7 +180,7 @@ class PopulationMember:
                                           timeout=services.copy_timeout_seconds)
 
     def close(self) -> None:
-        self.channel.close()
+        self.controller.close()
 
     def maybe_report(self, stop: threading.Event | None = None) -> None:
         """Report if due (first at update 0, so the member starts with its sampled hyperparameters)."""
@@ -191,15 +188,13 @@ class PopulationMember:
             return
         learner = self.learner
         self.last_fitness = float(self.fitness(learner))
-        report = pbt_pb2.FitnessReport(member=self.member, policy_version=learner.version, updates=learner.updates,
-                                       fitness=self.last_fitness if math.isfinite(self.last_fitness) else -1e9,
-                                       hyperparameters=learner.hyperparameters,
-                                       exploit_failed=self._failed_donor is not None,
-                                       failed_donor=self._failed_donor if self._failed_donor is not None else 0)
         try:
-            directive = self.stub.Report(report, timeout=self.report_timeout)
-        except grpc.RpcError as error:
-            log.warning("PBT controller unreachable (%s); training on, next try in 5 updates", error.code().name)
+            directive = self.controller.report(
+                self.member, updates=learner.updates, policy_version=learner.version,
+                fitness=self.last_fitness if math.isfinite(self.last_fitness) else -1e9,
+                hyperparameters=learner.hyperparameters, failed_donor=self._failed_donor)
+        except PeerError as error:
+            log.warning("PBT controller: %s; training on, next try in 5 updates", error)
             self._next_report = learner.updates + min(5, self.every)
             return
         self._next_report = learner.updates + self.every

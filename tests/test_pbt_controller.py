@@ -393,3 +393,47 @@ def test_a_member_whose_donor_is_unreachable_keeps_training_and_tells_the_contro
     finally:
         member.close()
         r.close()
+
+
+def test_the_remote_controller_peer_reports_and_assigns_actors(running: Running) -> None:
+    from spiral.rpc.peers import RemotePBTController
+
+    sampled = {m.member: dict(m.hyperparameters) for m in running.population()}
+    with RemotePBTController(running.server.address, ServicesConfig()) as controller:
+        directive = controller.report(2, updates=5, policy_version=5, fitness=-0.25, hyperparameters=DEFAULT_HP)
+        assert directive.action == pbt_pb2.Directive.CONTINUE
+        assert dict(directive.hyperparameters) == pytest.approx(sampled[2])
+        status = {m.member: m for m in running.population()}[2]
+        assert status.reported and status.fitness == -0.25 and status.updates == 5
+        first = controller.assign_actor("a0", None)
+        assert 0 <= first.member < 4 and first.learner_address == f"learner-{first.member}:1"
+        assert first.replay_address == f"replay-{first.member}:3"
+        assert controller.assign_actor("a0", first.member).member == first.member, "a heartbeat keeps its member"
+
+
+def test_a_failed_exploit_reaches_the_controller_through_the_peer(running: Running) -> None:
+    from spiral.rpc.peers import RemotePBTController
+
+    with RemotePBTController(running.server.address, ServicesConfig()) as controller:
+        controller.report(1, updates=5, policy_version=5, fitness=0.0, hyperparameters=DEFAULT_HP, failed_donor=3)
+    events = [(e["event"], e["member"], e.get("donor")) for e in running.controller.store.lineage()]
+    assert ("exploit_failed", 1, 3) in events
+
+
+def test_the_remote_controller_peer_raises_typed_errors_and_never_retries(running: Running) -> None:
+    from spiral.rpc.peers import PeerRejected, PeerUnavailable, RemotePBTController
+
+    with RemotePBTController(running.server.address, ServicesConfig()) as controller:
+        with pytest.raises(PeerRejected, match="member"):
+            controller.report(7, updates=5, policy_version=5, fitness=0.0, hyperparameters=DEFAULT_HP)
+        with pytest.raises(PeerRejected):
+            controller.assign_actor("", None)
+    assert not any(m.reported for m in running.population())
+    retries_before = metric("spiral_actor_rpc_retries_total", member="0", peer="pbt-controller")
+    down = RemotePBTController(f"127.0.0.1:{free_port()}", ServicesConfig(), call_timeout=5.0,
+                               retry_labels=("0", "pbt-controller"))
+    with down, pytest.raises(PeerUnavailable) as info:
+        down.report(0, updates=0, policy_version=0, fitness=0.0, hyperparameters=DEFAULT_HP)
+    assert info.value.code == grpc.StatusCode.UNAVAILABLE and info.value.method == "Report"
+    assert metric("spiral_actor_rpc_retries_total", member="0", peer="pbt-controller") == retries_before, \
+        "a controller that is down fails the call once; the caller asks again at its next turn"

@@ -13,12 +13,16 @@ across the network (the classes here). Each class owns one channel to one addres
 * :class:`RemoteRenderSink`: ``Insert`` (client stream) of the replay buffer.
 * :class:`RemoteRenderSampler`: ``Sample`` of the replay buffer; None while the buffer's rate
   limiter does not allow a batch (too few items, or the samples-per-insert ratio reached).
+* :class:`RemotePBTController`: ``Report`` (a learner's fitness, answered with a directive)
+  and ``AssignActor`` (which member an actor serves) of the PBT controller.
 
 Failure policy: each method makes one call with a deadline. A peer that is briefly
 unreachable (``UNAVAILABLE``: starting, restarting, connection reset) is retried with backoff
 and jitter for at most ``unavailable_retry_seconds``; anything longer is the caller's business
 (the actor loop decides whether to drop or retry), so no method blocks longer than about
-``call_timeout + unavailable_retry_seconds``. Failures are raised as:
+``call_timeout + unavailable_retry_seconds``. The PBT controller is the exception: its callers ask
+it on their own schedule and carry on without it, so its calls are made once, not retried.
+Failures are raised as:
 
 * :class:`PeerRejected` (``INVALID_ARGUMENT``, ``FAILED_PRECONDITION``, or ``RESOURCE_EXHAUSTED``
   from gRPC's message-size limit): the message was refused; resending it will not help. ``error.stale`` is True for ``FAILED_PRECONDITION``
@@ -43,7 +47,7 @@ import logging
 import threading
 import time
 import uuid
-from typing import Any, Callable, Literal, Sequence, TypeVar
+from typing import Any, Callable, Literal, Mapping, Sequence, TypeVar
 
 import grpc
 import numpy as np
@@ -56,7 +60,8 @@ from spiral.rpc.messages import ImageShape, decode_sample_response, encode_inser
 from spiral.rpc.parameters import fetch_parameters
 from spiral.core import PeerFailure, Refused, Unavailable
 from spiral.agent.trajectory import Unroll
-from spiral.v1 import discriminator_pb2_grpc, learner_pb2, learner_pb2_grpc, replay_pb2, replay_pb2_grpc
+from spiral.v1 import (discriminator_pb2_grpc, learner_pb2, learner_pb2_grpc, pbt_pb2, pbt_pb2_grpc, replay_pb2,
+                       replay_pb2_grpc)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -372,3 +377,77 @@ class RemoteRenderSampler(_Peer):
     def info(self) -> replay_pb2.InfoResponse:
         """The buffer's size, limits and counters."""
         return self._call("Info", lambda timeout: self._stub.Info(replay_pb2.InfoRequest(), timeout=timeout))
+
+
+class RemotePBTController(_Peer):
+    """The PBT controller (``spiral.v1.PBTController``) as a population's learners and actors call it.
+
+    Both callers ask on their own schedule and carry on without an answer: a learner reports
+    every ``pbt.report_every_updates`` updates and trains on when the controller is down, an
+    actor asks which member to serve every ``pbt.actor_heartbeat_seconds`` and keeps its member
+    meanwhile. So by default each call is made once (no status is retried): a controller that
+    is down fails it at once with :class:`PeerUnavailable`, and the caller tries again at its
+    next turn instead of holding up its training or acting loop.
+
+    Args:
+        address: ``host:port`` of the PBT controller.
+        services_cfg: Message limit and TLS files.
+        call_timeout: Deadline of one call, seconds.
+        unavailable_retry_seconds: How long a retried status is retried within one call (only
+            with ``retry_codes``).
+        server_name: Name to verify in the server's TLS certificate instead of the host.
+        retry: ``retry_codes`` (default: none, one attempt), ``retry_labels`` and ``stop``, as
+            :class:`RemoteParameterSource`.
+    """
+
+    def __init__(self, address: str, services_cfg: ServicesConfig, *, call_timeout: float = 10.0,
+                 unavailable_retry_seconds: float = 0.0, server_name: str | None = None,
+                 retry_codes: frozenset[grpc.StatusCode] = frozenset(), **retry: Any) -> None:
+        super().__init__(address, services_cfg, call_timeout, unavailable_retry_seconds, server_name,
+                         retry_codes=retry_codes, **retry)
+        self._stub = pbt_pb2_grpc.PBTControllerStub(self.channel)
+
+    def report(self, member: int, *, updates: int, policy_version: int, fitness: float,
+               hyperparameters: Mapping[str, float], failed_donor: int | None = None) -> pbt_pb2.Directive:
+        """Report a member's fitness; the answer says whether to train on or copy a donor.
+
+        Args:
+            member: The reporting member.
+            updates: Its updates so far.
+            policy_version: Its policy parameter version when the fitness was measured.
+            fitness: Higher is better.
+            hyperparameters: The hyperparameters it trains with.
+            failed_donor: The donor of the last EXPLOIT directive the member could not carry out
+                (it kept its own weights and hyperparameters), None when there was none.
+
+        Returns:
+            The controller's :class:`~spiral.v1.pbt_pb2.Directive` (CONTINUE or EXPLOIT).
+
+        Raises:
+            PeerRejected: The report was refused (e.g. a member outside the population).
+            PeerUnavailable / PeerError: The controller is down, too slow, or failed.
+        """
+        message = pbt_pb2.FitnessReport(member=int(member), updates=int(updates), policy_version=int(policy_version),
+                                        fitness=float(fitness), hyperparameters=dict(hyperparameters),
+                                        exploit_failed=failed_donor is not None,
+                                        failed_donor=0 if failed_donor is None else int(failed_donor))
+        return self._call("Report", lambda timeout: self._stub.Report(message, timeout=timeout))
+
+    def assign_actor(self, actor_id: str, previous_member: int | None) -> pbt_pb2.Assignment:
+        """Which member ``actor_id`` should serve (asked at start and then as a heartbeat).
+
+        Args:
+            actor_id: The asking actor.
+            previous_member: The member it served so far (None: none yet), so an assignment
+                stays put across heartbeats and restarts.
+
+        Returns:
+            The :class:`~spiral.v1.pbt_pb2.Assignment`: the member and its services' addresses.
+
+        Raises:
+            PeerRejected: The request was refused (e.g. no member addresses known yet).
+            PeerUnavailable / PeerError: The controller is down, too slow, or failed.
+        """
+        message = pbt_pb2.AssignRequest(actor_id=actor_id,
+                                        previous_member=-1 if previous_member is None else int(previous_member))
+        return self._call("AssignActor", lambda timeout: self._stub.AssignActor(message, timeout=timeout))
