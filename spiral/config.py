@@ -79,6 +79,10 @@ class PaintConfig:
     """Brush radii the ``size`` head chooses from; one value drops the head."""
     use_color: bool = False
     """Adds the ``red``/``green``/``blue`` heads (20 values each); otherwise strokes are black."""
+    gray_levels: int = 0
+    """Adds a ``gray`` head with this many ink levels, ``linspace(0, 1, gray_levels)`` from black
+    to white, on the one-channel canvas (grey images such as faces: one head instead of three
+    that would have to learn R = G = B). 0: no head, black strokes. Not with ``use_color``."""
     use_pressure: bool = True
     """Adds the ``pressure`` head (10 values in [0.1, 1]); otherwise pressure is 1."""
     brushes_dir: str = "/usr/share/mypaint-data/1.0/brushes"
@@ -90,6 +94,11 @@ class PaintConfig:
         _require(self.grid_size <= self.canvas_size, f"{path}.grid_size", "must be <= canvas_size")
         _require(len(self.brush_sizes) >= 1, f"{path}.brush_sizes", "needs at least one size")
         _require(all(s > 0 for s in self.brush_sizes), f"{path}.brush_sizes", "sizes must be > 0")
+        _require(self.gray_levels >= 0, f"{path}.gray_levels", "must be >= 0")
+        _require(self.gray_levels != 1, f"{path}.gray_levels",
+                 "must be 0 (black strokes) or >= 2 (one level would always be black)")
+        _require(not (self.gray_levels and self.use_color), f"{path}.gray_levels",
+                 "must be 0 with use_color (colour strokes have the red/green/blue heads)")
 
 
 @dataclass(frozen=True)

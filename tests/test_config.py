@@ -49,6 +49,18 @@ def test_invalid_fields_are_named(data: dict, field: str) -> None:
         from_dict(data)
 
 
+@pytest.mark.parametrize("paint, message", [
+    ({"gray_levels": -1}, "env.paint.gray_levels: must be >= 0"),
+    ({"gray_levels": 1}, r"env.paint.gray_levels: must be 0 \(black strokes\) or >= 2"),
+    ({"gray_levels": 8, "use_color": True}, "env.paint.gray_levels: must be 0 with use_color"),
+])
+def test_gray_levels_are_none_or_at_least_two_and_never_with_colour(paint: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        from_dict({"env": {"paint": paint}})
+    gray = from_dict({"env": {"paint": {"gray_levels": 8}}})
+    assert gray.env.paint.gray_levels == 8 and gray.image_channels == 1
+
+
 def test_numbers_from_yaml_strings_are_accepted() -> None:
     cfg = from_dict({"learner": {"learning_rate": "3e-4"}, "env": {"paint": {"brush_sizes": [1, 2]}}})
     assert cfg.learner.learning_rate == pytest.approx(3e-4)

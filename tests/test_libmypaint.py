@@ -217,6 +217,27 @@ def test_colour_heads_paint_in_colour() -> None:
         env.close()
 
 
+def test_grey_ink_reads_back_at_its_level_through_the_one_channel_readback() -> None:
+    """A ``gray`` head's level g is the colour (g, g, g): the surface holds equal red, green and
+    blue, so the one-channel canvas (the surface's red) is the grey, within one level of 255 g
+    where an opaque brush (``classic/pen``) covers the paper."""
+    levels = 8
+    env = make(num_envs=levels, gray_levels=levels, brush_type="classic/pen")
+    try:
+        assert env.spec.names[-1] == "gray" and env.image_shape == (SIZE, SIZE, 1)
+        strokes = np.stack([paint(env, cell(16, 16), cell(16, 28), size=2, gray=level) for level in range(levels)])
+        canvases = run(env, [move(env, cell(16, 4)), strokes])[..., 0].astype(np.int64)
+        for level in range(levels):
+            raw = env.surface_pixels(level)
+            assert (raw[..., 0] == raw[..., 1]).all() and (raw[..., 1] == raw[..., 2]).all()
+            np.testing.assert_array_equal(fix15_to_uint8(raw, 3)[..., 0], canvases[level])
+            core = canvases[level, 30:35, 12:52]
+            assert np.abs(core - 255 * level / (levels - 1)).max() <= 1, (level, core.min(), core.max())
+        assert (canvases[:, :20] == 255).all()
+    finally:
+        env.close()
+
+
 def test_rgb_to_hsv_matches_the_reference_conversion() -> None:
     assert rgb_to_hsv(1.0, 0.0, 0.0) == (0.0, 1.0, 1.0)
     assert rgb_to_hsv(0.0, 0.0, 0.0) == (0.0, 0.0, 0.0)

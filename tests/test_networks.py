@@ -36,6 +36,7 @@ VARIANTS = {
     "tiny-blind": lambda: with_policy(tiny(), blind=True),
     "tiny-blind-unconditional": lambda: with_policy(tiny(conditional=False), blind=True),
     "tiny-color": lambda: tiny(paint={"use_color": True, "use_pressure": True}),
+    "tiny-gray": lambda: tiny(paint={"gray_levels": 8, "use_pressure": True, "brush_sizes": [2.0, 6.0, 12.0]}),
     "tiny-location-skip": lambda: with_policy(tiny(), location_skip=True),
     "paper-paint": lambda: ExperimentConfig(),
     "scene": lambda: load_experiment("experiments/mujoco.yaml"),
@@ -215,7 +216,7 @@ def test_move_steps_ignore_masked_heads() -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("variant", ["tiny-conditional", "tiny-color", "scene"])
+@pytest.mark.parametrize("variant", ["tiny-conditional", "tiny-color", "tiny-gray", "scene"])
 def test_sampled_log_prob_equals_teacher_forcing_and_masked_head_sum(variant: str) -> None:
     cfg = VARIANTS[variant]()
     spec = action_spec_for(cfg)
@@ -316,7 +317,7 @@ def test_unroll_equals_forward_loop_from_a_nonzero_state() -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("variant", ["tiny-conditional", "tiny-blind-unconditional", "tiny-color",
+@pytest.mark.parametrize("variant", ["tiny-conditional", "tiny-blind-unconditional", "tiny-color", "tiny-gray",
                                      "tiny-location-skip", "scene"])
 def test_gradients_reach_every_parameter(variant: str) -> None:
     cfg = VARIANTS[variant]()

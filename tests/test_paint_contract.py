@@ -217,6 +217,78 @@ def test_colour_strokes_take_their_colour(backend: str) -> None:
     env.close()
 
 
+def back_and_forth(env: BatchedEnv, passes: int, size: int = 2, **ink: int) -> list[np.ndarray]:
+    """Move to canvas (32, 12) and paint the row to (32, 48) and back, ``passes`` strokes in all."""
+    steps = [move(env, cell(ROW, 6))]
+    for k in range(passes):
+        steps.append(paint(env, cell(ROW, 15), cell(ROW, 24 if k % 2 == 0 else 6), size=size, **ink))
+    return steps
+
+
+GRAY_LEVELS = 8
+"""``env.paint.gray_levels`` of the grey tests: level ``k`` is ink ``255 k / 7``."""
+
+
+def gray_ink(level: int) -> float:
+    return 255.0 * level / (GRAY_LEVELS - 1)
+
+
+def test_the_gray_head_follows_pressure_and_is_dropped_on_moves(backend: str) -> None:
+    env = make(backend, num_envs=2, gray_levels=GRAY_LEVELS)
+    assert env.spec.names == ("flag", "end", "control", "size", "pressure", "gray")
+    assert env.spec.sizes[-1] == GRAY_LEVELS and env.image_shape == (SIZE, SIZE, 1)
+    env.reset()
+    obs = env.step(np.stack([move(env, 5), paint(env, 40, 300, gray=3)]))
+    assert obs.prev_mask[0].tolist() == [1.0, 1.0, 0.0, 0.0, 0.0, 0.0], "a move ignores the ink"
+    assert obs.prev_mask[1].tolist() == [1.0] * 6
+    with pytest.raises(ValueError, match="colour heads or a gray head, not both"):
+        paint_action_spec(G, 3, True, True, gray_levels=GRAY_LEVELS)
+    env.close()
+
+
+@pytest.mark.parametrize("level", [2, 5])
+def test_a_grey_stroke_reads_back_at_its_level(backend: str, level: int) -> None:
+    env = make(backend, episode_length=7, gray_levels=GRAY_LEVELS)
+    band = (slice(30, 35), slice(16, 45))   # the stroke's core along row 32
+    one_pass = run(env, back_and_forth(env, 1, gray=level))[0, ..., 0].astype(float)
+    # Grey ink blends the paper towards its level, never past it (black ink would darken further).
+    assert one_pass.min() >= gray_ink(level) - 1 and np.median(one_pass[band]) < (255 + gray_ink(level)) / 2
+    # Painted over and over, the stroke's core takes the ink's level (libmypaint: within its
+    # dab texture; the fast backend: its opacity compounds towards 1).
+    solid = run(env, back_and_forth(env, 5, gray=level))[0, ..., 0].astype(float)
+    assert np.abs(solid[band] - gray_ink(level)).max() <= 3
+    assert (solid[:12] == 255).all() and (solid[52:] == 255).all(), "the ink stays near the path"
+    env.close()
+
+
+def test_white_over_black_lightens_and_white_on_paper_draws_nothing(backend: str) -> None:
+    env = make(backend, episode_length=8, gray_levels=GRAY_LEVELS)
+    white = GRAY_LEVELS - 1
+    assert (run(env, back_and_forth(env, 3, gray=white)) == 255).all()
+    band = (slice(30, 35), slice(16, 45))
+    black = run(env, back_and_forth(env, 5, gray=0))[0, ..., 0].astype(float)
+    steps = back_and_forth(env, 5, gray=0)
+    steps.append(paint(env, cell(ROW, 15), cell(ROW, 6), size=2, gray=white))   # back along the row, once
+    lightened = run(env, steps)[0, ..., 0].astype(float)
+    assert black[band].max() < 16
+    assert np.median(lightened[band]) > np.median(black[band]) + 64
+    assert (lightened >= black).all(), "white ink only lightens"
+    env.close()
+
+
+def test_gray_level_zero_paints_exactly_what_black_strokes_paint(backend: str) -> None:
+    """The ``gray`` head at black (level 0) draws the pixels the black-only action space draws."""
+    plain = make(backend, num_envs=4, episode_length=8)
+    gray = make(backend, num_envs=4, episode_length=8, gray_levels=GRAY_LEVELS)
+    actions = random_actions(plain, 7, seed=6)
+    with_gray = np.concatenate([actions, np.zeros((*actions.shape[:2], 1), actions.dtype)], -1)
+    canvases = run(plain, list(actions))
+    assert (canvases < 200).mean() > 0.05
+    np.testing.assert_array_equal(run(gray, list(with_gray)), canvases)
+    plain.close()
+    gray.close()
+
+
 def test_grayscale_without_pressure_or_size_heads(backend: str) -> None:
     env = make(backend, use_pressure=False, brush_sizes=[2.0])
     assert env.spec.names == ("flag", "end", "control")
@@ -321,14 +393,16 @@ def test_large_brushes_near_the_edges_stay_on_the_canvas(backend: str) -> None:
     env.close()
 
 
-@pytest.mark.parametrize("use_color, canvas_size, brush_sizes", [
-    (False, 64, [1.0, 2.0, 3.0]), (True, 64, [1.0, 2.0, 3.0]), (False, 28, [1.0]),
-    (True, 64, [1.0, 2.0, 4.0, 8.0, 12.0, 24.0])])
-def test_the_compiled_fast_step_draws_what_the_torch_operations_draw(use_color, canvas_size, brush_sizes) -> None:
+@pytest.mark.parametrize("use_color, gray_levels, canvas_size, brush_sizes", [
+    (False, 0, 64, [1.0, 2.0, 3.0]), (True, 0, 64, [1.0, 2.0, 3.0]), (False, 0, 28, [1.0]),
+    (True, 0, 64, [1.0, 2.0, 4.0, 8.0, 12.0, 24.0]), (False, 8, 64, [1.0, 2.0, 4.0, 8.0, 12.0, 24.0])])
+def test_the_compiled_fast_step_draws_what_the_torch_operations_draw(use_color, gray_levels, canvas_size,
+                                                                     brush_sizes) -> None:
     """``FastPaintEnv``'s compiled CPU loop against its torch path (the reference), on random
     programs: equal to float32 rounding, so a read-back pixel differs by at most one level and
     only where a value sits on a rounding boundary."""
-    cfg = PaintConfig(backend="fast", canvas_size=canvas_size, brush_sizes=tuple(brush_sizes), use_color=use_color)
+    cfg = PaintConfig(backend="fast", canvas_size=canvas_size, brush_sizes=tuple(brush_sizes), use_color=use_color,
+                      gray_levels=gray_levels)
     envs = [FastPaintEnv(cfg, num_envs=16, episode_length=31, noise_dim=1, seed=0, compiled=compiled)
             for compiled in (False, True)]
     assert not envs[0].compiled and envs[1].compiled

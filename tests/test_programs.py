@@ -67,8 +67,9 @@ def hand_program(steps: list[dict[str, int]], **paint: object) -> Program:
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("cfg", [paint_config(), paint_config(use_color=True, brush_sizes=[2.0]), scene_config()],
-                         ids=["paint", "paint-colour-one-size", "mujoco"])
+@pytest.mark.parametrize("cfg", [paint_config(), paint_config(use_color=True, brush_sizes=[2.0]),
+                                 paint_config(gray_levels=8), scene_config()],
+                         ids=["paint", "paint-colour-one-size", "paint-gray", "mujoco"])
 def test_json_round_trip_keeps_env_and_steps(cfg: ExperimentConfig, tmp_path: Path) -> None:
     spec = action_spec_for(cfg)
     actions = random_actions(cfg, cfg.env.episode_length - 1, 1, seed=3)[:, 0]
@@ -306,6 +307,36 @@ def test_spiral_render_grayscale_png_and_clear_errors(tmp_path: Path, capsys: py
     assert spiral_main(["render", str(tmp_path / "bad_head.json"), "--out", str(tmp_path / "x.png")]) == 2
     assert "steps[0]: unknown head 'sizes'" in capsys.readouterr().err
     assert not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.parametrize("backend", ["libmypaint", "fast"])
+def test_a_grey_program_round_trips_renders_and_draws_in_its_grey(tmp_path: Path, backend: str) -> None:
+    """``env.paint.gray_levels``: the ``gray`` head survives JSON, ``spiral render`` paints its
+    level on the one-channel PNG, and the SVG strokes each step in its grey."""
+    row = 16 * 32
+    steps = [{"flag": 0, "end": row + 4}]
+    for k in range(4):   # back and forth along canvas row 32 in grey level 3 of 8 (ink 109)
+        steps.append({"flag": 1, "control": row + 16, "end": row + (28 if k % 2 == 0 else 4), "size": 2,
+                      "pressure": 9, "gray": 3})
+    steps.append({"flag": 1, "control": 4 * 32 + 16, "end": 4 * 32 + 28, "size": 0, "pressure": 9, "gray": 7})
+    program = hand_program(steps, gray_levels=8, backend=backend)
+    restored = from_json(to_json(program))
+    assert restored == program and restored.env["paint"]["gray_levels"] == 8
+    assert restored.action_spec().names[-1] == "gray" and restored.actions()[1, -1] == 3
+
+    save_program(program, tmp_path / "gray.json")
+    assert spiral_main(["render", str(tmp_path / "gray.json"), "--out", str(tmp_path / "gray.png"),
+                        "--svg", str(tmp_path / "gray.svg")]) == 0
+    with Image.open(tmp_path / "gray.png") as image:
+        assert image.mode == "L"
+        pixels = np.asarray(image)
+    np.testing.assert_array_equal(pixels, execute(program)[..., 0])
+    core = pixels[30:35, 16:48].astype(float)
+    assert np.abs(np.median(core) - 255 * 3 / 7) <= 3, "the stroke reads back at its grey, not black"
+    assert (pixels[:14] == 255).all(), "white ink on white paper draws nothing (the last step, along row 8)"
+
+    paths = ET.parse(tmp_path / "gray.svg").getroot().findall(f"{SVG}path")
+    assert [p.get("stroke") for p in paths] == ["#6d6d6d"] * 4 + ["#ffffff"]
 
 
 def test_the_learners_sample_grid_comes_with_the_program_of_its_first_episode(tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ def action_spec_for(cfg: ExperimentConfig) -> ActionSpec:
     """The action space of the experiment's environment (no renderer is started)."""
     if cfg.env.kind == "paint":
         p = cfg.env.paint
-        return paint_action_spec(p.grid_size, len(p.brush_sizes), p.use_pressure, p.use_color)
+        return paint_action_spec(p.grid_size, len(p.brush_sizes), p.use_pressure, p.use_color, p.gray_levels)
     m = cfg.env.mujoco
     return scene_action_spec(m.grid_size, m.num_sizes, m.color_bins)
 

@@ -22,7 +22,8 @@ rasterises in a handful of tensor operations:
 * The capsules of one step form one stroke: its alpha is the *maximum* over its capsules of
   ``coverage * opacity`` (a stroke does not darken where it overlaps itself), composited with
   "over" blending, ``canvas += alpha * (ink - canvas)``, on white paper. Grayscale canvases
-  have one channel and black ink; colour canvases take the step's RGB.
+  have one channel and black ink, or the step's grey level with a ``gray`` head; colour
+  canvases take the step's RGB.
 * A move draws nothing; it only moves the brush (the decoder's state).
 
 On a CPU the step runs as one compiled loop (:mod:`spiral.envs.fast_paint_kernel`, numba): each
@@ -297,7 +298,8 @@ class FastPaintEnv(BatchedEnv):
                  seed: int | None = None, *, device: str | torch.device = "cpu", compiled: bool = True) -> None:
         if not cfg.brush_sizes or any(s <= 0 for s in cfg.brush_sizes):
             raise ValueError(f"env.paint.brush_sizes must be positive radii, got {cfg.brush_sizes}")
-        spec = paint_action_spec(cfg.grid_size, len(cfg.brush_sizes), cfg.use_pressure, cfg.use_color)
+        spec = paint_action_spec(cfg.grid_size, len(cfg.brush_sizes), cfg.use_pressure, cfg.use_color,
+                                 cfg.gray_levels)
         channels = 3 if cfg.use_color else 1
         super().__init__(spec, num_envs, (cfg.canvas_size, cfg.canvas_size, channels),
                          episode_length, noise_dim, seed)
@@ -341,9 +343,10 @@ class FastPaintEnv(BatchedEnv):
         alpha = capsule_alpha(capsules, self.num_envs, size, size, device=self.device).unsqueeze(-1)
         # "Over" blending: canvas += alpha * (ink - canvas). Canvases that do not paint this step
         # have alpha 0 everywhere and stay exactly as they were.
-        if self.paint.use_color:
-            ink = torch.from_numpy((strokes.rgb * 255.0).astype(np.float32)).to(self.device)
-            self._canvas.addcmul_(alpha, ink.view(self.num_envs, 1, 1, 3) - self._canvas)
+        if self._decoder.chooses_ink:   # colour, or a grey level (equal RGB) on one channel
+            channels = self._canvas.shape[-1]
+            ink = torch.from_numpy((strokes.rgb[:, :channels] * 255.0).astype(np.float32)).to(self.device)
+            self._canvas.addcmul_(alpha, ink.view(self.num_envs, 1, 1, channels) - self._canvas)
         else:   # black ink
             self._canvas.addcmul_(alpha, self._canvas, value=-1.0)
 
@@ -355,8 +358,8 @@ class FastPaintEnv(BatchedEnv):
 
             self._paint_strokes = paint_strokes
             self._scratch = np.zeros(self._canvas.shape[1:3], np.float32)
-        if self.paint.use_color:
-            ink = np.ascontiguousarray(strokes.rgb[painting] * 255.0, np.float32)
+        if self._decoder.chooses_ink:   # colour, or a grey level (equal RGB) on one channel
+            ink = np.ascontiguousarray(strokes.rgb[painting, :self._canvas.shape[-1]] * 255.0, np.float32)
         else:
             ink = np.zeros((painting.size, 1), np.float32)
         f64 = np.float64

@@ -49,8 +49,8 @@ def paint_strokes(canvas: np.ndarray, scratch: np.ndarray, which: np.ndarray, st
         which: int64 ``[M]`` the canvas each stroke paints (distinct).
         start, control, end: float64 ``[M, 2]`` the Beziers' ``(y, x)`` control points.
         first_pressure, last_pressure, brush_radius: float64 ``[M]``.
-        ink: float32 ``[M, C]`` ink colour in [0, 255] (colour canvases); ignored for C = 1
-            (black ink).
+        ink: float32 ``[M, C]`` ink colour in [0, 255]: RGB on colour canvases, the grey level
+            (0 for black ink) on one-channel canvases.
         max_capsules: Most capsules per stroke.
     """
     height, width, channels = canvas.shape[1], canvas.shape[2], canvas.shape[3]
@@ -110,8 +110,6 @@ def paint_strokes(canvas: np.ndarray, scratch: np.ndarray, which: np.ndarray, st
                 alpha = scratch[i, j]
                 if alpha > 0.0:
                     scratch[i, j] = 0.0
-                    if channels == 1:
-                        canvas[c, i, j, 0] = canvas[c, i, j, 0] - alpha * canvas[c, i, j, 0]
-                    else:
-                        for ch in range(channels):
-                            canvas[c, i, j, ch] = canvas[c, i, j, ch] + alpha * (ink[m, ch] - canvas[c, i, j, ch])
+                    # Black ink (0) gives the same float32 as the torch path's canvas - alpha * canvas.
+                    for ch in range(channels):
+                        canvas[c, i, j, ch] = canvas[c, i, j, ch] + alpha * (ink[m, ch] - canvas[c, i, j, ch])

@@ -6,7 +6,8 @@ semantics are DeepMind's released ``spiral/environments/libmypaint.py``; the geo
 from :class:`~spiral.envs.paint_strokes.StrokeDecoder`, shared with the fast backend:
 
 * A *paint* step sets the brush's ``radius_logarithmic`` to ``log(brush_sizes[size])`` (as
-  upstream) and, with colour heads, its ``color_h/s/v`` from the step's RGB; then it drives the
+  upstream) and, with colour heads or a ``gray`` head, its ``color_h/s/v`` from the step's RGB
+  (a grey level ``g`` is ``(g, g, g)``: hue and saturation 0, value ``g``); then it drives the
   pen along the quadratic Bezier from the previous end point through ``control`` to ``end``:
   50 ``stroke_to`` calls of ``dtime = 0.1`` s with pressure interpolated linearly. A stroke
   that follows a move or reset first touches its start point (upstream's pseudo-stroke).
@@ -14,8 +15,10 @@ from :class:`~spiral.envs.paint_strokes.StrokeDecoder`, shared with the fast bac
   0, which draws nothing. Upstream records the new position as ``(y, y)``; the decoder records
   ``(y, x)``, so the next stroke starts where the pen actually is.
 * Without colour heads the brush stays black (upstream's reset colour), so strokes are dark on
-  white and the canvas has one channel (upstream's ``canvas[..., 0:1]``), matching
-  :meth:`spiral.config.ExperimentConfig.image_channels`; with colour it has three (RGB).
+  white and the canvas has one channel (upstream's ``canvas[..., 0:1]``, the surface's red),
+  matching :meth:`spiral.config.ExperimentConfig.image_channels`; with colour it has three
+  (RGB). Grey ink paints equal red, green and blue, so the one channel reads it back at its
+  level: within one of ``255 g`` where the paint is opaque (libmypaint truncates to fix15).
 
 Each env's dabs for one step are rendered between ``begin_atomic`` and ``end_atomic``; the
 canvases are read back once per step, converted from premultiplied fix15 to uint8.
@@ -78,7 +81,8 @@ class LibMyPaintEnv(BatchedEnv):
                  seed: int | None = None) -> None:
         if not cfg.brush_sizes or any(s <= 0 for s in cfg.brush_sizes):
             raise ValueError(f"env.paint.brush_sizes must be positive radii, got {cfg.brush_sizes}")
-        spec = paint_action_spec(cfg.grid_size, len(cfg.brush_sizes), cfg.use_pressure, cfg.use_color)
+        spec = paint_action_spec(cfg.grid_size, len(cfg.brush_sizes), cfg.use_pressure, cfg.use_color,
+                                 cfg.gray_levels)
         channels = 3 if cfg.use_color else 1
         super().__init__(spec, num_envs, (cfg.canvas_size, cfg.canvas_size, channels),
                          episode_length, noise_dim, seed)
@@ -172,7 +176,7 @@ class LibMyPaintEnv(BatchedEnv):
         ps = strokes.pressures.tolist()
         radius = strokes.radius.tolist()
         move_to = strokes.move_to.tolist()
-        rgb = strokes.rgb.tolist() if self.paint.use_color else None
+        rgb = strokes.rgb.tolist() if self._decoder.chooses_ink else None
         dtimes = [DTIME] * STROKES_PER_STEP
         tilts = [0.0] * STROKES_PER_STEP
         for i, surface in enumerate(self._surfaces):

@@ -19,8 +19,9 @@ torch rasterizer draw the same program:
   went.
 * Brush radius is ``brush_sizes[size]`` pixels (libmypaint gets ``log`` of it); without a
   ``size`` head the first size is used. Pressure is ``linspace(0.1, 1, 10)[pressure]``, or 1
-  without a pressure head. Colour is ``linspace(0, 1, 20)`` per channel, or black without
-  colour heads. The reset brush is black, pressure 0 (1 without a pressure head), at (0, 0).
+  without a pressure head. Colour is ``linspace(0, 1, 20)`` per channel; a ``gray`` head's
+  level ``g`` (``linspace(0, 1, gray_levels)``) is the colour ``(g, g, g)``; without either
+  the ink is black. The reset brush is black, pressure 0 (1 without a pressure head), at (0, 0).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from functools import cached_property
 
 import numpy as np
 
-from spiral.envs.spec import COLOR_VALUES, FLAG_PAINT, PRESSURE_VALUES, ActionSpec
+from spiral.envs.spec import COLOR_VALUES, FLAG_PAINT, PRESSURE_VALUES, ActionSpec, gray_values
 
 STROKES_PER_STEP = 50
 """``stroke_to`` calls per paint step (points 1..50 of a 51-point Bezier)."""
@@ -97,7 +98,7 @@ class StrokeBatch:
         start, control, end: ``[N, 2]`` ``(y, x)`` of each step's quadratic Bezier.
         start_pressure, end_pressure: ``[N]`` pressure at its ends (linear in between).
         radius: ``[N]`` brush radius in pixels for the stroke.
-        rgb: ``[N, 3]`` stroke colour in [0, 1].
+        rgb: ``[N, 3]`` stroke colour in [0, 1] (``(g, g, g)`` for a grey level ``g``).
         move_to: ``[N, 2]`` ``(y, x)`` where a move (``~paint``) places the brush.
     """
 
@@ -149,7 +150,14 @@ class StrokeDecoder:
         self._spatial = [self._col["end"], self._col["control"]]
         self.use_pressure = "pressure" in names
         self.use_color = "red" in names
+        self.use_gray = "gray" in names
+        self._gray_values = gray_values(spec.sizes[self._col["gray"]]) if self.use_gray else None
         self.state = BrushState.reset(num, self.use_pressure, self.brush_sizes[0])
+
+    @property
+    def chooses_ink(self) -> bool:
+        """Whether actions choose each stroke's ink (colour or gray heads); otherwise it is black."""
+        return self.use_color or self.use_gray
 
     def reset(self) -> None:
         self.state = BrushState.reset(self.num, self.use_pressure, self.brush_sizes[0])
@@ -173,6 +181,8 @@ class StrokeDecoder:
         radius = self.brush_sizes[size_idx] if size_idx is not None else np.full(n, self.brush_sizes[0])
         if self.use_color:
             rgb = np.stack([COLOR_VALUES[actions[:, self._col[c]]] for c in ("red", "green", "blue")], -1)
+        elif self._gray_values is not None:
+            rgb = np.repeat(self._gray_values[actions[:, self._col["gray"]], None], 3, axis=-1)
         else:
             rgb = np.zeros((n, 3))
 

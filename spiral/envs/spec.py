@@ -3,7 +3,7 @@
 A SPIRAL action is a tuple of discrete choices, one per *head* (``flag``, ``end``, ``control``,
 ``size``, ...). The policy samples the heads autoregressively in :attr:`ActionSpec.heads` order,
 and the first head is always ``flag``: its value decides which of the other heads take effect
-(a *move* ignores colour and pressure; a *no-op* scene step ignores everything). That choice is
+(a *move* ignores ink and pressure; a *no-op* scene step ignores everything). That choice is
 an *action mask*: 1.0 for a head that matters, 0.0 for one that does not. Log-probabilities and
 entropies are summed over the heads that the mask keeps, and the previous action's embedding is
 multiplied by its mask, exactly as in DeepMind's released agent.
@@ -132,17 +132,28 @@ PRESSURE_VALUES = np.linspace(0.1, 1.0, 10)
 """Brush pressures the ``pressure`` head indexes."""
 COLOR_VALUES = np.linspace(0.0, 1.0, 20)
 """Channel intensities the ``red``/``green``/``blue`` heads index."""
-PAINT_HEAD_ORDER = ("flag", "end", "control", "size", "pressure", "red", "green", "blue")
-"""Autoregressive order of DeepMind's agent."""
+PAINT_HEAD_ORDER = ("flag", "end", "control", "size", "pressure", "gray", "red", "green", "blue")
+"""Autoregressive order of DeepMind's agent; ``gray`` (ours, never with the colour heads) takes
+the colour heads' place."""
 FLAG_MOVE = 0
 FLAG_PAINT = 1
 
 
-def paint_action_spec(grid_size: int, num_sizes: int, use_pressure: bool, use_color: bool) -> ActionSpec:
+def gray_values(levels: int) -> np.ndarray:
+    """Ink intensities the ``gray`` head indexes: ``levels`` values from 0 (black) to 1 (white)."""
+    return np.linspace(0.0, 1.0, levels)
+
+
+def paint_action_spec(grid_size: int, num_sizes: int, use_pressure: bool, use_color: bool,
+                      gray_levels: int = 0) -> ActionSpec:
     """The painting action space; heads that cannot vary are dropped.
 
     A move (flag 0) uses only ``flag`` and ``end``; a paint step (flag 1) uses every head.
+    With ``gray_levels`` > 0 a ``gray`` head picks each stroke's ink among
+    :func:`gray_values` on the one-channel canvas (``use_color`` must then be False).
     """
+    if use_color and gray_levels:
+        raise ValueError("a paint action space has colour heads or a gray head, not both")
     heads: list[ActionHead] = []
     for name in PAINT_HEAD_ORDER:
         if name == "flag":
@@ -153,6 +164,8 @@ def paint_action_spec(grid_size: int, num_sizes: int, use_pressure: bool, use_co
             heads.append(ActionHead("size", num_sizes))
         elif name == "pressure" and use_pressure:
             heads.append(ActionHead("pressure", len(PRESSURE_VALUES)))
+        elif name == "gray" and gray_levels > 0:
+            heads.append(ActionHead("gray", gray_levels))
         elif name in ("red", "green", "blue") and use_color:
             heads.append(ActionHead(name, len(COLOR_VALUES)))
     move = tuple(1.0 if h.name in ("flag", "end") else 0.0 for h in heads)
