@@ -724,7 +724,8 @@ def test_the_contract_holds_what_peers_rely_on_and_nothing_else() -> None:
         assert experiment_contract(tiny_with(own_business)) == tiny, own_business
     for shared in ("env.paint.grid_size=16", "env.paint.canvas_size=32", "env.paint.use_color=true",
                    "env.episode_length=5", "env.conditional=false", "env.noise_dim=4", "policy.core_dim=32",
-                   "discriminator.channels=8", "discriminator_learner.objective=sngan", "env.paint.brush_sizes=[1, 2]"):
+                   "discriminator.channels=8", "discriminator_learner.objective=sngan", "env.paint.brush_sizes=[1, 2]",
+                   "env.paint.gray_levels=8"):
         assert experiment_contract(tiny_with(shared)) != tiny, shared
     assert contract_mismatch(tiny, experiment_contract(tiny_with("env.paint.grid_size=16", "policy.core_dim=32"))) == (
         "experiment mismatch: env.paint.grid_size is 8 here, 16 at the caller; policy.core_dim is 64 here, 32 at the "

@@ -5,7 +5,7 @@ overrides), so two pods of one run could be started with different settings. Mos
 are a service's own business (its batch size, its learning rate), but some shape what peers
 send each other or load from each other:
 
-* the action space (``env.kind``, the paint grid, brush sizes, pressure and colour heads, or
+* the action space (``env.kind``, the paint grid, brush sizes, pressure, colour and gray heads, or
   the MuJoCo grid, sizes and colour bins), which fixes the unrolls' action heads;
 * the image size and channels (``env.paint.canvas_size`` / ``env.mujoco.image_size``,
   ``env.paint.use_color``), which fix renders, targets and the networks' inputs, and the scene
@@ -45,7 +45,7 @@ CONTRACT_METADATA_KEY = "spiral-experiment-contract"
 Contract = Mapping[str, Any]
 """``{dotted field: plain value}``, e.g. ``{"env.paint.grid_size": 8, ...}``."""
 
-_PAINT_FIELDS = ("canvas_size", "grid_size", "brush_sizes", "use_color", "use_pressure")
+_PAINT_FIELDS = ("canvas_size", "grid_size", "brush_sizes", "use_color", "gray_levels", "use_pressure")
 _SCENE_FIELDS = ("image_size", "grid_size", "num_sizes", "color_bins", "camera_pitch_degrees", "frame_grid")
 _POLICY_ARITHMETIC_ONLY = frozenset({"fp32_heads"})
 
