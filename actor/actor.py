@@ -11,6 +11,11 @@ go and where final renders go. It cannot tell whether they are in the same proce
 3. submits the episodes as one unroll stamped with the acting version;
 4. inserts the final renders (and targets) for the discriminator.
 
+With ``actor.prior_share`` > 0 that share of the iterations executes programs drawn from a broad
+prior instead of acting (:meth:`~spiral.agent.acting.EpisodeRunner.run_prior_episode`): the
+unroll, marked as prior, goes to the learner for program recovery, and its renders do not go
+to the discriminator (they are not the policy's).
+
 Drop rules, the same for every kind of peer (the peers do the bounded retrying):
 
 * an unroll the learner refuses as stale (:class:`spiral.core.Refused` with ``stale``) is
@@ -45,6 +50,7 @@ class ActorStats:
     """Counts of what happened to this actor's episodes (also exported as metrics)."""
 
     episodes: int = 0
+    prior_episodes: int = 0
     env_steps: int = 0
     unrolls_sent: int = 0
     unrolls_dropped: int = 0
@@ -172,7 +178,9 @@ class Actor:
             return None
         timing = self.runner.timing
         before_inf, before_render = timing.inference_seconds, timing.render_seconds
-        unroll = self.runner.run_episode()
+        prior_share = self.runner.cfg.actor.prior_share
+        prior = prior_share > 0 and self.runner.rng.random() < prior_share
+        unroll = self.runner.run_prior_episode() if prior else self.runner.run_episode()
         steps = unroll.num_steps
         m = str(self.member)
         metrics.ACTOR_INFERENCE_SECONDS.labels(m).observe((timing.inference_seconds - before_inf) / steps)
@@ -180,9 +188,11 @@ class Actor:
         metrics.ACTOR_ENV_STEPS_TOTAL.labels(*self._labels).inc(steps * unroll.batch_size)
         metrics.ACTOR_EPISODES_TOTAL.labels(*self._labels).inc(unroll.batch_size)
         self.stats.episodes += unroll.batch_size
+        self.stats.prior_episodes += unroll.batch_size if prior else 0
         self.stats.env_steps += steps * unroll.batch_size
         self.submit(unroll)
-        self.insert_renders(unroll)
+        if not prior:
+            self.insert_renders(unroll)
         return unroll
 
     def run(self, beat: Callable[[], None] = lambda: None,

@@ -1,10 +1,14 @@
-"""The learner's ingest queue: bounded, with backpressure, handing out fixed-size batches.
+"""The learner's ingest queue: bounded, with backpressure, handing out fixed-size batches; and the pool of prior programs.
 
 Actors submit unrolls of N episodes each (N = their number of environments); the learner
 updates on batches of exactly ``batch_size`` episodes. The queue holds at most ``capacity``
 episodes: a submitter that finds it full waits (so gRPC flow control slows the actor down
 instead of the learner running out of memory) up to a timeout, after which it is told to retry.
 :meth:`IngestQueue.take_batch` joins (and if needed splits) queued unrolls into one batch.
+
+Episodes of prior programs (``Unroll.prior``, for program recovery) do not queue: they are not
+trained on with the reward, so nothing waits for them. :class:`PriorPool` keeps the newest of
+them, and each update reads what is there.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ def split_unroll(unroll: Unroll, first: int) -> tuple[Unroll, Unroll]:
             canvases=unroll.canvases[:, sl], actions=unroll.actions[:, sl], masks=unroll.masks[:, sl],
             behaviour_log_probs=unroll.behaviour_log_probs[:, sl], noise=unroll.noise[sl],
             targets=None if unroll.targets is None else unroll.targets[sl],
-            policy_version=unroll.policy_version, actor_id=unroll.actor_id)
+            policy_version=unroll.policy_version, actor_id=unroll.actor_id, prior=unroll.prior)
 
     return part(slice(0, first)), part(slice(first, None))
 
@@ -108,3 +112,50 @@ class IngestQueue:
         with self._cond:
             self._closed = True
             self._cond.notify_all()
+
+
+class PriorPool:
+    """The newest episodes of prior programs, at most ``capacity`` of them (older ones fall out).
+
+    Thread-safe: actors add from the gRPC threads, the update loop reads.
+    """
+
+    def __init__(self, capacity_episodes: int) -> None:
+        if capacity_episodes < 0:
+            raise ValueError("capacity_episodes must be >= 0")
+        self.capacity = capacity_episodes
+        self._items: collections.deque[Unroll] = collections.deque()
+        self._episodes = 0
+        self._lock = threading.Lock()
+
+    @property
+    def episodes(self) -> int:
+        with self._lock:
+            return self._episodes
+
+    def add(self, unroll: Unroll) -> None:
+        """Keep ``unroll`` (a prior unroll), dropping the oldest episodes beyond the capacity."""
+        if not unroll.prior:
+            raise ValueError("the prior pool holds episodes of prior programs only")
+        with self._lock:
+            if self.capacity == 0:
+                return
+            if unroll.batch_size > self.capacity:
+                unroll = split_unroll(unroll, unroll.batch_size - self.capacity)[1]
+            self._items.append(unroll)
+            self._episodes += unroll.batch_size
+            while self._episodes - self._items[0].batch_size >= self.capacity:
+                self._episodes -= self._items.popleft().batch_size
+            if self._episodes > self.capacity:  # trim the oldest unroll to fit exactly
+                oldest = self._items.popleft()
+                kept = split_unroll(oldest, self._episodes - self.capacity)[1]
+                self._items.appendleft(kept)
+                self._episodes = self.capacity
+
+    def newest(self) -> Unroll | None:
+        """Every episode held, newest last, as one unroll (None when empty)."""
+        with self._lock:
+            items = list(self._items)
+        if not items:
+            return None
+        return items[0] if len(items) == 1 else Unroll.concatenate(items)

@@ -32,7 +32,7 @@ import numpy as np
 
 import torch
 
-from learner.ingest import IngestQueue
+from learner.ingest import IngestQueue, PriorPool
 from learner.training import PolicyTrainer
 from spiral.runtime import metrics
 from spiral.runtime.checkpoint import latest_checkpoint, save_checkpoint
@@ -69,6 +69,10 @@ class StaleUnroll(Refused):
 
     def __init__(self, message: str) -> None:
         super().__init__(message, stale=True)
+
+
+class PriorUnused(Refused):
+    """Episodes of prior programs sent to a learner that runs no program recovery."""
 
 
 LOSS_TERMS = ("loss", "pg_loss", "baseline_loss", "entropy_loss")
@@ -113,6 +117,8 @@ class PolicyLearner:
         log.info("policy updates on %s in %s%s", device, self.trainer.precision,
                  ", unroll compiled" if cfg.learner.compile else "")
         self.queue = IngestQueue(cfg.learner.queue_capacity)
+        self.prior_pool = PriorPool(cfg.learner.hindsight_prior_episodes if cfg.learner.hindsight_weight > 0 else 0)
+        """The newest episodes of prior programs, for program recovery (``learner.hindsight_weight``)."""
         self.version = 0
         self.frames = 0
         self.updates = 0
@@ -138,10 +144,20 @@ class PolicyLearner:
         """UnrollSink: queue an unroll for training (blocks while the queue is full, up to
         ``timeout``); returns the learner's version.
 
+        Episodes of prior programs (``unroll.prior``) go to :attr:`prior_pool` instead, at once.
+
         Raises:
             StaleUnroll: The unroll's policy is more than ``max_policy_lag`` versions old.
+            PriorUnused: Prior programs, and this learner runs no program recovery.
             learner.ingest.QueueFull: The queue stayed full for ``timeout`` seconds.
         """
+        if unroll.prior:
+            if self.cfg.learner.hindsight_weight <= 0:
+                raise PriorUnused("episodes of prior programs are examples for program recovery, which this learner "
+                                  "does not run (learner.hindsight_weight is 0); set actor.prior_share to 0")
+            self.prior_pool.add(unroll)
+            metrics.LEARNER_PRIOR_EPISODES_TOTAL.labels(self.member).inc(unroll.batch_size)
+            return self.version
         lag = self.version - unroll.policy_version
         if lag > self.cfg.learner.max_policy_lag:
             raise StaleUnroll(f"unroll acted with policy version {unroll.policy_version}, "
@@ -265,7 +281,8 @@ class PolicyLearner:
         frames = batch.num_steps * batch.batch_size
         started = time.perf_counter()
         with self.state_lock:
-            stats = self.trainer.update(batch, discriminator, discriminator_version=self.discriminator_version)
+            stats = self.trainer.update(batch, discriminator, discriminator_version=self.discriminator_version,
+                                        prior=self.prior_pool.newest())
             self.updates += 1
             self.frames += frames
             self._publish_next_version()

@@ -21,7 +21,7 @@ from typing import Iterable, Iterator
 import grpc
 
 from learner.ingest import QueueFull
-from learner.learner import PolicyLearner, StaleUnroll
+from learner.learner import PolicyLearner, PriorUnused, StaleUnroll
 from spiral.envs import action_spec_for
 from spiral.rpc.errors import PreconditionFailed, check_member, rejects_bad_messages
 from spiral.rpc.messages import UnrollExpectation, decode_unroll
@@ -59,6 +59,8 @@ class PolicyLearnerServicer(learner_pb2_grpc.PolicyLearnerServicer):
                 self.learner.submit(received.unroll, timeout=self.learner.cfg.learner.queue_wait_seconds)
             except StaleUnroll as exc:
                 raise PreconditionFailed("stale_version", str(exc)) from None
+            except PriorUnused as exc:
+                raise PreconditionFailed("prior_unused", str(exc)) from None
             except QueueFull as exc:
                 context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{exc}; retry later")
             accepted += 1

@@ -28,6 +28,7 @@ optimiser moments.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any, Mapping
@@ -40,12 +41,12 @@ from spiral.config import ExperimentConfig
 from spiral.losses import baseline_loss, entropy_loss, policy_gradient_loss, trust_region_mask, vtrace
 from spiral.nets import observation_to_tensors
 from spiral.nets.discriminator import Discriminator
-from spiral.nets.policy import SpiralPolicy
+from spiral.nets.policy import SpiralPolicy, UnrollOutput
 from spiral.nets.compilation import maybe_compile
 from spiral.nets.precision import autocast, resolve_precision
 from spiral.agent.rewards import RewardFunction
 from spiral.agent.training_state import check_training_state, export_training_state, import_training_state
-from spiral.agent.trajectory import Unroll
+from spiral.agent.trajectory import Unroll, join_observations
 
 
 @dataclass
@@ -75,6 +76,10 @@ class PolicyUpdateStats:
         discriminator_score_empty: Mean discriminator output on the empty canvases.
         normalizer_mean, normalizer_std: The statistics the discriminator's scores were
             normalised with (``normalize: running``; 0 and 1 otherwise).
+        recovery_loss: Program recovery's term before its weight (``learner.hindsight_weight``):
+            minus the summed log-probability of the relabelled episodes' own actions (0 when off).
+        recovery_episodes: The episodes it was summed over: the batch, relabelled, plus the
+            prior programs' (0 when off).
     """
 
     loss: float
@@ -100,6 +105,8 @@ class PolicyUpdateStats:
     discriminator_score_empty: float = math.nan
     normalizer_mean: float = math.nan
     normalizer_std: float = math.nan
+    recovery_loss: float = 0.0
+    recovery_episodes: float = 0.0
 
 
 _REWARD_PARTS = ("reward_critic", "reward_l2", "reward_blank", "reward_stroke", "discriminator_score_empty",
@@ -180,31 +187,49 @@ class PolicyTrainer:
     # -- the update ----------------------------------------------------------------------------
 
     def update(self, unroll: Unroll, discriminator: Discriminator | None,
-               discriminator_version: int = 0) -> PolicyUpdateStats:
+               discriminator_version: int = 0, prior: Unroll | None = None) -> PolicyUpdateStats:
         """Score the unroll's episodes with ``discriminator`` (None: no adversarial term) and take
-        one optimiser step on them."""
+        one optimiser step on them (with program recovery on them and on ``prior``'s episodes
+        when ``learner.hindsight_weight`` is set)."""
         unroll.validate()
         rewards, parts = self.rewards(unroll, discriminator)
-        return self.learn(unroll, rewards, parts, discriminator_version)
+        return self.learn(unroll, rewards, parts, discriminator_version, prior=prior)
 
     def learn(self, unroll: Unroll, rewards: torch.Tensor, parts: dict[str, float] | None = None,
-              discriminator_version: int = 0) -> PolicyUpdateStats:
-        """One optimiser step on ``unroll`` with the given per-step ``rewards`` ``[T, B]``."""
+              discriminator_version: int = 0, prior: Unroll | None = None) -> PolicyUpdateStats:
+        """One optimiser step on ``unroll`` with the given per-step ``rewards`` ``[T, B]``.
+
+        With ``learner.hindsight_weight`` the step also maximises the likelihood of each
+        episode's own actions given its own final canvas as the target, for ``unroll``'s
+        episodes and for ``prior``'s (episodes of prior programs, :attr:`Unroll.prior`): the
+        relabelled episodes go through the same (possibly compiled) unroll call as the batch.
+        """
         lc = self.cfg.learner
         t, b = unroll.num_steps, unroll.batch_size
         if tuple(rewards.shape) != (t, b):
             raise ValueError(f"rewards must be [T, B] = [{t}, {b}], got {list(rewards.shape)}")
+        if unroll.prior:
+            raise ValueError("episodes of prior programs are not trained on with the reward")
         parts = parts or {}
         device = self.device
         self.policy.train()
-        inputs = observation_to_tensors(unroll.observations()).to(device)
-        actions = torch.from_numpy(np.ascontiguousarray(unroll.actions)).long().to(device)
+        recovered = self._recovery_episodes(unroll, prior)
+        observations = unroll.observations()
+        all_actions = unroll.actions
+        if recovered:
+            observations = join_observations([observations, *(r.observations() for r in recovered)])
+            all_actions = np.concatenate([unroll.actions, *(r.actions for r in recovered)], axis=1)
+        inputs = observation_to_tensors(observations).to(device)
+        actions = torch.from_numpy(np.ascontiguousarray(all_actions)).long().to(device)
         self.policy.check_unroll(inputs, actions)  # eagerly: the (possibly compiled) unroll does not branch on data
         behaviour = torch.from_numpy(np.ascontiguousarray(unroll.behaviour_log_probs)).float().to(device)
         rewards = rewards.to(device=device, dtype=torch.float32)
 
         with autocast(self.precision, device):  # log-probs, entropies and values come out fp32
-            out = self._unroll(inputs, actions, self.policy.initial_state(b, device))
+            everything = self._unroll(inputs, actions, self.policy.initial_state(actions.shape[1], device))
+        out = UnrollOutput(log_prob=everything.log_prob[:, :b], entropy=everything.entropy[:, :b],
+                           value=everything.value[:, :b])
+        recovery = -everything.log_prob[:, b:].sum() if recovered else torch.zeros((), device=device)
         discounts = torch.full((t, b), float(lc.discount), device=device)
         discounts[-1] = 0.0
         returns = vtrace(behaviour, out.log_prob.detach(), discounts, rewards, out.value.detach(),
@@ -214,7 +239,7 @@ class PolicyTrainer:
         pg = policy_gradient_loss(out.log_prob, returns.pg_advantages * kept)
         base = baseline_loss(returns.vs - out.value)
         ent = entropy_loss(out.entropy)
-        loss = pg + lc.baseline_cost * base + self._entropy_cost * ent
+        loss = pg + lc.baseline_cost * base + self._entropy_cost * ent + lc.hindsight_weight * recovery
 
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -236,7 +261,22 @@ class PolicyTrainer:
             blank_fraction=float(parts.get("blank_fraction", math.nan)),
             paint_fraction=float(parts.get("paint_fraction", math.nan)),
             **{name: float(parts.get(name, math.nan)) for name in _REWARD_PARTS},
+            recovery_loss=float(recovery.detach()),
+            recovery_episodes=float(everything.log_prob.shape[1] - b),
         )
+
+    def _recovery_episodes(self, unroll: Unroll, prior: Unroll | None) -> list[Unroll]:
+        """Program recovery's examples: ``unroll`` relabelled with its own final canvases as
+        targets, and ``prior``'s episodes (already so); none with ``hindsight_weight`` 0."""
+        if self.cfg.learner.hindsight_weight <= 0:
+            return []
+        relabelled = dataclasses.replace(unroll, targets=unroll.final_canvases.copy())
+        if prior is None or prior.batch_size == 0:
+            return [relabelled]
+        if not prior.prior or prior.num_steps != unroll.num_steps:
+            raise ValueError(f"prior must hold episodes of prior programs of {unroll.num_steps} steps, got "
+                             f"{prior.num_steps} steps (prior={prior.prior})")
+        return [relabelled, prior]
 
     # -- checkpoints ---------------------------------------------------------------------------
 

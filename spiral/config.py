@@ -369,6 +369,19 @@ class LearnerConfig:
     updates smooths out the policy's chase of a moving critic. Actors still act with the trained
     weights; checkpoints carry the average as ``policy_average``, and ``spiral sample
     --average`` and ``bench/unconditional.py`` paint with it."""
+    hindsight_weight: float = 0.0
+    """Not the paper's method: self-supervised program recovery (hindsight relabelling, as in
+    PLAD and LPaintB). Each update adds ``hindsight_weight * -sum log pi(a_t | o_t')``, where
+    ``o_t'`` is what the policy saw with the episode's own final canvas as its target: an
+    episode's own program reconstructs its render exactly, so the policy learns, by maximum
+    likelihood, to write the program of the image it is shown. The examples are the update's own
+    episodes, relabelled, and the newest episodes of programs drawn from a broad prior that the
+    actors rendered (``actor.prior_share``, ``hindsight_prior_episodes``). Conditional runs
+    only; 0: off. It needs no labels and keeps the renderer a black box (the learner never
+    renders)."""
+    hindsight_prior_episodes: int = 16
+    """With ``hindsight_weight``: the most episodes of prior programs (the newest the actors sent)
+    that each update adds to its program-recovery examples."""
     queue_capacity: int = 256
     """Trajectories held in the ingest queue before submitters are pushed back."""
     queue_wait_seconds: float = 10.0
@@ -405,6 +418,9 @@ class LearnerConfig:
         _require(0.0 <= self.discount <= 1.0, f"{path}.discount", "must be in [0, 1]")
         _require(self.max_grad_norm >= 0, f"{path}.max_grad_norm", "must be >= 0")
         _require(0.0 <= self.policy_average_decay < 1.0, f"{path}.policy_average_decay", "must be in [0, 1)")
+        _require(self.hindsight_weight >= 0 and math.isfinite(self.hindsight_weight), f"{path}.hindsight_weight",
+                 "must be a finite number >= 0 (0: off)")
+        _require(self.hindsight_prior_episodes >= 0, f"{path}.hindsight_prior_episodes", "must be >= 0")
         _require(0.0 <= self.ppo_clip < 1.0, f"{path}.ppo_clip", "must be in [0, 1) (0: off)")
         _require(self.queue_capacity >= 1, f"{path}.queue_capacity", "must be >= 1")
         _require(self.queue_wait_seconds > 0, f"{path}.queue_wait_seconds", "must be > 0")
@@ -503,6 +519,11 @@ class ActorConfig:
     insert_deadline_seconds: float = 5.0
     """How long one batch of renders is retried against a replay buffer that is down before it
     is dropped (the discriminator needs recent renders, not all of them)."""
+    prior_share: float = 0.0
+    """The share of the actor's episode batches that execute programs drawn from a broad prior
+    (:mod:`spiral.agent.prior`) instead of acting: examples for the learner's program recovery
+    (``learner.hindsight_weight``), sent to the learner marked as such, never trained on with
+    the reward and never shown to the discriminator."""
 
     def validate(self, path: str) -> None:
         _require(self.num_envs >= 1, f"{path}.num_envs", "must be >= 1")
@@ -511,6 +532,7 @@ class ActorConfig:
             _require(getattr(self, name) > 1.0, f"{path}.{name}", "must be > 1 second")
         _require(self.parameter_refresh_seconds >= 0, f"{path}.parameter_refresh_seconds", "must be >= 0")
         _require(self.torch_threads >= 1, f"{path}.torch_threads", "must be >= 1")
+        _require(0.0 <= self.prior_share < 1.0, f"{path}.prior_share", "must be in [0, 1)")
         _require_precision(self.precision, f"{path}.precision")
 
 
@@ -679,6 +701,10 @@ class ExperimentConfig:
                  "pbt.reference_critic", "is only used with critic fitness")
         _require(not self.discriminator.complement or self.env.conditional, "discriminator.complement",
                  "the complement discriminator needs a conditional run (env.conditional: true)")
+        _require(not self.learner.hindsight_weight or self.env.conditional, "learner.hindsight_weight",
+                 "program recovery needs a conditional run (env.conditional: true)")
+        _require(not self.actor.prior_share or self.learner.hindsight_weight > 0, "actor.prior_share",
+                 "prior programs are only used by program recovery: set learner.hindsight_weight > 0")
         pooled = self.env.image_size // self.discriminator.input_pool
         _require(self.env.image_size % self.discriminator.input_pool == 0
                  and pooled % (1 << self.discriminator.num_layers) == 0, "discriminator.input_pool",

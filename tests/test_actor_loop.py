@@ -206,3 +206,46 @@ def test_the_local_system_trains_and_resumes_from_its_checkpoints(cfg: Experimen
     resumed = LocalSystem(cfg, tmp_path, num_actors=1)
     assert (resumed.learner.version, resumed.discriminator.version) == versions
     resumed.close()
+
+
+def test_prior_programs_go_to_the_learner_s_pool_over_grpc_and_never_to_the_discriminator(
+        cfg: ExperimentConfig, tmp_path: Path) -> None:
+    recovering = load_experiment("experiments/tiny.yaml", {
+        "actor": {"num_envs": 2, "prior_share": 0.5}, "learner": {"batch_size": 4, "hindsight_weight": 0.1, "compile": False},
+        "replay": {"min_size": 2, "capacity": 64}})
+    learner = PolicyLearner(recovering, tmp_path / "learner")
+    table = ReplayTable(recovering.replay.capacity, recovering.replay.min_size, seed=0)
+    learner_server = build_server([PolicyLearnerServicer(learner).binding()], "127.0.0.1:0", recovering.services)
+    replay = ReplayBufferServicer(table, experiment_image_shape(recovering), conditional=True)
+    replay_server = build_server([replay.binding()], "127.0.0.1:0", recovering.services)
+    learner_server.start()
+    replay_server.start()
+    stop = threading.Event()
+    actor = Actor(make_runner(recovering), connect_member(recovering, 0, learner_server.address,
+                                                         replay_server.address, stop), 0, "mixed", stop)
+    try:
+        for _ in range(8):
+            assert actor.act_once() is not None
+        s = actor.stats
+        assert 0 < s.prior_episodes < s.episodes and s.unrolls_sent == 8
+        assert learner.queue.depth == s.episodes - s.prior_episodes  # the policy's episodes queue for training
+        pool = learner.prior_pool.newest()
+        assert pool is not None and pool.prior and pool.batch_size == min(s.prior_episodes, 16)
+        assert (pool.targets == pool.final_canvases).all()
+        assert table.info().size == s.episodes - s.prior_episodes  # the discriminator sees only the policy's
+        record = learner.step(timeout=1.0)
+        assert record["recovery_episodes"] == 4 + pool.batch_size and record["recovery_loss"] > 0
+    finally:
+        actor.close()
+        learner_server.stop(grace=0.5)
+        replay_server.stop(grace=0.5, on_stopping=table.close)
+        learner.close()
+
+
+def test_a_learner_without_program_recovery_refuses_prior_programs(cfg: ExperimentConfig, tmp_path: Path) -> None:
+    learner = PolicyLearner(cfg, tmp_path)
+    unroll = dataclasses.replace(make_runner(cfg).run_prior_episode(), actor_id="a")
+    with pytest.raises(Refused, match="hindsight_weight is 0") as refused:
+        learner.submit(unroll)
+    assert not refused.value.stale and learner.queue.depth == 0
+    learner.close()

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 
 import numpy as np
 import pytest
 
-from learner.ingest import IngestQueue, QueueFull
+from learner.ingest import IngestQueue, PriorPool, QueueFull
 from spiral.agent.trajectory import Unroll
 
 
@@ -68,3 +69,31 @@ def test_oversized_unroll_is_admitted_into_an_empty_queue() -> None:
     q = IngestQueue(2)
     q.put(make_unroll(5, 1), timeout=0.05)
     assert q.depth == 5
+
+
+def prior(batch: int, tag: int) -> Unroll:
+    return dataclasses.replace(make_unroll(batch, tag), prior=True)
+
+
+def test_the_prior_pool_keeps_the_newest_episodes_up_to_its_capacity() -> None:
+    pool = PriorPool(5)
+    assert pool.newest() is None
+    pool.add(prior(2, 1))
+    pool.add(prior(2, 2))
+    assert pool.episodes == 4
+    pool.add(prior(3, 3))  # the newest five: both of tag 2, all three of tag 3
+    newest = pool.newest()
+    assert pool.episodes == 5 and newest.prior
+    np.testing.assert_array_equal(newest.actions[0, :, 0], [2, 2, 3, 3, 3])
+    pool.add(prior(7, 4))  # larger than the pool: its newest five
+    assert pool.episodes == 5 and (pool.newest().actions == 4).all()
+    with pytest.raises(ValueError, match="prior programs only"):
+        pool.add(make_unroll(1, 5))
+    empty = PriorPool(0)
+    empty.add(prior(2, 1))
+    assert empty.newest() is None and empty.episodes == 0
+
+
+def test_the_queue_does_not_join_prior_episodes_with_the_policy_s() -> None:
+    with pytest.raises(ValueError, match="cannot join"):
+        Unroll.concatenate([make_unroll(1, 1), prior(1, 2)])

@@ -358,3 +358,63 @@ def test_learner_refuses_a_checkpoint_of_another_policy_architecture(cfg, tmp_pa
     with pytest.raises(ValueError, match=expected):
         PolicyLearner(other, Path(tmp_path))
     assert PolicyLearner(cfg, Path(tmp_path)).version == 0  # the same settings resume
+
+
+def relabelled(unroll: Unroll) -> Unroll:
+    return dataclasses.replace(unroll, targets=unroll.final_canvases.copy())
+
+
+def prior_unroll(cfg: ExperimentConfig, batch: int, seed: int) -> Unroll:
+    env = make_env(cfg, batch, seed)
+    try:
+        return EpisodeRunner(cfg, env, build_policy(cfg), None, seed=seed, actor_id="prior").run_prior_episode()
+    finally:
+        env.close()
+
+
+def test_program_recovery_is_the_likelihood_of_each_episodes_program_given_its_own_render(cfg):
+    torch.manual_seed(4)
+    recovering = eager_tiny(cfg.env.paint.backend, {"hindsight_weight": 0.5, "entropy_cost": 0.01,
+                                                    "reward": TERMINAL_L2_REWARD})
+    policy = build_policy(recovering)
+    unroll = collect(recovering, policy, batch=4, seed=5)
+    prior = prior_unroll(recovering, batch=3, seed=6)
+    assert prior.prior and (prior.targets == prior.final_canvases).all()
+    assert (prior.behaviour_log_probs == 0).all()
+    expected = -(episode_log_probs(policy, relabelled(unroll)).sum() + episode_log_probs(policy, prior).sum())
+    plain_policy = copy.deepcopy(policy)
+    rewards = torch.zeros(unroll.num_steps, 4)
+    stats = PolicyTrainer(recovering, policy).learn(unroll, rewards, prior=prior)
+    assert stats.recovery_episodes == 7
+    assert stats.recovery_loss == pytest.approx(float(expected), rel=1e-5)
+    # The same step without recovery: the total loss differs by exactly the weighted term.
+    plain = PolicyTrainer(dataclasses.replace(recovering, learner=dataclasses.replace(
+        recovering.learner, hindsight_weight=0.0)), plain_policy).learn(unroll, rewards, prior=prior)
+    assert plain.recovery_loss == 0.0 and plain.recovery_episodes == 0
+    assert stats.loss == pytest.approx(plain.loss + 0.5 * float(expected), rel=1e-5)
+    assert stats.pg_loss == pytest.approx(plain.pg_loss, rel=1e-5, abs=1e-6)
+
+
+def test_program_recovery_alone_makes_each_render_s_program_more_likely(cfg):
+    recovering = eager_tiny(cfg.env.paint.backend, {"hindsight_weight": 1.0, "entropy_cost": 0.0,
+                                                    "baseline_cost": 0.0, "learning_rate": 1e-3})
+    torch.manual_seed(7)
+    policy = build_policy(recovering)
+    unroll = collect(recovering, policy, batch=4, seed=8)
+    trainer = PolicyTrainer(recovering, policy)
+    before = episode_log_probs(policy, relabelled(unroll))
+    for _ in range(5):
+        trainer.learn(unroll, torch.zeros(unroll.num_steps, 4))  # no reward: recovery alone moves the policy
+    after = episode_log_probs(policy, relabelled(unroll))
+    assert (after > before).all(), (before, after)
+
+
+def test_prior_episodes_are_never_trained_on_with_the_reward(cfg):
+    recovering = eager_tiny(cfg.env.paint.backend, {"hindsight_weight": 1.0})
+    prior = prior_unroll(recovering, batch=2, seed=9)
+    trainer = PolicyTrainer(recovering, build_policy(recovering))
+    with pytest.raises(ValueError, match="not trained on with the reward"):
+        trainer.learn(prior, torch.zeros(prior.num_steps, 2))
+    with pytest.raises(ValueError, match="prior programs"):
+        trainer.learn(collect(recovering, build_policy(recovering), batch=2, seed=1), torch.zeros(prior.num_steps, 2),
+                      prior=dataclasses.replace(prior, prior=False))

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from spiral.agent.prior import prior_programs
 from spiral.config import ExperimentConfig
 from spiral.envs.base import BatchedEnv
 from spiral.nets import observation_to_tensors
@@ -121,4 +122,36 @@ class EpisodeRunner:
             targets=batch_targets,
             policy_version=self.policy_version,
             actor_id=self.actor_id,
+        )
+
+    def run_prior_episode(self) -> Unroll:
+        """One episode on every canvas executing programs drawn from the broad prior instead of acting.
+
+        The episodes are examples for program recovery (``learner.hindsight_weight``): their
+        targets are their own final canvases, their behaviour log-probabilities 0, and the
+        unroll is marked :attr:`~spiral.agent.trajectory.Unroll.prior`. The policy is not run.
+        """
+        if not self.cfg.env.conditional:
+            raise ValueError("prior programs are examples for program recovery, which needs a conditional run")
+        env = self.env
+        n = env.num_envs
+        programs = prior_programs(self.cfg, env.spec, n, self.rng)  # [N, T, K]
+        obs = env.reset(np.full((n, *env.image_shape), 255, np.uint8))  # the target is set once painted
+        canvases = [obs.canvas]
+        t0 = time.perf_counter()
+        for step in np.swapaxes(programs, 0, 1):
+            obs = env.step(step)
+            canvases.append(obs.canvas)
+        self.timing.render_seconds += time.perf_counter() - t0
+        actions = np.swapaxes(programs, 0, 1)
+        return Unroll(
+            canvases=np.stack(canvases),
+            actions=actions,
+            masks=env.spec.masks_for(actions[..., 0]),
+            behaviour_log_probs=np.zeros(actions.shape[:2], np.float32),
+            noise=obs.noise,
+            targets=obs.canvas.copy(),
+            policy_version=self.policy_version,
+            actor_id=self.actor_id,
+            prior=True,
         )

@@ -34,6 +34,10 @@ class Unroll:
         targets: ``[B, H, W, C]`` uint8 targets (conditional), else None.
         policy_version: Parameter version the actor acted with.
         actor_id: Which actor produced it.
+        prior: The episodes executed programs drawn from a broad prior
+            (:mod:`spiral.agent.prior`) instead of the policy's actions: examples for program
+            recovery (``learner.hindsight_weight``) only, never trained on with the reward.
+            Their targets are their own final canvases and their behaviour log-probabilities 0.
     """
 
     canvases: np.ndarray
@@ -44,6 +48,7 @@ class Unroll:
     targets: np.ndarray | None
     policy_version: int
     actor_id: str = ""
+    prior: bool = False
 
     @property
     def num_steps(self) -> int:
@@ -93,6 +98,8 @@ class Unroll:
         """Join unrolls along the batch axis (policy_version: the oldest; actor_id: joined)."""
         if not unrolls:
             raise ValueError("nothing to concatenate")
+        if len({u.prior for u in unrolls}) > 1:
+            raise ValueError("cannot join episodes of prior programs with the policy's episodes")
         targets = None if unrolls[0].targets is None else np.concatenate([u.targets for u in unrolls], 0)  # type: ignore[misc]
         return Unroll(
             canvases=np.concatenate([u.canvases for u in unrolls], 1),
@@ -103,4 +110,25 @@ class Unroll:
             targets=targets,
             policy_version=min(u.policy_version for u in unrolls),
             actor_id=",".join(sorted({u.actor_id for u in unrolls})),
+            prior=unrolls[0].prior,
         )
+
+
+def join_observations(observations: list[Observation]) -> Observation:
+    """Time-major observations ``[T, B_i, ...]`` joined along the batch axis into ``[T, sum B_i, ...]``.
+
+    Raises:
+        ValueError: when some have targets and others do not.
+    """
+    if not observations:
+        raise ValueError("nothing to join")
+    with_targets = {o.target is not None for o in observations}
+    if len(with_targets) > 1:
+        raise ValueError("cannot join observations with targets and observations without")
+
+    def joined(name: str) -> np.ndarray:
+        return np.concatenate([getattr(o, name) for o in observations], axis=1)
+
+    return Observation(canvas=joined("canvas"), step=joined("step"), prev_action=joined("prev_action"),
+                       prev_mask=joined("prev_mask"), noise=joined("noise"),
+                       target=joined("target") if with_targets == {True} else None)

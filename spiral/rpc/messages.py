@@ -101,6 +101,7 @@ def encode_unroll(unroll: Unroll, head_names: Sequence[str], run_id: str = "", m
         masks=encode_tensor(np.asarray(unroll.masks, np.float32)),
         behaviour_log_probs=encode_tensor(np.asarray(unroll.behaviour_log_probs, np.float32)),
         noise=encode_tensor(np.asarray(unroll.noise, np.float32)),
+        prior=unroll.prior,
     )
     if unroll.targets is not None:
         msg.targets.CopyFrom(encode_tensor(np.asarray(unroll.targets, np.uint8)))
@@ -167,7 +168,12 @@ def decode_unroll(msg: learner_pb2.Unroll, expect: UnrollExpectation) -> Receive
                                              f"got up to {float(log_probs.max()):.3g}")
     unroll = Unroll(canvases=canvases, actions=actions.astype(np.int64, copy=False), masks=masks,
                     behaviour_log_probs=log_probs, noise=noise, targets=targets,
-                    policy_version=int(msg.policy_version), actor_id=msg.actor_id)
+                    policy_version=int(msg.policy_version), actor_id=msg.actor_id, prior=bool(msg.prior))
+    if unroll.prior and not expect.conditional:
+        raise InvalidMessage("unexpected_field", "prior: prior programs are examples for program recovery, "
+                                                 "which needs a conditional run")
+    if unroll.prior and unroll.targets is not None and not np.array_equal(unroll.targets, unroll.final_canvases):
+        raise InvalidMessage("inconsistent", "targets: a prior program's targets must be its own final canvases")
     try:
         unroll.validate()
     except ValueError as exc:

@@ -61,6 +61,10 @@ LEARNER_FRAMES_TOTAL = Counter(
     "spiral_learner_frames_total", "Environment steps consumed by updates.", ["member"])
 LEARNER_TRAJECTORIES_TOTAL = Counter(
     "spiral_learner_trajectories_total", "Episodes received from actors and queued.", ["member"])
+LEARNER_PRIOR_EPISODES_TOTAL = Counter(
+    "spiral_learner_prior_episodes_total",
+    "Episodes of prior programs received from actors for program recovery (learner.hindsight_weight).",
+    ["member"])
 LEARNER_ACTOR_RESTARTS_TOTAL = Counter(
     "spiral_learner_actor_restarts_total",
     "Actors seen with a new run id (a restarted actor process), by the unrolls they send.", ["member"])

@@ -16,7 +16,7 @@ from spiral.v1 import parameters_pb2 as spiral_dot_v1_dot_parameters__pb2
 from spiral.v1 import tensor_pb2 as spiral_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17spiral/v1/learner.proto\x12\tspiral.v1\x1a\x1aspiral/v1/parameters.proto\x1a\x16spiral/v1/tensor.proto\"\xd8\x02\n\x06Unroll\x12\x10\n\x08\x61\x63tor_id\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\x0e\n\x06member\x18\x03 \x01(\x05\x12\x16\n\x0epolicy_version\x18\x04 \x01(\x03\x12\x12\n\nhead_names\x18\x05 \x03(\t\x12#\n\x08\x63\x61nvases\x18\x06 \x01(\x0b\x32\x11.spiral.v1.Tensor\x12\"\n\x07\x61\x63tions\x18\x07 \x01(\x0b\x32\x11.spiral.v1.Tensor\x12 \n\x05masks\x18\x08 \x01(\x0b\x32\x11.spiral.v1.Tensor\x12.\n\x13\x62\x65haviour_log_probs\x18\t \x01(\x0b\x32\x11.spiral.v1.Tensor\x12 \n\x05noise\x18\n \x01(\x0b\x32\x11.spiral.v1.Tensor\x12\'\n\x07targets\x18\x0b \x01(\x0b\x32\x11.spiral.v1.TensorH\x00\x88\x01\x01\x42\n\n\x08_targets\"_\n\rSubmitSummary\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x03\x12\x16\n\x0elatest_version\x18\x03 \x01(\x03J\x04\x08\x02\x10\x03J\x04\x08\x04\x10\x05R\x08rejectedR\x0elast_rejection\"\x0f\n\rStatusRequest\"\x85\x02\n\rLearnerStatus\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x0f\n\x07updates\x18\x02 \x01(\x03\x12\x0e\n\x06\x66rames\x18\x03 \x01(\x03\x12\x13\n\x0bqueue_depth\x18\x04 \x01(\x05\x12\x0e\n\x06member\x18\x05 \x01(\x05\x12\x46\n\x0fhyperparameters\x18\x06 \x03(\x0b\x32-.spiral.v1.LearnerStatus.HyperparametersEntry\x12\x1d\n\x15\x64iscriminator_version\x18\x07 \x01(\x03\x1a\x36\n\x14HyperparametersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x32\xb1\x02\n\rPolicyLearner\x12M\n\rGetParameters\x12\x1f.spiral.v1.GetParametersRequest\x1a\x19.spiral.v1.ParameterChunk0\x01\x12>\n\rSubmitUnrolls\x12\x11.spiral.v1.Unroll\x1a\x18.spiral.v1.SubmitSummary(\x01\x12<\n\x06Status\x12\x18.spiral.v1.StatusRequest\x1a\x18.spiral.v1.LearnerStatus\x12S\n\x10GetTrainingState\x12\".spiral.v1.GetTrainingStateRequest\x1a\x19.spiral.v1.ParameterChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17spiral/v1/learner.proto\x12\tspiral.v1\x1a\x1aspiral/v1/parameters.proto\x1a\x16spiral/v1/tensor.proto\"\xe7\x02\n\x06Unroll\x12\x10\n\x08\x61\x63tor_id\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\x0e\n\x06member\x18\x03 \x01(\x05\x12\x16\n\x0epolicy_version\x18\x04 \x01(\x03\x12\x12\n\nhead_names\x18\x05 \x03(\t\x12#\n\x08\x63\x61nvases\x18\x06 \x01(\x0b\x32\x11.spiral.v1.Tensor\x12\"\n\x07\x61\x63tions\x18\x07 \x01(\x0b\x32\x11.spiral.v1.Tensor\x12 \n\x05masks\x18\x08 \x01(\x0b\x32\x11.spiral.v1.Tensor\x12.\n\x13\x62\x65haviour_log_probs\x18\t \x01(\x0b\x32\x11.spiral.v1.Tensor\x12 \n\x05noise\x18\n \x01(\x0b\x32\x11.spiral.v1.Tensor\x12\'\n\x07targets\x18\x0b \x01(\x0b\x32\x11.spiral.v1.TensorH\x00\x88\x01\x01\x12\r\n\x05prior\x18\x0c \x01(\x08\x42\n\n\x08_targets\"_\n\rSubmitSummary\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x03\x12\x16\n\x0elatest_version\x18\x03 \x01(\x03J\x04\x08\x02\x10\x03J\x04\x08\x04\x10\x05R\x08rejectedR\x0elast_rejection\"\x0f\n\rStatusRequest\"\x85\x02\n\rLearnerStatus\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x0f\n\x07updates\x18\x02 \x01(\x03\x12\x0e\n\x06\x66rames\x18\x03 \x01(\x03\x12\x13\n\x0bqueue_depth\x18\x04 \x01(\x05\x12\x0e\n\x06member\x18\x05 \x01(\x05\x12\x46\n\x0fhyperparameters\x18\x06 \x03(\x0b\x32-.spiral.v1.LearnerStatus.HyperparametersEntry\x12\x1d\n\x15\x64iscriminator_version\x18\x07 \x01(\x03\x1a\x36\n\x14HyperparametersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x32\xb1\x02\n\rPolicyLearner\x12M\n\rGetParameters\x12\x1f.spiral.v1.GetParametersRequest\x1a\x19.spiral.v1.ParameterChunk0\x01\x12>\n\rSubmitUnrolls\x12\x11.spiral.v1.Unroll\x1a\x18.spiral.v1.SubmitSummary(\x01\x12<\n\x06Status\x12\x18.spiral.v1.StatusRequest\x1a\x18.spiral.v1.LearnerStatus\x12S\n\x10GetTrainingState\x12\".spiral.v1.GetTrainingStateRequest\x1a\x19.spiral.v1.ParameterChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -26,15 +26,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LEARNERSTATUS_HYPERPARAMETERSENTRY']._loaded_options = None
   _globals['_LEARNERSTATUS_HYPERPARAMETERSENTRY']._serialized_options = b'8\001'
   _globals['_UNROLL']._serialized_start=91
-  _globals['_UNROLL']._serialized_end=435
-  _globals['_SUBMITSUMMARY']._serialized_start=437
-  _globals['_SUBMITSUMMARY']._serialized_end=532
-  _globals['_STATUSREQUEST']._serialized_start=534
-  _globals['_STATUSREQUEST']._serialized_end=549
-  _globals['_LEARNERSTATUS']._serialized_start=552
-  _globals['_LEARNERSTATUS']._serialized_end=813
-  _globals['_LEARNERSTATUS_HYPERPARAMETERSENTRY']._serialized_start=759
-  _globals['_LEARNERSTATUS_HYPERPARAMETERSENTRY']._serialized_end=813
-  _globals['_POLICYLEARNER']._serialized_start=816
-  _globals['_POLICYLEARNER']._serialized_end=1121
+  _globals['_UNROLL']._serialized_end=450
+  _globals['_SUBMITSUMMARY']._serialized_start=452
+  _globals['_SUBMITSUMMARY']._serialized_end=547
+  _globals['_STATUSREQUEST']._serialized_start=549
+  _globals['_STATUSREQUEST']._serialized_end=564
+  _globals['_LEARNERSTATUS']._serialized_start=567
+  _globals['_LEARNERSTATUS']._serialized_end=828
+  _globals['_LEARNERSTATUS_HYPERPARAMETERSENTRY']._serialized_start=774
+  _globals['_LEARNERSTATUS_HYPERPARAMETERSENTRY']._serialized_end=828
+  _globals['_POLICYLEARNER']._serialized_start=831
+  _globals['_POLICYLEARNER']._serialized_end=1136
 # @@protoc_insertion_point(module_scope)

@@ -10,7 +10,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Unroll(_message.Message):
-    __slots__ = ("actor_id", "run_id", "member", "policy_version", "head_names", "canvases", "actions", "masks", "behaviour_log_probs", "noise", "targets")
+    __slots__ = ("actor_id", "run_id", "member", "policy_version", "head_names", "canvases", "actions", "masks", "behaviour_log_probs", "noise", "targets", "prior")
     ACTOR_ID_FIELD_NUMBER: _ClassVar[int]
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     MEMBER_FIELD_NUMBER: _ClassVar[int]
@@ -22,6 +22,7 @@ class Unroll(_message.Message):
     BEHAVIOUR_LOG_PROBS_FIELD_NUMBER: _ClassVar[int]
     NOISE_FIELD_NUMBER: _ClassVar[int]
     TARGETS_FIELD_NUMBER: _ClassVar[int]
+    PRIOR_FIELD_NUMBER: _ClassVar[int]
     actor_id: str
     run_id: str
     member: int
@@ -33,7 +34,8 @@ class Unroll(_message.Message):
     behaviour_log_probs: _tensor_pb2.Tensor
     noise: _tensor_pb2.Tensor
     targets: _tensor_pb2.Tensor
-    def __init__(self, actor_id: _Optional[str] = ..., run_id: _Optional[str] = ..., member: _Optional[int] = ..., policy_version: _Optional[int] = ..., head_names: _Optional[_Iterable[str]] = ..., canvases: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., actions: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., masks: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., behaviour_log_probs: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., noise: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., targets: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
+    prior: bool
+    def __init__(self, actor_id: _Optional[str] = ..., run_id: _Optional[str] = ..., member: _Optional[int] = ..., policy_version: _Optional[int] = ..., head_names: _Optional[_Iterable[str]] = ..., canvases: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., actions: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., masks: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., behaviour_log_probs: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., noise: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., targets: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., prior: _Optional[bool] = ...) -> None: ...
 
 class SubmitSummary(_message.Message):
     __slots__ = ("accepted", "latest_version")
