@@ -32,6 +32,7 @@ from discriminator.training import DiscriminatorTrainer
 from spiral.agent.training_state import CopyRequest, CopySlot
 from spiral.runtime import metrics
 from spiral.runtime.checkpoint import latest_checkpoint, save_checkpoint
+from spiral.runtime.device import training_device
 from spiral.config import ExperimentConfig
 from spiral.nets import build_discriminator
 from spiral.nets.params import snapshot_of
@@ -56,12 +57,15 @@ class DiscriminatorLearner:
         real_images: Training images (uint8 ``[N, H, W, C]``) for unconditional runs.
         renders: The replay buffer (or anything that samples renders).
         member: Population member index (metric label).
-        device: Torch device.
+        device: Torch device (checked to exist here, :func:`~spiral.runtime.device.training_device`).
         seed: Seed of the real-image sampler.
+
+    Raises:
+        spiral.runtime.device.DeviceUnavailable: ``device`` is missing on this machine.
     """
 
     def __init__(self, cfg: ExperimentConfig, run_dir: Path, real_images: np.ndarray, renders: RenderSampler,
-                 member: int = 0, device: str = "cpu", seed: int = 0) -> None:
+                 member: int = 0, device: str | torch.device = "cpu", seed: int = 0) -> None:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.checkpoint_dir = self.run_dir / "discriminator"
@@ -69,6 +73,7 @@ class DiscriminatorLearner:
         self.real_images = real_images
         self.renders = renders
         self.rng = np.random.default_rng(seed)
+        device = training_device(device, "discriminator device")
         with torch.random.fork_rng(devices=[]):  # the seed picks the initial weights
             torch.manual_seed(seed)
             self.discriminator = build_discriminator(cfg).to(device)

@@ -23,7 +23,8 @@ from spiral.rpc.contract import declare_process_contract
 from spiral.rpc.peers import RemoteRenderSampler
 from spiral.rpc.server import build_server
 from spiral.runtime.seeding import discriminator_seed
-from spiral.runtime.service_options import add_service_arguments, resolve_service_options
+from spiral.runtime.service_options import add_device_argument, add_service_arguments, resolve_device, \
+    resolve_service_options
 from spiral.runtime.service_runtime import start_process
 
 log = logging.getLogger(__name__)
@@ -31,11 +32,12 @@ log = logging.getLogger(__name__)
 
 def register(parser: argparse.ArgumentParser) -> None:
     add_service_arguments(parser)
-    parser.add_argument("--device", default="cpu", help="torch device for updates (cpu, cuda, cuda:1)")
+    add_device_argument(parser, "discriminator updates")
 
 
 def run(args: argparse.Namespace) -> int:
     opts = resolve_service_options("discriminator", args)
+    device = resolve_device("discriminator", args)  # a GPU asked for and missing stops the process here
     cfg = opts.config
     declare_process_contract(cfg)  # peers of another experiment are refused, and refuse this one
     guard = GuardedLoop("discriminator", "discriminator updates", cfg.discriminator_learner.stall_seconds,
@@ -45,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     # Sample as this member: a member's replay buffer refuses another member's requests.
     sampler = RemoteRenderSampler(cfg.services.replay_address, cfg.services, member=opts.member)
     learner = DiscriminatorLearner(cfg, opts.run_dir, dataset.images, sampler, member=opts.member,
-                                   device=args.device, seed=discriminator_seed(cfg.seed, opts.member))
+                                   device=device, seed=discriminator_seed(cfg.seed, opts.member))
     serves = cfg.pbt.served_members(opts.member)
     servicer = DiscriminatorLearnerServicer(learner, member=opts.member, serves=serves)
     if len(serves) > 1:

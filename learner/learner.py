@@ -36,6 +36,7 @@ from learner.ingest import IngestQueue, PriorPool
 from learner.training import PolicyTrainer
 from spiral.runtime import metrics
 from spiral.runtime.checkpoint import latest_checkpoint, save_checkpoint
+from spiral.runtime.device import training_device
 from spiral.nets.compilation import persist_compile_cache
 from spiral.runtime.atomic import atomic_write_bytes
 from spiral.config import ExperimentConfig
@@ -92,29 +93,32 @@ class PolicyLearner:
         member: Population member index (metric label).
         discriminator_source: Where discriminator parameters come from (None: reward without
             the discriminator's term).
-        device: Torch device for updates.
+        device: Torch device for updates (checked to exist here, :func:`~spiral.runtime.device.training_device`).
+
+    Raises:
+        spiral.runtime.device.DeviceUnavailable: ``device`` is missing on this machine.
     """
 
     def __init__(self, cfg: ExperimentConfig, run_dir: Path, member: int = 0,
-                 discriminator_source: ParameterSource | None = None, device: str = "cpu") -> None:
+                 discriminator_source: ParameterSource | None = None, device: str | torch.device = "cpu") -> None:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.checkpoint_dir = self.run_dir / "learner"
         self.samples_dir = self.run_dir / "samples"
         self.member = str(member)
-        self.device = device
+        self.device = training_device(device, "learner device")
         with torch.random.fork_rng(devices=[]):  # the experiment's seed picks the initial weights
             torch.manual_seed(learner_seed(cfg.seed, member))
-            self.policy = build_policy(cfg).to(device)
-        self.discriminator = build_discriminator(cfg).to(device).eval()
+            self.policy = build_policy(cfg).to(self.device)
+        self.discriminator = build_discriminator(cfg).to(self.device).eval()
         """The copy of the discriminator that scores episodes (refreshed before each update)."""
         self.discriminator_version = 0
         """Its version (0: none received yet, and the reward has no discriminator term)."""
         self.discriminator_source = discriminator_source
         if cfg.learner.compile:
             persist_compile_cache(self.run_dir)
-        self.trainer = PolicyTrainer(cfg, self.policy, device=device)
-        log.info("policy updates on %s in %s%s", device, self.trainer.precision,
+        self.trainer = PolicyTrainer(cfg, self.policy, device=self.device)
+        log.info("policy updates on %s in %s%s", self.device, self.trainer.precision,
                  ", unroll compiled" if cfg.learner.compile else "")
         self.queue = IngestQueue(cfg.learner.queue_capacity)
         self.prior_pool = PriorPool(cfg.learner.hindsight_prior_episodes if cfg.learner.hindsight_weight > 0 else 0)

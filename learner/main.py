@@ -23,7 +23,8 @@ from spiral.runtime.guarded_loop import GuardedLoop
 from spiral.rpc.contract import declare_process_contract
 from spiral.rpc.peers import RemoteParameterSource
 from spiral.rpc.server import build_server
-from spiral.runtime.service_options import add_service_arguments, resolve_service_options
+from spiral.runtime.service_options import add_device_argument, add_service_arguments, resolve_device, \
+    resolve_service_options
 from spiral.runtime.service_runtime import start_process
 
 log = logging.getLogger(__name__)
@@ -42,11 +43,12 @@ def make_population_member(learner: PolicyLearner, member: int, cfg: ExperimentC
 
 def register(parser: argparse.ArgumentParser) -> None:
     add_service_arguments(parser)
-    parser.add_argument("--device", default="cpu", help="torch device for updates (cpu, cuda, cuda:1)")
+    add_device_argument(parser, "policy updates")
 
 
 def run(args: argparse.Namespace) -> int:
     opts = resolve_service_options("learner", args)
+    device = resolve_device("learner", args)  # a GPU asked for and missing stops the process here
     cfg = opts.config
     declare_process_contract(cfg)  # peers of another experiment are refused, and refuse this one
     guard = GuardedLoop("learner", "policy learner updates", cfg.learner.stall_seconds,
@@ -58,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
                                                  member=opts.member, call_timeout=cfg.services.call_timeout_seconds,
                                                  unavailable_retry_seconds=0.2)
     learner = PolicyLearner(cfg, opts.run_dir, member=opts.member, discriminator_source=discriminator_source,
-                            device=args.device)
+                            device=device)
     population = make_population_member(learner, opts.member, cfg)
     servicer = PolicyLearnerServicer(learner, member=opts.member)
     server = build_server([servicer.binding()], opts.listen, cfg.services)

@@ -39,7 +39,8 @@ from spiral.commands.cli import SUBCOMMANDS
 from spiral.commands.config import resolved_yaml
 from spiral.config import load_experiment, resolve_experiment, to_dict
 from spiral.runtime.metrics import metric_names
-from spiral.runtime.service_options import DEFAULT_METRICS_PORT, DEFAULT_PORTS, ENV_VARS
+from spiral.commands.layout import LEARNER_ROLES
+from spiral.runtime.service_options import DEFAULT_DEVICE, DEFAULT_METRICS_PORT, DEFAULT_PORTS, ENV_VARS
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -316,6 +317,53 @@ def test_overlay_hardware_replicas_and_images(overlay: str) -> None:
     assert all(gpu_limit(c) == 0 for c in containers(actor)), "actors render on CPU nodes"
     assert actor["spec"]["template"]["spec"]["containers"][0]["image"].endswith("-cpu")
     assert len({t.rsplit("-", 1)[0] for t in tags}) == 1, f"one release for every image: {images}"
+
+
+GPU_COMPONENT = DEPLOY / "components" / "gpu"
+
+
+def includes_gpu_component(directory: Path) -> bool:
+    """Whether the kustomization in ``directory`` uses the ``gpu`` component, itself or through
+    a base it builds on (``celeba-shared`` is ``celeba`` plus a component)."""
+    kustomization = yaml.safe_load((directory / "kustomization.yaml").read_text())
+    for entry in [*kustomization.get("components", []), *kustomization.get("resources", [])]:
+        path = (directory / entry).resolve()
+        if path == GPU_COMPONENT.resolve():
+            return True
+        if (path / "kustomization.yaml").exists() and includes_gpu_component(path):
+            return True
+    return False
+
+
+def test_the_gpu_component_scan_sees_it_directly_and_through_a_base() -> None:
+    overlays = DEPLOY / "overlays"
+    assert includes_gpu_component(overlays / "mnist") and includes_gpu_component(overlays / "celeba-shared")
+    assert not includes_gpu_component(overlays / "kind") and includes_gpu_component(_pbt_test_overlay())
+
+
+def device_of(container: dict[str, Any]) -> str:
+    """The torch device a container's learner trains on: ``SPIRAL_DEVICE``, else the default."""
+    return env_of(container).get("SPIRAL_DEVICE") or DEFAULT_DEVICE
+
+
+@pytest.mark.parametrize("overlay", ALL_RENDERS)
+def test_learners_train_on_cuda_exactly_where_the_gpu_component_gives_them_a_gpu(overlay: str) -> None:
+    docs = rendered(overlay)
+    directory = _pbt_test_overlay() if overlay == "pbt-test" else DEPLOY / "overlays" / overlay
+    expected = "cuda" if includes_gpu_component(directory) else "cpu"
+    learners = 0
+    for workload in workloads(docs):
+        for container in containers(workload):
+            role, device = role_of(container), device_of(container)
+            where = f"{overlay}: {workload['metadata']['name']}/{container['name']}"
+            if role in LEARNER_ROLES:
+                learners += 1
+                assert device == expected, f"{where} trains on {device}, expected {expected}"
+                assert (gpu_limit(container) > 0) == (device == "cuda"), \
+                    f"{where}: a GPU limit without training on it, or cuda without a GPU"
+            else:
+                assert "SPIRAL_DEVICE" not in env_of(container), f"{where}: `spiral {role}` has no device to choose"
+    assert learners >= 2
 
 
 def test_celeba_overlay_runs_the_papers_celeba_settings_with_its_dataset() -> None:

@@ -4,7 +4,7 @@
 service process (each member's replay buffer, discriminator learner, policy learner and
 actors; with a population, the PBT controller and its ``members.json``), every one bound to
 127.0.0.1 on a port that :func:`free_port` found free, with the ``spiral ROLE`` arguments that
-point it at its peers. Nothing is started here: :class:`spiral.commands.supervisor.Supervisor`
+point it at its peers and, for the two learners, the device they train on (actors act on the CPU). Nothing is started here: :class:`spiral.commands.supervisor.Supervisor`
 runs a layout, and :func:`spiral.commands.status.take_snapshot` reads its metrics endpoints.
 """
 
@@ -61,9 +61,16 @@ class Layout:
         return next(p.grpc_address for p in self.processes if p.role == role and p.member == member)
 
 
+LEARNER_ROLES = ("learner", "discriminator")
+"""The roles that train, and so take ``--device``."""
+
+
 def plan_layout(cfg: ExperimentConfig, config_path: Path, run_dir: Path, num_actors: int,
-                population: int) -> Layout:
+                population: int, device: str = "cpu") -> Layout:
     """Assign ports and command lines to every process of the system.
+
+    Each member's policy and discriminator learners train on ``device`` (``--device``); the
+    actors, the replay buffers and the PBT controller run without one.
 
     With ``cfg.pbt.shared_discriminator`` and ``population > 1``, member 0's replay buffer and
     discriminator are the only ones: every member's learner and actors are pointed at them, and
@@ -98,7 +105,7 @@ def plan_layout(cfg: ExperimentConfig, config_path: Path, run_dir: Path, num_act
             layout.processes.append(ProcessSpec(
                 role=role, member=member, name=f"{role}{suffix}", grpc_address=addresses[role], metrics_port=port,
                 args=[role, *common, "--run-dir", str(member_dir), "--listen", addresses[role],
-                      "--metrics-port", str(port), *peers],
+                      "--metrics-port", str(port), *peers, *(["--device", device] if role in LEARNER_ROLES else [])],
                 log_path=logs / f"{role}{suffix}.log"))
         for i in range(num_actors):
             port = free_port()

@@ -46,6 +46,7 @@ from spiral.runtime.guarded_loop import GuardedLoop
 from spiral.nets import build_policy
 from spiral.runtime.run_config import record_run_config
 from spiral.runtime.seeding import actor_seed, discriminator_seed, replay_seed
+from spiral.runtime.service_options import add_device_argument, device_problem
 from spiral.runtime.service_runtime import ProgressLog
 
 log = logging.getLogger(__name__)
@@ -139,7 +140,7 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--actors", type=int, default=1, help="actors, each with actor.num_envs environments")
     parser.add_argument("--minutes", type=float, default=0.0, help="stop after this many minutes (0: until Ctrl-C)")
     parser.add_argument("--updates", type=int, default=0, help="stop after this many learner updates (0: no limit)")
-    parser.add_argument("--device", default="cpu", help="torch device of both learners (cpu, cuda)")
+    add_device_argument(parser, "policy and discriminator learners (actors act on the CPU)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -147,6 +148,10 @@ def run(args: argparse.Namespace) -> int:
                         format="%(asctime)s local %(levelname)s %(name)s: %(message)s")
     if args.actors < 1:
         print(f"spiral local: --actors must be >= 1, got {args.actors}", file=sys.stderr)
+        return 2
+    device, problem = device_problem(args)
+    if problem:
+        print(f"spiral local: {problem}", file=sys.stderr)
         return 2
     try:
         experiment = resolve_experiment(experiment_path(args.config), override_items(args))
@@ -158,7 +163,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     guard = GuardedLoop("local", "local system loop", max(cfg.learner.stall_seconds, cfg.actor.stall_seconds),
                         linger_seconds=0)
-    system = LocalSystem(cfg, run_dir, args.actors, device=args.device, stop=guard.stop_event)
+    system = LocalSystem(cfg, run_dir, args.actors, device=device, stop=guard.stop_event)
     log.info("one process: %d actor(s) x %d environments, learner and discriminator at versions %d / %d; "
              "writing %s", args.actors, cfg.actor.num_envs, system.learner.version, system.discriminator.version,
              run_dir)

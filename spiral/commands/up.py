@@ -26,6 +26,10 @@ the value is YAML: ``--set learner.reward.band=[-5,5] --set env.conditional=fals
 ``--seed N`` is ``--set seed=N``. A run directory that already holds a run is resumed only with
 the same experiment: started with other settings it is refused, naming the fields that differ.
 
+``--device cuda`` (or ``SPIRAL_DEVICE=cuda``) puts both learners of every member on the GPU; the
+actors act on the CPU whatever it says. A GPU that this machine lacks is refused before any
+process starts.
+
 With ``--shared-discriminator`` (or ``pbt.shared_discriminator``) a population runs SPIRAL++'s
 population discriminator: one replay buffer and one discriminator, member 0's, serve every
 member. Every member's learner scores with that discriminator and every member's actors insert
@@ -52,6 +56,7 @@ from spiral.commands.status import format_status, take_snapshot
 from spiral.commands.supervisor import Supervisor
 from spiral.config import ConfigError, experiment_path, resolve_experiment
 from spiral.runtime.run_config import RunConfigMismatch, record_run_config
+from spiral.runtime.service_options import add_device_argument, device_problem
 
 
 def default_actors(cores: int | None = None) -> int:
@@ -79,6 +84,7 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shared-discriminator", action=argparse.BooleanOptionalAction, default=None,
                         help="population: one discriminator and replay buffer (member 0's) serve every member "
                              "(default: the config's pbt.shared_discriminator)")
+    add_device_argument(parser, "policy and discriminator learners (actors act on the CPU)")
     parser.add_argument("--duration", type=float, default=0.0, help="stop after this many seconds (0: until Ctrl-C)")
     parser.add_argument("--status-every", type=float, default=2.0, help="seconds between status lines")
     parser.add_argument("--no-restart", action="store_true", help="do not restart processes that exit")
@@ -96,6 +102,10 @@ def run(args: argparse.Namespace) -> int:
     if actors < 1:
         print("spiral up: --actors must be >= 1", file=sys.stderr)
         return 2
+    device, problem = device_problem(args)
+    if problem:
+        print(f"spiral up: {problem}", file=sys.stderr)
+        return 2
     try:
         experiment = resolve_experiment(config_path, override_items(args))
         cfg = experiment.config
@@ -106,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     population = cfg.pbt.population_size
 
-    layout = plan_layout(cfg, resolved.resolve(), run_dir.resolve(), actors, population)
+    layout = plan_layout(cfg, resolved.resolve(), run_dir.resolve(), actors, population, device=device)
     supervisor = Supervisor(layout, run_dir, restart=not args.no_restart)
     stopping = {"flag": False}
 
@@ -115,8 +125,8 @@ def run(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
-    print(f"spiral up: {len(layout.processes)} processes ({actors} actor{'s' if actors > 1 else ''} per member), "
-          f"run directory {run_dir} "
+    print(f"spiral up: {len(layout.processes)} processes ({actors} actor{'s' if actors > 1 else ''} per member, "
+          f"learners on {device}), run directory {run_dir} "
           f"(cluster.json, logs/); Ctrl-C stops", flush=True)
     board_dir = run_dir / "tensorboard" if population == 1 else run_dir  # members: member-N/tensorboard/
     print(f"spiral up: tensorboard --logdir {board_dir}", flush=True)

@@ -21,6 +21,7 @@ flag                        environment variable            meaning
 ``--replay-address``        ``SPIRAL_REPLAY_ADDRESS``       overrides ``services.replay_address``
 ``--pbt-address``           ``SPIRAL_PBT_ADDRESS``          overrides ``services.pbt_address``
 ``--shared-discriminator``  ``SPIRAL_SHARED_DISCRIMINATOR`` overrides ``pbt.shared_discriminator``
+``--device``                ``SPIRAL_DEVICE``               learners only: torch device of the updates
 =========================== =============================== =======================================
 
 ``--set FIELD=VALUE`` overrides one setting of the experiment, named by its dotted path; the
@@ -40,6 +41,12 @@ A peer address may contain ``{member}``, replaced by the member index: in Kubern
 *i* of each member StatefulSet finds its own member's services as
 ``spiral-discriminator-{member}.spiral-discriminator:50052``.
 
+``SPIRAL_DEVICE`` is ``cpu`` (the default), ``cuda`` or ``cuda:N``; only the two learners read it
+(:func:`add_device_argument`, :func:`resolve_device`), and actors always act on the CPU. The
+``gpu`` Kubernetes component sets it to ``cuda`` on both learners' containers. A learner asked
+for a GPU that this machine does not have stops at start with a message that says so
+(:func:`spiral.runtime.device.training_device`); it never trains on the CPU instead.
+
 Default ports: learner 50051, discriminator 50052, replay buffer 50053, PBT controller 50054;
 metrics 9000 (one process per pod in Kubernetes; ``spiral up`` gives each process its own).
 """
@@ -58,6 +65,8 @@ from spiral.config import OVERRIDES_ENV_VAR, ConfigError, ExperimentConfig, expe
 
 DEFAULT_PORTS = {"learner": 50051, "discriminator": 50052, "replaybuffer": 50053, "pbt-controller": 50054}
 DEFAULT_METRICS_PORT = 9000
+DEFAULT_DEVICE = "cpu"
+"""Where a learner trains when neither ``--device`` nor ``SPIRAL_DEVICE`` says."""
 
 ENV_VARS = {
     "config": "SPIRAL_CONFIG",
@@ -73,6 +82,7 @@ ENV_VARS = {
     "replay_address": "SPIRAL_REPLAY_ADDRESS",
     "pbt_address": "SPIRAL_PBT_ADDRESS",
     "shared_discriminator": "SPIRAL_SHARED_DISCRIMINATOR",
+    "device": "SPIRAL_DEVICE",
 }
 """Option name -> environment variable read when the flag is absent."""
 
@@ -114,6 +124,55 @@ def add_service_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shared-discriminator", action=argparse.BooleanOptionalAction, default=None,
                         help="population: one discriminator and replay buffer (member 0's) serve every member "
                              "(overrides pbt.shared_discriminator) [SPIRAL_SHARED_DISCRIMINATOR]")
+
+
+def add_device_argument(parser: argparse.ArgumentParser, trains: str = "updates") -> None:
+    """Add ``--device`` (what a command that trains reads; actors have none)."""
+    parser.add_argument("--device", help=f"torch device of the {trains}: cpu (default), cuda or cuda:N; a GPU that "
+                                         f"is missing stops it at start [{ENV_VARS['device']}]")
+
+
+def device_setting(args: argparse.Namespace) -> tuple[str, str]:
+    """The device asked for (``--device``, else ``SPIRAL_DEVICE``, else ``cpu``) and where that came from."""
+    flag = getattr(args, "device", None)
+    if flag:
+        return str(flag), "--device"
+    variable = os.environ.get(ENV_VARS["device"], "").strip()
+    if variable:
+        return variable, ENV_VARS["device"]
+    return DEFAULT_DEVICE, "the default device"
+
+
+def device_problem(args: argparse.Namespace) -> tuple[str, str | None]:
+    """The device asked for (:func:`device_setting`) and why this machine cannot train on it (None: it can).
+
+    ``cpu`` is always there (torch is not even imported for it); any other name is checked by
+    :func:`spiral.runtime.device.training_device`, so ``spiral up`` and ``spiral local`` refuse a
+    missing GPU before starting anything, with the message a learner would give.
+    """
+    name, source = device_setting(args)
+    if name == DEFAULT_DEVICE:
+        return name, None
+    from spiral.runtime.device import DeviceUnavailable, training_device  # torch: only where a GPU is asked for
+
+    try:
+        training_device(name, source)
+    except DeviceUnavailable as exc:
+        return name, str(exc)
+    return name, None
+
+
+def resolve_device(role: str, args: argparse.Namespace) -> str:
+    """The device a learner process trains on, checked to exist on this machine (:func:`device_problem`).
+
+    Raises:
+        SystemExit: Naming the flag or variable, when the device is not one a learner can use or
+            this machine lacks it; the learner never trains on the CPU instead.
+    """
+    name, problem = device_problem(args)
+    if problem:
+        raise SystemExit(f"spiral {role}: {problem}")
+    return name
 
 
 def _pick(args: argparse.Namespace, name: str) -> str | None:
