@@ -41,6 +41,7 @@ from spiral.losses import (gradient_penalty, level_penalty, nonsaturating_discri
 from spiral.nets import images_to_tensor
 from spiral.nets.discriminator import Discriminator
 from spiral.nets.precision import autocast, resolve_precision
+from spiral.runtime.device import read_floats, training_device
 from spiral.agent.training_state import (DISCRIMINATOR_STATE_NAME, check_training_state, export_training_state,
                                          import_training_state)
 
@@ -74,14 +75,14 @@ class DiscriminatorTrainer:
     Args:
         cfg: The experiment.
         discriminator: The discriminator to train (moved to ``device``).
-        device: Torch device.
+        device: Torch device (checked to exist, :func:`~spiral.runtime.device.training_device`).
         seed: Seed of the gradient-penalty interpolation and of the complement halves.
     """
 
     def __init__(self, cfg: ExperimentConfig, discriminator: Discriminator, device: str | torch.device = "cpu",
                  seed: int = 0) -> None:
         self.cfg = cfg
-        self.device = torch.device(device)
+        self.device = training_device(device, "discriminator trainer device")
         self.discriminator = discriminator.to(self.device)
         dc = cfg.discriminator_learner
         self.optimizer = torch.optim.Adam(self.discriminator.parameters(), lr=dc.learning_rate,
@@ -97,10 +98,12 @@ class DiscriminatorTrainer:
             raise ValueError(f"{name} must be uint8 [B, H, W, C], got {images.dtype} {list(images.shape)}")
         if like is not None and images.shape != like:
             raise ValueError(f"{name} has shape {list(images.shape)}; expected {list(like)} like the real images")
-        return images_to_tensor(images).to(self.device)
+        return images_to_tensor(images, self.device)  # uint8 across, from pinned memory on CUDA
 
     def update(self, real: np.ndarray, fake: np.ndarray, fake_targets: np.ndarray | None = None) -> DiscriminatorUpdateStats:
         """One step of the discriminator's loss on uint8 ``[B, H, W, C]`` batches.
+
+        The host waits for the device once, at the end, to read the step's figures.
 
         Args:
             real: Real images.
@@ -142,11 +145,10 @@ class DiscriminatorTrainer:
         loss.backward()
         self.optimizer.step()
         d_real, d_fake = d_real.detach(), d_fake.detach()
-        return DiscriminatorUpdateStats(loss=float(loss.detach()), gp=float(gp.detach()),
-                                        d_real=float(d_real.mean()), d_fake=float(d_fake.mean()),
-                                        wasserstein=float(wasserstein_estimate(d_real, d_fake)),
-                                        level=float(0.5 * (d_real.mean() + d_fake.mean())),
-                                        level_penalty=float(level.detach()))
+        return DiscriminatorUpdateStats(**read_floats({
+            "loss": loss, "gp": gp, "d_real": d_real.mean(), "d_fake": d_fake.mean(),
+            "wasserstein": wasserstein_estimate(d_real, d_fake), "level": 0.5 * (d_real.mean() + d_fake.mean()),
+            "level_penalty": level}))
 
     def state_dict(self) -> dict[str, Any]:
         """Discriminator weights (under ``critic``, :data:`DISCRIMINATOR_STATE_NAME`) and optimiser state."""

@@ -44,9 +44,10 @@ from spiral.nets.discriminator import Discriminator
 from spiral.nets.policy import SpiralPolicy, UnrollOutput
 from spiral.nets.compilation import maybe_compile
 from spiral.nets.precision import autocast, resolve_precision
-from spiral.agent.rewards import RewardFunction
+from spiral.agent.rewards import RewardFunction, RewardParts
 from spiral.agent.training_state import check_training_state, export_training_state, import_training_state
 from spiral.agent.trajectory import Unroll, join_observations
+from spiral.runtime.device import host_to_device, read_floats, training_device
 
 
 @dataclass
@@ -109,9 +110,10 @@ class PolicyUpdateStats:
     recovery_episodes: float = 0.0
 
 
-_REWARD_PARTS = ("reward_critic", "reward_l2", "reward_blank", "reward_stroke", "discriminator_score_empty",
-                 "normalizer_mean", "normalizer_std")
-"""Fields of :class:`PolicyUpdateStats` copied from the reward's parts (:class:`RewardFunction`)."""
+_REWARD_PARTS = ("reconstruction_l2", "discriminator_score", "blank_fraction", "paint_fraction", "reward_critic",
+                 "reward_l2", "reward_blank", "reward_stroke", "discriminator_score_empty", "normalizer_mean",
+                 "normalizer_std")
+"""Fields of :class:`PolicyUpdateStats` copied from the reward's parts (:class:`RewardFunction`; NaN where absent)."""
 
 
 class PolicyTrainer:
@@ -121,12 +123,12 @@ class PolicyTrainer:
         cfg: The experiment (``cfg.learner`` holds Adam's settings, the costs and V-trace's
             thresholds; ``cfg.learner.reward`` the reward weights).
         policy: The policy to train (moved to ``device``).
-        device: Torch device of the update.
+        device: Torch device of the update (checked to exist, :func:`~spiral.runtime.device.training_device`).
     """
 
     def __init__(self, cfg: ExperimentConfig, policy: SpiralPolicy, device: str | torch.device = "cpu") -> None:
         self.cfg = cfg
-        self.device = torch.device(device)
+        self.device = training_device(device, "policy trainer device")
         self.policy = policy.to(self.device)
         lc = cfg.learner
         self._learning_rate = float(lc.learning_rate)
@@ -192,10 +194,10 @@ class PolicyTrainer:
         one optimiser step on them (with program recovery on them and on ``prior``'s episodes
         when ``learner.hindsight_weight`` is set)."""
         unroll.validate()
-        rewards, parts = self.rewards(unroll, discriminator)
+        rewards, parts = self.rewards.score(unroll, discriminator)  # parts read back with the update's figures
         return self.learn(unroll, rewards, parts, discriminator_version, prior=prior)
 
-    def learn(self, unroll: Unroll, rewards: torch.Tensor, parts: dict[str, float] | None = None,
+    def learn(self, unroll: Unroll, rewards: torch.Tensor, parts: RewardParts | Mapping[str, float] | None = None,
               discriminator_version: int = 0, prior: Unroll | None = None) -> PolicyUpdateStats:
         """One optimiser step on ``unroll`` with the given per-step ``rewards`` ``[T, B]``.
 
@@ -203,6 +205,10 @@ class PolicyTrainer:
         episode's own actions given its own final canvas as the target, for ``unroll``'s
         episodes and for ``prior``'s (episodes of prior programs, :attr:`Unroll.prior`): the
         relabelled episodes go through the same (possibly compiled) unroll call as the batch.
+
+        On CUDA the episodes are copied from pinned memory without waiting, and the host does
+        not wait for the device until the update is queued: its figures (and the reward's
+        ``parts``, floats or tensors) are read back together at the end, in one transfer.
         """
         lc = self.cfg.learner
         t, b = unroll.num_steps, unroll.batch_size
@@ -219,10 +225,13 @@ class PolicyTrainer:
         if recovered:
             observations = join_observations([observations, *(r.observations() for r in recovered)])
             all_actions = np.concatenate([unroll.actions, *(r.actions for r in recovered)], axis=1)
-        inputs = observation_to_tensors(observations).to(device)
-        actions = torch.from_numpy(np.ascontiguousarray(all_actions)).long().to(device)
-        self.policy.check_unroll(inputs, actions)  # eagerly: the (possibly compiled) unroll does not branch on data
-        behaviour = torch.from_numpy(np.ascontiguousarray(unroll.behaviour_log_probs)).float().to(device)
+        inputs = observation_to_tensors(observations, device)
+        host_actions = torch.from_numpy(np.ascontiguousarray(all_actions)).long()
+        # Eagerly (the possibly compiled unroll does not branch on data), and on the host copy:
+        # checking the actions' range on the device would wait for it.
+        self.policy.check_unroll(inputs, host_actions)
+        actions = host_to_device(host_actions, device)
+        behaviour = host_to_device(torch.from_numpy(np.ascontiguousarray(unroll.behaviour_log_probs)).float(), device)
         rewards = rewards.to(device=device, dtype=torch.float32)
 
         with autocast(self.precision, device):  # log-probs, entropies and values come out fp32
@@ -250,20 +259,14 @@ class PolicyTrainer:
         if self.average is not None:
             self.average.update_parameters(self.policy)
 
+        figures = read_floats({  # the update's one wait for the device
+            "loss": loss, "pg_loss": pg, "baseline_loss": base, "entropy_loss": ent,
+            "mean_reward": rewards.sum(0).mean(), "mean_rho": returns.rhos.mean(), "clip_fraction": 1.0 - kept.mean(),
+            "grad_norm": grad_norm, "mean_entropy": out.entropy.detach().mean(), "recovery_loss": recovery,
+            **{name: parts.get(name, math.nan) for name in _REWARD_PARTS}})
         return PolicyUpdateStats(
-            loss=float(loss.detach()), pg_loss=float(pg.detach()), baseline_loss=float(base.detach()),
-            entropy_loss=float(ent.detach()), mean_reward=float(rewards.sum(0).mean()),
-            reconstruction_l2=float(parts.get("reconstruction_l2", math.nan)),
-            discriminator_score=float(parts.get("discriminator_score", math.nan)),
-            mean_rho=float(returns.rhos.mean()), clip_fraction=float(1.0 - kept.mean()), grad_norm=float(grad_norm),
-            discriminator_version=float(discriminator_version), learning_rate=self._learning_rate,
-            entropy_cost=self._entropy_cost, mean_entropy=float(out.entropy.detach().mean()),
-            blank_fraction=float(parts.get("blank_fraction", math.nan)),
-            paint_fraction=float(parts.get("paint_fraction", math.nan)),
-            **{name: float(parts.get(name, math.nan)) for name in _REWARD_PARTS},
-            recovery_loss=float(recovery.detach()),
-            recovery_episodes=float(everything.log_prob.shape[1] - b),
-        )
+            **figures, discriminator_version=float(discriminator_version), learning_rate=self._learning_rate,
+            entropy_cost=self._entropy_cost, recovery_episodes=float(everything.log_prob.shape[1] - b))
 
     def _recovery_episodes(self, unroll: Unroll, prior: Unroll | None) -> list[Unroll]:
         """Program recovery's examples: ``unroll`` relabelled with its own final canvases as

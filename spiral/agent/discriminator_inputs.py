@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from spiral.config import ExperimentConfig
+from spiral.runtime.device import host_to_device
 
 HALVES = ("left", "right", "top", "bottom")
 """The complement discriminator's masks: the half of the image that shows the render."""
@@ -40,9 +41,11 @@ def random_halves(generator: np.random.Generator, count: int) -> np.ndarray:
 
 def half_masks(halves: np.ndarray | torch.Tensor, size: int, device: str | torch.device = "cpu") -> torch.Tensor:
     """``[B, 1, size, size]`` float masks: 1 on the chosen half of each image, 0 elsewhere."""
-    halves = torch.as_tensor(np.asarray(halves), dtype=torch.long, device=device)
-    if halves.dim() != 1 or bool(((halves < 0) | (halves >= len(HALVES))).any()):
-        raise ValueError(f"halves must be a 1-D array of indices into {HALVES}, got {halves.tolist()}")
+    # Checked on the host (checking on a GPU would wait for it), then copied without waiting.
+    indices = halves.cpu().numpy() if isinstance(halves, torch.Tensor) else np.asarray(halves)
+    if indices.ndim != 1 or ((indices < 0) | (indices >= len(HALVES))).any():
+        raise ValueError(f"halves must be a 1-D array of indices into {HALVES}, got {indices.tolist()}")
+    halves = host_to_device(indices.astype(np.int64), torch.device(device))
     first_half = (torch.arange(size, device=device) < size // 2).float()
     left = first_half.view(1, size).expand(size, size)
     top = first_half.view(size, 1).expand(size, size)
@@ -110,6 +113,6 @@ def score_images(discriminator: torch.nn.Module, cfg: ExperimentConfig, images: 
     """
     from spiral.nets import images_to_tensor  # local: keeps this module free of the nets at import
 
-    images_t = images_to_tensor(images).to(device)
-    targets_t = None if targets is None else images_to_tensor(targets).to(device)
+    images_t = images_to_tensor(images, device)
+    targets_t = None if targets is None else images_to_tensor(targets, device)
     return discriminator(*discriminator_inputs(cfg, images_t, targets_t, halves)).float().reshape(len(images))

@@ -40,6 +40,7 @@ from spiral.agent.trajectory import Unroll
 from spiral.config import ExperimentConfig
 from spiral.envs.spec import FLAG_PAINT
 from spiral.nets.precision import Precision, autocast
+from spiral.runtime.device import host_to_device, read_floats
 
 BLANK_TOLERANCE = 8
 """A canvas is blank when no pixel differs from the empty canvas by more than this (of 255)."""
@@ -47,6 +48,11 @@ PAPER_WHITE = 255
 """The painting environment's empty canvas value."""
 NORMALIZER_STATE_KEY = "reward_normalizer"
 """The trainer-state (checkpoint) key of the running normaliser's statistics."""
+
+RewardParts = dict[str, float | torch.Tensor]
+"""The reward's parts before they are read back: Python floats (what the host computed) and
+single-element tensors on the reward's device, read together at the end of the update
+(:func:`spiral.runtime.device.read_floats`) instead of one host synchronisation each."""
 
 
 def _check_images(name: str, images: np.ndarray) -> np.ndarray:
@@ -144,9 +150,11 @@ class RunningScoreNormalizer:
 
     def __call__(self, scores: torch.Tensor) -> torch.Tensor:
         """Update the statistics with ``scores`` (unless frozen) and return them normalised."""
-        if not self.frozen:
-            batch_mean = float(scores.mean())
-            batch_var = float(scores.var(unbiased=False)) if scores.numel() > 1 else 0.0
+        if not self.frozen:  # the statistics are Python floats: one read-back of both per update
+            if scores.numel() > 1:
+                batch_mean, batch_var = torch.stack([scores.mean(), scores.var(unbiased=False)]).tolist()
+            else:
+                batch_mean, batch_var = float(scores.mean()), 0.0
             if self.updates == 0:
                 self.mean, self.var = batch_mean, batch_var
             else:
@@ -215,14 +223,20 @@ class RewardFunction:
             ``normalizer_std``; 0 and 1 without one), ``reconstruction_l2`` (NaN without
             targets), ``blank_fraction``, ``paint_fraction`` (painting only) and ``stroke_starts``.
         """
-        parts: dict[str, float] = {"discriminator_score": math.nan, "reconstruction_l2": math.nan,
-                                   "reward_critic": 0.0, "reward_l2": 0.0}
+        rewards, parts = self.score(unroll, discriminator)
+        return rewards, read_floats(parts)
+
+    def score(self, unroll: Unroll, discriminator: torch.nn.Module | None) -> tuple[torch.Tensor, RewardParts]:
+        """:meth:`__call__` with the parts not yet read back (:data:`RewardParts`): what the policy
+        trainer calls, so that the whole update reads its figures from the device once."""
+        parts: RewardParts = {"discriminator_score": math.nan, "reconstruction_l2": math.nan,
+                              "reward_critic": 0.0, "reward_l2": 0.0}
         rewards = torch.zeros(unroll.num_steps, unroll.batch_size, dtype=torch.float32, device=self.device)
         rewards[-1] = self._final_step_rewards(unroll, parts)
         if discriminator is not None:
             adversarial = self._adversarial_rewards(unroll, discriminator, parts)
             rewards += adversarial
-            parts["reward_critic"] = float(adversarial.sum(0).mean())
+            parts["reward_critic"] = adversarial.sum(0).mean()
         if self.weights.l2_shaping and self.weights.l2_weight and unroll.targets is not None:
             self._shape_l2(unroll.canvases, unroll.targets, rewards, parts)
         self._penalise_stroke_starts(unroll, rewards, parts)
@@ -230,26 +244,26 @@ class RewardFunction:
 
     # -- the terms -----------------------------------------------------------------------------
 
-    def _final_step_rewards(self, unroll: Unroll, parts: dict[str, float]) -> torch.Tensor:
+    def _final_step_rewards(self, unroll: Unroll, parts: RewardParts) -> torch.Tensor:
         """``[B]``: minus the weighted L2 to the targets and the blank penalty, paid at step ``T - 1``."""
         weights = self.weights
         final = unroll.final_canvases
         rewards = torch.zeros(unroll.batch_size, dtype=torch.float32, device=self.device)
         if unroll.targets is not None:
-            l2 = torch.from_numpy(reconstruction_l2(final, unroll.targets)).to(self.device)
+            l2 = host_to_device(reconstruction_l2(final, unroll.targets), self.device)
             rewards -= weights.l2_weight * l2
-            parts["reconstruction_l2"] = float(l2.mean())
-            parts["reward_l2"] = float(-weights.l2_weight * l2.mean())
-        blank = torch.from_numpy(is_blank(final, unroll.canvases[0])).to(self.device)
+            parts["reconstruction_l2"] = l2.mean()
+            parts["reward_l2"] = -weights.l2_weight * l2.mean()
+        blank = host_to_device(is_blank(final, unroll.canvases[0]), self.device)
         if weights.blank_penalty:
             rewards -= weights.blank_penalty * blank.float()
-        parts["blank_fraction"] = float(blank.float().mean())
-        parts["reward_blank"] = float(-weights.blank_penalty * blank.float().mean())
-        parts["reward"] = float(rewards.mean())
+        parts["blank_fraction"] = blank.float().mean()
+        parts["reward_blank"] = -weights.blank_penalty * blank.float().mean()
+        parts["reward"] = rewards.mean()
         return rewards
 
     def _adversarial_rewards(self, unroll: Unroll, discriminator: torch.nn.Module,
-                             parts: dict[str, float]) -> torch.Tensor:
+                             parts: RewardParts) -> torch.Tensor:
         """``[T, B]``: the discriminator's term, at the last step or, with ``temporal_credit``, per step."""
         t, b = unroll.num_steps, unroll.batch_size
         weights = self.weights
@@ -266,8 +280,8 @@ class RewardFunction:
         with autocast(self.precision, self.device):
             outputs = score_images(discriminator, self.cfg, scored.reshape(k * b, *scored.shape[2:]), targets,
                                    halves, self.device).reshape(k, b)
-        parts["discriminator_score"] = float(outputs[-1].mean())
-        parts["discriminator_score_empty"] = float(outputs[0].mean())
+        parts["discriminator_score"] = outputs[-1].mean()
+        parts["discriminator_score_empty"] = outputs[0].mean()
         scores = reward_scores(outputs, self.cfg)
         if weights.temporal_credit:
             scores = self._normalized(scores, parts)
@@ -276,7 +290,7 @@ class RewardFunction:
         adversarial[-1] = weights.discriminator_weight * self._normalized(scores[-1:], parts)[0]
         return adversarial
 
-    def _normalized(self, scores: torch.Tensor, parts: dict[str, float]) -> torch.Tensor:
+    def _normalized(self, scores: torch.Tensor, parts: RewardParts) -> torch.Tensor:
         """``scores`` through the running normaliser (identity when ``normalize`` is ``none``)."""
         if self.normalizer is None:
             parts.update(normalizer_mean=0.0, normalizer_std=1.0)
@@ -286,7 +300,7 @@ class RewardFunction:
         return scores
 
     def _shape_l2(self, canvases: np.ndarray, targets: np.ndarray, rewards: torch.Tensor,
-                  parts: dict[str, float]) -> None:
+                  parts: RewardParts) -> None:
         """``l2_shaping``: trade the last step's ``-w * L2(final)`` for each step's drop in (pooled) L2.
 
         Potential-based shaping: the terminal term is added back and every step t earns
@@ -294,13 +308,13 @@ class RewardFunction:
         """
         weight, pool = self.weights.l2_weight, self.weights.l2_pool
         final_errors = reconstruction_l2(canvases[-1], targets)
-        rewards[-1] += weight * torch.from_numpy(final_errors).to(self.device)
+        rewards[-1] += weight * host_to_device(final_errors, self.device)
         pooled_targets = pooled(targets, pool)
         errors = np.stack([reconstruction_l2(pooled(c, pool), pooled_targets) for c in canvases])  # [T+1, B]
-        rewards += weight * torch.from_numpy(errors[:-1] - errors[1:]).to(self.device)
+        rewards += weight * host_to_device(errors[:-1] - errors[1:], self.device)
         parts["reward_l2"] = float(weight * (errors[0] - errors[-1]).mean())
 
-    def _penalise_stroke_starts(self, unroll: Unroll, rewards: torch.Tensor, parts: dict[str, float]) -> None:
+    def _penalise_stroke_starts(self, unroll: Unroll, rewards: torch.Tensor, parts: RewardParts) -> None:
         """``- stroke_start_penalty`` at each step that starts a stroke (painting only)."""
         penalty = self.weights.stroke_start_penalty
         flags = unroll.actions[..., 0]
@@ -310,7 +324,7 @@ class RewardFunction:
         else:
             starts = np.zeros((unroll.num_steps, unroll.batch_size), np.float32)
         if penalty:
-            rewards -= penalty * torch.from_numpy(starts).to(self.device)
+            rewards -= penalty * host_to_device(starts, self.device)
         parts["stroke_starts"] = float(starts.sum(0).mean())
         parts["reward_stroke"] = float(-penalty * starts.sum(0).mean())
 

@@ -50,7 +50,10 @@ def gradient_penalty(discriminator: DiscriminatorFn, real: torch.Tensor, fake: t
     """
     if real.shape != fake.shape:
         raise ValueError(f"real {list(real.shape)} and fake {list(fake.shape)} must have the same shape")
-    eps = torch.rand(real.shape[0], *([1] * (real.dim() - 1)), generator=generator).to(real.device, real.dtype)
+    eps = torch.rand(real.shape[0], *([1] * (real.dim() - 1)), generator=generator)
+    if real.is_cuda:  # from pinned memory, queued: the host does not wait for the device here
+        eps = eps.pin_memory().to(real.device, non_blocking=True)
+    eps = eps.to(real.device, real.dtype)
     interpolates = (eps * real.detach() + (1.0 - eps) * fake.detach()).requires_grad_(True)
     scores = discriminator(interpolates) if targets is None else discriminator(interpolates, targets.detach())
     (grads,) = torch.autograd.grad(scores.float().sum(), interpolates, create_graph=True)

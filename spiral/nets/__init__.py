@@ -18,6 +18,7 @@ from spiral.envs import action_spec_for
 from spiral.envs.base import Observation
 from spiral.nets.discriminator import Discriminator
 from spiral.nets.policy import PolicyInputs, PolicyOutput, SpiralPolicy, UnrollOutput
+from spiral.runtime.device import host_to_device
 
 __all__ = ["Discriminator", "PolicyInputs", "PolicyOutput", "SpiralPolicy", "UnrollOutput", "build_discriminator",
            "build_policy", "images_to_tensor", "observation_to_tensors"]
@@ -43,28 +44,41 @@ def build_discriminator(cfg: ExperimentConfig) -> Discriminator:
                          input_pool=cfg.discriminator.input_pool)
 
 
-def images_to_tensor(images: np.ndarray) -> torch.Tensor:
-    """uint8 ``[..., H, W, C]`` images to float ``[..., C, H, W]`` in [0, 1]."""
+def images_to_tensor(images: np.ndarray, device: str | torch.device | None = None) -> torch.Tensor:
+    """uint8 ``[..., H, W, C]`` images to float ``[..., C, H, W]`` in [0, 1], on ``device`` (default: the CPU).
+
+    The bytes travel as uint8 (from pinned memory on CUDA, :func:`spiral.runtime.device.host_to_device`)
+    and become floats where they land: a quarter of the bytes a float copy would move, and the
+    same numbers on every device.
+    """
     images = np.asarray(images)
     if images.dtype != np.uint8 or images.ndim < 3:
         raise ValueError(f"images must be uint8 [..., H, W, C], got {images.dtype} {images.shape}")
-    tensor = torch.from_numpy(np.ascontiguousarray(images)).movedim(-1, -3)
-    return tensor.float().div_(255.0).contiguous()
+    tensor = torch.from_numpy(np.ascontiguousarray(images))
+    if device is not None:
+        tensor = host_to_device(tensor, torch.device(device))
+    return tensor.movedim(-1, -3).float().div_(255.0).contiguous()
 
 
-def observation_to_tensors(obs: Observation) -> PolicyInputs:
-    """Environment observation(s) to policy inputs; leading axes (``[N]`` or ``[T, B]``) are kept."""
+def observation_to_tensors(obs: Observation, device: str | torch.device | None = None) -> PolicyInputs:
+    """Environment observation(s) to policy inputs on ``device`` (default: the CPU); leading axes
+    (``[N]`` or ``[T, B]``) are kept. Images travel as uint8 (:func:`images_to_tensor`)."""
     lead = obs.canvas.shape[:-3]
     for name in ("step", "prev_action", "prev_mask", "noise"):
         value = np.asarray(getattr(obs, name))
         if value.shape[:len(lead)] != lead:
             raise ValueError(f"observation.{name} has shape {value.shape}; its leading axes must match the "
                              f"canvas's {lead}")
+    target = torch.device(device) if device is not None else torch.device("cpu")
+
+    def vectors(values: object, dtype: type) -> torch.Tensor:
+        return host_to_device(torch.as_tensor(np.asarray(values, dtype=dtype)), target)
+
     return PolicyInputs(
-        canvas=images_to_tensor(obs.canvas),
-        step=torch.as_tensor(np.asarray(obs.step, dtype=np.int64)),
-        prev_action=torch.as_tensor(np.asarray(obs.prev_action, dtype=np.int64)),
-        prev_mask=torch.as_tensor(np.asarray(obs.prev_mask, dtype=np.float32)),
-        noise=torch.as_tensor(np.asarray(obs.noise, dtype=np.float32)),
-        target=None if obs.target is None else images_to_tensor(obs.target),
+        canvas=images_to_tensor(obs.canvas, device),
+        step=vectors(obs.step, np.int64),
+        prev_action=vectors(obs.prev_action, np.int64),
+        prev_mask=vectors(obs.prev_mask, np.float32),
+        noise=vectors(obs.noise, np.float32),
+        target=None if obs.target is None else images_to_tensor(obs.target, device),
     )

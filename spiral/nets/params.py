@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from spiral.runtime.device import host_to_device
 from spiral.runtime.snapshot import ParameterSnapshot
 
 
@@ -49,4 +50,5 @@ def load_snapshot(module: nn.Module, snapshot: ParameterSnapshot) -> None:
             array = np.asarray(snapshot.tensors[name])
             if not array.flags.writeable or not array.flags.c_contiguous:
                 array = np.array(array, copy=True, order="C")
-            target.copy_(torch.from_numpy(array))
+            # On CUDA from pinned memory, queued: a learner refreshing its discriminator does not wait per tensor.
+            target.copy_(host_to_device(torch.from_numpy(array), target.device))
