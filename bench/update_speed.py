@@ -24,10 +24,14 @@ renders, gradient penalty included), fp32 and bf16.
 
 The last line is every figure as one JSON object.
 
+The episodes the update trains on are acted on the CPU with the profile's renderer, or with
+``--backend fast`` where libmypaint is not installed (a GPU machine: ``bench/gpu_check.sh``);
+the update's cost does not depend on which renderer painted its canvases.
+
 Usage::
 
     python -m bench.update_speed [--config tiny mnist] [--updates 5] [--threads 1] [--compile]
-                                 [--device cpu|cuda] [--batch B]
+                                 [--device cpu|cuda] [--batch B] [--backend libmypaint|fast]
 """
 
 from __future__ import annotations
@@ -98,7 +102,7 @@ def measure_profile(name: str, args: argparse.Namespace, device: torch.device) -
     data = for_experiment(cfg)
     torch.manual_seed(cfg.seed)
     num_envs = cfg.actor.num_envs
-    runner = EpisodeRunner(cfg, make_env(cfg, num_envs, seed=0), build_policy(cfg),
+    runner = EpisodeRunner(cfg, make_env(cfg, num_envs, seed=0, backend=args.backend), build_policy(cfg),
                            data.images if cfg.env.conditional else None, seed=0, actor_id="bench")
     batch = Unroll.concatenate([runner.run_episode() for _ in range(-(-batch_size // num_envs))])
     frames = batch.num_steps * batch.batch_size
@@ -161,7 +165,7 @@ def measure_profile(name: str, args: argparse.Namespace, device: torch.device) -
         out[f"discriminator {precision}"] = {"ms": 1000 * s, "images_per_second_per_core": 2 * b / s / args.threads}
 
     # Acting: one sampling forward for the actor's N environments.
-    obs = make_env(cfg, num_envs, seed=1).reset(data.images[:num_envs] if cfg.env.conditional else None)
+    obs = make_env(cfg, num_envs, seed=1, backend=args.backend).reset(data.images[:num_envs] if cfg.env.conditional else None)
     inputs = observation_to_tensors(obs).to(device)
     acting = {}
     for precision in ("fp32", "bf16"):
@@ -187,6 +191,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=0, help="episodes per update (default: the profile's)")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile of the unroll")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--backend", choices=("libmypaint", "fast"), default=None,
+                        help="renderer of the episodes the update trains on (default: each profile's own)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     retain_freed_memory()  # as the learner does at start-up

@@ -71,6 +71,16 @@ class Supervisor:
             self._spawn(child)
         self.write_cluster_file()
 
+    def add(self, specs: list[ProcessSpec]) -> None:
+        """Start more processes in the running system (more actors, say), supervised like the
+        others from now on; they join the layout, so its status snapshots include them."""
+        for spec in specs:
+            child = ManagedProcess(spec)
+            self.children.append(child)
+            self.layout.processes.append(spec)
+            self._spawn(child)
+        self.write_cluster_file()
+
     def poll(self) -> list[str]:
         """Restart children that exited; returns a message per event."""
         events = []
