@@ -8,7 +8,7 @@ multiple of the domain's baseline canvas (blank for strokes, empty floor for sce
 intensity for faces). The same run scores an untrained policy. MNIST runs add the share of
 reconstructions read as the right digit, scene runs the per-placement diagnostics (see
 :func:`evaluate`). A picture of targets and reconstructions for each time is written next to
-the JSON figures.
+the JSON figures, and the newest policy's paintings step by step (``sequence.png``).
 
 Usage::
 
@@ -97,8 +97,10 @@ def evaluate(cfg: ExperimentConfig, copies: dict[float, Path], out: Path) -> dic
     for minutes, path in sorted(copies.items()):
         policy, version = load_policy(cfg, path)
         policies.append((f"trained {minutes:g} min", policy, {"version": version}))
+    sequence: Reconstruction | None = None
     for name, policy, extra in policies:
         sampled = reconstruct(cfg, policy, holdout, seed=0)
+        sequence = sampled
         greedy = reconstruct(cfg, policy, holdout, seed=0, greedy=True)
         results[name] = {"l2": sampled.mean_l2, "l2_greedy": greedy.mean_l2, "l2_x": sampled.mean_l2 / baseline,
                          "l2_greedy_x": greedy.mean_l2 / baseline, **extra,
@@ -107,6 +109,8 @@ def evaluate(cfg: ExperimentConfig, copies: dict[float, Path], out: Path) -> dic
     count = min(16, len(holdout))
     picture = np.concatenate([image_grid(r[:count], columns=count) for r in rows], axis=0)
     save_png(picture, out / "reconstructions.png")
+    if sequence is not None:
+        save_png(stroke_sequence(sequence), out / "sequence.png")
     run_dir = out / "run"
     if (run_dir / "learner.jsonl").exists():
         plot_curves(run_dir / "learner.jsonl", ["reconstruction_l2", "mean_reward", "reward_critic", "paint_fraction",
@@ -117,6 +121,13 @@ def evaluate(cfg: ExperimentConfig, copies: dict[float, Path], out: Path) -> dic
     (out / "learning.json").write_text(json.dumps(results, indent=2))
     print_results(cfg, results, len(holdout), out)
     return results
+
+
+def stroke_sequence(reconstruction: Reconstruction, count: int = 8) -> np.ndarray:
+    """One row per held-out target: the target, then the canvas after each of the policy's steps."""
+    steps = reconstruction.steps[1:, :count]  # [T, count, H, W, C]: after each action
+    rows = [np.concatenate([reconstruction.targets[i:i + 1], steps[:, i]]) for i in range(steps.shape[1])]
+    return np.concatenate([image_grid(row, columns=len(row)) for row in rows], axis=0)
 
 
 class DomainMeasures:
@@ -164,7 +175,8 @@ def print_results(cfg: ExperimentConfig, results: dict[str, Any], count: int, ou
                      f"(chance {p['chance']:.0%}), right object {p['right_object']:.0%} / {g['right_object']:.0%}, "
                      f"placed {p['placements_per_episode']:.1f} / {g['placements_per_episode']:.1f}")
         print(line)
-    print(f"picture: {out / 'reconstructions.png'} (rows: targets, untrained, then per time sampled and greedy)")
+    print(f"pictures: {out / 'reconstructions.png'} (rows: targets, untrained, then per time sampled and greedy); "
+          f"{out / 'sequence.png'} (per target: the target, then the newest policy's canvas after each step)")
     print(json.dumps(results))
 
 

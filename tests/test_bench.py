@@ -80,6 +80,7 @@ def test_learning_bench_scores_checkpoints_against_both_baselines(tmp_path: Path
         assert row["l2_x"] == pytest.approx(row["l2"] / figures["blank canvas"]["l2"])
         assert 0 <= row["digit_match"] <= 1 and 0 <= row["digit_match_greedy"] <= 1
     assert (tmp_path / "out" / "reconstructions.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "out" / "sequence.png").read_bytes()[:4] == b"\x89PNG"
     shutil.rmtree(tmp_path / "out")
 
 

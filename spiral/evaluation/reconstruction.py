@@ -36,12 +36,15 @@ class Reconstruction:
         targets: ``[B, H, W, C]`` uint8 targets.
         l2: ``[B]`` mean squared error of each canvas to its target, in [0, 1] pixel units.
         actions: ``[B, T, K]`` int64 each episode's actions (its program).
+        steps: ``[T + 1, B, H, W, C]`` uint8 the canvas before each action and the final one:
+            the painting as it was made.
     """
 
     canvases: np.ndarray
     targets: np.ndarray
     l2: np.ndarray
     actions: np.ndarray
+    steps: np.ndarray
 
     @property
     def mean_l2(self) -> float:
@@ -64,7 +67,7 @@ def reconstruct(cfg: ExperimentConfig, policy: SpiralPolicy, targets: np.ndarray
         env.close()
     canvases = unroll.final_canvases
     return Reconstruction(canvases=canvases, targets=targets, l2=reconstruction_l2(canvases, targets),
-                          actions=np.swapaxes(unroll.actions, 0, 1).astype(np.int64))
+                          actions=np.swapaxes(unroll.actions, 0, 1).astype(np.int64), steps=unroll.canvases)
 
 
 def blank_l2(targets: np.ndarray) -> float:
