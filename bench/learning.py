@@ -48,12 +48,14 @@ def main() -> None:
     parser.add_argument("--backend", choices=["libmypaint", "fast"], default=None,
                         help="paint backend for training and evaluation (default: the experiment's)")
     parser.add_argument("--seed", type=int, default=None, help="the experiment's seed (default: the file's)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
+                        help="override one setting of the experiment, as spiral up --set (repeatable)")
     parser.add_argument("--evaluate", nargs="+", metavar="MINUTES=CHECKPOINT",
                         help="only score these checkpoints (e.g. 10=policy-10min.pt), without training")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    cfg, config_arg = bench_experiment(args.config, out, backend=args.backend, seed=args.seed)
+    cfg, config_arg = bench_experiment(args.config, out, backend=args.backend, seed=args.seed, overrides=args.overrides)
     if args.evaluate:
         evaluate(cfg, {float(m): Path(p) for m, p in (item.split("=", 1) for item in args.evaluate)}, out)
         return

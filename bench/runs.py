@@ -41,6 +41,8 @@ from typing import Any
 
 import yaml
 
+from spiral.config import ConfigError, resolve_experiment
+
 ROOT = Path(__file__).resolve().parent.parent
 """The repository root: experiments are read from ``ROOT/experiments`` and commands run here."""
 RUN_FILE = ROOT / "bench" / "runs.yaml"
@@ -230,12 +232,21 @@ def _seeded_runs(module: str) -> Reader:
         actors = entry.count("actors")
         minutes = entry.minutes()
         outs = _seed_outs(entry, seeds)
-        if None in (config, seeds, actors, minutes, outs):
+        overrides = entry.texts("set") if entry.has("set") else []
+        if None in (config, seeds, actors, minutes, outs, overrides):
             return None
+        if overrides:
+            try:
+                resolve_experiment(ROOT / config, overrides)
+            except ConfigError as exc:
+                entry.error("set", str(exc))
+                return None
+        set_args = [arg for item in overrides for arg in ("--set", item)]
         runs = tuple(Run(group=name, seed=seed, out=outs[seed], training_minutes=max(minutes), args=(
-            "-m", module, "--config", config, "--seed", str(seed), "--actors", str(actors),
+            "-m", module, "--config", config, "--seed", str(seed), "--actors", str(actors), *set_args,
             "--minutes", *_minutes_args(minutes), "--out", outs[seed])) for seed in seeds)
-        settings = (f"{experiment}, seeds {','.join(map(str, seeds))}, {actors} actor{'s' * (actors > 1)}, "
+        settings = (f"{experiment}{''.join(f' --set {item}' for item in overrides)}, "
+                    f"seeds {','.join(map(str, seeds))}, {actors} actor{'s' * (actors > 1)}, "
                     f"{','.join(_minutes_args(minutes))} min")
         return settings, runs
 
@@ -310,17 +321,19 @@ def _rerender_brush_runs(entry: _Entry, name: str, earlier_outs: dict[str, str])
 
 @dataclasses.dataclass(frozen=True)
 class Script:
-    """A bench script an entry can name: the fields its entries take, and how they become commands."""
+    """A bench script an entry can name: the fields its entries need, and how they become commands."""
 
     fields: frozenset[str]
     read: Reader
+    optional: frozenset[str] = frozenset()
 
 
 COMMON_FIELDS = frozenset({"name", "script", "about", "headline"})
 SCRIPTS: dict[str, Script] = {
-    "learning": Script(frozenset({"experiment", "seeds", "actors", "minutes", "out"}), _seeded_runs("bench.learning")),
+    "learning": Script(frozenset({"experiment", "seeds", "actors", "minutes", "out"}), _seeded_runs("bench.learning"),
+                       optional=frozenset({"set"})),
     "unconditional": Script(frozenset({"experiment", "seeds", "actors", "minutes", "out"}),
-                            _seeded_runs("bench.unconditional")),
+                            _seeded_runs("bench.unconditional"), optional=frozenset({"set"})),
     "paper_smoke": Script(frozenset({"experiments", "actors", "minutes", "out"}), _paper_smoke_runs),
     "rerender_brush": Script(frozenset({"runs", "checkpoint", "brushes", "out"}), _rerender_brush_runs),
 }
@@ -363,7 +376,7 @@ def load_runs(path: Path = RUN_FILE) -> tuple[RunGroup, ...]:
         if script is None:
             entry.error("script", f"unknown script {raw.get('script')!r} (one of: {', '.join(sorted(SCRIPTS))})")
             continue
-        allowed = COMMON_FIELDS | script.fields
+        allowed = COMMON_FIELDS | script.fields | script.optional
         for field in sorted(set(raw) - allowed, key=str):
             entry.error(str(field), f"unknown field for a {raw['script']} entry (its fields: {', '.join(sorted(allowed))})")
         for field in sorted(script.fields - set(raw)):

@@ -14,26 +14,26 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 from spiral.runtime.checkpoint import list_checkpoints
-from spiral.config import ExperimentConfig, dump_experiment, experiment_path, load_experiment
+from spiral.config import ExperimentConfig, dump_experiment, experiment_path, resolve_experiment
 
 
 def bench_experiment(config: str, out: Path, backend: str | None = None,
-                     seed: int | None = None) -> tuple[ExperimentConfig, str]:
+                     seed: int | None = None, overrides: Sequence[str] = ()) -> tuple[ExperimentConfig, str]:
     """The experiment ``config`` with the benchmark's overrides, and the ``--config`` to run it with.
 
-    With an override (``backend``, ``seed``) the changed experiment is written to
-    ``out/experiment.yaml`` and that file is what ``spiral up`` is given.
+    With an override (``backend``, ``seed``, ``--set`` items as ``FIELD=VALUE``) the changed
+    experiment is written to ``out/experiment.yaml`` and that file is what ``spiral up`` is given.
     """
-    cfg = load_experiment(experiment_path(config))
+    cfg = resolve_experiment(experiment_path(config), overrides).config
     if backend:
         cfg = dataclasses.replace(cfg, env=dataclasses.replace(
             cfg.env, paint=dataclasses.replace(cfg.env.paint, backend=backend)))
     if seed is not None:
         cfg = dataclasses.replace(cfg, seed=seed)
-    if not backend and seed is None:
+    if not backend and seed is None and not overrides:
         return cfg, config
     path = out / "experiment.yaml"
     dump_experiment(cfg, path)

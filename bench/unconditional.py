@@ -87,6 +87,8 @@ def main() -> None:
     parser.add_argument("--backend", choices=["libmypaint", "fast"], default=None,
                         help="paint backend for training and evaluation (default: the experiment's)")
     parser.add_argument("--seed", type=int, default=None, help="the experiment's seed (default: the file's)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
+                        help="override one setting of the experiment, as spiral up --set (repeatable)")
     add_classifier_arguments(parser)
     parser.add_argument("--evaluate", nargs="+", metavar="MINUTES=CHECKPOINT",
                         help="only score these checkpoints (e.g. 20=policy-20min.pt), without training")
@@ -95,7 +97,7 @@ def main() -> None:
         parser.error("--samples must be >= 2 (a covariance needs two paintings)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    cfg, config_arg = bench_experiment(args.config, out, backend=args.backend, seed=args.seed)
+    cfg, config_arg = bench_experiment(args.config, out, backend=args.backend, seed=args.seed, overrides=args.overrides)
     if cfg.env.conditional:
         parser.error(f"{args.config}: a conditional experiment; this benchmark scores unconditional runs")
     if args.evaluate:

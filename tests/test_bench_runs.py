@@ -104,6 +104,10 @@ def test_an_entry_prints_the_command_that_produced_its_results() -> None:
         PYTHON, "-m", "bench.rerender_brush", "--config", "bench/results/unconditional-pen/experiment.yaml",
         "--checkpoint", "bench/results/unconditional-pen/policy-20min.pt", "--brushes", "classic/dry_brush",
         "classic/pen", "--out", "bench/results/unconditional-pen/rerender-brush.json"])
+    four_bins = runs_cli("run", "scenes-4bins", "--dry-run").stdout.splitlines()
+    assert four_bins == [shlex.join([
+        PYTHON, "-m", "bench.learning", "--config", "experiments/tiny-scenes.yaml", "--seed", "0", "--actors", "1",
+        "--set", "env.mujoco.color_bins=4", "--minutes", "10", "20", "--out", "bench/results/scenes-4bins/seed-0"])]
     shaped = runs_cli("run", "l2-shaped", "--dry-run").stdout
     assert "--config experiments/tiny-l2-shaped.yaml" in shaped and "--minutes 10 30" in shaped
     assert shaped.rstrip().endswith("--out bench/results/learning")
@@ -154,6 +158,8 @@ def test_every_re_render_comes_after_the_run_it_redraws() -> None:
      "a.actors: must be an integer >= 1, got 0"),
     (LEARNING_ENTRY.format(name="a", out="x/{seed}").replace("[10, 20]", "[20, 10]"), "a.minutes: must increase"),
     (LEARNING_ENTRY.format(name="Bad Name", out="x/{seed}"), "runs[0].name: must be lower-case letters"),
+    (LEARNING_ENTRY.format(name="a", out="x/{seed}") + "    set: [env.mujoco.colour_bins=2]\n",
+     "a.set: --set env.mujoco.colour_bins=2: env.mujoco.colour_bins: unknown field"),
     ("  - name: r\n    script: rerender_brush\n    runs: [bench/results/nowhere]\n    checkpoint: policy-20min.pt\n"
      "    brushes: [classic/pen]\n    out: '{run}/r.json'\n",
      "r.runs[0]: bench/results/nowhere is no earlier entry's results directory"),
