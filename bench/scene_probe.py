@@ -83,7 +83,7 @@ def probe(cfg: ExperimentConfig, steps: int, batch: int, pool_episodes: int, lea
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     policy.eval()
     dataset = for_experiment(cfg)
     _, empty_floor = domain_baseline(cfg, dataset.holdout)
