@@ -21,7 +21,7 @@ from bench.runs import RunFileError, choose, load_runs
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
 HEADLINE = {"critic-reward-clip-lr-ent-1actor", "critic-reward-clip-lr-ent", "l2-reward-lr-ent",
-            "omniglot-lr-ent-1actor", "mujoco-lr-ent-1actor", "unconditional-pen"}
+            "omniglot-lr-ent-1actor", "scenes", "scenes-recovery", "faces", "unconditional-pen"}
 """The entries behind the current figures (README's "The CPU profile and its reward", RESULTS.md)."""
 
 
