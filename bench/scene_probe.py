@@ -37,6 +37,7 @@ from spiral.agent.trajectory import Unroll
 from spiral.config import ExperimentConfig, resolve_experiment
 from spiral.data import for_experiment
 from spiral.envs import action_spec_for, make_env
+from spiral.losses import recovery_loss
 from spiral.evaluation.placements import placement_report
 from spiral.evaluation.reconstruction import domain_baseline, reconstruct
 from spiral.nets import build_policy, observation_to_tensors
@@ -79,7 +80,7 @@ def probe(cfg: ExperimentConfig, steps: int, batch: int, pool_episodes: int, lea
         inputs = observation_to_tensors(unroll.observations(), "cpu")
         actions = torch.from_numpy(np.ascontiguousarray(unroll.actions)).long()
         out = policy.unroll(inputs, actions, policy.initial_state(unroll.batch_size))
-        loss = -out.log_prob.sum(0).mean()  # nats per episode
+        loss = recovery_loss(out.log_prob) / unroll.batch_size  # nats per episode
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -38,7 +38,8 @@ import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from spiral.config import ExperimentConfig
-from spiral.losses import baseline_loss, entropy_loss, policy_gradient_loss, trust_region_mask, vtrace
+from spiral.losses import (baseline_loss, entropy_loss, policy_gradient_loss, recovery_loss, trust_region_mask,
+                           vtrace)
 from spiral.nets import observation_to_tensors
 from spiral.nets.discriminator import Discriminator
 from spiral.nets.policy import SpiralPolicy, UnrollOutput
@@ -238,7 +239,7 @@ class PolicyTrainer:
             everything = self._unroll(inputs, actions, self.policy.initial_state(actions.shape[1], device))
         out = UnrollOutput(log_prob=everything.log_prob[:, :b], entropy=everything.entropy[:, :b],
                            value=everything.value[:, :b])
-        recovery = -everything.log_prob[:, b:].sum() if recovered else torch.zeros((), device=device)
+        recovery = recovery_loss(everything.log_prob[:, b:]) if recovered else torch.zeros((), device=device)
         discounts = torch.full((t, b), float(lc.discount), device=device)
         discounts[-1] = 0.0
         returns = vtrace(behaviour, out.log_prob.detach(), discounts, rewards, out.value.detach(),

@@ -73,3 +73,15 @@ def entropy_loss(entropy: torch.Tensor) -> torch.Tensor:
         entropy: ``[T, B]`` per-step entropies (summed over the kept heads).
     """
     return -entropy.sum()
+
+
+def recovery_loss(log_probs: torch.Tensor) -> torch.Tensor:
+    """Program recovery's term, ``-sum(log pi(a_t | o_t'))`` (not the paper's; see
+    ``learner.hindsight_weight``): the negative log-likelihood of relabelled episodes' own actions,
+    summed over time and batch like the terms above.
+
+    Args:
+        log_probs: ``[T, B]`` log-probabilities of the episodes' actions, with each episode's own
+            final canvas as the policy's target.
+    """
+    return -log_probs.sum()
