@@ -8,7 +8,6 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -25,13 +24,9 @@ from spiral.evaluation.export import action_spec_document, read_export
 from spiral.nets import build_policy
 from spiral.runtime.checkpoint import save_checkpoint
 
+from test_sample import REPO_ROOT, TINY, tiny
+
 torch.set_num_threads(1)
-REPO_ROOT = Path(__file__).resolve().parent.parent
-TINY = REPO_ROOT / "experiments" / "tiny.yaml"
-
-
-def tiny(**overrides: Any) -> ExperimentConfig:
-    return load_experiment(TINY, overrides=overrides or None)
 
 
 def make_run(run_dir: Path, cfg: ExperimentConfig, version: int = 9) -> Path:
