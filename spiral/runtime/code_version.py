@@ -27,7 +27,8 @@ def code_version() -> dict[str, str]:
     ``source`` says where the commit came from: the checkout's git, the image's
     :data:`BUILD_INFO_PATH`, or nowhere (then ``commit`` is ``unknown``).
     """
-    for source, commit in (("git", _git_commit()), ("build-info", _build_info_commit())):
+    for source, lookup in (("git", _git_commit), ("build-info", _build_info_commit)):
+        commit = lookup()
         if commit:
             return {"commit": commit, "source": source, "version": spiral.__version__}
     return {"commit": UNKNOWN, "source": UNKNOWN, "version": spiral.__version__}
@@ -54,4 +55,4 @@ def _build_info_commit() -> str | None:
     except (OSError, ValueError):
         return None
     commit = info.get("commit") if isinstance(info, dict) else None
-    return commit if isinstance(commit, str) and commit.strip() else None
+    return commit.strip() if isinstance(commit, str) and commit.strip() else None
