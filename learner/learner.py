@@ -51,6 +51,7 @@ from spiral.core import ParameterSource, PublishedParameters, Refused
 from spiral.runtime.recorder import UpdateRecorder, due
 from spiral.agent.training_state import CopyRequest, CopySlot
 from spiral.agent.trajectory import Unroll
+from spiral.evaluation.animation import encode_gif, step_frames
 from spiral.evaluation.visualize import pair_grid, save_png
 
 log = logging.getLogger(__name__)
@@ -325,14 +326,21 @@ class PolicyLearner:
 
         The first episode of the grid is also written as its program, ``update-N.json`` (what
         ``spiral render`` re-executes) and ``update-N.svg``; ``latest.*`` are the newest copies.
+        The same episodes painting step by step, from the unroll's own intermediate canvases, go
+        to TensorBoard as an animated GIF (``samples/animation``) and to ``latest.gif``.
         """
         renders = batch.final_canvases[:count]
         targets = None if batch.targets is None else batch.targets[:count]
-        grid = pair_grid(renders, targets, columns=4 if targets is not None else 8)
+        columns = 4 if targets is not None else 8
+        grid = pair_grid(renders, targets, columns=columns)
         stem = f"update-{self.version:08d}"
         path = save_png(grid, self.samples_dir / f"{stem}.png")
         save_png(grid, self.samples_dir / "latest.png")
         self.recorder.image("samples/grid", grid, self.version)
+        frames = step_frames(batch.canvases[:, :count], targets, columns=columns)
+        animation = encode_gif(frames)
+        atomic_write_bytes(self.samples_dir / "latest.gif", animation)
+        self.recorder.animation("samples/animation", animation, frames.shape[1:], self.version)
         program = program_from_actions(self.cfg.env, batch.actions[:, 0], action_spec_for(self.cfg))
         for name in (stem, "latest"):
             save_program(program, self.samples_dir / f"{name}.json")

@@ -16,6 +16,7 @@ from typing import Sequence
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "render": ("spiral.commands.render", "re-execute a program JSON and write the canvas as PNG"),
     "sample": ("spiral.commands.sample", "paint N episodes with a run's trained policy (canvases, grid, programs)"),
+    "export": ("spiral.commands.export", "pack a run's trained policy to hand over (safetensors, experiment, action spec)"),
     "data": ("spiral.commands.data", "prepare and inspect datasets (spiral data prepare NAME)"),
     "config": ("spiral.commands.config", "show an experiment fully resolved (spiral config resolve NAME [--set F=V])"),
     "actor": ("actor.main", "run an actor: environments + lagging policy, streams unrolls"),

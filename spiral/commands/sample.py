@@ -2,18 +2,22 @@
 
 Usage::
 
-    spiral sample RUN_DIR|CHECKPOINT --num N --out DIR [--targets FILE.npz] [--seed S]
-                  [--greedy] [--average] [--backend libmypaint|fast] [--config FILE.yaml]
-                  [--set FIELD=VALUE ...]
+    spiral sample RUN_DIR|CHECKPOINT|EXPORT --num N --out DIR [--targets FILE.npz] [--seed S]
+                  [--greedy] [--average] [--animate] [--backend libmypaint|fast]
+                  [--config FILE.yaml] [--set FIELD=VALUE ...]
 
 ``RUN_DIR`` is a ``spiral up`` run directory (its newest ``learner/ckpt-*.pt``; a PBT member
-directory ``member-K`` works too) and ``CHECKPOINT`` one checkpoint file, whose config is read
-from ``<ckpt dir>/../config.yaml`` unless ``--config`` names one; ``--set`` changes a setting of
+directory ``member-K`` works too), ``CHECKPOINT`` one checkpoint file, whose config is read
+from ``<ckpt dir>/../config.yaml`` unless ``--config`` names one, and ``EXPORT`` a ``spiral
+export`` directory (its ``experiment.yaml``; the same seed paints the same canvases as the
+checkpoint it was exported from); ``--set`` changes a setting of
 that config (``--set env.paint.brush_type=classic/pen``: the same policy with another brush;
 ``--seed`` is the sampling seed, not the run's). Conditional runs paint the
 experiment's held-out images, or those of ``--targets`` (one uint8 ``[N, H, W, C]`` array),
 cycled when ``--num`` exceeds them; ``--num`` defaults to the number of targets (conditional)
-or 64 (unconditional). See :mod:`spiral.evaluation.sampling` for what is written. Exit status: 0 on
+or 64 (unconditional). ``--animate`` also writes the stroke animations: ``animation.gif`` (the
+grid, step by step) and ``animations/episode-NNNNN.gif``. See :mod:`spiral.evaluation.sampling`
+for what is written. Exit status: 0 on
 success, 2 for a missing run, config or checkpoint, a bad targets file or bad arguments, 1 when
 the outputs cannot be written.
 """
@@ -32,8 +36,9 @@ UNCONDITIONAL_DEFAULT_NUM = 64
 
 def register(parser: argparse.ArgumentParser) -> None:
     """Add ``spiral sample``'s arguments."""
-    parser.add_argument("run", metavar="RUN_DIR|CHECKPOINT",
-                        help="a spiral up run directory (newest learner checkpoint) or a checkpoint file")
+    parser.add_argument("run", metavar="RUN_DIR|CHECKPOINT|EXPORT",
+                        help="a spiral up run directory (newest learner checkpoint), a checkpoint file, "
+                             "or a spiral export directory")
     parser.add_argument("--num", type=int, default=None, metavar="N",
                         help="episodes to paint (default: every target, or 64 for unconditional runs)")
     parser.add_argument("--out", required=True, metavar="DIR", help="directory for canvases.npz, grid.png, programs/")
@@ -44,6 +49,9 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--average", action="store_true",
                         help="paint with the moving average of the policy's weights (runs with "
                              "learner.policy_average_decay > 0) instead of the trained weights")
+    parser.add_argument("--animate", action="store_true",
+                        help="also write stroke animations: animation.gif (the grid, step by step) and "
+                             "animations/episode-NNNNN.gif")
     parser.add_argument("--backend", choices=("libmypaint", "fast"), default=None,
                         help="paint renderer (default: the experiment's env.paint.backend)")
     parser.add_argument("--config", default=None, metavar="FILE.yaml",
@@ -53,8 +61,8 @@ def register(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Sample the policy and write the outputs; returns the exit status."""
-    from spiral.evaluation.sampling import (SampleError, check_targets, has_average, load_targets, policy_from_state,
-                                 resolve_run, sample_policy, with_backend, write_samples)
+    from spiral.evaluation.sampling import (SampleError, check_targets, load_targets, resolve_run, sample_policy,
+                                            with_backend, write_animations, write_samples)
 
     try:
         resolved = resolve_run(args.run, args.config, args.set)
@@ -74,19 +82,14 @@ def run(args: argparse.Namespace) -> int:
             except (OSError, ImportError, ValueError) as exc:
                 raise SampleError(f"held-out targets of dataset {cfg.dataset.name!r}: {exc}") from exc
         num = args.num if args.num is not None else (len(targets) if targets is not None else UNCONDITIONAL_DEFAULT_NUM)
-        if args.average and not has_average(resolved.state):
-            raise SampleError(f"{resolved.checkpoint}: --average, but the checkpoint holds no averaged policy "
-                              "(its run had learner.policy_average_decay 0)")
-        try:
-            policy = policy_from_state(cfg, resolved.state, average=args.average)
-        except (KeyError, ValueError, RuntimeError) as exc:
-            raise SampleError(f"{resolved.checkpoint}: not a learner checkpoint of {resolved.config_path}: "
-                              f"{type(exc).__name__}: {exc}") from exc
-        result = sample_policy(cfg, policy, num, seed=args.seed, targets=targets, greedy=args.greedy)
+        policy = resolved.policy(average=args.average)
+        result = sample_policy(cfg, policy, num, seed=args.seed, targets=targets, greedy=args.greedy,
+                               keep_steps=args.animate)
     except SampleError as exc:
         return _fail(2, str(exc))
     try:
         outputs = write_samples(result, Path(args.out))
+        animations = write_animations(result, Path(args.out)) if args.animate else None
     except OSError as exc:
         return _fail(1, f"{args.out}: cannot write the samples: {exc}")
     mode = ("greedy" if args.greedy else "sampled") + (", averaged weights" if args.average else "")
@@ -95,7 +98,8 @@ def run(args: argparse.Namespace) -> int:
         f", mean {'held-out' if args.targets is None else 'target'} L2 {result.mean_l2:.4f}")
     print(f"painted {len(result)} episodes ({mode}, {renderer}) "
           f"with policy version {resolved.version} from {resolved.checkpoint}{l2}; wrote {outputs.canvases}, "
-          f"{outputs.grid} and {len(result)} programs in {outputs.programs}/")
+          f"{outputs.grid} and {len(result)} programs in {outputs.programs}/"
+          + ("" if animations is None else f"; animations {animations.grid} and {animations.episodes}/"))
     return 0
 
 

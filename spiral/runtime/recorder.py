@@ -15,7 +15,8 @@ training; :class:`UpdateRecorder` writes them everywhere they are read:
 4. **TensorBoard** (:class:`spiral.runtime.tensorboard.TrainingBoard`,
    ``RUN_DIR/tensorboard/ROLE[-MEMBER]``): every finite number of the record at step
    ``update`` and, for a learner that counts frames, ``frames_per_second`` since the previous
-   update; sample grids when the learner passes them (:meth:`UpdateRecorder.image`).
+   update; sample grids when the learner passes them (:meth:`UpdateRecorder.image`), and
+   their stroke animations (:meth:`UpdateRecorder.animation`).
 
 It also decides the checkpoint cadence (:meth:`UpdateRecorder.checkpoint_due`,
 ``checkpoint_every_updates``). What differs between the learners stays in each: the policy
@@ -143,6 +144,11 @@ class UpdateRecorder:
     def image(self, tag: str, image: np.ndarray, update: int) -> bool:
         """A sample grid (uint8 ``[H, W, C]`` or ``[H, W]``) on TensorBoard at ``update``; False if the board is off."""
         return self.board.image(tag, image, step=update)
+
+    def animation(self, tag: str, gif: bytes, shape: tuple[int, ...], update: int) -> bool:
+        """An animated sample grid (GIF bytes of frames ``[H, W, C]``) on TensorBoard at ``update``; False if the board is off."""
+        height, width, channels = shape
+        return self.board.encoded_image(tag, gif, height, width, channels, step=update)
 
     def checkpoint_due(self, update: int) -> bool:
         """Whether the learner should checkpoint after ``update`` (every ``checkpoint_every`` updates)."""

@@ -12,7 +12,9 @@ Every finite number of a stats record becomes the scalar ``GROUP/KEY`` (see
 ``critic/`` for what the discriminator says, ``policy/`` for the behaviour of the policy,
 ``optim/`` for the optimizer, ``throughput/`` for timings and counts, and ``stats/`` for any
 key no rule knows, so a field added to a stats record later shows up without a change here.
-Images (uint8 ``[H, W, C]`` or ``[H, W]``) are written with ``add_image``.
+Images (uint8 ``[H, W, C]`` or ``[H, W]``) are written with ``add_image``; an already encoded
+picture (an animated GIF of the painting, :meth:`TrainingBoard.encoded_image`) goes into an
+image summary as it is, which TensorBoard's image dashboard shows animated.
 
 The writer is opened on the first write (``torch.utils.tensorboard`` is imported only then, so
 commands that never train do not import it) and flushed by its background thread every
@@ -191,6 +193,33 @@ class TrainingBoard:
                 writer.add_image(tag, array, global_step=step, dataformats="HWC" if array.ndim == 3 else "HW")
             except Exception as exc:  # noqa: BLE001 - TensorBoard must never stop training
                 self._fail("write an image", exc)
+                return False
+        return True
+
+    def encoded_image(self, tag: str, encoded: bytes, height: int, width: int, channels: int, step: int) -> bool:
+        """Write an already encoded image (a PNG, or an animated GIF) of ``height`` x ``width`` at ``step``.
+
+        Args:
+            tag: The image's tag, e.g. ``samples/animation``.
+            encoded: The file's bytes; TensorBoard serves them as they are, with their own MIME type.
+            height, width: The picture's size in pixels.
+            channels: 1 (gray) or 3 (RGB).
+            step: The global step.
+
+        Returns:
+            Whether it was written.
+        """
+        with self._lock:
+            writer = self._open()
+            if writer is None:
+                return False
+            try:
+                from tensorboard.compat.proto.summary_pb2 import Summary
+
+                image = Summary.Image(height=height, width=width, colorspace=channels, encoded_image_string=encoded)
+                writer._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]), step)
+            except Exception as exc:  # noqa: BLE001 - TensorBoard must never stop training
+                self._fail("write an encoded image", exc)
                 return False
         return True
 
