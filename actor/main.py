@@ -63,13 +63,17 @@ def connect_member(cfg: ExperimentConfig, member: int, learner_address: str, rep
     unrolls = RemoteUnrollSink(learner_address, services, action_spec_for(cfg).names, member,
                                **retry(a.submit_deadline_seconds, "learner"))
     renders = RemoteRenderSink(replay_address, services, member, **retry(a.insert_deadline_seconds, "replaybuffer"))
-    status = RemoteLearnerStatus(learner_address, services, **retry(a.parameter_deadline_seconds, "learner"))
+    # Whether the learner is done is asked only of a run with a budget (learner.max_frames).
+    status = (RemoteLearnerStatus(learner_address, services, **retry(a.parameter_deadline_seconds, "learner"))
+              if cfg.learner.max_frames > 0 else None)
 
     def close() -> None:
         for peer in (parameters, unrolls, renders, status):
-            peer.close()
+            if peer is not None:
+                peer.close()
 
-    return ActorPeers(parameters, unrolls, renders, close, learner_done=status.done)
+    return ActorPeers(parameters, unrolls, renders, close,
+                      learner_done=status.done if status is not None else lambda: False)
 
 
 class MemberAssigner:

@@ -20,7 +20,8 @@ rises by one, the copy is published like an update and logged as a ``copy`` even
 scores for tells it when it is done (:meth:`DiscriminatorLearner.note_learner_done`). Once every
 member it serves is done, it writes a final checkpoint (which records that it is done) and is
 done itself: it updates no more and its loop only idles, while its parameters stay published.
-Restored from such a checkpoint it is done from the start.
+Restored from such a checkpoint it is done from the start, unless the budget has changed since
+(a run given a larger ``learner.max_frames`` trains on).
 """
 
 from __future__ import annotations
@@ -223,7 +224,7 @@ class DiscriminatorLearner:
             self.version, state = restored
             self.trainer.load_state_dict(state["trainer"])
         log.info("resumed discriminator from checkpoint version %d", self.version)
-        if state.get("done", False):
+        if state.get("done", False) and state.get("max_frames") == self.cfg.learner.max_frames:
             self.run_done.set(f"its checkpoint (version {self.version}) was written once its learners were done")
         return self.version
 
@@ -233,10 +234,11 @@ class DiscriminatorLearner:
             return self.version, self.trainer.export_state()
 
     def checkpoint(self) -> Path:
-        """Write an atomic checkpoint of the trainer (and whether it is done)."""
+        """Write an atomic checkpoint of the trainer (and whether it is done, at which budget)."""
         with self.state_lock:  # state_dict() holds the live tensors: serialise them between updates
             path = save_checkpoint(self.checkpoint_dir, self.version,
-                                   {"trainer": self.trainer.state_dict(), "done": self.run_done.is_set})
+                                   {"trainer": self.trainer.state_dict(), "done": self.run_done.is_set,
+                                    "max_frames": self.cfg.learner.max_frames})
         self.recorder.checkpoint_written()
         return path
 

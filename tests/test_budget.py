@@ -252,5 +252,8 @@ def test_the_discriminator_is_done_when_every_member_it_serves_is(cfg: Experimen
     version = shared.version
     restored = DiscriminatorLearner(cfg, tmp_path, np.zeros((1, 64, 64, 1), np.uint8), renders)
     assert restored.run_done.is_set and restored.version == version and restored.step() is None
-    shared.close()
-    restored.close()
+    larger = dataclasses.replace(cfg, learner=dataclasses.replace(cfg.learner, max_frames=10**6))
+    extended = DiscriminatorLearner(larger, tmp_path, np.zeros((1, 64, 64, 1), np.uint8), renders)
+    assert not extended.run_done.is_set and extended.step() is not None  # a larger budget trains on
+    for learner in (shared, restored, extended):
+        learner.close()
