@@ -26,6 +26,11 @@ Drop rules, the same for every kind of peer (the peers do the bounded retrying):
   renders, not all of them;
 * a failed parameter refresh keeps the parameters held; before the first ones arrive the
   loop waits a second and goes round again (still beating its watchdog).
+
+**The budget.** With every parameter refresh the actor also asks whether its learner is done
+(``learner.max_frames``, :attr:`ActorPeers.learner_done`); a learner that refuses an unroll as
+done makes it ask at once. While it is, the actor acts no more: its loop idles, beating, and it
+says ``done`` (:attr:`Actor.run_done`), but it does not exit (a Deployment would restart it).
 """
 
 from __future__ import annotations
@@ -37,12 +42,16 @@ from dataclasses import dataclass
 from typing import Callable
 
 from spiral.runtime import metrics
+from spiral.runtime.budget import RunDone
 from spiral.agent.acting import EpisodeRunner
 from spiral.runtime.service_runtime import ProgressLog
 from spiral.core import ParameterSource, PeerFailure, Refused, RenderSink, UnrollSink
 from spiral.agent.trajectory import Unroll
 
 log = logging.getLogger(__name__)
+
+DONE_IDLE_SECONDS = 0.2
+"""The shortest wait of an iteration while the learner is done."""
 
 
 @dataclass
@@ -68,6 +77,9 @@ class ActorPeers:
     renders: RenderSink
     close: Callable[[], None] = lambda: None
     """Releases them (remote peers close their channels)."""
+    learner_done: Callable[[], bool] = lambda: False
+    """Whether the learner reached its budget (``learner.max_frames``); may raise
+    :class:`spiral.core.PeerFailure`."""
 
 
 class Actor:
@@ -79,11 +91,15 @@ class Actor:
         member: The population member served (metric labels).
         actor_id: This actor's identity (metric labels, replay items).
         stop: Set to finish the current iteration and return from :meth:`run`.
-        parameter_refresh_seconds: How often to ask for newer parameters.
+        parameter_refresh_seconds: How often to ask for newer parameters (and whether the
+            learner is done).
+        run_done: Where it says its learner is done (default: its own; the service passes the
+            one its ``/healthz`` reports).
     """
 
     def __init__(self, runner: EpisodeRunner, peers: ActorPeers, member: int, actor_id: str,
-                 stop: threading.Event, parameter_refresh_seconds: float = 1.0) -> None:
+                 stop: threading.Event, parameter_refresh_seconds: float = 1.0,
+                 run_done: RunDone | None = None) -> None:
         self.runner = runner
         self.peers = peers
         self.member = member
@@ -94,6 +110,8 @@ class Actor:
         self.has_parameters = False
         self._last_refresh = -float("inf")
         self._labels = (str(member), actor_id)
+        self.run_done = run_done if run_done is not None else RunDone(member, f"actor {actor_id}")
+        """Set while its learner is done: the actor does not act."""
 
     def close(self) -> None:
         self.peers.close()
@@ -105,6 +123,8 @@ class Actor:
         self.member = member
         self._labels = (str(member), self.actor_id)
         self.has_parameters = False  # another learner: its versions say nothing about ours
+        self.run_done.clear()  # nor does its budget: asked at the next refresh
+        self.run_done.member = str(member)
 
     # -- parameters --------------------------------------------------------------------------
 
@@ -122,6 +142,7 @@ class Actor:
                 self.stop.wait(1.0)
             return
         self._last_refresh = time.monotonic()
+        self.check_learner_done()
         if snapshot is not None:
             if self.has_parameters and snapshot.version < self.runner.policy_version:
                 log.info("the learner went back to version %d (restarted from a checkpoint); following it",
@@ -130,6 +151,20 @@ class Actor:
             self.has_parameters = True
         self.stats.learner_version = max(self.runner.policy_version, 0) if snapshot is None else snapshot.version
         self._export_version()
+
+    def check_learner_done(self) -> bool:
+        """Ask whether the learner is done and follow it (a failed question changes nothing)."""
+        try:
+            done = self.peers.learner_done()
+        except PeerFailure as exc:
+            log.warning("could not ask the learner whether it is done: %s", exc)
+            return self.run_done.is_set
+        if done:
+            self.run_done.set(f"its learner (member {self.member}) reached learner.max_frames; not acting")
+        elif self.run_done.is_set:
+            log.info("the learner of member %d trains again: acting again", self.member)
+            self.run_done.clear()
+        return done
 
     def _export_version(self) -> None:
         metrics.ACTOR_POLICY_VERSION.labels(*self._labels).set(self.runner.policy_version)
@@ -172,9 +207,10 @@ class Actor:
     # -- the loop ----------------------------------------------------------------------------
 
     def act_once(self) -> Unroll | None:
-        """One episode on every canvas, sent to the learner and the replay buffer."""
+        """One episode on every canvas, sent to the learner and the replay buffer (None, at
+        once, before the first parameters and while the learner is done)."""
         self.refresh_parameters()
-        if not self.has_parameters:
+        if not self.has_parameters or self.run_done.is_set:
             return None
         timing = self.runner.timing
         before_inf, before_render = timing.inference_seconds, timing.render_seconds
@@ -201,7 +237,8 @@ class Actor:
 
         Each iteration calls ``beat`` (the :class:`spiral.runtime.guarded_loop.GuardedLoop` heartbeat),
         then ``before_each(actor)`` (the PBT member assignment), which returns False while there
-        is no member to serve (the loop then waits a second), and acts once.
+        is no member to serve (the loop then waits a second), and acts once; while the learner
+        is done it waits ``parameter_refresh_seconds`` (at least :data:`DONE_IDLE_SECONDS`) instead.
         """
         progress = ProgressLog("actor env steps")
         while not self.stop.is_set():
@@ -209,7 +246,9 @@ class Actor:
             if before_each is not None and not before_each(self):
                 self.stop.wait(1.0)
                 continue
-            self.act_once()
+            if self.act_once() is None and self.run_done.is_set:
+                self.stop.wait(max(DONE_IDLE_SECONDS, self.parameter_refresh_seconds))
+                continue
             s = self.stats
             progress.maybe_log(s.env_steps, version=self.runner.policy_version, sent=s.unrolls_sent,
                                dropped=s.unrolls_dropped, renders_dropped=s.renders_dropped)

@@ -12,7 +12,9 @@ back, ABORTED) are retried with exponential backoff and full jitter for at most
 ``actor.insert_deadline_seconds``; then the item is dropped and the loop goes on. Nothing
 blocks forever or crashes the process. The loop runs under a
 :class:`~spiral.runtime.guarded_loop.GuardedLoop`: SIGTERM finishes the current episode's sends and
-exits 0; a loop that raises or stalls turns ``/healthz`` to 503 and exits 1.
+exits 0; a loop that raises or stalls turns ``/healthz`` to 503 and exits 1. While its learner
+is done (``learner.max_frames``, asked with ``Status``) the actor idles, saying ``done`` in
+``/healthz`` and ``spiral_run_done``, and does not exit.
 """
 
 from __future__ import annotations
@@ -29,11 +31,13 @@ from actor.actor import Actor, ActorPeers
 from spiral.agent.acting import EpisodeRunner
 from spiral.config import ExperimentConfig
 from spiral.envs import action_spec_for, make_env
+from spiral.runtime.budget import RunDone
 from spiral.runtime.guarded_loop import GuardedLoop
 from spiral.nets import build_policy
 from spiral.rpc.client import TRANSIENT_CODES
 from spiral.rpc.contract import declare_process_contract
-from spiral.rpc.peers import PeerError, RemotePBTController, RemoteParameterSource, RemoteRenderSink, RemoteUnrollSink
+from spiral.rpc.peers import PeerError, RemoteLearnerStatus, RemotePBTController, RemoteParameterSource, \
+    RemoteRenderSink, RemoteUnrollSink
 from spiral.runtime.seeding import actor_seed
 from spiral.runtime.service_options import ServiceOptions, add_service_arguments, resolve_service_options
 from spiral.runtime.service_runtime import start_process
@@ -59,12 +63,17 @@ def connect_member(cfg: ExperimentConfig, member: int, learner_address: str, rep
     unrolls = RemoteUnrollSink(learner_address, services, action_spec_for(cfg).names, member,
                                **retry(a.submit_deadline_seconds, "learner"))
     renders = RemoteRenderSink(replay_address, services, member, **retry(a.insert_deadline_seconds, "replaybuffer"))
+    # Whether the learner is done is asked only of a run with a budget (learner.max_frames).
+    status = (RemoteLearnerStatus(learner_address, services, **retry(a.parameter_deadline_seconds, "learner"))
+              if cfg.learner.max_frames > 0 else None)
 
     def close() -> None:
-        for peer in (parameters, unrolls, renders):
-            peer.close()
+        for peer in (parameters, unrolls, renders, status):
+            if peer is not None:
+                peer.close()
 
-    return ActorPeers(parameters, unrolls, renders, close)
+    return ActorPeers(parameters, unrolls, renders, close,
+                      learner_done=status.done if status is not None else lambda: False)
 
 
 class MemberAssigner:
@@ -108,7 +117,7 @@ class MemberAssigner:
         self.controller.close()
 
 
-def build_actor(opts: ServiceOptions, stop: threading.Event) -> Actor:
+def build_actor(opts: ServiceOptions, stop: threading.Event, run_done: RunDone | None = None) -> Actor:
     """The actor of ``opts``: environments, policy copy, targets and its member's peers."""
     cfg = opts.config
     seed = actor_seed(cfg.seed, opts.actor_id)
@@ -119,7 +128,8 @@ def build_actor(opts: ServiceOptions, stop: threading.Event) -> Actor:
         targets = for_experiment(cfg).images
     runner = EpisodeRunner(cfg, env, build_policy(cfg), targets, seed=seed, actor_id=opts.actor_id)
     peers = connect_member(cfg, opts.member, cfg.services.learner_address, cfg.services.replay_address, stop)
-    return Actor(runner, peers, opts.member, opts.actor_id, stop, cfg.actor.parameter_refresh_seconds)
+    return Actor(runner, peers, opts.member, opts.actor_id, stop, cfg.actor.parameter_refresh_seconds,
+                 run_done=run_done)
 
 
 def register(parser: argparse.ArgumentParser) -> None:
@@ -135,7 +145,8 @@ def run(args: argparse.Namespace) -> int:
     declare_process_contract(cfg)  # every call to a peer says what this actor's experiment is
     guard = GuardedLoop("actor", "actor episode loop", cfg.actor.stall_seconds,
                         linger_seconds=cfg.services.failure_linger_seconds)
-    start_process(opts, torch_threads=cfg.actor.torch_threads, health=guard.check)
+    run_done = RunDone(opts.member, f"actor {opts.actor_id}")
+    start_process(opts, torch_threads=cfg.actor.torch_threads, health=run_done.health(guard.check))
 
     def handle(signum: int, _frame: object) -> None:
         log.info("received %s: finishing the current episode", signal.Signals(signum).name)
@@ -143,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, handle)
     signal.signal(signal.SIGINT, handle)
-    actor = build_actor(opts, guard.stop_event)
+    actor = build_actor(opts, guard.stop_event, run_done)
     log.info("actor %s: %d %s environments, learner %s, replay buffer %s", opts.actor_id,
              cfg.actor.num_envs, cfg.env.kind, cfg.services.learner_address, cfg.services.replay_address)
     assigner = None

@@ -15,6 +15,13 @@ Population-based training copies a donor discriminator into this one
 training state is validated, stored and applied at the start of the next
 :meth:`~DiscriminatorLearner.step`, between two updates and never during one; the version then
 rises by one, the copy is published like an update and logged as a ``copy`` event.
+
+**The budget** (``learner.max_frames``, :mod:`spiral.runtime.budget`). Each policy learner it
+scores for tells it when it is done (:meth:`DiscriminatorLearner.note_learner_done`). Once every
+member it serves is done, it writes a final checkpoint (which records that it is done) and is
+done itself: it updates no more and its loop only idles, while its parameters stay published.
+Restored from such a checkpoint it is done from the start, unless the budget has changed since
+(a run given a larger ``learner.max_frames`` trains on).
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ import logging
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable, Collection, Mapping
 
 import numpy as np
 import torch
@@ -38,6 +45,7 @@ from spiral.nets import build_discriminator
 from spiral.nets.params import snapshot_of
 from spiral.runtime.snapshot import ParameterSnapshot
 from spiral.runtime.recorder import UpdateRecorder
+from spiral.runtime.budget import RunDone
 from spiral.runtime.service_runtime import ProgressLog
 from spiral.core import PeerFailure, PublishedParameters, RenderSampler
 
@@ -59,13 +67,18 @@ class DiscriminatorLearner:
         member: Population member index (metric label).
         device: Torch device (checked to exist here, :func:`~spiral.runtime.device.training_device`).
         seed: Seed of the real-image sampler.
+        serves: The members whose policy learners it scores for (default: ``member`` alone; a
+            shared discriminator: the population). It is done when all of them are.
+        run_done: Where it says it is done (default: its own; the service passes the one its
+            ``/healthz`` reports).
 
     Raises:
         spiral.runtime.device.DeviceUnavailable: ``device`` is missing on this machine.
     """
 
     def __init__(self, cfg: ExperimentConfig, run_dir: Path, real_images: np.ndarray, renders: RenderSampler,
-                 member: int = 0, device: str | torch.device = "cpu", seed: int = 0) -> None:
+                 member: int = 0, device: str | torch.device = "cpu", seed: int = 0,
+                 serves: Collection[int] | None = None, run_done: RunDone | None = None) -> None:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.checkpoint_dir = self.run_dir / "discriminator"
@@ -82,6 +95,11 @@ class DiscriminatorLearner:
         self.version = 0
         self.updates = 0
         self.samples_consumed = 0
+        self.serves = frozenset(serves) if serves is not None else frozenset({member})
+        self.run_done = run_done if run_done is not None else RunDone(member, "discriminator")
+        """Done once every member in :attr:`serves` said its learner is done (module docstring)."""
+        self._learners_done: set[int] = set()
+        self._learners_done_lock = threading.Lock()
         self.state_lock = threading.Lock()
         """Held while weights, optimizer state and version change together (an update, a PBT copy),
         so a reader of the training state (:meth:`export_training_state`) sees one version."""
@@ -92,7 +110,8 @@ class DiscriminatorLearner:
         self.pending_copy = CopySlot()
         """The PBT copy to apply before the next update (:meth:`request_copy`)."""
         self.recorder = UpdateRecorder(self.run_dir, "discriminator", member, LOSS_TERMS,
-                                       cfg.discriminator_learner.checkpoint_every_updates)
+                                       cfg.discriminator_learner.checkpoint_every_updates,
+                                       cfg.discriminator_learner.checkpoint_every_seconds)
         self.recorder.version_published(self.version)
 
     def fetch(self, have_version: int) -> ParameterSnapshot | None:
@@ -136,11 +155,34 @@ class DiscriminatorLearner:
             log.info("copied donor discriminator state (donor version %d); version now %d",
                      request.donor_version, self.version)
 
+    def note_learner_done(self, member: int) -> None:
+        """Member ``member``'s policy learner reached its budget (it says so every second)."""
+        with self._learners_done_lock:
+            self._learners_done.add(int(member))
+
+    @property
+    def learners_done(self) -> bool:
+        """Whether every member it serves said its learner is done."""
+        with self._learners_done_lock:
+            return self.serves <= self._learners_done
+
+    def finish(self) -> None:
+        """Become done: write the final checkpoint (it records that) and update no more."""
+        done = sorted(self.serves)
+        self.run_done.set(f"the policy learner{'s' if len(done) > 1 else ''} of member{'s' if len(done) > 1 else ''} "
+                          f"{', '.join(map(str, done))} reached learner.max_frames (version {self.version})")
+        self.checkpoint()
+
     def step(self) -> dict[str, float] | None:
         """One WGAN-GP update, or None while the replay buffer cannot serve a batch.
 
         A requested copy (:meth:`request_copy`) is applied first, even when no batch comes.
+        Once every learner it serves is done it finishes (:meth:`finish`) and updates no more.
         """
+        if not self.run_done.is_set and self.learners_done:
+            self.finish()
+        if self.run_done.is_set:
+            return None
         self._apply_pending_copy()
         batch_size = self.cfg.discriminator_learner.batch_size
         sampled = self.renders.sample(batch_size)
@@ -182,6 +224,8 @@ class DiscriminatorLearner:
             self.version, state = restored
             self.trainer.load_state_dict(state["trainer"])
         log.info("resumed discriminator from checkpoint version %d", self.version)
+        if state.get("done", False) and state.get("max_frames") == self.cfg.learner.max_frames:
+            self.run_done.set(f"its checkpoint (version {self.version}) was written once its learners were done")
         return self.version
 
     def export_training_state(self) -> tuple[int, dict[str, np.ndarray]]:
@@ -190,8 +234,13 @@ class DiscriminatorLearner:
             return self.version, self.trainer.export_state()
 
     def checkpoint(self) -> Path:
+        """Write an atomic checkpoint of the trainer (and whether it is done, at which budget)."""
         with self.state_lock:  # state_dict() holds the live tensors: serialise them between updates
-            return save_checkpoint(self.checkpoint_dir, self.version, {"trainer": self.trainer.state_dict()})
+            path = save_checkpoint(self.checkpoint_dir, self.version,
+                                   {"trainer": self.trainer.state_dict(), "done": self.run_done.is_set,
+                                    "max_frames": self.cfg.learner.max_frames})
+        self.recorder.checkpoint_written()
+        return path
 
     def close(self) -> None:
         """Flush and close the TensorBoard event file."""
@@ -201,7 +250,8 @@ class DiscriminatorLearner:
         """The discriminator's loop, the one ``spiral discriminator`` runs: update until ``stop``.
 
         Each iteration calls ``beat`` (the :class:`spiral.runtime.guarded_loop.GuardedLoop` heartbeat)
-        and updates once; while the replay buffer cannot serve a batch it waits ``idle_sleep``,
+        and updates once; while the replay buffer cannot serve a batch, or once it is done, it
+        waits ``idle_sleep``,
         and while it is down (:class:`spiral.core.PeerFailure`) it backs off exponentially up
         to 5 s. A progress line is logged every 10 s. Checkpointing on the way out is the
         caller's (after in-flight calls have finished).

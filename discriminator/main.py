@@ -7,7 +7,9 @@ thread under a :class:`~spiral.runtime.guarded_loop.GuardedLoop` (it updates whi
 serve batches and waits, retrying, while it cannot or is down; if it raises or stalls, health
 goes NOT_SERVING and the process exits 1 without checkpointing the failed state); checkpoints
 under ``--run-dir/discriminator`` (TensorBoard event files under ``--run-dir/tensorboard``) and
-resumes from the latest on start.
+resumes from the latest on start. Once every policy learner it scores for is done
+(``learner.max_frames``) it writes a final checkpoint, stops training and says ``done`` in
+``/healthz`` and ``spiral_run_done``, but stays up serving its last parameters.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import logging
 from discriminator.learner import DiscriminatorLearner
 from discriminator.service import DiscriminatorLearnerServicer
 from spiral.data import for_experiment
+from spiral.runtime.budget import RunDone
 from spiral.runtime.guarded_loop import GuardedLoop
 from spiral.rpc.contract import declare_process_contract
 from spiral.rpc.peers import RemoteRenderSampler
@@ -42,13 +45,15 @@ def run(args: argparse.Namespace) -> int:
     declare_process_contract(cfg)  # peers of another experiment are refused, and refuse this one
     guard = GuardedLoop("discriminator", "discriminator updates", cfg.discriminator_learner.stall_seconds,
                         linger_seconds=cfg.services.failure_linger_seconds)
-    start_process(opts, health=guard.check)
+    run_done = RunDone(opts.member, "discriminator")
+    start_process(opts, health=run_done.health(guard.check))
     dataset = for_experiment(cfg)
     # Sample as this member: a member's replay buffer refuses another member's requests.
     sampler = RemoteRenderSampler(cfg.services.replay_address, cfg.services, member=opts.member)
-    learner = DiscriminatorLearner(cfg, opts.run_dir, dataset.images, sampler, member=opts.member,
-                                   device=device, seed=discriminator_seed(cfg.seed, opts.member))
     serves = cfg.pbt.served_members(opts.member)
+    learner = DiscriminatorLearner(cfg, opts.run_dir, dataset.images, sampler, member=opts.member,
+                                   device=device, seed=discriminator_seed(cfg.seed, opts.member), serves=serves,
+                                   run_done=run_done)
     servicer = DiscriminatorLearnerServicer(learner, member=opts.member, serves=serves)
     if len(serves) > 1:
         log.info("population discriminator: scoring for members %s", sorted(serves))

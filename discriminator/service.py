@@ -1,7 +1,10 @@
 """The discriminator learner's gRPC face: versioned discriminator parameters and status.
 
 The policy learner polls ``GetParameters`` to score its episodes with the newest discriminator; the
-answer is one "up to date" chunk when it already holds that version.
+answer is one "up to date" chunk when it already holds that version. A policy learner that
+reached its budget keeps asking with ``requester_done`` set: the discriminator notes its member
+(:meth:`DiscriminatorLearner.note_learner_done`) and stops training once every member it serves
+is done.
 
 Population-based training:
 
@@ -73,6 +76,9 @@ class DiscriminatorLearnerServicer(discriminator_pb2_grpc.DiscriminatorLearnerSe
     @rejects_bad_messages(SERVICE)
     def GetParameters(self, request: parameters_pb2.GetParametersRequest,
                       context: grpc.ServicerContext) -> Iterator[parameters_pb2.ParameterChunk]:
+        if request.requester_done:
+            check_member(request.member, self.serves, self.member, "discriminator")
+            self.learner.note_learner_done(request.member)
         yield from self.publisher.stream(request)
 
     @rejects_bad_messages(SERVICE)

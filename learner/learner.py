@@ -16,6 +16,13 @@ copy of the discriminator that scores episodes. Its loop:
 policy is too far behind (``learner.max_policy_lag`` versions) with :class:`StaleUnroll`.
 Hyperparameter changes and weight copies from population-based training are applied between
 updates, never during one (:meth:`PolicyLearner.request_copy`, the same as the discriminator's).
+
+**The budget** (``learner.max_frames``, :mod:`spiral.runtime.budget`). The update that brings
+the consumed frames to the budget is the last: the learner writes a final checkpoint and sample
+grid and is done (:attr:`PolicyLearner.run_done`). It refuses unrolls from then on
+(:class:`LearnerDone`), applies no PBT copy, and its loop only idles (calling ``while_done``,
+where the service tells its discriminator); its parameters stay published. A learner restored
+from a checkpoint whose frames reach the budget is done from the start.
 """
 
 from __future__ import annotations
@@ -49,6 +56,7 @@ from spiral.runtime.seeding import learner_seed
 from spiral.runtime.service_runtime import ProgressLog
 from spiral.core import ParameterSource, PublishedParameters, Refused
 from spiral.runtime.recorder import UpdateRecorder, due
+from spiral.runtime.budget import RunDone, budget_reached
 from spiral.agent.training_state import CopyRequest, CopySlot
 from spiral.agent.trajectory import Unroll
 from spiral.evaluation.animation import encode_gif, step_frames
@@ -64,6 +72,8 @@ def reward_in_band(mean_reward: float, band: tuple[float, float]) -> bool:
 
 MAX_TRACKED_ACTORS = 10_000
 """Actors whose run id the learner remembers (the oldest seen is forgotten first)."""
+DONE_IDLE_SECONDS = 1.0
+"""How long an iteration of a done learner's loop waits (it beats and tells its discriminator)."""
 
 
 class StaleUnroll(Refused):
@@ -75,6 +85,16 @@ class StaleUnroll(Refused):
 
 class PriorUnused(Refused):
     """Episodes of prior programs sent to a learner that runs no program recovery."""
+
+
+class LearnerDone(Refused):
+    """An unroll sent to a learner that reached its budget (``learner.max_frames``).
+
+    ``stale``, so an actor refetches at once, and on the way learns that its learner is done.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, stale=True)
 
 
 LOSS_TERMS = ("loss", "pg_loss", "baseline_loss", "entropy_loss")
@@ -95,13 +115,16 @@ class PolicyLearner:
         discriminator_source: Where discriminator parameters come from (None: reward without
             the discriminator's term).
         device: Torch device for updates (checked to exist here, :func:`~spiral.runtime.device.training_device`).
+        run_done: Where it says it is done (default: its own; the service passes the one its
+            ``/healthz`` reports).
 
     Raises:
         spiral.runtime.device.DeviceUnavailable: ``device`` is missing on this machine.
     """
 
     def __init__(self, cfg: ExperimentConfig, run_dir: Path, member: int = 0,
-                 discriminator_source: ParameterSource | None = None, device: str | torch.device = "cpu") -> None:
+                 discriminator_source: ParameterSource | None = None, device: str | torch.device = "cpu",
+                 run_done: RunDone | None = None) -> None:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.checkpoint_dir = self.run_dir / "learner"
@@ -134,13 +157,15 @@ class PolicyLearner:
         so a reader of the training state (``GetTrainingState``) sees one consistent version."""
         self._actor_runs: collections.OrderedDict[str, str] = collections.OrderedDict()
         self._actor_runs_lock = threading.Lock()
+        self.run_done = run_done if run_done is not None else RunDone(member, "policy learner")
+        """Done once the consumed frames reach ``learner.max_frames`` (the module docstring)."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.restore()
         self.published = PublishedParameters(self._snapshot())
         self.last_stats: dict[str, float] = {}
         self.last_final_canvases: np.ndarray | None = None
         self.recorder = UpdateRecorder(self.run_dir, "learner", member, LOSS_TERMS,
-                                       cfg.learner.checkpoint_every_updates)
+                                       cfg.learner.checkpoint_every_updates, cfg.learner.checkpoint_every_seconds)
         self.recorder.version_published(self.version)
 
     # -- what peers call ---------------------------------------------------------------------
@@ -152,10 +177,13 @@ class PolicyLearner:
         Episodes of prior programs (``unroll.prior``) go to :attr:`prior_pool` instead, at once.
 
         Raises:
+            LearnerDone: The learner reached its budget and trains no more.
             StaleUnroll: The unroll's policy is more than ``max_policy_lag`` versions old.
             PriorUnused: Prior programs, and this learner runs no program recovery.
             learner.ingest.QueueFull: The queue stayed full for ``timeout`` seconds.
         """
+        if self.run_done.is_set:
+            raise LearnerDone(f"the learner is done ({self.run_done.reason}) and trains no more; stop acting")
         if unroll.prior:
             if self.cfg.learner.hindsight_weight <= 0:
                 raise PriorUnused("episodes of prior programs are examples for program recovery, which this learner "
@@ -275,7 +303,11 @@ class PolicyLearner:
         """One update if a full batch arrives within ``timeout``; returns its record.
 
         A requested copy (:meth:`request_copy`) is applied first, even when no batch comes.
+        A learner that is done updates no more (None at once). The update that reaches the
+        budget writes the final sample grid and checkpoint.
         """
+        if self.run_done.is_set:
+            return None
         self._apply_pending_copy()
         batch = self.queue.take_batch(self.cfg.learner.batch_size, timeout=timeout)
         metrics.LEARNER_QUEUE_DEPTH.labels(self.member).set(self.queue.depth)
@@ -299,11 +331,19 @@ class PolicyLearner:
         self.last_stats = record
         self.last_final_canvases = batch.final_canvases
         self._export_metrics(record, frames, elapsed)
-        if self.recorder.checkpoint_due(self.version):
+        final = budget_reached(self.frames, self.cfg.learner.max_frames)
+        if final or self.recorder.checkpoint_due(self.version):
             self.checkpoint()
-        if due(self.cfg.learner.sample_grid_every_updates, self.version):
+        if final or due(self.cfg.learner.sample_grid_every_updates, self.version):
             self.save_samples(batch)
+        if final:
+            self.run_done.set(self._budget_spent())
         return record
+
+    def _budget_spent(self) -> str:
+        """Why the learner is done, for logs and health."""
+        return (f"consumed {self.frames} frames of learner.max_frames {self.cfg.learner.max_frames} "
+                f"(version {self.version})")
 
     def _export_metrics(self, record: dict[str, float], frames: int, elapsed: float) -> None:
         """The policy learner's own metrics (the recorder exports those both learners have)."""
@@ -364,6 +404,8 @@ class PolicyLearner:
                 self.version = version
                 self.frames = int(state.get("frames", 0))
                 self.updates = int(state.get("updates", 0))
+                if budget_reached(self.frames, self.cfg.learner.max_frames):
+                    self.run_done.set(self._budget_spent())
         except (RuntimeError, ValueError) as exc:  # torch names the missing / misshaped tensors
             raise ValueError(f"the newest checkpoint in {self.checkpoint_dir} (version {version}) does not "
                              f"fit this experiment's policy: were the policy.* settings changed since the run "
@@ -379,27 +421,37 @@ class PolicyLearner:
     def checkpoint(self) -> Path:
         """Write an atomic checkpoint of the trainer (weights, optimizer, hyperparameters)."""
         with self.state_lock:  # state_dict() holds the live tensors: serialise them between updates
-            return save_checkpoint(self.checkpoint_dir, self.version,
+            path = save_checkpoint(self.checkpoint_dir, self.version,
                                    {"trainer": self.trainer.state_dict(), "frames": self.frames,
                                     "updates": self.updates,
                                     CHECKPOINT_DISCRIMINATOR_VERSION: self.discriminator_version})
+        self.recorder.checkpoint_written()
+        return path
 
     def close(self) -> None:
         """Flush and close the TensorBoard event file."""
         self.recorder.close()
 
     def run(self, stop: threading.Event, beat: Callable[[], None] = lambda: None,
-            between_updates: Callable[[threading.Event], None] | None = None) -> None:
+            between_updates: Callable[[threading.Event], None] | None = None,
+            while_done: Callable[[], None] | None = None) -> None:
         """The learner's loop, the one ``spiral learner`` runs: update until ``stop`` is set.
 
         Each iteration calls ``beat`` (the :class:`spiral.runtime.guarded_loop.GuardedLoop` heartbeat),
         then ``between_updates`` (the PBT member's report), then waits at most 0.5 s for a batch
-        and updates on it; a progress line is logged every 10 s. Checkpointing on the way out is
+        and updates on it; a progress line is logged every 10 s. Once the learner is done
+        (``learner.max_frames``) an iteration only beats, calls ``while_done`` (the service tells
+        its discriminator) and waits :data:`DONE_IDLE_SECONDS`. Checkpointing on the way out is
         the caller's (after in-flight calls have finished).
         """
         progress = ProgressLog("learner updates")
         while not stop.is_set():
             beat()
+            if self.run_done.is_set:
+                if while_done is not None:
+                    while_done()
+                stop.wait(DONE_IDLE_SECONDS)
+                continue
             if between_updates is not None:
                 between_updates(stop)
             stats = self.step(timeout=0.5)

@@ -7,6 +7,10 @@ NOT_SERVING and the process exits 1 without checkpointing the failed state), wri
 checkpoints, samples, ``learner.jsonl`` and TensorBoard event files (``tensorboard/``) under
 ``--run-dir``, and on SIGTERM stops taking calls, finishes in-flight ones, writes a last
 checkpoint and closes the event file. A restarted learner resumes from its latest checkpoint.
+
+Once it reaches its budget (``learner.max_frames``) it stays up, serving its last parameters,
+says ``done`` in ``/healthz``, ``Status`` and ``spiral_run_done``, and tells its discriminator
+every second (``GetParameters`` with ``requester_done``), so that one that restarts learns it too.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ from learner.population import PopulationMember, fitness_for
 from learner.service import PolicyLearnerServicer
 from spiral.config import ExperimentConfig
 from spiral.data import for_experiment
+from spiral.core import PeerFailure
+from spiral.runtime.budget import RunDone
 from spiral.runtime.guarded_loop import GuardedLoop
 from spiral.rpc.contract import declare_process_contract
 from spiral.rpc.peers import RemoteParameterSource
@@ -53,14 +59,22 @@ def run(args: argparse.Namespace) -> int:
     declare_process_contract(cfg)  # peers of another experiment are refused, and refuse this one
     guard = GuardedLoop("learner", "policy learner updates", cfg.learner.stall_seconds,
                         linger_seconds=cfg.services.failure_linger_seconds)
-    start_process(opts, retain_memory=True, health=guard.check)
+    run_done = RunDone(opts.member, "policy learner")
+    start_process(opts, retain_memory=True, health=run_done.health(guard.check))
     # Short deadlines: a discriminator that is down must not stall policy updates (they go on
     # scoring with the discriminator they have, or with the reconstruction term alone).
     discriminator_source = RemoteParameterSource(cfg.services.discriminator_address, cfg.services, "discriminator",
                                                  member=opts.member, call_timeout=cfg.services.call_timeout_seconds,
                                                  unavailable_retry_seconds=0.2)
     learner = PolicyLearner(cfg, opts.run_dir, member=opts.member, discriminator_source=discriminator_source,
-                            device=device)
+                            device=device, run_done=run_done)
+
+    def tell_discriminator_done() -> None:
+        try:
+            discriminator_source.report_done(learner.discriminator_version)
+        except PeerFailure as exc:  # it learns on a later call: this one says so every second
+            log.debug("could not tell the discriminator that this learner is done: %s", exc)
+
     population = make_population_member(learner, opts.member, cfg)
     servicer = PolicyLearnerServicer(learner, member=opts.member)
     server = build_server([servicer.binding()], opts.listen, cfg.services)
@@ -68,7 +82,8 @@ def run(args: argparse.Namespace) -> int:
     log.info("policy learner serving on %s at version %d", server.address, learner.version)
 
     guard.on_failure(lambda _reason: server.mark_not_serving())
-    guard.start(lambda stop, beat: learner.run(stop, beat, population.maybe_report if population else None))
+    guard.start(lambda stop, beat: learner.run(stop, beat, population.maybe_report if population else None,
+                                               while_done=tell_discriminator_done))
     server.serve_until_signal(grace=cfg.services.shutdown_grace_seconds, stop_event=guard.exit_requested,
                               on_stopping=guard.stop, on_stopped=guard.unless_failed(learner.checkpoint))
     learner.close()  # flush the TensorBoard event file

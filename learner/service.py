@@ -7,7 +7,9 @@ finite values, action ranges, masks) before it reaches the ingest queue; a bad o
 unroll aborts its stream with INVALID_ARGUMENT or FAILED_PRECONDITION and a message that says
 what was wrong (counted in ``spiral_rejected_messages_total``), while every other actor goes on.
 A full ingest queue pushes back with RESOURCE_EXHAUSTED after a bounded wait, so actors
-slow down instead of the learner running out of memory.
+slow down instead of the learner running out of memory. A learner that reached its budget
+(``learner.max_frames``) refuses unrolls with FAILED_PRECONDITION (``done``), says ``done`` in
+``Status`` and still answers ``GetParameters`` and ``GetTrainingState``.
 
 ``GetTrainingState`` serves the full trainer state (policy weights and Adam state, see
 :mod:`spiral.agent.training_state`) to a population member that copies this one. The snapshot
@@ -21,7 +23,7 @@ from typing import Iterable, Iterator
 import grpc
 
 from learner.ingest import QueueFull
-from learner.learner import PolicyLearner, PriorUnused, StaleUnroll
+from learner.learner import LearnerDone, PolicyLearner, PriorUnused, StaleUnroll
 from spiral.envs import action_spec_for
 from spiral.rpc.errors import PreconditionFailed, check_member, rejects_bad_messages
 from spiral.rpc.messages import UnrollExpectation, decode_unroll
@@ -57,6 +59,8 @@ class PolicyLearnerServicer(learner_pb2_grpc.PolicyLearnerServicer):
             self.learner.observe_actor_run(received.unroll.actor_id, received.run_id)
             try:
                 self.learner.submit(received.unroll, timeout=self.learner.cfg.learner.queue_wait_seconds)
+            except LearnerDone as exc:
+                raise PreconditionFailed("done", str(exc)) from None
             except StaleUnroll as exc:
                 raise PreconditionFailed("stale_version", str(exc)) from None
             except PriorUnused as exc:
@@ -80,7 +84,7 @@ class PolicyLearnerServicer(learner_pb2_grpc.PolicyLearnerServicer):
             version=learner.version, updates=learner.updates, frames=learner.frames,
             queue_depth=learner.queue.depth, member=self.member,
             hyperparameters={k: float(v) for k, v in learner.hyperparameters.items()},
-            discriminator_version=learner.discriminator_version)
+            discriminator_version=learner.discriminator_version, done=learner.run_done.is_set)
 
     def binding(self) -> ServiceBinding:
         return ServiceBinding(descriptor=learner_pb2.DESCRIPTOR.services_by_name["PolicyLearner"],

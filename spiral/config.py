@@ -402,6 +402,15 @@ class LearnerConfig:
     eagerly, with a warning."""
     checkpoint_every_updates: int = 100
     """Write an atomic checkpoint every this many updates (0: only on shutdown)."""
+    checkpoint_every_seconds: float = 0.0
+    """Also write one after an update when this many seconds have passed since the last (0: off),
+    so a preempted learner loses a bounded amount of time whatever its update rate."""
+    max_frames: int = 0
+    """The run's budget in environment steps consumed by updates (0: none, it trains until
+    stopped). Once reached the learner writes a final checkpoint and sample grid, stops updating
+    and reports done (health, ``Status``, ``spiral_run_done``) while it goes on serving its
+    parameters; its discriminator and actors then stop too, and ``spiral up`` exits 0 once every
+    member is done. ``--frames N`` on ``spiral up`` and ``spiral local`` sets it."""
     sample_grid_every_updates: int = 50
     """Write a sample grid PNG and programs every this many updates (0: never)."""
     stall_seconds: float = 600.0
@@ -426,6 +435,8 @@ class LearnerConfig:
         _require(self.queue_wait_seconds > 0, f"{path}.queue_wait_seconds", "must be > 0")
         _require(self.max_policy_lag >= 0, f"{path}.max_policy_lag", "must be >= 0")
         _require(self.stall_seconds > 0, f"{path}.stall_seconds", "must be > 0")
+        _require(self.checkpoint_every_seconds >= 0, f"{path}.checkpoint_every_seconds", "must be >= 0 (0: off)")
+        _require(self.max_frames >= 0, f"{path}.max_frames", "must be >= 0 (0: no budget)")
         _require_precision(self.precision, f"{path}.precision")
         self.reward.validate(f"{path}.reward")
 
@@ -456,6 +467,8 @@ class DiscriminatorLearnerConfig:
     near 0. 0 turns it off."""
     checkpoint_every_updates: int = 200
     """Write an atomic checkpoint every this many updates (0: only on shutdown)."""
+    checkpoint_every_seconds: float = 0.0
+    """Also write one after an update when this many seconds have passed since the last (0: off)."""
     precision: Literal["fp32", "bf16"] = "fp32"
     """Arithmetic of the critic's updates (:mod:`spiral.nets.precision`); the losses and the
     gradient penalty's norms stay fp32."""
@@ -472,6 +485,7 @@ class DiscriminatorLearnerConfig:
         _require(self.gradient_penalty >= 0, f"{path}.gradient_penalty", "must be >= 0")
         _require(self.level_penalty >= 0, f"{path}.level_penalty", "must be >= 0")
         _require(self.stall_seconds > 0, f"{path}.stall_seconds", "must be > 0")
+        _require(self.checkpoint_every_seconds >= 0, f"{path}.checkpoint_every_seconds", "must be >= 0 (0: off)")
         _require_precision(self.precision, f"{path}.precision")
 
 

@@ -17,8 +17,10 @@ it is also the no-gRPC baseline of ``bench/env_throughput.py``.
 
 ``spiral local --config tiny --minutes 5`` writes the same run directory as ``spiral up``
 (``config.yaml`` and ``overrides.yaml``, checkpoints, samples, ``learner.jsonl``, TensorBoard),
-takes the same ``--set FIELD=VALUE`` and ``--seed N``, runs under a
+takes the same ``--set FIELD=VALUE``, ``--seed N`` and ``--frames N``, runs under a
 :class:`~spiral.runtime.guarded_loop.GuardedLoop` and resumes from its checkpoints when started again.
+With a budget (``--frames N``, ``learner.max_frames``) it ends by itself, with status 0, once
+the learner and the discriminator are done (a run started again after that ends at once).
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from discriminator.learner import DiscriminatorLearner
 from learner.learner import PolicyLearner
 from replaybuffer.table import LocalRenders, ReplayTable
 from spiral.agent.acting import EpisodeRunner
-from spiral.commands.overrides import add_override_arguments, override_items
+from spiral.commands.overrides import add_budget_argument, add_override_arguments, override_items
 from spiral.config import ExperimentConfig, experiment_path, resolve_experiment
 from spiral.data import for_experiment
 from spiral.envs import make_env
@@ -84,8 +86,14 @@ class LocalSystem:
             seed = actor_seed(cfg.seed, actor_id)
             runner = EpisodeRunner(cfg, make_env(cfg, cfg.actor.num_envs, seed=seed), build_policy(cfg), targets,
                                    seed=seed, actor_id=actor_id)
-            peers = ActorPeers(parameters=self.learner, unrolls=self.learner, renders=self.renders)
+            peers = ActorPeers(parameters=self.learner, unrolls=self.learner, renders=self.renders,
+                               learner_done=lambda: self.learner.run_done.is_set)
             self.actors.append(Actor(runner, peers, 0, actor_id, self.stop, cfg.actor.parameter_refresh_seconds))
+
+    @property
+    def done(self) -> bool:
+        """Whether the learner reached its budget and the discriminator has stopped after it."""
+        return self.learner.run_done.is_set and self.discriminator.run_done.is_set
 
     @property
     def frames(self) -> int:
@@ -96,8 +104,11 @@ class LocalSystem:
         """One serial iteration: an episode per actor, then the updates it makes possible."""
         for actor in self.actors:
             actor.act_once()
-        while self.learner.queue.depth >= self.cfg.learner.batch_size and not self.stop.is_set():
+        while (self.learner.queue.depth >= self.cfg.learner.batch_size and not self.stop.is_set()
+               and not self.learner.run_done.is_set):
             self.learner.step(timeout=0)
+        if self.learner.run_done.is_set:
+            self.discriminator.note_learner_done(0)
         if self.cfg.replay.samples_per_insert > 0:
             while self.discriminator.step() is not None and not self.stop.is_set():
                 pass
@@ -109,6 +120,9 @@ class LocalSystem:
         progress = ProgressLog("local system frames")
         while not stop.is_set():
             beat()
+            if self.done:
+                stop.wait(0.5)
+                continue
             self.step()
             stats = self.learner.last_stats
             progress.maybe_log(self.frames, updates=self.learner.updates, critic=self.discriminator.version,
@@ -140,6 +154,7 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--actors", type=int, default=1, help="actors, each with actor.num_envs environments")
     parser.add_argument("--minutes", type=float, default=0.0, help="stop after this many minutes (0: until Ctrl-C)")
     parser.add_argument("--updates", type=int, default=0, help="stop after this many learner updates (0: no limit)")
+    add_budget_argument(parser)
     add_device_argument(parser, "policy and discriminator learners (actors act on the CPU)")
 
 
@@ -179,6 +194,9 @@ def run(args: argparse.Namespace) -> int:
     guard.start(system.run)
     while not guard.exit_requested.wait(0.5):
         if time.monotonic() >= deadline or (args.updates and system.learner.updates - start_updates >= args.updates):
+            break
+        if system.done:
+            log.info("done: %s", system.learner.run_done.reason)
             break
     guard.stop(timeout=600)
     guard.unless_failed(system.checkpoint)()

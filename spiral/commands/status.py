@@ -4,7 +4,9 @@
 :class:`~spiral.commands.layout.Layout` (:func:`scrape`) into a :class:`StatusSnapshot`;
 :func:`format_status` turns two snapshots into one line: environment steps/s, learner and
 discriminator updates/s, policy lag, replay fill, and per-member gauges (reward and, in
-conditional runs, the reconstruction error; a population shows the mean and the best member).
+conditional runs, the reconstruction error; a population shows the mean and the best member),
+and, once a learner reached its budget, how many members are done (:func:`all_done` is when
+``spiral up`` ends).
 """
 
 from __future__ import annotations
@@ -17,6 +19,11 @@ from typing import Callable, Sequence
 from prometheus_client.parser import text_string_to_metric_families
 
 from spiral.commands.layout import Layout
+
+RUN_DONE_METRIC = "spiral_run_done"
+"""The gauge a process sets to 1 once its member reached its budget (:mod:`spiral.runtime.budget`)."""
+DONE_ROLES = ("learner", "discriminator")
+"""The roles that must all be done for the run to be over (actors idle after their learner)."""
 
 
 def scrape(url: str, timeout: float = 1.0) -> dict[str, float]:
@@ -43,12 +50,15 @@ class StatusSnapshot:
         maxima: Each metric's largest per-process value (versions, lag).
         learner_gauges: Per member, the metrics of that member's policy learner process (its
             gauges, e.g. the mean episode reward, belong to that member alone).
+        done: Per learner and discriminator process (by name), whether it says it is done
+            (``spiral_run_done``; False while it does not answer).
     """
 
     time: float
     totals: dict[str, float]
     maxima: dict[str, float]
     learner_gauges: dict[int, dict[str, float]] = field(default_factory=dict)
+    done: dict[str, bool] = field(default_factory=dict)
 
     def member_values(self, name: str) -> list[float]:
         """``name`` of each member's learner that reports it, in member order."""
@@ -59,14 +69,22 @@ def take_snapshot(layout: Layout) -> StatusSnapshot:
     totals: dict[str, float] = {}
     maxima: dict[str, float] = {}
     learner_gauges: dict[int, dict[str, float]] = {}
+    done: dict[str, bool] = {}
     for spec in layout.processes:
         scraped = scrape(spec.metrics_url)
         if spec.role == "learner" and scraped:
             learner_gauges[spec.member] = scraped
+        if spec.role in DONE_ROLES:
+            done[spec.name] = scraped.get(RUN_DONE_METRIC, 0.0) >= 1
         for name, value in scraped.items():
             totals[name] = totals.get(name, 0.0) + value
             maxima[name] = max(maxima.get(name, value), value)
-    return StatusSnapshot(time.monotonic(), totals, maxima, learner_gauges)
+    return StatusSnapshot(time.monotonic(), totals, maxima, learner_gauges, done)
+
+
+def all_done(snapshot: StatusSnapshot) -> bool:
+    """Whether every learner and discriminator of the system says it is done (``spiral up`` then ends)."""
+    return bool(snapshot.done) and all(snapshot.done.values())
 
 
 def _per_member(label: str, values: list[float], fmt: str, best: Callable[[Sequence[float]], float]) -> str:
@@ -104,4 +122,7 @@ def format_status(prev: StatusSnapshot, cur: StatusSnapshot, elapsed: float) -> 
     l2 = [value for value in cur.member_values("spiral_learner_reconstruction_l2") if value]
     if l2:
         parts.append(_per_member("l2", l2, ".4f", min))
+    members_done = cur.member_values(RUN_DONE_METRIC)
+    if any(members_done):
+        parts.append(f"done {sum(1 for value in members_done if value >= 1)}/{len(cur.learner_gauges)}")
     return " | ".join(parts)

@@ -19,7 +19,10 @@ them:
 * a process that dies unexpectedly is restarted with exponential backoff (a restarted learner
   resumes from its checkpoint and the actors reconnect);
 * Ctrl-C, SIGTERM or ``--duration SECONDS`` stop every process cleanly: actors first, then
-  the learners and the replay buffer, each with SIGTERM and a grace period before SIGKILL.
+  the learners and the replay buffer, each with SIGTERM and a grace period before SIGKILL;
+* with a budget (``--frames N``, the same as ``--set learner.max_frames=N``) the run ends by
+  itself: once every member's learner and discriminator say they are done, ``spiral up`` stops
+  every process the same way and exits 0.
 
 Any setting of the experiment can be changed for one run with ``--set FIELD=VALUE`` (repeatable;
 the value is YAML: ``--set learner.reward.band=[-5,5] --set env.conditional=false``), and
@@ -51,8 +54,8 @@ import time
 from pathlib import Path
 
 from spiral.commands.layout import plan_layout
-from spiral.commands.overrides import add_override_arguments, override_items
-from spiral.commands.status import format_status, take_snapshot
+from spiral.commands.overrides import add_budget_argument, add_override_arguments, override_items
+from spiral.commands.status import all_done, format_status, take_snapshot
 from spiral.commands.supervisor import Supervisor
 from spiral.config import ConfigError, experiment_path, resolve_experiment
 from spiral.runtime.run_config import RunConfigMismatch, record_run_config
@@ -86,6 +89,7 @@ def register(parser: argparse.ArgumentParser) -> None:
                              "(default: the config's pbt.shared_discriminator)")
     add_device_argument(parser, "policy and discriminator learners (actors act on the CPU)")
     parser.add_argument("--duration", type=float, default=0.0, help="stop after this many seconds (0: until Ctrl-C)")
+    add_budget_argument(parser)
     parser.add_argument("--status-every", type=float, default=2.0, help="seconds between status lines")
     parser.add_argument("--no-restart", action="store_true", help="do not restart processes that exit")
 
@@ -146,6 +150,10 @@ def run(args: argparse.Namespace) -> int:
                 line = format_status(prev, cur, time.monotonic() - started)
                 print(("\r" + line.ljust(150)) if interactive else line, end="" if interactive else "\n", flush=True)
                 prev, next_status = cur, time.monotonic() + args.status_every
+                if all_done(cur):
+                    print(("\n" if interactive else "") + f"spiral up: done: every member reached "
+                          f"learner.max_frames {cfg.learner.max_frames}", flush=True)
+                    break
             time.sleep(0.2)
     finally:
         print(("\n" if interactive else "") + "spiral up: stopping", flush=True)

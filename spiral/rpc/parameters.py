@@ -175,7 +175,7 @@ def _with_first(first: Any, rest: Iterable[Any]) -> Iterable[Any]:
 
 
 def fetch_parameters(stub: Any, have_version: int, member: int = 0, timeout: float = 30.0,
-                     max_bytes: int | None = None) -> ParameterSnapshot | None:
+                     max_bytes: int | None = None, requester_done: bool = False) -> ParameterSnapshot | None:
     """Ask a ``PolicyLearner`` or ``DiscriminatorLearner`` stub for parameters newer than ``have_version``.
 
     Args:
@@ -184,6 +184,8 @@ def fetch_parameters(stub: Any, have_version: int, member: int = 0, timeout: flo
         member: Population member whose parameters are wanted.
         timeout: Deadline of the whole stream in seconds (the call never blocks longer).
         max_bytes: Largest total tensor data accepted.
+        requester_done: The caller is a policy learner that reached its budget
+            (``GetParametersRequest.requester_done``, for its discriminator).
 
     Returns:
         The new parameters, or None when ``have_version`` is current.
@@ -194,6 +196,7 @@ def fetch_parameters(stub: Any, have_version: int, member: int = 0, timeout: flo
     """
     if not math.isfinite(timeout) or timeout <= 0:
         raise ValueError(f"timeout must be a positive number of seconds, got {timeout}")
-    request = parameters_pb2.GetParametersRequest(have_version=have_version, member=member)
+    request = parameters_pb2.GetParametersRequest(have_version=have_version, member=member,
+                                                  requester_done=requester_done)
     return assemble_parameters(stub.GetParameters(request, timeout=timeout), have_version=have_version,
                                max_bytes=max_bytes)

@@ -9,7 +9,11 @@ across the network (the classes here). Each class owns one channel to one addres
   learner; ``fetch(have_version)`` returns a :class:`~spiral.nets.params.ParameterSnapshot`
   when the server's version differs from ``have_version`` (newer, or lower after the server
   restarted from an older checkpoint) and None when the caller is current.
+  A policy learner that reached its budget tells its discriminator so with
+  :meth:`RemoteParameterSource.report_done`.
 * :class:`RemoteUnrollSink`: ``SubmitUnrolls`` (client stream) of the policy learner.
+* :class:`RemoteLearnerStatus`: ``Status`` of the policy learner (an actor asks whether its
+  learner is done).
 * :class:`RemoteRenderSink`: ``Insert`` (client stream) of the replay buffer.
 * :class:`RemoteRenderSampler`: ``Sample`` of the replay buffer; None while the buffer's rate
   limiter does not allow a batch (too few items, or the samples-per-insert ratio reached).
@@ -233,11 +237,54 @@ class RemoteParameterSource(_Peer):
             PeerUnavailable / PeerRejected / PeerError: The call failed (see the module doc).
             PeerError: The server sent an inconsistent chunk stream.
         """
+        return self._fetch(have_version, requester_done=False)
+
+    def report_done(self, have_version: int) -> ParameterSnapshot | None:
+        """:meth:`fetch`, saying that the caller (a policy learner) reached its budget: its
+        discriminator stops training once every member it serves has said so.
+
+        Raises:
+            PeerUnavailable / PeerRejected / PeerError: As :meth:`fetch`.
+        """
+        return self._fetch(have_version, requester_done=True)
+
+    def _fetch(self, have_version: int, requester_done: bool) -> ParameterSnapshot | None:
         try:
             return self._call("GetParameters", lambda timeout: fetch_parameters(
-                self._stub, have_version=int(have_version), member=self.member, timeout=timeout))
+                self._stub, have_version=int(have_version), member=self.member, timeout=timeout,
+                requester_done=requester_done))
         except InvalidMessage as error:
             raise PeerError(self.address, "GetParameters", None, f"malformed parameter stream: {error}") from None
+
+
+class RemoteLearnerStatus(_Peer):
+    """The policy learner's ``Status``: whether it is done (reached ``learner.max_frames``).
+
+    Args:
+        address: ``host:port`` of the policy learner.
+        services_cfg: Message limit and TLS files.
+        call_timeout: Deadline of one call, seconds.
+        unavailable_retry_seconds: How long an UNAVAILABLE learner is retried within one call.
+        server_name: Name to verify in the server's TLS certificate instead of the host.
+        retry: ``retry_codes``, ``retry_labels`` and ``stop``, as :class:`RemoteParameterSource`.
+    """
+
+    def __init__(self, address: str, services_cfg: ServicesConfig, *, call_timeout: float = 10.0,
+                 unavailable_retry_seconds: float = 2.0, server_name: str | None = None, **retry: Any) -> None:
+        super().__init__(address, services_cfg, call_timeout, unavailable_retry_seconds, server_name, **retry)
+        self._stub = learner_pb2_grpc.PolicyLearnerStub(self.channel)
+
+    def status(self) -> learner_pb2.LearnerStatus:
+        """The learner's progress, hyperparameters and whether it is done.
+
+        Raises:
+            PeerUnavailable / PeerError: The call failed.
+        """
+        return self._call("Status", lambda timeout: self._stub.Status(learner_pb2.StatusRequest(), timeout=timeout))
+
+    def done(self) -> bool:
+        """Whether the learner reached its budget and trains no more."""
+        return bool(self.status().done)
 
 
 class RemoteUnrollSink(_Peer):

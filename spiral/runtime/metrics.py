@@ -101,6 +101,12 @@ DISCRIMINATOR_SCORE = Gauge(
 DISCRIMINATOR_LOSS = Gauge(
     "spiral_discriminator_loss", "Last update's loss terms.", ["member", "term"])
 
+# -- the run's budget (learner.max_frames) ------------------------------------------------------
+RUN_DONE = Gauge(
+    "spiral_run_done",
+    "1 once the member's policy learner reached learner.max_frames and stopped training, else 0 "
+    "(exported by the learner, its discriminator and its actors; they keep running, idle).", ["member"])
+
 # -- replay buffer ----------------------------------------------------------------------------
 REPLAY_SIZE = Gauge("spiral_replay_size_items", "Renders held.", ["member"])
 REPLAY_CAPACITY = Gauge("spiral_replay_capacity_items", "Renders the buffer can hold.", ["member"])

@@ -19,7 +19,7 @@ training; :class:`UpdateRecorder` writes them everywhere they are read:
    their stroke animations (:meth:`UpdateRecorder.animation`).
 
 It also decides the checkpoint cadence (:meth:`UpdateRecorder.checkpoint_due`,
-``checkpoint_every_updates``). What differs between the learners stays in each: the policy
+``checkpoint_every_updates`` and ``checkpoint_every_seconds``). What differs between the learners stays in each: the policy
 learner's reward, frame and discriminator-version metrics and its sample grids, the
 discriminator's scores.
 """
@@ -32,7 +32,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 from prometheus_client import Counter, Gauge
@@ -89,16 +89,24 @@ class UpdateRecorder:
         member: Population member (metric label; the board of a member other than 0 is ``ROLE-MEMBER``).
         loss_terms: The record keys exported as the loss gauge's terms.
         checkpoint_every: ``checkpoint_every_updates`` (0: no periodic checkpoints).
+        checkpoint_every_seconds: ``checkpoint_every_seconds``: a checkpoint is also due after
+            an update this long after the last one written (0: off).
+        clock: Monotonic seconds (tests inject one).
     """
 
     def __init__(self, run_dir: Path, role: str, member: int | str, loss_terms: tuple[str, ...],
-                 checkpoint_every: int) -> None:
+                 checkpoint_every: int, checkpoint_every_seconds: float = 0.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         if role not in ROLE_METRICS:
             raise ValueError(f"role must be one of {sorted(ROLE_METRICS)}, got {role!r}")
         self.member = str(member)
         self.metrics = ROLE_METRICS[role]
         self.loss_terms = loss_terms
         self.checkpoint_every = checkpoint_every
+        self.checkpoint_every_seconds = checkpoint_every_seconds
+        self._clock = clock
+        self._last_checkpoint = clock()
+        """``clock()`` when the last checkpoint was written (or the recorder made)."""
         self.log_path = Path(run_dir) / f"{role}.jsonl"
         """The JSON-lines log: one line per update, and one per event."""
         self.board = TrainingBoard(run_dir, role, member)
@@ -151,8 +159,16 @@ class UpdateRecorder:
         return self.board.encoded_image(tag, gif, height, width, channels, step=update)
 
     def checkpoint_due(self, update: int) -> bool:
-        """Whether the learner should checkpoint after ``update`` (every ``checkpoint_every`` updates)."""
-        return due(self.checkpoint_every, update)
+        """Whether the learner should checkpoint after ``update``: every ``checkpoint_every``
+        updates, and once ``checkpoint_every_seconds`` passed since :meth:`checkpoint_written`."""
+        if due(self.checkpoint_every, update):
+            return True
+        return (self.checkpoint_every_seconds > 0
+                and self._clock() - self._last_checkpoint >= self.checkpoint_every_seconds)
+
+    def checkpoint_written(self) -> None:
+        """Note that a checkpoint was just written (the time-based cadence counts from here)."""
+        self._last_checkpoint = self._clock()
 
     def close(self) -> None:
         """Flush and close the TensorBoard event file."""

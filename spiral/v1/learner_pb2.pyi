@@ -50,7 +50,7 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class LearnerStatus(_message.Message):
-    __slots__ = ("version", "updates", "frames", "queue_depth", "member", "hyperparameters", "discriminator_version")
+    __slots__ = ("version", "updates", "frames", "queue_depth", "member", "hyperparameters", "discriminator_version", "done")
     class HyperparametersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -65,6 +65,7 @@ class LearnerStatus(_message.Message):
     MEMBER_FIELD_NUMBER: _ClassVar[int]
     HYPERPARAMETERS_FIELD_NUMBER: _ClassVar[int]
     DISCRIMINATOR_VERSION_FIELD_NUMBER: _ClassVar[int]
+    DONE_FIELD_NUMBER: _ClassVar[int]
     version: int
     updates: int
     frames: int
@@ -72,4 +73,5 @@ class LearnerStatus(_message.Message):
     member: int
     hyperparameters: _containers.ScalarMap[str, float]
     discriminator_version: int
-    def __init__(self, version: _Optional[int] = ..., updates: _Optional[int] = ..., frames: _Optional[int] = ..., queue_depth: _Optional[int] = ..., member: _Optional[int] = ..., hyperparameters: _Optional[_Mapping[str, float]] = ..., discriminator_version: _Optional[int] = ...) -> None: ...
+    done: bool
+    def __init__(self, version: _Optional[int] = ..., updates: _Optional[int] = ..., frames: _Optional[int] = ..., queue_depth: _Optional[int] = ..., member: _Optional[int] = ..., hyperparameters: _Optional[_Mapping[str, float]] = ..., discriminator_version: _Optional[int] = ..., done: _Optional[bool] = ...) -> None: ...

@@ -15,7 +15,7 @@ _sym_db = _symbol_database.Default()
 from spiral.v1 import tensor_pb2 as spiral_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aspiral/v1/parameters.proto\x12\tspiral.v1\x1a\x16spiral/v1/tensor.proto\"<\n\x14GetParametersRequest\x12\x14\n\x0chave_version\x18\x01 \x01(\x03\x12\x0e\n\x06member\x18\x02 \x01(\x05\"\xa4\x01\n\x0eParameterChunk\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\r\n\x05index\x18\x02 \x01(\x05\x12\r\n\x05\x63ount\x18\x03 \x01(\x05\x12\'\n\x07tensors\x18\x04 \x03(\x0b\x32\x16.spiral.v1.NamedTensor\x12\x0e\n\x06member\x18\x05 \x01(\x05\x12\x15\n\rtotal_tensors\x18\x06 \x01(\x05\x12\x13\n\x0btotal_bytes\x18\x07 \x01(\x03\")\n\x17GetTrainingStateRequest\x12\x0e\n\x06member\x18\x01 \x01(\x05\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aspiral/v1/parameters.proto\x12\tspiral.v1\x1a\x16spiral/v1/tensor.proto\"T\n\x14GetParametersRequest\x12\x14\n\x0chave_version\x18\x01 \x01(\x03\x12\x0e\n\x06member\x18\x02 \x01(\x05\x12\x16\n\x0erequester_done\x18\x03 \x01(\x08\"\xa4\x01\n\x0eParameterChunk\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\r\n\x05index\x18\x02 \x01(\x05\x12\r\n\x05\x63ount\x18\x03 \x01(\x05\x12\'\n\x07tensors\x18\x04 \x03(\x0b\x32\x16.spiral.v1.NamedTensor\x12\x0e\n\x06member\x18\x05 \x01(\x05\x12\x15\n\rtotal_tensors\x18\x06 \x01(\x05\x12\x13\n\x0btotal_bytes\x18\x07 \x01(\x03\")\n\x17GetTrainingStateRequest\x12\x0e\n\x06member\x18\x01 \x01(\x05\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -23,9 +23,9 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'spiral.v1.parameters_pb2', 
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_GETPARAMETERSREQUEST']._serialized_start=65
-  _globals['_GETPARAMETERSREQUEST']._serialized_end=125
-  _globals['_PARAMETERCHUNK']._serialized_start=128
-  _globals['_PARAMETERCHUNK']._serialized_end=292
-  _globals['_GETTRAININGSTATEREQUEST']._serialized_start=294
-  _globals['_GETTRAININGSTATEREQUEST']._serialized_end=335
+  _globals['_GETPARAMETERSREQUEST']._serialized_end=149
+  _globals['_PARAMETERCHUNK']._serialized_start=152
+  _globals['_PARAMETERCHUNK']._serialized_end=316
+  _globals['_GETTRAININGSTATEREQUEST']._serialized_start=318
+  _globals['_GETTRAININGSTATEREQUEST']._serialized_end=359
 # @@protoc_insertion_point(module_scope)

@@ -9,12 +9,14 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class GetParametersRequest(_message.Message):
-    __slots__ = ("have_version", "member")
+    __slots__ = ("have_version", "member", "requester_done")
     HAVE_VERSION_FIELD_NUMBER: _ClassVar[int]
     MEMBER_FIELD_NUMBER: _ClassVar[int]
+    REQUESTER_DONE_FIELD_NUMBER: _ClassVar[int]
     have_version: int
     member: int
-    def __init__(self, have_version: _Optional[int] = ..., member: _Optional[int] = ...) -> None: ...
+    requester_done: bool
+    def __init__(self, have_version: _Optional[int] = ..., member: _Optional[int] = ..., requester_done: _Optional[bool] = ...) -> None: ...
 
 class ParameterChunk(_message.Message):
     __slots__ = ("version", "index", "count", "tensors", "member", "total_tensors", "total_bytes")
