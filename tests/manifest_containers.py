@@ -22,10 +22,22 @@ their pods:
 * the declared startup, readiness and liveness probes (HTTP GET and gRPC health) run as the
   kubelet runs them, on their periods and thresholds, and every failure is recorded
   (:meth:`ManifestCluster.probe_failures`); a liveness probe past its ``failureThreshold``
-  is reported as such (this harness reports it and does not restart the container).
+  is reported as such (this harness reports it and does not restart the container for it);
+* resources as the kubelet maps them to cgroups: ``limits.cpu`` to a CFS quota (``--cpus``),
+  ``limits.memory`` to the memory cgroup's limit (``--memory``, no swap beyond it), and
+  ``requests.cpu`` (the limit when no request is given, as the API server defaults it) to CPU
+  shares (``--cpu-shares``, 1024 per core, at least 2). ``requests.memory`` only schedules, and
+  has no cgroup counterpart. Each container's cgroup files are read back from inside it after
+  it starts, and a limit that did not take effect fails the harness (:class:`ResourcesNotApplied`);
+* the pods' restart policy (``Always``, the only one a Deployment or StatefulSet allows): a
+  container that exits is started again with the kubelet's back-off (at once, then 10 s, 20 s,
+  40 s... capped at 300 s, and reset once it has run for 10 minutes), and each pod keeps its
+  restart count and last termination (``OOMKilled`` when the kernel killed it over its memory
+  limit, ``Error`` or ``Completed`` otherwise), as ``kubectl get pods`` shows them
+  (:meth:`ManifestCluster.restarts`, :meth:`ManifestCluster.last_termination`).
 
-Resources (requests, limits) are ignored, and the harness says so in its log. NetworkPolicies,
-PodDisruptionBudgets and ServiceAccounts have no Docker counterpart and are skipped.
+NetworkPolicies, PodDisruptionBudgets and ServiceAccounts have no Docker counterpart and are
+skipped.
 """
 
 from __future__ import annotations
@@ -53,6 +65,80 @@ log = logging.getLogger(__name__)
 WORKLOADS = ("StatefulSet", "Deployment")
 SKIPPED_KINDS = ("Namespace", "ServiceAccount", "NetworkPolicy", "PodDisruptionBudget", "PodMonitor",
                  "PrometheusRule", "Role", "RoleBinding")
+BACKOFF_FIRST_S, BACKOFF_CAP_S, BACKOFF_RESET_AFTER_S = 10.0, 300.0, 600.0
+"""The kubelet's crash-loop back-off: the first restart at once, then 10 s doubling to 300 s; a
+container that ran 10 minutes before it exited starts over."""
+CFS_PERIOD_US = 100_000
+
+_MEMORY_SUFFIXES = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "k": 10**3, "K": 10**3, "M": 10**6,
+                    "G": 10**9, "T": 10**12}
+
+
+class ResourcesNotApplied(RuntimeError):
+    """A container's cgroup does not hold the limit its manifest asked for."""
+
+
+def cpu_cores(quantity: str | int | float) -> float:
+    """A Kubernetes CPU quantity (``"200m"``, ``"1.5"``, ``2``) in cores."""
+    text = str(quantity)
+    return int(text[:-1]) / 1000 if text.endswith("m") else float(text)
+
+
+def memory_bytes(quantity: str | int) -> int:
+    """A Kubernetes memory quantity (``"512Mi"``, ``"1G"``, ``"1e9"``, ``1024``) in bytes."""
+    text = str(quantity)
+    for suffix in sorted(_MEMORY_SUFFIXES, key=len, reverse=True):
+        if text.endswith(suffix):
+            return int(float(text[: -len(suffix)]) * _MEMORY_SUFFIXES[suffix])
+    return int(float(text))
+
+
+@dataclass(frozen=True)
+class CgroupLimits:
+    """What the kubelet would write into a container's cgroups for its ``resources``."""
+
+    cpu_quota_us: int | None = None
+    """CFS quota per 100 ms period (None: unlimited)."""
+    cpu_shares: int | None = None
+    memory_bytes: int | None = None
+
+    @classmethod
+    def of(cls, resources: dict[str, Any]) -> CgroupLimits:
+        limits, requests = resources.get("limits", {}), resources.get("requests", {})
+        request = requests.get("cpu", limits.get("cpu"))  # the API server defaults a request to its limit
+        return cls(cpu_quota_us=round(cpu_cores(limits["cpu"]) * CFS_PERIOD_US) if "cpu" in limits else None,
+                   cpu_shares=max(2, int(cpu_cores(request) * 1024)) if request is not None else None,
+                   memory_bytes=memory_bytes(limits["memory"]) if "memory" in limits else None)
+
+    def docker_args(self) -> list[str]:
+        args: list[str] = []
+        if self.cpu_quota_us is not None:
+            args += ["--cpu-period", str(CFS_PERIOD_US), "--cpu-quota", str(self.cpu_quota_us)]
+        if self.cpu_shares is not None:
+            args += ["--cpu-shares", str(self.cpu_shares)]
+        if self.memory_bytes is not None:
+            args += ["--memory", str(self.memory_bytes), "--memory-swap", str(self.memory_bytes)]
+        return args
+
+
+# Read inside the container (cgroup v1, as on this host; v2's files as the fallback).
+_READ_CGROUPS = """
+import pathlib
+def first(*paths):
+    for path in paths:
+        p = pathlib.Path(path)
+        if p.exists():
+            return p.read_text().split()
+    return ["?"]
+quota, period = first("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", "/sys/fs/cgroup/cpu,cpuacct/cpu.cfs_quota_us")[0], \
+    first("/sys/fs/cgroup/cpu/cpu.cfs_period_us", "/sys/fs/cgroup/cpu,cpuacct/cpu.cfs_period_us")[0]
+if quota == "?":
+    v2 = first("/sys/fs/cgroup/cpu.max")
+    quota, period = (v2 + ["?"])[:2]
+shares = first("/sys/fs/cgroup/cpu/cpu.shares", "/sys/fs/cgroup/cpu,cpuacct/cpu.shares")[0]
+memory = first("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory.max")[0]
+print(quota, period, shares, memory)
+"""
 
 
 def docker(*args: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -97,6 +183,14 @@ class Pod:
     """Container port -> published 127.0.0.1 port."""
     probes: dict[str, ProbeState] = field(default_factory=dict)
     started_at: float = 0.0
+    limits: CgroupLimits = field(default_factory=CgroupLimits)
+    restarts: int = 0
+    """Times the harness started the container again after it exited (the pod's restart count)."""
+    last_termination: dict[str, Any] | None = None
+    """The last exit: ``reason`` (OOMKilled, Error, Completed), ``exit_code``, ``ran_s``."""
+    restart_at: float | None = None
+    """When the back-off lets the exited container start again (None: it is running)."""
+    backoff_s: float = 0.0
 
     @property
     def spec(self) -> dict[str, Any]:
@@ -139,6 +233,7 @@ class ManifestCluster:
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._prober: threading.Thread | None = None
+        self._supervisor: threading.Thread | None = None
         self.ignored: list[str] = []
         for obj in objects:
             if obj["kind"] not in (*WORKLOADS, "ConfigMap", "Secret", "Service", *SKIPPED_KINDS):
@@ -190,6 +285,8 @@ class ManifestCluster:
                         self._create_pod(workload, index)
         self._prober = threading.Thread(target=self._probe_loop, name="harness-prober", daemon=True)
         self._prober.start()
+        self._supervisor = threading.Thread(target=self._restart_loop, name="harness-restarts", daemon=True)
+        self._supervisor.start()
 
     def down(self) -> None:
         """Remove every container, volume and the network this harness made."""
@@ -211,7 +308,7 @@ class ManifestCluster:
             self.delete_pod(pod.name)
 
     def kill(self, pod_name: str) -> None:
-        """SIGKILL a pod's container (its volumes stay)."""
+        """SIGKILL a pod's container (its volumes stay); the restart policy starts it again."""
         docker("kill", self.pods[pod_name].container_name)
 
     def start(self, pod_name: str) -> None:
@@ -221,11 +318,24 @@ class ManifestCluster:
         self._publish_ports(pod)
         with self._lock:
             pod.started_at = time.monotonic()
+            pod.restart_at = None
             for probe in pod.probes.values():
                 probe.succeeded, probe.consecutive_failures = False, 0
 
+    def restarts(self, pod_name: str) -> int:
+        """The pod's restart count, as ``kubectl get pods`` shows it."""
+        with self._lock:
+            return self.pods[pod_name].restarts
+
+    def last_termination(self, pod_name: str) -> dict[str, Any] | None:
+        """The pod's last exit (``reason``: OOMKilled, Error or Completed; ``exit_code``; ``ran_s``), or None."""
+        with self._lock:
+            termination = self.pods[pod_name].last_termination
+            return dict(termination) if termination else None
+
     def delete_pod(self, pod_name: str) -> None:
-        pod = self.pods.pop(pod_name)
+        with self._lock:
+            pod = self.pods.pop(pod_name)
         docker("rm", "--force", pod.container_name, check=False)
         for volume in pod.volumes.values():
             if volume.startswith(f"{self.prefix}-emptydir-"):
@@ -326,14 +436,16 @@ class ManifestCluster:
             args += ["--security-opt", "no-new-privileges"]
         for port in container.get("ports", []):
             args += ["--publish", f"127.0.0.1::{port['containerPort']}"]
-        if container.get("resources"):
-            self.ignored.append(f"{name}: resources {container['resources']} (ignored: Docker runs without them)")
-            log.info("harness: ignoring the resources of %s: %s", name, container["resources"])
+        if container.get("resources", {}).get("requests", {}).get("memory"):
+            self.ignored.append(f"{name}: requests.memory (it only schedules; no cgroup holds it)")
+        pod.limits = CgroupLimits.of(container.get("resources", {}))
+        args += pod.limits.docker_args()
         command = [*container.get("command", []), *container.get("args", [])]
         docker(*args, self._image(container), *command)
         docker("start", pod.container_name)
         self._publish_ports(pod)
         pod.started_at = time.monotonic()
+        self._check_limits(pod)
         pod.probes = {kind: ProbeState(kind, container[kind]) for kind in ("startupProbe", "readinessProbe",
                                                                             "livenessProbe") if kind in container}
         with self._lock:
@@ -347,6 +459,73 @@ class ManifestCluster:
         for port in pod.container.get("ports", []):
             out = docker("port", pod.container_name, f"{port['containerPort']}/tcp").stdout.split()
             pod.host_ports[int(port["containerPort"])] = int(out[0].rsplit(":", 1)[1])
+
+    def _check_limits(self, pod: Pod) -> None:
+        """Read the container's cgroup files from inside it; raise if a limit did not take effect."""
+        want = pod.limits
+        if want == CgroupLimits():
+            return
+        result = docker("exec", pod.container_name, "python3", "-c", _READ_CGROUPS, check=False)
+        if result.returncode != 0:
+            if not self.running(pod.name):  # it exited at once (an OOM at start): the restart loop reports it
+                return
+            raise ResourcesNotApplied(f"{pod.name}: could not read its cgroups: {result.stderr.strip()}")
+        quota, period, shares, memory = result.stdout.split()
+        seen = {"cpu quota (us per 100 ms)": quota if period in (str(CFS_PERIOD_US), "?") else f"{quota}/{period}",
+                "cpu shares": shares, "memory limit (bytes)": memory}
+        wanted = {"cpu quota (us per 100 ms)": want.cpu_quota_us, "cpu shares": want.cpu_shares,
+                  "memory limit (bytes)": want.memory_bytes}
+        wrong = [f"{what}: wanted {value}, the container has {seen[what]}" for what, value in wanted.items()
+                 if value is not None and seen[what] != str(value)]
+        if wrong:
+            raise ResourcesNotApplied(f"{pod.name}: its resources did not take effect ({'; '.join(wrong)}); "
+                                      "does this Docker engine support cgroup limits (docker info's warnings)?")
+        log.info("harness: %s runs with %s", pod.name, seen)
+
+    # -- restarts ----------------------------------------------------------------------------
+
+    def _restart_loop(self) -> None:
+        while not self._stop.wait(0.5):
+            with self._lock:
+                pods = list(self.pods.values())
+            for pod in pods:
+                try:
+                    self._supervise(pod)
+                except (RuntimeError, subprocess.SubprocessError, ValueError) as error:
+                    if pod.name in self.pods:  # a pod deleted while it was looked at is no error
+                        log.warning("harness: supervising %s: %s", pod.name, error)
+
+    def _supervise(self, pod: Pod) -> None:
+        now = time.monotonic()
+        if pod.restart_at is not None:
+            if now >= pod.restart_at and pod.name in self.pods:
+                with self._lock:
+                    pod.restarts += 1
+                docker("start", pod.container_name, check=False)
+                self._publish_ports(pod)
+                with self._lock:
+                    pod.started_at, pod.restart_at = time.monotonic(), None
+                    for probe in pod.probes.values():
+                        probe.succeeded, probe.consecutive_failures = False, 0
+                log.warning("harness: %s restarted (restart count %d)", pod.name, pod.restarts)
+            return
+        out = docker("inspect", "--format", "{{json .State}}", pod.container_name, check=False)
+        if out.returncode != 0 or pod.name not in self.pods:
+            return  # deleted meanwhile
+        state = json.loads(out.stdout)
+        if state["Running"] or state["Paused"] or state["Restarting"]:
+            return
+        ran = now - pod.started_at
+        reason = "OOMKilled" if state["OOMKilled"] else ("Completed" if state["ExitCode"] == 0 else "Error")
+        if ran >= BACKOFF_RESET_AFTER_S:
+            pod.backoff_s = 0.0
+        delay = pod.backoff_s
+        with self._lock:
+            pod.last_termination = {"reason": reason, "exit_code": int(state["ExitCode"]), "ran_s": round(ran, 1)}
+            pod.restart_at = now + delay
+            pod.backoff_s = BACKOFF_FIRST_S if delay == 0 else min(2 * delay, BACKOFF_CAP_S)
+        log.warning("harness: %s exited (%s, exit code %s) after %.0f s; restarting in %.0f s", pod.name, reason,
+                    state["ExitCode"], ran, delay)
 
     # -- probes ------------------------------------------------------------------------------
 

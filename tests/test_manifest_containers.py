@@ -1,18 +1,22 @@
 """The kind overlay's pods, run as real containers of the built image (``make image-test``).
 
-``kubectl kustomize deploy/overlays/kind`` is turned into containers by
+``kubectl kustomize tests/overlays/harness-limits`` (the kind overlay with every pod held to its
+own CPU slice, as on a real cluster's nodes) is turned into containers by
 :class:`manifest_containers.ManifestCluster` (what each takes from the manifests is in its
 docstring); the test then checks, from outside, what a cluster operator would:
 
-* every pod passes its declared startup and readiness probes, and the system trains: actor
-  frames, learner updates and the discriminator's version rise on the Prometheus endpoints;
-* scaling the actor Deployment from 2 to 4 containers: the new actors step and the system's
-  frames/s is measured before and after (printed; on a 2-core machine the learner, not the
-  actors, bounds it, so the test requires the 4 actors to step, not a higher total);
-* the learner container killed and started again on the same volume resumes from its
-  checkpoint at the same or a later version, and the actors reconnect (their frames rise again);
+* every pod passes its declared startup and readiness probes, runs under the cgroup limits its
+  resources ask for, and the system trains: actor frames, learner updates and the
+  discriminator's version rise on the Prometheus endpoints;
+* **scale-out**: 1 -> 2 -> 4 actor pods of 200m each give at least 1.7x and 3x the 1-actor
+  frames/s, in one run, and the policy lag stays bounded while scaling up and back down to 1;
+* the learner container killed: the harness's restart policy starts it again on the same volume,
+  its restart count rises, it resumes from its checkpoint at the same or a later version, and the
+  actors reconnect (their frames rise again);
 * a container that runs past its liveness probe's failure threshold (the replay buffer,
-  paused) is reported.
+  paused) is reported;
+* a pod over its memory limit is OOM-killed by the kernel and reported as the kubelet reports it
+  (``OOMKilled``, a rising restart count under the crash-loop back-off).
 
 Skipped without ``SPIRAL_IMAGE_TESTS=1`` (it needs Docker and the image).
 """
@@ -53,17 +57,36 @@ def total(cluster: ManifestCluster, workload: str, metric: str) -> float:
     return sum(scrape(cluster.metrics_url(pod.name)).get(metric, 0.0) for pod in cluster.of(workload))
 
 
-def frames_per_second(cluster: ManifestCluster, seconds: float) -> float:
+def frames_per_second(cluster: ManifestCluster, seconds: float, lags: list[float] | None = None) -> float:
+    """The actors' frames/s over ``seconds``; every second, the largest actor policy lag goes into ``lags``."""
     start, t0 = total(cluster, "spiral-actor", "spiral_actor_env_steps_total"), time.monotonic()
-    time.sleep(seconds)
+    while time.monotonic() - t0 < seconds:
+        time.sleep(1.0)
+        if lags is not None:
+            lags.append(max_lag(cluster))
     return (total(cluster, "spiral-actor", "spiral_actor_env_steps_total") - start) / (time.monotonic() - t0)
+
+
+def max_lag(cluster: ManifestCluster) -> float:
+    return max((scrape(cluster.metrics_url(pod.name)).get("spiral_actor_policy_lag_versions", 0.0)
+                for pod in cluster.of("spiral-actor")), default=0.0)
+
+
+def scale_and_settle(cluster: ManifestCluster, replicas: int, lags: list[float]) -> None:
+    """Scale the actors and wait until every actor pod steps, then 15 s more for the pipeline to fill."""
+    cluster.scale("spiral-actor", replicas)
+    actors = cluster.of("spiral-actor")
+    assert len(actors) == replicas
+    wait_for(f"{replicas} actors stepping", lambda: all(
+        scrape(cluster.metrics_url(pod.name)).get("spiral_actor_env_steps_total", 0) > 0 for pod in actors), cluster)
+    frames_per_second(cluster, 15, lags)
 
 
 @pytest.fixture(scope="module")
 def cluster():  # noqa: ANN201 - ManifestCluster
     if docker("image", "inspect", IMAGE, check=False).returncode != 0:
         pytest.fail(f"image {IMAGE} is not built: run make image")
-    manifests = ManifestCluster(render(ROOT / "deploy" / "overlays" / "kind"))
+    manifests = ManifestCluster(render(ROOT / "tests" / "overlays" / "harness-limits"))
     manifests.up()
     try:
         yield manifests
@@ -71,10 +94,14 @@ def cluster():  # noqa: ANN201 - ManifestCluster
         manifests.down()
 
 
-def test_the_pods_turn_ready_and_the_system_trains(cluster: ManifestCluster) -> None:
+def test_the_pods_turn_ready_under_their_limits_and_the_system_trains(cluster: ManifestCluster) -> None:
     assert {w: len(cluster.of(w)) for w in cluster.workloads} == {
-        "spiral-actor": 2, "spiral-discriminator": 1, "spiral-learner": 1, "spiral-replaybuffer": 1}
-    assert any("resources" in line for line in cluster.ignored)  # and the harness said so
+        "spiral-actor": 1, "spiral-discriminator": 1, "spiral-learner": 1, "spiral-replaybuffer": 1}
+    # The harness read each container's cgroups back and would have raised had a limit not taken effect.
+    quotas = {w: cluster.of(w)[0].limits.cpu_quota_us for w in cluster.workloads}
+    assert quotas == {"spiral-actor": 20_000, "spiral-discriminator": 30_000, "spiral-learner": 80_000,
+                      "spiral-replaybuffer": 10_000}
+    assert cluster.of("spiral-actor")[0].limits.memory_bytes == 2**30
     wait_for("every pod ready", lambda: all(cluster.ready(name) for name in cluster.pods), cluster)
     learner = cluster.of("spiral-learner")[0]
     assert "spiral-learner-0.spiral-learner.spiral.svc.cluster.local" in learner.aliases
@@ -85,19 +112,27 @@ def test_the_pods_turn_ready_and_the_system_trains(cluster: ManifestCluster) -> 
         total(cluster, "spiral-actor", "spiral_actor_env_steps_total") > before[0]
         and total(cluster, "spiral-learner", "spiral_learner_updates_total") > before[1] + 2
         and total(cluster, "spiral-discriminator", "spiral_discriminator_parameter_version") > before[2]), cluster)
+    assert all(cluster.restarts(name) == 0 for name in cluster.pods), {n: cluster.last_termination(n)
+                                                                       for n in cluster.pods}
 
 
-def test_scaling_the_actors_from_2_to_4(cluster: ManifestCluster) -> None:
-    two = frames_per_second(cluster, 30)
-    cluster.scale("spiral-actor", 4)
-    actors = cluster.of("spiral-actor")
-    assert len(actors) == 4
-    wait_for("the new actors to step", lambda: all(
-        scrape(cluster.metrics_url(pod.name)).get("spiral_actor_env_steps_total", 0) > 0 for pod in actors), cluster)
-    four = frames_per_second(cluster, 30)
-    print(f"frames/s with 2 actors: {two:.0f}; with 4: {four:.0f} ({four / max(two, 1e-9):.2f}x)")
-    assert four > 0 and two > 0
-    cluster.scale("spiral-actor", 2)
+def test_actor_pods_add_frames_1_2_4_and_the_policy_lag_stays_bounded(cluster: ManifestCluster) -> None:
+    """Each actor pod is held to 200m: frames/s must rise with the pods (>= 1.7x at 2, >= 3x at 4)."""
+    stages = (1, 2, 4, 1)  # up, and back down
+    rates: list[float] = []
+    lags: list[list[float]] = []
+    for replicas in stages:
+        lags.append([])
+        scale_and_settle(cluster, replicas, lags[-1])
+        rates.append(frames_per_second(cluster, 45, lags[-1]))
+    two, four = rates[1] / rates[0], rates[2] / rates[0]
+    print(f"frames/s with 1, 2, 4 actor pods (200m each): {rates[0]:.0f}, {rates[1]:.0f}, {rates[2]:.0f} "
+          f"({two:.2f}x, {four:.2f}x); back to 1: {rates[3]:.0f}; largest actor policy lag per stage "
+          f"{[max(stage) for stage in lags]} versions")
+    assert two >= 1.7 and four >= 3.0, rates
+    cfg_lag = 100  # learner.max_policy_lag in deploy/overlays/kind/tiny.yaml: past it, unrolls are refused
+    assert all(max(stage) <= cfg_lag for stage in lags), lags
+    cluster.scale("spiral-actor", 2)  # the next tests as the kind overlay runs
 
 
 def test_a_killed_learner_resumes_from_its_checkpoint_and_the_actors_reconnect(cluster: ManifestCluster) -> None:
@@ -106,9 +141,12 @@ def test_a_killed_learner_resumes_from_its_checkpoint_and_the_actors_reconnect(c
     wait_for("a learner checkpoint", lambda: total(cluster, "spiral-learner", "spiral_learner_parameter_version") >= 60,
              cluster, timeout=400)
     version = total(cluster, "spiral-learner", "spiral_learner_parameter_version")
+    restarts = cluster.restarts(learner)
     cluster.kill(learner)
     frames_down = total(cluster, "spiral-actor", "spiral_actor_env_steps_total")
-    cluster.start(learner)
+    wait_for("the restart policy to start the learner again", lambda: cluster.restarts(learner) == restarts + 1,
+             cluster, timeout=60)
+    assert cluster.last_termination(learner)["reason"] == "Error"  # SIGKILL: exit code 137, not an OOM
     wait_for("the learner ready again", lambda: cluster.ready(learner), cluster)
     logs = cluster.logs(learner, tail=400)
     assert "resumed policy learner from checkpoint version" in logs, logs
@@ -132,3 +170,28 @@ def test_a_container_past_its_liveness_threshold_is_reported(cluster: ManifestCl
         docker("unpause", replay.container_name)
     failures = cluster.probe_failures(replay.name)
     assert any("livenessProbe failed" in f and "past the failureThreshold" in f for f in failures), failures
+
+
+def test_a_pod_over_its_memory_limit_is_oomkilled_and_restarted_with_back_off() -> None:
+    hog = {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "memory-hog"},
+           "spec": {"replicas": 1, "selector": {"matchLabels": {"app": "hog"}}, "template": {
+               "metadata": {"labels": {"app": "hog"}},
+               "spec": {"containers": [{
+                   "name": "hog", "image": IMAGE,
+                   # Writes 512 MiB, twice its limit, after the harness has read its cgroups.
+                   "command": ["python3", "-c", "import time; time.sleep(3); b = b'x' * (512 * 2**20); "
+                                                "time.sleep(60)"],
+                   "resources": {"requests": {"cpu": "100m", "memory": "128Mi"},
+                                 "limits": {"cpu": "100m", "memory": "128Mi"}}}]}}}}
+    cluster = ManifestCluster([hog])
+    cluster.up()
+    try:
+        pod = cluster.of("memory-hog")[0].name
+        assert cluster.of("memory-hog")[0].limits.memory_bytes == 128 * 2**20
+        # The first restart comes at once, the second after the 10 s back-off.
+        wait_for("two restarts", lambda: cluster.restarts(pod) >= 2, cluster, timeout=90)
+        termination = cluster.last_termination(pod)
+        assert termination is not None and termination["reason"] == "OOMKilled", termination
+        assert termination["exit_code"] == 137
+    finally:
+        cluster.down()
