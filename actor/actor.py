@@ -179,6 +179,7 @@ class Actor:
             version = self.peers.unrolls.submit(unroll)
         except Refused as exc:
             self.stats.unrolls_dropped += 1
+            self._count_dropped(unroll, "learner", "stale" if exc.stale else "refused")
             if exc.stale:
                 log.info("learner refused the unroll (%s); refetching parameters", exc)
                 self.refresh_parameters(force=True)
@@ -187,6 +188,7 @@ class Actor:
             return
         except PeerFailure as exc:
             self.stats.unrolls_dropped += 1
+            self._count_dropped(unroll, "learner", "unreachable")
             log.warning("dropped an unroll: %s", exc)
             return
         self.stats.unrolls_sent += 1
@@ -194,12 +196,16 @@ class Actor:
             self.stats.learner_version = int(version)
         self._export_version()
 
+    def _count_dropped(self, unroll: Unroll, to: str, reason: str) -> None:
+        metrics.ACTOR_DROPPED_EPISODES_TOTAL.labels(*self._labels, to, reason).inc(unroll.batch_size)
+
     def insert_renders(self, unroll: Unroll) -> None:
         """Hand the episode's final renders to the replay buffer; dropped if it cannot take them."""
         try:
             self.peers.renders.insert(unroll.final_canvases, unroll.targets, unroll.policy_version, self.actor_id)
         except PeerFailure as exc:
             self.stats.renders_dropped += unroll.batch_size
+            self._count_dropped(unroll, "replay", "unreachable")
             log.warning("dropped %d renders: %s", unroll.batch_size, exc)
             return
         self.stats.renders_sent += unroll.batch_size

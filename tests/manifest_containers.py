@@ -499,14 +499,15 @@ class ManifestCluster:
         now = time.monotonic()
         if pod.restart_at is not None:
             if now >= pod.restart_at and pod.name in self.pods:
-                with self._lock:
-                    pod.restarts += 1
+                with self._lock:  # not ready from here on, until its probes pass again
+                    for probe in pod.probes.values():
+                        probe.succeeded, probe.consecutive_failures = False, 0
+                    pod.started_at = time.monotonic()
                 docker("start", pod.container_name, check=False)
                 self._publish_ports(pod)
                 with self._lock:
                     pod.started_at, pod.restart_at = time.monotonic(), None
-                    for probe in pod.probes.values():
-                        probe.succeeded, probe.consecutive_failures = False, 0
+                    pod.restarts += 1
                 log.warning("harness: %s restarted (restart count %d)", pod.name, pod.restarts)
             return
         out = docker("inspect", "--format", "{{json .State}}", pod.container_name, check=False)

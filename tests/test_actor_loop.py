@@ -15,6 +15,7 @@ import threading
 from pathlib import Path
 
 import numpy as np
+from prometheus_client import REGISTRY
 import pytest
 from prometheus_client import REGISTRY
 
@@ -109,6 +110,10 @@ def test_the_drop_rules(cfg: ExperimentConfig) -> None:
     actor.act_once()
     assert actor.stats.renders_dropped == cfg.actor.num_envs and len(renders.renders) == 4
     assert actor.stats.unrolls_sent == 2 and actor.stats.episodes == 5 * cfg.actor.num_envs
+    dropped = {(to, reason): REGISTRY.get_sample_value("spiral_actor_dropped_episodes_total", {
+        "member": "0", "actor": "test", "to": to, "reason": reason}) for to, reason in (
+        ("learner", "stale"), ("learner", "refused"), ("learner", "unreachable"), ("replay", "unreachable"))}
+    assert dropped == {key: cfg.actor.num_envs for key in dropped}  # each drop counted in episodes, by reason
 
     parameters.failing = True  # a failed refresh keeps the parameters held and acting goes on
     actor.refresh_parameters(force=True)

@@ -10,6 +10,12 @@ docstring); the test then checks, from outside, what a cluster operator would:
   discriminator's version rise on the Prometheus endpoints;
 * **scale-out**: 1 -> 2 -> 4 actor pods of 200m each give at least 1.7x and 3x the 1-actor
   frames/s, in one run, and the policy lag stays bounded while scaling up and back down to 1;
+* **faults at scale**, with 4 actor pods: the replay buffer and the discriminator SIGKILLed in
+  turn; the restart policy starts each again and the system recovers by itself, each within 60 s
+  of the pod's restart (the replay buffer takes renders and serves the discriminator again; the
+  discriminator trains and the learner scores with its new versions). The time each took and
+  what was lost (episodes the actors dropped, renders the table held, discriminator versions
+  rolled back to its checkpoint) are printed;
 * the learner container killed: the harness's restart policy starts it again on the same volume,
   its restart count rises, it resumes from its checkpoint at the same or a later version, and the
   actors reconnect (their frames rise again);
@@ -26,10 +32,12 @@ from __future__ import annotations
 import os
 import shutil
 import time
+import urllib.request
 from pathlib import Path
 from typing import Callable
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from manifest_containers import ManifestCluster, docker, render
 from spiral.commands.status import scrape
@@ -132,7 +140,76 @@ def test_actor_pods_add_frames_1_2_4_and_the_policy_lag_stays_bounded(cluster: M
     assert two >= 1.7 and four >= 3.0, rates
     cfg_lag = 100  # learner.max_policy_lag in deploy/overlays/kind/tiny.yaml: past it, unrolls are refused
     assert all(max(stage) <= cfg_lag for stage in lags), lags
-    cluster.scale("spiral-actor", 2)  # the next tests as the kind overlay runs
+    scale_and_settle(cluster, 4, [])  # the faults below, at scale
+
+
+def pod_metric(cluster: ManifestCluster, workload: str, metric: str, labels: dict[str, str] | None = None) -> float:
+    """A metric summed over a workload's pods, optionally only the samples carrying ``labels``."""
+    value = 0.0
+    for pod in cluster.of(workload):
+        try:
+            with urllib.request.urlopen(cluster.metrics_url(pod.name), timeout=2) as response:  # noqa: S310
+                text = response.read().decode()
+        except OSError:
+            continue
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == metric and all(sample.labels.get(k) == v for k, v in (labels or {}).items()):
+                    value += sample.value
+    return value
+
+
+def kill_and_time_recovery(cluster: ManifestCluster, workload: str, recovered: Callable[[], bool]) -> dict[str, float]:
+    """SIGKILL the workload's pod; seconds from the harness's restart to ``recovered()``, and the actors' drops."""
+    pod = cluster.of(workload)[0].name
+    dropped = {to: pod_metric(cluster, "spiral-actor", "spiral_actor_dropped_episodes_total", {"to": to})
+               for to in ("learner", "replay")}
+    restarts = cluster.restarts(pod)
+    killed_at = time.monotonic()
+    cluster.kill(pod)
+    wait_for(f"{workload} restarted", lambda: cluster.restarts(pod) > restarts, cluster, timeout=60)
+    restarted_at = time.monotonic()
+    wait_for(f"{workload} recovered", recovered, cluster, timeout=120)
+    recovered_at = time.monotonic()
+    return {"down_s": round(restarted_at - killed_at, 1), "recovery_after_restart_s": round(recovered_at - restarted_at, 1),
+            **{f"episodes_dropped_to_{to}": pod_metric(cluster, "spiral-actor", "spiral_actor_dropped_episodes_total",
+                                                       {"to": to}) - before for to, before in dropped.items()}}
+
+
+def test_with_4_actor_pods_a_killed_replay_buffer_and_discriminator_recover_within_60_s(
+        cluster: ManifestCluster) -> None:
+    """Each pod SIGKILLed in turn; the restart policy starts it; the system trains again without anyone's help."""
+    assert len(cluster.of("spiral-actor")) == 4
+    report: dict[str, dict[str, float]] = {}
+
+    held = pod_metric(cluster, "spiral-replaybuffer", "spiral_replay_size_items")
+
+    def replay_serving_the_discriminator_again() -> bool:
+        # The new process counts from zero: it took renders, and the discriminator trains on its samples.
+        if pod_metric(cluster, "spiral-replaybuffer", "spiral_replay_inserts_total") <= 0:
+            return False
+        return pod_metric(cluster, "spiral-replaybuffer", "spiral_replay_samples_total") > 0
+    report["replay buffer"] = kill_and_time_recovery(cluster, "spiral-replaybuffer",
+                                                     replay_serving_the_discriminator_again)
+    report["replay buffer"]["renders_lost_from_the_table"] = held  # SIGKILL: no save on the way down
+
+    version_before = pod_metric(cluster, "spiral-discriminator", "spiral_discriminator_parameter_version")
+    learner_sees = pod_metric(cluster, "spiral-learner", "spiral_learner_discriminator_version")
+    resumed: list[float] = []
+
+    def discriminator_training_and_scoring_again() -> bool:
+        updates = pod_metric(cluster, "spiral-discriminator", "spiral_discriminator_updates_total")
+        version = pod_metric(cluster, "spiral-discriminator", "spiral_discriminator_parameter_version")
+        if version > 0 and not resumed:
+            resumed.append(version)  # its first version after the restart: where it resumed
+        return updates > 0 and pod_metric(cluster, "spiral-learner", "spiral_learner_discriminator_version") \
+            != learner_sees
+    report["discriminator"] = kill_and_time_recovery(cluster, "spiral-discriminator",
+                                                     discriminator_training_and_scoring_again)
+    report["discriminator"]["versions_rolled_back"] = max(0.0, version_before - (resumed[0] if resumed else 0.0))
+    print(f"faults with 4 actor pods: {report}")
+    for what, figures in report.items():
+        assert figures["recovery_after_restart_s"] <= 60, (what, figures)
 
 
 def test_a_killed_learner_resumes_from_its_checkpoint_and_the_actors_reconnect(cluster: ManifestCluster) -> None:
@@ -156,6 +233,10 @@ def test_a_killed_learner_resumes_from_its_checkpoint_and_the_actors_reconnect(c
              lambda: total(cluster, "spiral-learner", "spiral_learner_parameter_version") >= version, cluster)
     wait_for("the actors stepping again", lambda: total(cluster, "spiral-actor", "spiral_actor_env_steps_total")
              > frames_down + 100, cluster)
+    print(f"learner killed at version {version:.0f}: resumed from {resumed} ({version - resumed:.0f} versions rolled "
+          f"back); unrolls dropped by the actors meanwhile: "
+          f"{pod_metric(cluster, 'spiral-actor', 'spiral_actor_dropped_episodes_total', {'to': 'learner'}):.0f} "
+          f"episodes in all")
 
 
 def test_a_container_past_its_liveness_threshold_is_reported(cluster: ManifestCluster) -> None:

@@ -50,6 +50,11 @@ ACTOR_RENDER_SECONDS = Histogram(
 ACTOR_INFERENCE_SECONDS = Histogram(
     "spiral_actor_inference_seconds", "Time of one batched policy forward.",
     ["member"], buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1))
+ACTOR_DROPPED_EPISODES_TOTAL = Counter(
+    "spiral_actor_dropped_episodes_total",
+    "Episodes an actor made and could not hand over: to the learner (unrolls) or the replay buffer (renders), "
+    "by reason (stale: refused as too old; refused: any other refusal; unreachable: the peer stayed down or busy).",
+    ["member", "actor", "to", "reason"])
 ACTOR_RPC_RETRIES_TOTAL = Counter(
     "spiral_actor_rpc_retries_total", "Calls to a peer that failed and were retried.",
     ["member", "peer"])
