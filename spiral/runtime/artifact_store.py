@@ -54,7 +54,6 @@ class ArtifactStore:
         self.fs, self.root = fsspec.core.url_to_fs(self.uri, skip_instance_cache=True, **dict(options or {}))
         self.root = self.root.rstrip("/")
         self._local = "file" in _protocols(self.fs)
-        self._lock = threading.Lock()
 
     def _path(self, relative: str) -> str:
         relative = relative.strip("/")
@@ -68,21 +67,30 @@ class ArtifactStore:
     def put(self, local: Path, relative: str) -> None:
         """Send the local file ``local`` to ``relative`` (replacing what is there), atomically.
 
+        The file is read once: one rewritten meanwhile is sent whole, old or new.
+
         Raises:
             FileNotFoundError: ``local`` is gone (a checkpoint pruned before it was sent).
             OSError and the backend's errors: the store cannot be written.
         """
+        self.put_bytes(Path(local).read_bytes(), relative)
+
+    def put_bytes(self, data: bytes, relative: str) -> None:
+        """Write ``data`` to ``relative`` atomically (an object PUT; on ``file://`` a rename)."""
         target = self._path(relative)
         if self._local:
             self.fs.makedirs(posixpath.dirname(target), exist_ok=True)
             staging = posixpath.join(posixpath.dirname(target),
                                      f".{posixpath.basename(target)}.tmp-{os.getpid()}-{threading.get_ident()}")
-            self.fs.put_file(str(local), staging)
+            self.fs.pipe_file(staging, data)
             self.fs.mv(staging, target)
         else:
-            with open(local, "rb") as handle:  # one read: a file rewritten meanwhile is sent whole, old or new
-                data = handle.read()
             self.fs.pipe_file(target, data)
+
+    def exists(self, relative: str) -> bool:
+        """Whether ``relative`` is a file of the store."""
+        self.fs.invalidate_cache()
+        return bool(self.fs.isfile(self._path(relative)))
 
     def delete(self, relative: str) -> None:
         """Remove one file; a file already gone is not an error."""
@@ -138,3 +146,51 @@ def open_run_store(artifact_uri: str, run_name: str, options: Mapping[str, Any] 
     if not run_name or "/" in run_name:
         raise ValueError(f"run name {run_name!r}: must be one non-empty path segment")
     return ArtifactStore(f"{artifact_uri.rstrip('/')}/{run_name}", options)
+
+
+CONFIG_FILE = "config.yaml"
+"""The experiment a run's learner sent (:mod:`spiral.runtime.service_artifacts`), at the run's root."""
+_EXPORT_MANIFEST = "export.json"  # spiral.evaluation.export.MANIFEST_NAME
+
+
+def fetch_run(uri: str, local_dir: Path) -> Path:
+    """Copy what ``spiral sample`` / ``spiral export`` read from a run in a store into ``local_dir``.
+
+    ``uri`` names a run (``s3://bucket/runs/NAME``, or a member of one, ``.../NAME/member-1``):
+    its newest ``learner/ckpt-*.pt`` and its ``config.yaml`` are fetched; or one checkpoint
+    (``.../learner/ckpt-<version>.pt``) and the config two levels up; or a ``spiral export``
+    directory (it holds ``export.json``), fetched whole. Credentials and endpoints come from
+    the environment (``AWS_*``, ``AWS_ENDPOINT_URL``, ``GOOGLE_APPLICATION_CREDENTIALS``).
+
+    Returns:
+        The local path to read: ``local_dir`` or the fetched checkpoint file.
+
+    Raises:
+        FileNotFoundError: ``uri`` holds no run, checkpoint or export.
+        ImportError: the ``artifacts`` extra is not installed.
+    """
+    local_dir = Path(local_dir)
+    uri = uri.rstrip("/")
+    head, _, name = uri.rpartition("/")
+    if _CHECKPOINT.match(name):
+        run_root = head.rpartition("/")[0]
+        checkpoint = ArtifactStore(head).get(name, local_dir / "learner" / name)
+        root_store = ArtifactStore(run_root)
+        if root_store.exists(CONFIG_FILE):
+            root_store.get(CONFIG_FILE, local_dir / CONFIG_FILE)
+        return checkpoint
+    store = ArtifactStore(uri)
+    if store.exists(_EXPORT_MANIFEST):
+        store.get_tree("", local_dir)
+        return local_dir
+    newest = store.newest_checkpoint("learner")
+    if newest is None:
+        raise FileNotFoundError(f"{uri}: no learner/ckpt-*.pt, and not a spiral export (no {_EXPORT_MANIFEST})")
+    store.get(newest, local_dir / newest)
+    if store.exists(CONFIG_FILE):
+        store.get(CONFIG_FILE, local_dir / CONFIG_FILE)
+    else:  # a population member: the run's config is one level up
+        parent = ArtifactStore(head)
+        if parent.exists(CONFIG_FILE):
+            parent.get(CONFIG_FILE, local_dir / CONFIG_FILE)
+    return local_dir

@@ -50,12 +50,15 @@ class UploadPlan:
         remote_prefix: Where the run directory sits in the run's store: ``member-K`` in a
             population, ``""`` otherwise (:func:`spiral.runtime.artifact_store.member_prefix`).
         keep: Remote checkpoints kept per directory (the newest).
+        documents: ``(path, bytes)`` written once at start, relative to the store's root (not
+            ``remote_prefix``): the learner's ``config.yaml``, which ``spiral sample`` reads.
     """
 
     checkpoint_dirs: tuple[str, ...] = ()
     mirrored: tuple[str, ...] = ()
     remote_prefix: str = ""
     keep: int = 3
+    documents: tuple[tuple[str, bytes], ...] = ()
 
 
 class ArtifactUploader:
@@ -81,6 +84,8 @@ class ArtifactUploader:
         self._cond = threading.Condition()
         self._newest: dict[str, Path] = {}
         """Checkpoint directory -> its newest checkpoint not yet sent."""
+        self._documents: dict[str, bytes] = dict(plan.documents)
+        """Documents of the plan not yet written."""
         self._queue: collections.OrderedDict[Path, None] = collections.OrderedDict()
         """Mirrored files waiting to be sent, oldest first (each once)."""
         self._sent: dict[Path, tuple[int, int]] = {}
@@ -128,7 +133,7 @@ class ArtifactUploader:
     def pending(self) -> int:
         """Files waiting (newest checkpoints and queued mirrored files), one being sent included."""
         with self._cond:
-            return len(self._newest) + len(self._queue) + self._in_flight
+            return len(self._newest) + len(self._documents) + len(self._queue) + self._in_flight
 
     def sync_now(self) -> None:
         """Queue the mirrored files that changed, now rather than at the next sync."""
@@ -165,7 +170,8 @@ class ArtifactUploader:
         log.debug("artifact skipped: %s", why)
 
     def _update_pending(self) -> None:
-        metrics.ARTIFACT_PENDING.labels(**self._labels).set(len(self._newest) + len(self._queue) + self._in_flight)
+        metrics.ARTIFACT_PENDING.labels(**self._labels).set(
+            len(self._newest) + len(self._documents) + len(self._queue) + self._in_flight)
 
     def _scan(self) -> None:
         """Queue each mirrored file that is new or changed since it was sent; skip (count) those
@@ -196,7 +202,9 @@ class ArtifactUploader:
     def _next(self) -> tuple[str, Path] | None:
         """The next file to send, newest checkpoints first; taken out of its slot or queue."""
         with self._cond:
-            if self._newest:
+            if self._documents:
+                item = ("document", Path(next(iter(self._documents))))
+            elif self._newest:
                 directory = next(iter(self._newest))
                 item = ("checkpoint", self._newest.pop(directory))
             elif self._queue:
@@ -209,7 +217,9 @@ class ArtifactUploader:
     def _give_back(self, kind: str, path: Path) -> None:
         """Put a file whose upload failed back where it was (unless a newer checkpoint took its slot)."""
         with self._cond:
-            if kind == "checkpoint":
+            if kind == "document":
+                pass  # it stays in _documents until it is written
+            elif kind == "checkpoint":
                 directory = path.parent.resolve().relative_to(self.run_dir.resolve()).as_posix()
                 if directory in self._newest:
                     self._skip(f"checkpoint {path.name} replaced by a newer one while it was being sent")
@@ -220,7 +230,12 @@ class ArtifactUploader:
                 self._queue.move_to_end(path, last=False)
 
     def _send(self, kind: str, path: Path) -> None:
-        if kind == "checkpoint":
+        if kind == "document":
+            name = path.as_posix()
+            self.store.put_bytes(self._documents[name], name)
+            with self._cond:
+                del self._documents[name]
+        elif kind == "checkpoint":
             self.store.put(path, self._remote(path))
             directory = self._remote(path.parent)
             for old in self.store.checkpoints(directory)[:-self.plan.keep]:
@@ -243,7 +258,7 @@ class ArtifactUploader:
             item = self._next()
             if item is None:
                 with self._cond:
-                    if self._newest or self._queue:
+                    if self._newest or self._documents or self._queue:
                         continue  # queued since _next() looked
                     if self._closing:
                         break  # close() looked for changed files before it set _closing: all is sent
@@ -253,7 +268,7 @@ class ArtifactUploader:
             try:
                 self._send(kind, path)
             except FileNotFoundError as exc:
-                if not path.exists():
+                if kind != "document" and not path.exists():
                     self._skip(f"{path} is gone before it was sent")
                 else:
                     self._fail(kind, path, exc)

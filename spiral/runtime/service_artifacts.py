@@ -20,8 +20,10 @@ import threading
 from pathlib import Path
 from typing import Callable
 
-from spiral.config import ExperimentConfig
-from spiral.runtime.artifact_store import ArtifactStore, member_prefix, open_run_store
+import yaml
+
+from spiral.config import ExperimentConfig, to_dict
+from spiral.runtime.artifact_store import CONFIG_FILE, ArtifactStore, member_prefix, open_run_store
 from spiral.runtime.artifact_uploader import ArtifactUploader, UploadPlan
 from spiral.runtime.checkpoint import list_checkpoints
 from spiral.runtime.service_options import ServiceOptions
@@ -44,7 +46,10 @@ def role_plan(role: str, member: int, cfg: ExperimentConfig) -> tuple[UploadPlan
     board = board_dir(Path(), role, member).as_posix()
     mirrored = (f"{role}.jsonl", board) + (("samples", "exports") if role == "learner" else ())
     prefix = member_prefix(member, cfg.pbt.population_size)
-    return UploadPlan(checkpoint_dirs=(role,), mirrored=mirrored, remote_prefix=prefix), (role,)
+    # Member 0's learner sends the experiment, so that spiral sample / export can read the store alone.
+    documents = ((CONFIG_FILE, yaml.safe_dump(to_dict(cfg), sort_keys=False).encode()),) \
+        if role == "learner" and member == 0 else ()
+    return UploadPlan(checkpoint_dirs=(role,), mirrored=mirrored, remote_prefix=prefix, documents=documents), (role,)
 
 
 def _with_timeout(seconds: float, what: str, work: Callable[[], object]) -> object:
