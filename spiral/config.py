@@ -690,7 +690,7 @@ class RunConfig:
     artifact_uri: str = ""
     """``s3://BUCKET/PREFIX``, ``gs://BUCKET/PREFIX`` or ``file:///PATH``; empty: artifacts stay in
     the run directory. Needs the ``artifacts`` extra (``pip install 'spiral[artifacts]'``; ``gs://``
-    also needs ``gcsfs``)."""
+    also the ``gcs`` extra)."""
     artifact_options: dict[str, Any] = field(default_factory=dict)
     """Keyword arguments of the fsspec filesystem, e.g. ``{endpoint_url: http://minio:9000}`` or
     ``{client_kwargs: {region_name: eu-west-1}}`` for s3fs. Leave credentials out: s3fs and
@@ -724,8 +724,8 @@ class RunConfig:
         _require(bool(rest.strip("/")), f"{path}.artifact_uri", f"names no bucket or directory: {self.artifact_uri!r}")
         for package in dict.fromkeys(("fsspec", ARTIFACT_BACKENDS[scheme])):
             _require(importlib.util.find_spec(package) is not None, f"{path}.artifact_uri",
-                     f"{scheme}:// needs the Python package {package!r}: pip install 'spiral[artifacts]'"
-                     + (" gcsfs" if package == "gcsfs" else ""))
+                     f"{scheme}:// needs the Python package {package!r}: pip install "
+                     + ("'spiral[artifacts,gcs]'" if package == "gcsfs" else "'spiral[artifacts]'"))
 
 
 @dataclass(frozen=True)
