@@ -12,6 +12,7 @@ flag                        environment variable            meaning
 ``--set FIELD=VALUE``       ``SPIRAL_SET``                  override a setting (repeatable), see below
 ``--run-dir``               ``SPIRAL_RUN_DIR``              checkpoints, samples, logs (``runs/NAME``)
 ``--run-name``              ``SPIRAL_RUN_NAME``             the run's name in ``run.artifact_uri`` (default: ``name``)
+``--artifact-uri``          ``SPIRAL_ARTIFACT_URI``         overrides ``run.artifact_uri``
 ``--listen``                ``SPIRAL_LISTEN``               gRPC address to bind (servers only)
 ``--metrics-port``          ``SPIRAL_METRICS_PORT``         Prometheus HTTP port (0 disables)
 ``--metrics-address``       ``SPIRAL_METRICS_ADDRESS``      address the metrics server binds
@@ -41,6 +42,10 @@ component switch a population to one shared discriminator and replay buffer
 A peer address may contain ``{member}``, replaced by the member index: in Kubernetes, replica
 *i* of each member StatefulSet finds its own member's services as
 ``spiral-discriminator-{member}.spiral-discriminator:50052``.
+
+``SPIRAL_ARTIFACT_URI`` and ``SPIRAL_RUN_NAME`` let a Kubernetes component
+(``deploy/components/artifacts-s3``) send a run's artifacts to a bucket while the experiment
+file stays as generated; only the learners and the PBT controller send any.
 
 ``SPIRAL_DEVICE`` is ``cpu`` (the default), ``cuda`` or ``cuda:N``; only the two learners read it
 (:func:`add_device_argument`, :func:`resolve_device`), and actors always act on the CPU. The
@@ -74,6 +79,7 @@ ENV_VARS = {
     "set": OVERRIDES_ENV_VAR,
     "run_dir": "SPIRAL_RUN_DIR",
     "run_name": "SPIRAL_RUN_NAME",
+    "artifact_uri": "SPIRAL_ARTIFACT_URI",
     "listen": "SPIRAL_LISTEN",
     "metrics_port": "SPIRAL_METRICS_PORT",
     "metrics_address": "SPIRAL_METRICS_ADDRESS",
@@ -117,6 +123,8 @@ def add_service_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run-dir", help="directory for checkpoints, samples and logs [SPIRAL_RUN_DIR]")
     parser.add_argument("--run-name", help="the run's folder in run.artifact_uri (default: the experiment's name; "
                         "spiral up passes its --name) [SPIRAL_RUN_NAME]")
+    parser.add_argument("--artifact-uri", help="s3://, gs:// or file:// URI that checkpoints and records are sent to "
+                        "(overrides run.artifact_uri) [SPIRAL_ARTIFACT_URI]")
     parser.add_argument("--listen", help="gRPC address to bind, e.g. 0.0.0.0:50051 [SPIRAL_LISTEN]")
     parser.add_argument("--metrics-port", type=int, help=f"Prometheus port, 0 disables "
                         f"(default {DEFAULT_METRICS_PORT}) [SPIRAL_METRICS_PORT]")
@@ -237,6 +245,15 @@ def resolve_service_options(role: str, args: argparse.Namespace) -> ServiceOptio
                                                                "/ --shared-discriminator")
     if shared is not None and shared != config.pbt.shared_discriminator:
         config = dataclasses.replace(config, pbt=dataclasses.replace(config.pbt, shared_discriminator=shared))
+
+    artifact_uri = _pick(args, "artifact_uri")
+    if artifact_uri is not None and artifact_uri != config.run.artifact_uri:
+        run = dataclasses.replace(config.run, artifact_uri=artifact_uri)
+        try:
+            run.validate("run")
+        except ConfigError as exc:
+            raise SystemExit(f"spiral {role}: {ENV_VARS['artifact_uri']} / --artifact-uri: {exc}") from None
+        config = dataclasses.replace(config, run=run)
 
     def integer(name: str, default: int) -> int:
         raw = _pick(args, name)
