@@ -161,7 +161,7 @@ class ArtifactUploader:
     # -- the uploader's thread ---------------------------------------------------------------
 
     def _remote(self, local: Path) -> str:
-        relative = local.relative_to(self.run_dir).as_posix()
+        relative = local.resolve().relative_to(self.run_dir.resolve()).as_posix()
         return f"{self.plan.remote_prefix}/{relative}" if self.plan.remote_prefix else relative
 
     def _skip(self, why: str) -> None:
