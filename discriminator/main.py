@@ -28,6 +28,7 @@ from spiral.rpc.server import build_server
 from spiral.runtime.seeding import discriminator_seed
 from spiral.runtime.service_options import add_device_argument, add_service_arguments, resolve_device, \
     resolve_service_options
+from spiral.runtime.service_artifacts import start_service_artifacts
 from spiral.runtime.service_runtime import start_process
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,7 @@ def run(args: argparse.Namespace) -> int:
                         linger_seconds=cfg.services.failure_linger_seconds)
     run_done = RunDone(opts.member, "discriminator")
     start_process(opts, health=run_done.health(guard.check))
+    artifacts = start_service_artifacts(opts)  # restores an empty run directory from run.artifact_uri
     dataset = for_experiment(cfg)
     # Sample as this member: a member's replay buffer refuses another member's requests.
     sampler = RemoteRenderSampler(cfg.services.replay_address, cfg.services, member=opts.member)
@@ -67,6 +69,8 @@ def run(args: argparse.Namespace) -> int:
     server.serve_until_signal(grace=cfg.services.shutdown_grace_seconds, stop_event=guard.exit_requested,
                               on_stopping=guard.stop, on_stopped=guard.unless_failed(learner.checkpoint))
     learner.close()  # flush the TensorBoard event file
+    if artifacts is not None:  # the last checkpoint and records, within run.artifact_flush_seconds
+        artifacts.close(cfg.run.artifact_flush_seconds)
     sampler.close()
     if guard.failure is None:
         log.info("discriminator stopped at version %d (checkpoint written)", learner.version)

@@ -31,6 +31,7 @@ from spiral.rpc.peers import RemoteParameterSource
 from spiral.rpc.server import build_server
 from spiral.runtime.service_options import add_device_argument, add_service_arguments, resolve_device, \
     resolve_service_options
+from spiral.runtime.service_artifacts import start_service_artifacts
 from spiral.runtime.service_runtime import start_process
 
 log = logging.getLogger(__name__)
@@ -66,6 +67,7 @@ def run(args: argparse.Namespace) -> int:
     discriminator_source = RemoteParameterSource(cfg.services.discriminator_address, cfg.services, "discriminator",
                                                  member=opts.member, call_timeout=cfg.services.call_timeout_seconds,
                                                  unavailable_retry_seconds=0.2)
+    artifacts = start_service_artifacts(opts)  # restores an empty run directory from run.artifact_uri
     learner = PolicyLearner(cfg, opts.run_dir, member=opts.member, discriminator_source=discriminator_source,
                             device=device, run_done=run_done)
 
@@ -87,6 +89,8 @@ def run(args: argparse.Namespace) -> int:
     server.serve_until_signal(grace=cfg.services.shutdown_grace_seconds, stop_event=guard.exit_requested,
                               on_stopping=guard.stop, on_stopped=guard.unless_failed(learner.checkpoint))
     learner.close()  # flush the TensorBoard event file
+    if artifacts is not None:  # the last checkpoint and records, within run.artifact_flush_seconds
+        artifacts.close(cfg.run.artifact_flush_seconds)
     discriminator_source.close()
     if population is not None:
         population.close()

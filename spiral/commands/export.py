@@ -4,7 +4,8 @@ Usage::
 
     spiral export RUN_DIR|CHECKPOINT --out DIR [--config FILE.yaml]
 
-``RUN_DIR`` is a ``spiral up`` run directory (its newest ``learner/ckpt-*.pt``; a PBT member
+``RUN_DIR`` (or ``RUN_URI``: ``s3://``, ``gs://``, ``file://``, a run in ``run.artifact_uri``, fetched
+first) is a ``spiral up`` run directory (its newest ``learner/ckpt-*.pt``; a PBT member
 directory ``member-K`` works too) and ``CHECKPOINT`` one learner checkpoint file, whose config
 is read from ``<ckpt dir>/../config.yaml`` unless ``--config`` names one: they are found exactly
 as ``spiral sample`` finds them. ``DIR`` receives the trained weights and, where the run kept
@@ -25,7 +26,8 @@ import sys
 def register(parser: argparse.ArgumentParser) -> None:
     """Add ``spiral export``'s arguments."""
     parser.add_argument("run", metavar="RUN_DIR|CHECKPOINT",
-                        help="a spiral up run directory (newest learner checkpoint) or a learner checkpoint file")
+                        help="a spiral up run directory (newest learner checkpoint) or a learner checkpoint file, local or in a "
+                             "store: s3://..., gs://..., file://... (run.artifact_uri/RUN)")
     parser.add_argument("--out", required=True, metavar="DIR",
                         help="the export directory (new, empty, or an earlier export, which is replaced)")
     parser.add_argument("--config", default=None, metavar="FILE.yaml",

@@ -80,7 +80,8 @@ def plan_layout(cfg: ExperimentConfig, config_path: Path, run_dir: Path, num_act
     logs = run_dir / "logs"
     pbt_address = f"127.0.0.1:{free_port()}" if population > 1 else ""
     shared = cfg.pbt.shared_discriminator and population > 1
-    common = ["--config", str(config_path)] + (["--shared-discriminator"] if shared else [])
+    # The run's name (its folder under run.artifact_uri) is the run directory's, as spiral up --name gave it.
+    common = ["--config", str(config_path), "--run-name", run_dir.name] + (["--shared-discriminator"] if shared else [])
     shared_addresses: dict[str, str] = {}
     for member in range(population):
         member_dir = run_dir if population == 1 else run_dir / f"member-{member}"

@@ -176,6 +176,9 @@ def run(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as exc:  # ConfigError and run_config.RunConfigMismatch are ValueErrors
         print(f"spiral local: {exc}", file=sys.stderr)
         return 2
+    if cfg.run.artifact_uri:
+        log.warning("spiral local sends no artifacts (run.artifact_uri %s is used by spiral up's services and in "
+                    "Kubernetes); everything stays in %s", cfg.run.artifact_uri, run_dir)
     guard = GuardedLoop("local", "local system loop", max(cfg.learner.stall_seconds, cfg.actor.stall_seconds),
                         linger_seconds=0)
     system = LocalSystem(cfg, run_dir, args.actors, device=device, stop=guard.stop_event)

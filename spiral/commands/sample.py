@@ -6,7 +6,8 @@ Usage::
                   [--greedy] [--average] [--animate] [--backend libmypaint|fast]
                   [--config FILE.yaml] [--set FIELD=VALUE ...]
 
-``RUN_DIR`` is a ``spiral up`` run directory (its newest ``learner/ckpt-*.pt``; a PBT member
+``RUN_DIR`` (or ``RUN_URI``: ``s3://``, ``gs://``, ``file://``, a run in ``run.artifact_uri``, fetched
+first) is a ``spiral up`` run directory (its newest ``learner/ckpt-*.pt``; a PBT member
 directory ``member-K`` works too), ``CHECKPOINT`` one checkpoint file, whose config is read
 from ``<ckpt dir>/../config.yaml`` unless ``--config`` names one, and ``EXPORT`` a ``spiral
 export`` directory (its ``experiment.yaml``; the same seed paints the same canvases as the
@@ -38,7 +39,7 @@ def register(parser: argparse.ArgumentParser) -> None:
     """Add ``spiral sample``'s arguments."""
     parser.add_argument("run", metavar="RUN_DIR|CHECKPOINT|EXPORT",
                         help="a spiral up run directory (newest learner checkpoint), a checkpoint file, "
-                             "or a spiral export directory")
+                             "or a spiral export directory; any of them in a store: s3://..., gs://..., file://... (run.artifact_uri/RUN)")
     parser.add_argument("--num", type=int, default=None, metavar="N",
                         help="episodes to paint (default: every target, or 64 for unconditional runs)")
     parser.add_argument("--out", required=True, metavar="DIR", help="directory for canvases.npz, grid.png, programs/")

@@ -22,6 +22,7 @@ and :func:`locate_agent` is the one place that tells which a path is. It acts wi
 from __future__ import annotations
 
 import dataclasses
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -30,6 +31,7 @@ import numpy as np
 import torch
 
 from spiral.agent.acting import EpisodeRunner  # the actors' own loop, so sampling acts exactly alike
+from spiral.runtime.artifact_store import fetch_run, is_remote_uri
 from spiral.runtime.atomic import atomic_write_bytes
 from spiral.runtime.checkpoint import latest_checkpoint, load_checkpoint
 from spiral.config import ExperimentConfig, resolve_experiment
@@ -257,9 +259,14 @@ def resolve_run(path: str | Path, config: str | Path | None = None, overrides: S
         overrides: ``FIELD=VALUE`` items applied over the config (``spiral sample --set``; see
             :func:`spiral.config.parse_overrides`), e.g. another brush to paint the same programs with.
 
+        A store URI (``s3://``, ``gs://``, ``file://``; ``run.artifact_uri/RUN``, a member of it, a
+            checkpoint in it or an export) is fetched first: :func:`spiral.runtime.artifact_store.fetch_run`.
+
     Raises:
         SampleError: no such path, no config, no loadable checkpoint, a broken export.
     """
+    if is_remote_uri(path):
+        return _resolve_remote_run(str(path), config, overrides)
     location = locate_agent(path)
     path = location.path
     export = None
@@ -306,6 +313,18 @@ def resolve_run(path: str | Path, config: str | Path | None = None, overrides: S
     training = {key: int(state[key]) for key in ("frames", "updates") if key in state}
     return ResolvedRun(cfg=cfg, config_path=config_path, version=version, weights=weights, checkpoint=where,
                        kind=location.kind, training=training)
+
+
+def _resolve_remote_run(uri: str, config: str | Path | None, overrides: Sequence[str]) -> ResolvedRun:
+    """:func:`resolve_run` of a run in a store, fetched into a temporary directory (removed after)."""
+    with tempfile.TemporaryDirectory(prefix="spiral-run-") as local:
+        try:
+            fetched = fetch_run(uri, Path(local))
+        except (OSError, ImportError, ValueError) as exc:  # FileNotFoundError: nothing there; backend errors
+            raise SampleError(f"{uri}: cannot fetch the run: {exc}") from exc
+        resolved = resolve_run(fetched, config, overrides)
+    where = f"{uri}" + (f" (newest: version {resolved.version})" if resolved.kind == "run" else "")
+    return dataclasses.replace(resolved, checkpoint=where)
 
 
 def load_targets(path: str | Path, cfg: ExperimentConfig) -> np.ndarray:

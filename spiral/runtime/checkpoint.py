@@ -3,7 +3,9 @@
 A checkpoint is written to a temporary file in the same directory, flushed and fsynced, then
 renamed over the final name (rename is atomic on POSIX), and the directory is fsynced so the
 rename itself survives a crash. A reader therefore sees either the previous checkpoint or the
-new one, never a torn file. Only the newest ``keep`` checkpoints are kept.
+new one, never a torn file. Only the newest ``keep`` checkpoints are kept. Functions registered
+with :func:`add_checkpoint_listener` are told of each checkpoint once it is complete (the
+artifact uploader sends it off the machine, :mod:`spiral.runtime.artifact_uploader`).
 
 Layout: ``DIR/ckpt-<version:012d>.pt``; :func:`latest_checkpoint` picks the highest version
 that loads.
@@ -15,7 +17,7 @@ import io
 import logging
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -23,6 +25,21 @@ from spiral.runtime.atomic import atomic_write_bytes
 
 _NAME = re.compile(r"^ckpt-(\d{12})\.pt$")
 log = logging.getLogger(__name__)
+
+CheckpointListener = Callable[[Path], None]
+"""Called with the path of each checkpoint :func:`save_checkpoint` completed, on the writer's thread."""
+_listeners: list[CheckpointListener] = []
+
+
+def add_checkpoint_listener(listener: CheckpointListener) -> None:
+    """Call ``listener(path)`` after every checkpoint this process writes (it must return quickly)."""
+    _listeners.append(listener)
+
+
+def remove_checkpoint_listener(listener: CheckpointListener) -> None:
+    """Stop calling ``listener``; one never added is ignored."""
+    if listener in _listeners:
+        _listeners.remove(listener)
 
 
 def save_checkpoint(directory: Path, version: int, state: dict[str, Any], keep: int = 3) -> Path:
@@ -33,6 +50,11 @@ def save_checkpoint(directory: Path, version: int, state: dict[str, Any], keep: 
     atomic_write_bytes(path, buffer.getvalue())
     for old in list_checkpoints(directory)[:-keep]:
         old.unlink(missing_ok=True)
+    for listener in list(_listeners):
+        try:
+            listener(path)
+        except Exception:  # noqa: BLE001 - a listener must never fail the checkpoint it is told of
+            log.exception("checkpoint listener %r failed on %s", listener, path)
     return path
 
 

@@ -129,6 +129,19 @@ PBT_EXPLORES_TOTAL = Counter("spiral_pbt_explores_total", "Explore events (hyper
 PBT_ACTORS = Gauge("spiral_pbt_actors", "Actors assigned to each member.", ["member"])
 
 
+# -- artifacts sent off the cluster (run.artifact_uri) -----------------------------------------
+ARTIFACT_UPLOADS_TOTAL = Counter(
+    "spiral_artifact_uploads_total", "Files sent to run.artifact_uri, by result (ok, failed: retried later).",
+    ["role", "member", "result"])
+ARTIFACT_SKIPPED_TOTAL = Counter(
+    "spiral_artifact_skipped_total",
+    "Files not sent because the uploader fell behind: a checkpoint replaced by a newer one before it was sent, "
+    "a file gone before its turn, or a mirrored file over run.artifact_queue (sent at a later sync).",
+    ["role", "member"])
+ARTIFACT_PENDING = Gauge(
+    "spiral_artifact_pending_files", "Files waiting to be sent to run.artifact_uri (checkpoints included).",
+    ["role", "member"])
+
 def metric_names() -> set[str]:
     """Every sample name spiral's metrics can produce (``_total``, ``_bucket``, ... included)."""
     names: set[str] = set()

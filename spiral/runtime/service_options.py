@@ -11,6 +11,8 @@ flag                        environment variable            meaning
 ``--config``                ``SPIRAL_CONFIG``               experiment YAML file (required)
 ``--set FIELD=VALUE``       ``SPIRAL_SET``                  override a setting (repeatable), see below
 ``--run-dir``               ``SPIRAL_RUN_DIR``              checkpoints, samples, logs (``runs/NAME``)
+``--run-name``              ``SPIRAL_RUN_NAME``             the run's name in ``run.artifact_uri`` (default: ``name``)
+``--artifact-uri``          ``SPIRAL_ARTIFACT_URI``         overrides ``run.artifact_uri``
 ``--listen``                ``SPIRAL_LISTEN``               gRPC address to bind (servers only)
 ``--metrics-port``          ``SPIRAL_METRICS_PORT``         Prometheus HTTP port (0 disables)
 ``--metrics-address``       ``SPIRAL_METRICS_ADDRESS``      address the metrics server binds
@@ -40,6 +42,10 @@ component switch a population to one shared discriminator and replay buffer
 A peer address may contain ``{member}``, replaced by the member index: in Kubernetes, replica
 *i* of each member StatefulSet finds its own member's services as
 ``spiral-discriminator-{member}.spiral-discriminator:50052``.
+
+``SPIRAL_ARTIFACT_URI`` and ``SPIRAL_RUN_NAME`` let a Kubernetes component
+(``deploy/components/artifacts-s3``) send a run's artifacts to a bucket while the experiment
+file stays as generated; only the learners and the PBT controller send any.
 
 ``SPIRAL_DEVICE`` is ``cpu`` (the default), ``cuda`` or ``cuda:N``; only the two learners read it
 (:func:`add_device_argument`, :func:`resolve_device`), and actors always act on the CPU. The
@@ -72,6 +78,8 @@ ENV_VARS = {
     "config": "SPIRAL_CONFIG",
     "set": OVERRIDES_ENV_VAR,
     "run_dir": "SPIRAL_RUN_DIR",
+    "run_name": "SPIRAL_RUN_NAME",
+    "artifact_uri": "SPIRAL_ARTIFACT_URI",
     "listen": "SPIRAL_LISTEN",
     "metrics_port": "SPIRAL_METRICS_PORT",
     "metrics_address": "SPIRAL_METRICS_ADDRESS",
@@ -97,6 +105,8 @@ class ServiceOptions:
     overrides: tuple[str, ...]
     """The ``FIELD=VALUE`` items applied over the experiment file (``--set`` or ``SPIRAL_SET``)."""
     run_dir: Path
+    run_name: str
+    """The run's name: its artifacts go to ``run.artifact_uri/RUN_NAME`` (``spiral up --name``)."""
     listen: str
     metrics_port: int
     metrics_address: str
@@ -111,6 +121,10 @@ def add_service_arguments(parser: argparse.ArgumentParser) -> None:
                         help="override a setting of the experiment, e.g. learner.batch_size=32 (VALUE is YAML; "
                              f"repeatable) [{OVERRIDES_ENV_VAR}: items separated by newlines or ';']")
     parser.add_argument("--run-dir", help="directory for checkpoints, samples and logs [SPIRAL_RUN_DIR]")
+    parser.add_argument("--run-name", help="the run's folder in run.artifact_uri (default: the experiment's name; "
+                        "spiral up passes its --name) [SPIRAL_RUN_NAME]")
+    parser.add_argument("--artifact-uri", help="s3://, gs:// or file:// URI that checkpoints and records are sent to "
+                        "(overrides run.artifact_uri) [SPIRAL_ARTIFACT_URI]")
     parser.add_argument("--listen", help="gRPC address to bind, e.g. 0.0.0.0:50051 [SPIRAL_LISTEN]")
     parser.add_argument("--metrics-port", type=int, help=f"Prometheus port, 0 disables "
                         f"(default {DEFAULT_METRICS_PORT}) [SPIRAL_METRICS_PORT]")
@@ -232,6 +246,15 @@ def resolve_service_options(role: str, args: argparse.Namespace) -> ServiceOptio
     if shared is not None and shared != config.pbt.shared_discriminator:
         config = dataclasses.replace(config, pbt=dataclasses.replace(config.pbt, shared_discriminator=shared))
 
+    artifact_uri = _pick(args, "artifact_uri")
+    if artifact_uri is not None and artifact_uri != config.run.artifact_uri:
+        run = dataclasses.replace(config.run, artifact_uri=artifact_uri)
+        try:
+            run.validate("run")
+        except ConfigError as exc:
+            raise SystemExit(f"spiral {role}: {ENV_VARS['artifact_uri']} / --artifact-uri: {exc}") from None
+        config = dataclasses.replace(config, run=run)
+
     def integer(name: str, default: int) -> int:
         raw = _pick(args, name)
         if raw is None:
@@ -252,6 +275,9 @@ def resolve_service_options(role: str, args: argparse.Namespace) -> ServiceOptio
                 for name in ("learner_address", "discriminator_address", "replay_address", "pbt_address")}
     config = dataclasses.replace(config, services=dataclasses.replace(services, **expanded))
 
+    run_name = _pick(args, "run_name") or config.name
+    if "/" in run_name:
+        raise SystemExit(f"spiral {role}: {ENV_VARS['run_name']} / --run-name must be one path segment, got {run_name!r}")
     port = DEFAULT_PORTS.get(role)
     listen = _pick(args, "listen") or (f"127.0.0.1:{port}" if port else "")
     return ServiceOptions(
@@ -260,6 +286,7 @@ def resolve_service_options(role: str, args: argparse.Namespace) -> ServiceOptio
         config_path=path,
         overrides=resolved.overrides,
         run_dir=Path(_pick(args, "run_dir") or Path("runs") / config.name),
+        run_name=run_name,
         listen=listen,
         metrics_port=integer("metrics_port", DEFAULT_METRICS_PORT),
         metrics_address=_pick(args, "metrics_address") or "127.0.0.1",
