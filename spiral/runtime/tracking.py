@@ -9,7 +9,8 @@ Each learner process (the policy learner and the discriminator, of each populati
 one tracker run, named ``NAME-ROLE[-MEMBER]`` and grouped by the experiment's name. Its id is
 kept in ``RUN_DIR/ROLE/tracking.json`` (next to the role's checkpoints), so a learner restarted
 on the same run directory (a resumed run, a rescheduled pod) continues the same tracker run
-instead of starting a new one. The run's config is the resolved experiment plus the code
+instead of starting a new one (``spiral local`` runs both learners in one process: two
+runs side by side). The run's config is the resolved experiment plus the code
 version (:func:`spiral.runtime.code_version.code_version`).
 
 Steps: every row carries ``update`` (the learner's parameter version, TensorBoard's step) and
@@ -156,7 +157,7 @@ class WandbMirror:
             mode = os.environ.get("WANDB_MODE") or tracking.mode
             directory = None if os.environ.get("WANDB_DIR") else path.parent
             run = wandb.init(
-                id=run_id, resume="allow", project=tracking.project, entity=tracking.entity or None,
+                id=run_id, resume="allow", reinit="create_new", project=tracking.project, entity=tracking.entity or None,
                 name=name, group=cfg.name, job_type=role, tags=list(tracking.tags), mode=mode,
                 dir=str(directory) if directory else None,
                 config={"experiment": to_dict(cfg), "code": code_version(), "role": role, "member": str(member)},
