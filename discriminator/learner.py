@@ -45,6 +45,7 @@ from spiral.nets import build_discriminator
 from spiral.nets.params import snapshot_of
 from spiral.runtime.snapshot import ParameterSnapshot
 from spiral.runtime.recorder import UpdateRecorder
+from spiral.runtime.tracking import open_mirror
 from spiral.runtime.budget import RunDone
 from spiral.runtime.service_runtime import ProgressLog
 from spiral.core import PeerFailure, PublishedParameters, RenderSampler
@@ -111,7 +112,8 @@ class DiscriminatorLearner:
         """The PBT copy to apply before the next update (:meth:`request_copy`)."""
         self.recorder = UpdateRecorder(self.run_dir, "discriminator", member, LOSS_TERMS,
                                        cfg.discriminator_learner.checkpoint_every_updates,
-                                       cfg.discriminator_learner.checkpoint_every_seconds)
+                                       cfg.discriminator_learner.checkpoint_every_seconds,
+                                       mirror=open_mirror(cfg, self.run_dir, "discriminator", member))
         self.recorder.version_published(self.version)
 
     def fetch(self, have_version: int) -> ParameterSnapshot | None:

@@ -56,6 +56,7 @@ from spiral.runtime.seeding import learner_seed
 from spiral.runtime.service_runtime import ProgressLog
 from spiral.core import ParameterSource, PublishedParameters, Refused
 from spiral.runtime.recorder import UpdateRecorder, due
+from spiral.runtime.tracking import open_mirror
 from spiral.runtime.budget import RunDone, budget_reached
 from spiral.agent.training_state import CopyRequest, CopySlot
 from spiral.agent.trajectory import Unroll
@@ -165,7 +166,8 @@ class PolicyLearner:
         self.last_stats: dict[str, float] = {}
         self.last_final_canvases: np.ndarray | None = None
         self.recorder = UpdateRecorder(self.run_dir, "learner", member, LOSS_TERMS,
-                                       cfg.learner.checkpoint_every_updates, cfg.learner.checkpoint_every_seconds)
+                                       cfg.learner.checkpoint_every_updates, cfg.learner.checkpoint_every_seconds,
+                                       mirror=open_mirror(cfg, self.run_dir, "learner", member))
         self.recorder.version_published(self.version)
 
     # -- what peers call ---------------------------------------------------------------------

@@ -728,6 +728,41 @@ class RunConfig:
                      + ("'spiral[artifacts,gcs]'" if package == "gcsfs" else "'spiral[artifacts]'"))
 
 
+TRACKING_BACKENDS: tuple[str, ...] = ("none", "wandb")
+"""The values of ``tracking.backend``."""
+TRACKING_MODES: tuple[str, ...] = ("online", "offline")
+"""The values of ``tracking.mode``."""
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    """An experiment tracker the learners mirror their TensorBoard scalars and images to
+    (:mod:`spiral.runtime.tracking`); TensorBoard is written either way."""
+
+    backend: Literal["none", "wandb"] = "none"
+    """``none``, or ``wandb`` (Weights & Biases; the ``tracking`` extra installs it). Each learner
+    process (the policy learner and the discriminator, of each member) is one tracker run, whose
+    id is kept in its run directory so that a resumed run continues it."""
+    project: str = "spiral"
+    """The tracker's project."""
+    entity: str = ""
+    """The tracker's team or user (empty: the account's default)."""
+    mode: Literal["online", "offline"] = "online"
+    """``online`` sends as it goes; ``offline`` writes the tracker's files only (``wandb sync``
+    uploads them later). ``WANDB_MODE`` in the environment wins over it."""
+    tags: tuple[str, ...] = ()
+    """Tags of every tracker run of the experiment."""
+
+    def validate(self, path: str) -> None:
+        _require(self.backend in TRACKING_BACKENDS, f"{path}.backend",
+                 f"must be one of {list(TRACKING_BACKENDS)}, got {self.backend!r}")
+        _require(self.mode in TRACKING_MODES, f"{path}.mode", f"must be one of {list(TRACKING_MODES)}, got {self.mode!r}")
+        _require(self.backend == "none" or bool(self.project.strip()), f"{path}.project", "must not be empty")
+        for i, tag in enumerate(self.tags):
+            _require(bool(tag.strip()) and len(tag) <= 64, f"{path}.tags[{i}]",
+                     f"must be a non-empty tag of at most 64 characters, got {tag!r}")
+
+
 @dataclass(frozen=True)
 class ExperimentConfig:
     """One SPIRAL experiment."""
@@ -758,6 +793,8 @@ class ExperimentConfig:
     """Population-based training."""
     run: RunConfig = field(default_factory=RunConfig)
     """Where the run's checkpoints and records go besides its run directory (an object store)."""
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    """An experiment tracker that mirrors the learners' TensorBoard (off by default)."""
 
     def validate(self) -> "ExperimentConfig":
         _require(bool(self.name), "name", "must not be empty")
@@ -824,7 +861,7 @@ _RESOLVED: dict[Any, type] = {
     cls.__name__: cls
     for cls in (PaintConfig, SceneConfig, EnvConfig, DatasetConfig, PolicyConfig, DiscriminatorConfig,
                 RewardConfig, LearnerConfig, DiscriminatorLearnerConfig, ReplayConfig, ActorConfig,
-                PBTConfig, ServicesConfig, RunConfig, ExperimentConfig)
+                PBTConfig, ServicesConfig, RunConfig, TrackingConfig, ExperimentConfig)
 }
 
 

@@ -532,9 +532,14 @@ def metric_names_in(expr: str) -> set[str]:
     return names
 
 
+def recorded_series() -> set[str]:
+    """The series the monitoring component's recording rules make (``spiral:...``)."""
+    return {r["record"] for r in alert_rules() if "record" in r}
+
+
 def unknown_metrics(names: set[str]) -> set[str]:
-    exported = metric_names()
-    return {n for n in names if n not in exported and n != "up" and not n.startswith(EXTERNAL_SERIES_PREFIXES)}
+    known = metric_names() | recorded_series()
+    return {n for n in names if n not in known and n != "up" and not n.startswith(EXTERNAL_SERIES_PREFIXES)}
 
 
 def test_metric_extraction_and_lookup_can_fail() -> None:

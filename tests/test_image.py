@@ -111,3 +111,14 @@ def test_every_role_starts_locked_down_and_turns_healthy(role: str, grpc_port: i
         assert status == 200 and "spiral_" in text
     finally:
         docker("rm", "--force", name, check=False)
+
+
+def test_the_image_records_the_code_it_was_built_from() -> None:
+    """The image has no .git: its build baked the commit, the build time and the tag into
+    spiral/_build_info.json (deploy/image/build-image.sh passes them), and the tracker is installed."""
+    probe = ("import json, wandb; from spiral.runtime.code_version import code_record; "
+             "print(json.dumps(code_record()))")
+    result = docker("run", "--rm", *LOCKED_DOWN, IMAGE, "python", "-c", probe)
+    record = json.loads(result.stdout.strip().splitlines()[-1])
+    assert record["source"] == "build-info" and record["commit"] not in ("", "unknown"), record
+    assert record.get("built_at") and record.get("image"), record

@@ -16,7 +16,8 @@ unlimited). That makes a run deterministic for a seed and easy to step through i
 it is also the no-gRPC baseline of ``bench/env_throughput.py``.
 
 ``spiral local --config tiny --minutes 5`` writes the same run directory as ``spiral up``
-(``config.yaml`` and ``overrides.yaml``, checkpoints, samples, ``learner.jsonl``, TensorBoard),
+(``config.yaml`` and ``overrides.yaml``, checkpoints, samples, ``learner.jsonl``, TensorBoard;
+``local/code_version.json``, the code it ran),
 takes the same ``--set FIELD=VALUE``, ``--seed N`` and ``--frames N``, runs under a
 :class:`~spiral.runtime.guarded_loop.GuardedLoop` and resumes from its checkpoints when started again.
 With a budget (``--frames N``, ``learner.max_frames``) it ends by itself, with status 0, once
@@ -44,6 +45,7 @@ from spiral.commands.overrides import add_budget_argument, add_override_argument
 from spiral.config import ExperimentConfig, experiment_path, resolve_experiment
 from spiral.data import for_experiment
 from spiral.envs import make_env
+from spiral.runtime.code_version import write_code_record
 from spiral.runtime.guarded_loop import GuardedLoop
 from spiral.nets import build_policy
 from spiral.runtime.run_config import record_run_config
@@ -173,6 +175,7 @@ def run(args: argparse.Namespace) -> int:
         cfg = experiment.config
         run_dir = Path(args.run_dir) if args.run_dir else Path(args.runs_dir) / (args.name or cfg.name)
         record_run_config(run_dir, experiment)
+        write_code_record(run_dir / "local")  # the code this run directory was trained with
     except (OSError, ValueError) as exc:  # ConfigError and run_config.RunConfigMismatch are ValueErrors
         print(f"spiral local: {exc}", file=sys.stderr)
         return 2

@@ -2,13 +2,20 @@
 
 In a checkout the commit is ``git rev-parse HEAD`` of the tree the ``spiral`` package was
 imported from. A container image has no ``.git``: its build bakes the commit into
-``spiral/_build_info.json`` (``{"commit": "..."}``), read when git cannot answer. Where neither
-knows, the commit is ``unknown``.
+``spiral/_build_info.json`` (``{"commit": "...", "built_at": "...", "image": "..."}``, the
+Dockerfile's build arguments ``SPIRAL_COMMIT``, ``SPIRAL_BUILT_AT`` and ``SPIRAL_IMAGE``, which
+``deploy/image/build-image.sh`` passes), read when git cannot answer. Where neither knows, the
+commit is ``unknown``.
+
+Every service records the code it runs at start: :func:`write_code_record` writes
+``RUN_DIR/ROLE/code_version.json`` (:func:`code_record`: the code version, when the image was
+built and which image it is, where known).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -19,6 +26,8 @@ BUILD_INFO_PATH = Path(spiral.__file__).resolve().parent / "_build_info.json"
 GIT_TIMEOUT_SECONDS = 10.0
 """How long ``git rev-parse`` may take before the commit counts as unknown."""
 UNKNOWN = "unknown"
+CODE_RECORD_FILE = "code_version.json"
+"""What a service writes into ``RUN_DIR/ROLE/`` at start (:func:`write_code_record`)."""
 
 
 def code_version() -> dict[str, str]:
@@ -48,11 +57,40 @@ def _git_commit() -> str | None:
     return commit if result.returncode == 0 and commit else None
 
 
-def _build_info_commit() -> str | None:
-    """The commit baked into :data:`BUILD_INFO_PATH`, or None when the file is absent or unreadable."""
+def build_info() -> dict[str, str]:
+    """The non-empty string fields of :data:`BUILD_INFO_PATH` (``{}`` when it is absent or unreadable)."""
     try:
         info = json.loads(BUILD_INFO_PATH.read_text())
     except (OSError, ValueError):
-        return None
-    commit = info.get("commit") if isinstance(info, dict) else None
-    return commit.strip() if isinstance(commit, str) and commit.strip() else None
+        return {}
+    if not isinstance(info, dict):
+        return {}
+    return {str(k): v.strip() for k, v in info.items() if isinstance(v, str) and v.strip()}
+
+
+def _build_info_commit() -> str | None:
+    """The commit baked into :data:`BUILD_INFO_PATH`, or None when the file is absent or unreadable."""
+    return build_info().get("commit")
+
+
+def code_record() -> dict[str, str]:
+    """:func:`code_version` plus, where known, ``built_at`` and ``image`` (the build's record;
+    ``SPIRAL_IMAGE`` in the environment names the image instead)."""
+    info = build_info()
+    record = code_version()
+    if info.get("built_at"):
+        record["built_at"] = info["built_at"]
+    image = os.environ.get("SPIRAL_IMAGE", "").strip() or info.get("image")
+    if image:
+        record["image"] = image
+    return record
+
+
+def write_code_record(directory: Path) -> Path:
+    """Write :func:`code_record` to ``DIRECTORY/code_version.json`` (atomically) and return its path."""
+    from spiral.runtime.atomic import atomic_write_bytes  # here: the rest of the module needs only the stdlib
+
+    path = Path(directory) / CODE_RECORD_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, (json.dumps(code_record(), indent=2) + "\n").encode())
+    return path

@@ -16,7 +16,8 @@ training; :class:`UpdateRecorder` writes them everywhere they are read:
    ``RUN_DIR/tensorboard/ROLE[-MEMBER]``): every finite number of the record at step
    ``update`` and, for a learner that counts frames, ``frames_per_second`` since the previous
    update; sample grids when the learner passes them (:meth:`UpdateRecorder.image`), and
-   their stroke animations (:meth:`UpdateRecorder.animation`).
+   their stroke animations (:meth:`UpdateRecorder.animation`); with ``tracking.backend`` set,
+   the board hands all of it on to the experiment tracker (:mod:`spiral.runtime.tracking`).
 
 It also decides the checkpoint cadence (:meth:`UpdateRecorder.checkpoint_due`,
 ``checkpoint_every_updates`` and ``checkpoint_every_seconds``). What differs between the learners stays in each: the policy
@@ -39,6 +40,7 @@ from prometheus_client import Counter, Gauge
 
 from spiral.runtime import metrics
 from spiral.runtime.tensorboard import TrainingBoard
+from spiral.runtime.tracking import BoardMirror
 
 
 @dataclass(frozen=True)
@@ -92,11 +94,13 @@ class UpdateRecorder:
         checkpoint_every_seconds: ``checkpoint_every_seconds``: a checkpoint is also due after
             an update this long after the last one written (0: off).
         clock: Monotonic seconds (tests inject one).
+        mirror: The experiment tracker the board hands its writes on to
+            (:func:`spiral.runtime.tracking.open_mirror`), or None.
     """
 
     def __init__(self, run_dir: Path, role: str, member: int | str, loss_terms: tuple[str, ...],
                  checkpoint_every: int, checkpoint_every_seconds: float = 0.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, mirror: BoardMirror | None = None) -> None:
         if role not in ROLE_METRICS:
             raise ValueError(f"role must be one of {sorted(ROLE_METRICS)}, got {role!r}")
         self.member = str(member)
@@ -109,7 +113,7 @@ class UpdateRecorder:
         """``clock()`` when the last checkpoint was written (or the recorder made)."""
         self.log_path = Path(run_dir) / f"{role}.jsonl"
         """The JSON-lines log: one line per update, and one per event."""
-        self.board = TrainingBoard(run_dir, role, member)
+        self.board = TrainingBoard(run_dir, role, member, mirror=mirror)
         self._last_record_wall: float | None = None
         """``time.monotonic()`` at the previous record (frames/s between updates)."""
 
@@ -171,7 +175,7 @@ class UpdateRecorder:
         self._last_checkpoint = self._clock()
 
     def close(self) -> None:
-        """Flush and close the TensorBoard event file."""
+        """Flush and close the TensorBoard event file (and finish the tracker run)."""
         self.board.close()
 
     def _append(self, row: Mapping[str, Any]) -> None:

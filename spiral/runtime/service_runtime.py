@@ -1,7 +1,8 @@
 """What every service process does around its own work: logging, metrics, torch threads, memory, shutdown.
 
 Each ``spiral ROLE`` entry point calls :func:`start_process` first (log format, Prometheus
-endpoint, thread limits, for the learner :func:`spiral.runtime.allocator.retain_freed_memory`) and then
+endpoint, thread limits, for the learner :func:`spiral.runtime.allocator.retain_freed_memory`, the
+code it runs in ``RUN_DIR/ROLE/code_version.json``) and then
 runs its own loop (under :class:`spiral.runtime.guarded_loop.GuardedLoop`, whose health check is the
 ``/healthz`` answer of a liveness probe); :class:`ProgressLog` prints a periodic one-line
 progress report (a rate and totals) so a long run is never silent.
@@ -16,6 +17,7 @@ import time
 
 from spiral.runtime import metrics
 from spiral.runtime.allocator import retain_freed_memory
+from spiral.runtime.code_version import write_code_record
 from spiral.runtime.service_options import ServiceOptions
 
 log = logging.getLogger(__name__)
@@ -44,6 +46,11 @@ def start_process(opts: ServiceOptions, torch_threads: int | None = None, member
         metrics.serve_metrics(opts.metrics_port, opts.metrics_address, health=health)
         log.info("metrics on http://%s:%d/metrics", opts.metrics_address, opts.metrics_port)
     opts.run_dir.mkdir(parents=True, exist_ok=True)
+    try:  # every role records the code it runs (actors of one member share the file: same code)
+        path = write_code_record(opts.run_dir / opts.role)
+        log.info("code version in %s", path)
+    except OSError as exc:
+        log.warning("could not write the code version into %s (%s); the service goes on", opts.run_dir, exc)
 
 
 class ProgressLog:

@@ -16,6 +16,10 @@ Images (uint8 ``[H, W, C]`` or ``[H, W]``) are written with ``add_image``; an al
 picture (an animated GIF of the painting, :meth:`TrainingBoard.encoded_image`) goes into an
 image summary as it is, which TensorBoard's image dashboard shows animated.
 
+A board may have a mirror (:class:`spiral.runtime.tracking.BoardMirror`, an experiment
+tracker): every scalar, by its tag, and every picture it is given are handed on at the same
+step, whether or not the event file could be written.
+
 The writer is opened on the first write (``torch.utils.tensorboard`` is imported only then, so
 commands that never train do not import it) and flushed by its background thread every
 ``flush_seconds``. TensorBoard is an observer and must never stop training: if opening or
@@ -36,6 +40,8 @@ import numpy as np
 
 if TYPE_CHECKING:
     from torch.utils.tensorboard import SummaryWriter
+
+    from spiral.runtime.tracking import BoardMirror
 
 log = logging.getLogger(__name__)
 
@@ -131,11 +137,14 @@ class TrainingBoard:
         role: ``learner`` or ``discriminator``.
         member: Population member index (member 0 gets no directory suffix).
         flush_seconds: How often the writer's background thread flushes to disk.
+        mirror: Where every write is also handed (an experiment tracker), or None.
     """
 
-    def __init__(self, run_dir: Path, role: str, member: int | str = 0, flush_seconds: float = 30.0) -> None:
+    def __init__(self, run_dir: Path, role: str, member: int | str = 0, flush_seconds: float = 30.0,
+                 mirror: BoardMirror | None = None) -> None:
         self.log_dir = board_dir(run_dir, role, member)
         self.flush_seconds = flush_seconds
+        self.mirror = mirror
         self._writer: SummaryWriter | None = None
         self._disabled = False
         self._lock = threading.Lock()
@@ -157,6 +166,8 @@ class TrainingBoard:
         """
         values = {key: number for key, value in record.items()
                   if key not in SKIPPED_KEYS and (number := _finite_number(value)) is not None}
+        if self.mirror is not None and values:
+            self.mirror.scalars({scalar_tag(key): number for key, number in values.items()}, step)
         with self._lock:
             writer = self._open()
             if writer is None:
@@ -185,6 +196,8 @@ class TrainingBoard:
             log.warning("not writing TensorBoard image %s: expected [H, W] or [H, W, C], got shape %s",
                         tag, array.shape)
             return False
+        if self.mirror is not None:
+            self.mirror.image(tag, array, step)
         with self._lock:
             writer = self._open()
             if writer is None:
@@ -209,6 +222,8 @@ class TrainingBoard:
         Returns:
             Whether it was written.
         """
+        if self.mirror is not None:
+            self.mirror.encoded_image(tag, encoded, step)
         with self._lock:
             writer = self._open()
             if writer is None:
@@ -234,7 +249,9 @@ class TrainingBoard:
                 self._fail("flush", exc)
 
     def close(self) -> None:
-        """Flush and close the event file (a later write opens a new one)."""
+        """Flush and close the event file (a later write opens a new one) and finish the mirror's run."""
+        if self.mirror is not None:
+            self.mirror.close()
         with self._lock:
             writer, self._writer = self._writer, None
             if writer is None:
