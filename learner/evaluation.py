@@ -165,8 +165,8 @@ class HeldoutEvaluator:
     # -- the evaluator's thread ----------------------------------------------------------------
 
     def _loop(self) -> None:
-        _limit_this_thread(self.threads, EVAL_NICENESS)
         policy = None
+        limited = False
         while True:
             with self._lock:
                 while self._pending is None and not self._stop:
@@ -178,6 +178,9 @@ class HeldoutEvaluator:
                 self._busy = True
             try:
                 started = time.monotonic()
+                if not limited:  # at the first evaluation, not before: a learner may never evaluate
+                    _limit_this_thread(self.threads, EVAL_NICENESS)
+                    limited = True
                 if self._holdout is None:
                     self._holdout = self._prepare()
                 if policy is None:
