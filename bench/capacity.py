@@ -9,8 +9,8 @@ run:
 2. **CPU per frame, per role**: the system started as ``spiral up`` starts it
    (:mod:`bench.actor_scaling`, on the CPU) with one actor; each process's CPU seconds from
    ``/proc`` over the window, divided by the frames it handled (actors and replay buffer: the
-   frames the actors made; the policy learner: the frames it trained on). The discriminator's
-   cores are what it used (it trains flat out).
+   frames the actors made; the policy learner: the frames it trained on; the discriminator: the
+   frames the actors made, since the replay's rate limiter ties its samples to the inserts).
 
 The model then predicts two placements, and the script checks them against measurements:
 
@@ -106,7 +106,7 @@ def costs_from(config: str, calibration: dict[str, Any], sizes: dict[str, int]) 
                  actor_cpu_per_frame=cores["actor"] / frames,
                  learner_cpu_per_frame=cores["learner"] / trained,
                  replay_cpu_per_frame=cores.get("replaybuffer", 0.0) / frames,
-                 discriminator_cores=cores.get("discriminator", 0.0),
+                 discriminator_cpu_per_frame=cores.get("discriminator", 0.0) / frames,
                  frames_per_update=cfg.learner.batch_size * cfg.env.episode_length,
                  frames_per_unroll=cfg.actor.num_envs * cfg.env.episode_length,
                  episode_length=cfg.env.episode_length,

@@ -10,8 +10,10 @@ one is described by what it costs per frame:
 * the policy learner spends ``learner_cpu_per_frame`` per frame it trains on (decoding and
   queueing unrolls, the V-trace update, serving parameters);
 * the replay buffer spends ``replay_cpu_per_frame`` per frame of renders inserted;
-* the discriminator learner trains as fast as its CPU lets it (it samples the replay), so it
-  takes whatever CPU it is given, up to ``discriminator_cores`` (one thread).
+* the discriminator learner spends ``discriminator_cpu_per_frame``: it trains on samples of the
+  replay, which its rate limiter (``replay.samples_per_insert``) ties to the renders inserted.
+  It never holds the actors back (inserts do not wait on samples): where it lacks CPU it
+  samples less, so it competes for shared cores but bounds nothing.
 
 Two placements:
 
@@ -25,6 +27,7 @@ Two placements:
   the largest F at which every process's need at F (actors ``F * actor_cpu_per_frame / N``
   each, the learner ``F * learner_cpu_per_frame``, the replay buffer ``F * replay_cpu_per_frame``)
   fits under the fair share's water level, with the discriminator taking its share as well.
+  Each process uses at most one core (one thread).
 
 The policy lag (versions) is the learner's updates/s times how old an unroll's parameters are
 when it is trained on: half a refresh period on average, plus the unroll's own acting time, plus
@@ -48,8 +51,8 @@ class Costs:
     """CPU-seconds the policy learner spends per frame it trains on."""
     replay_cpu_per_frame: float
     """CPU-seconds the replay buffer spends per frame the actors make."""
-    discriminator_cores: float
-    """Cores the discriminator learner uses when nothing holds it back (it trains flat out)."""
+    discriminator_cpu_per_frame: float
+    """CPU-seconds the discriminator learner spends per frame the actors make."""
     frames_per_update: int
     """Frames in one policy update's batch (``learner.batch_size * unroll_length``)."""
     frames_per_unroll: int
@@ -130,7 +133,7 @@ def _fits(costs: Costs, actors: int, cores: float, frames: float) -> bool:
              "learner": frames * costs.learner_cpu_per_frame, "replay": frames * costs.replay_cpu_per_frame}
     if max(needs.values()) > 1.0:
         return False  # one process would need more than its one thread
-    shares = _fair_shares({**needs, "discriminator": costs.discriminator_cores}, cores)
+    shares = _fair_shares({**needs, "discriminator": frames * costs.discriminator_cpu_per_frame}, cores)
     return all(shares[name] >= need * (1 - 1e-9) for name, need in needs.items())
 
 

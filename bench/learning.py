@@ -29,9 +29,8 @@ import torch
 from bench.run_record import read_record, summarize
 from bench.training_run import bench_experiment, train_and_copy
 from spiral.config import ExperimentConfig
-from spiral.data import ImageDataset, for_experiment
-from spiral.envs import action_spec_for
-from spiral.evaluation.placements import placement_report
+from spiral.data import for_experiment
+from spiral.evaluation.heldout import DomainMeasures
 from spiral.evaluation.reconstruction import Reconstruction, domain_baseline, empty_canvas_l2, reconstruct
 from spiral.evaluation.sampling import load_policy
 from spiral.evaluation.visualize import image_grid, plot_curves, save_png
@@ -130,32 +129,6 @@ def stroke_sequence(reconstruction: Reconstruction, count: int = 8) -> np.ndarra
     steps = reconstruction.steps[1:, :count]  # [T, count, H, W, C]: after each action
     rows = [np.concatenate([reconstruction.targets[i:i + 1], steps[:, i]]) for i in range(steps.shape[1])]
     return np.concatenate([image_grid(row, columns=len(row)) for row in rows], axis=0)
-
-
-class DomainMeasures:
-    """The held-out measures beside L2 that a domain has (see :func:`evaluate`)."""
-
-    def __init__(self, cfg: ExperimentConfig, dataset: ImageDataset) -> None:
-        self.cfg = cfg
-        self.dataset = dataset
-        self.classifier = None
-        if cfg.dataset.name == "mnist" and dataset.holdout_labels is not None:
-            from spiral.evaluation.digit_fid import load_or_train_classifier
-
-            self.classifier = load_or_train_classifier(cfg).model
-        self.spec = action_spec_for(cfg)
-
-    def __call__(self, reconstruction: Reconstruction, suffix: str = "") -> dict[str, Any]:
-        figures: dict[str, Any] = {}
-        if self.classifier is not None:
-            from spiral.evaluation.digit_fid import accuracy
-
-            figures[f"digit_match{suffix}"] = accuracy(self.classifier, reconstruction.canvases,
-                                                       self.dataset.holdout_labels)
-        if self.dataset.holdout_programs is not None:
-            report = placement_report(self.spec, reconstruction.actions, self.dataset.holdout_programs)
-            figures[f"placements{suffix}"] = report.as_dict()
-        return figures
 
 
 def print_results(cfg: ExperimentConfig, results: dict[str, Any], count: int, out: Path) -> None:

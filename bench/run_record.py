@@ -36,10 +36,11 @@ QUARTER_WINDOW = 100  # updates averaged at each end of the last quarter
 
 
 def read_record(path: Path) -> list[dict[str, Any]]:
-    """The record's rows, in update order (a ``.gz`` file is read through gzip)."""
+    """The record's update rows, in update order (a ``.gz`` file is read through gzip); event rows
+    (``"event"``: a held-out evaluation, a PBT copy) are left out."""
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rt") as f:
-        rows = [json.loads(line) for line in f if line.strip()]
+        rows = [row for line in f if line.strip() and "event" not in (row := json.loads(line))]
     if not rows:
         raise ValueError(f"{path}: no updates recorded")
     return sorted(rows, key=lambda row: row["update"])

@@ -10,7 +10,9 @@ copy of the discriminator that scores episodes. Its loop:
 4. publish the new parameters with version + 1;
 5. record the update (:class:`spiral.runtime.recorder.UpdateRecorder`: a JSON-lines row,
    TensorBoard scalars, Prometheus metrics) and every few updates write an atomic checkpoint
-   and a sample grid.
+   and a sample grid, and hand a snapshot of the weights to the held-out evaluator
+   (:class:`learner.evaluation.HeldoutEvaluator`, ``learner.eval_every_updates``), which
+   measures it on its own thread.
 
 ``submit`` is what the gRPC service (or an in-process actor) calls; it refuses unrolls whose
 policy is too far behind (``learner.max_policy_lag`` versions) with :class:`StaleUnroll`.
@@ -39,6 +41,7 @@ import numpy as np
 
 import torch
 
+from learner.evaluation import HeldoutEvaluator
 from learner.ingest import IngestQueue, PriorPool
 from learner.training import PolicyTrainer
 from spiral.runtime import metrics
@@ -169,6 +172,9 @@ class PolicyLearner:
                                        cfg.learner.checkpoint_every_updates, cfg.learner.checkpoint_every_seconds,
                                        mirror=open_mirror(cfg, self.run_dir, "learner", member))
         self.recorder.version_published(self.version)
+        self.evaluator = HeldoutEvaluator(cfg, self.recorder, self.member)
+        """Held-out evaluation of weight snapshots every ``learner.eval_every_updates`` updates, on its
+        own thread (:mod:`learner.evaluation`); its newest report is PBT's reconstruction fitness."""
 
     # -- what peers call ---------------------------------------------------------------------
 
@@ -338,6 +344,7 @@ class PolicyLearner:
             self.checkpoint()
         if final or due(self.cfg.learner.sample_grid_every_updates, self.version):
             self.save_samples(batch)
+        self.evaluator.maybe_submit(self.policy, self.updates, self.version)
         if final:
             self.run_done.set(self._budget_spent())
         return record
@@ -431,7 +438,8 @@ class PolicyLearner:
         return path
 
     def close(self) -> None:
-        """Flush and close the TensorBoard event file."""
+        """Stop the held-out evaluator, flush and close the TensorBoard event file."""
+        self.evaluator.close()
         self.recorder.close()
 
     def run(self, stop: threading.Event, beat: Callable[[], None] = lambda: None,

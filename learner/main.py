@@ -22,7 +22,6 @@ from learner.learner import PolicyLearner
 from learner.population import PopulationMember, fitness_for
 from learner.service import PolicyLearnerServicer
 from spiral.config import ExperimentConfig
-from spiral.data import for_experiment
 from spiral.core import PeerFailure
 from spiral.runtime.budget import RunDone
 from spiral.runtime.guarded_loop import GuardedLoop
@@ -41,8 +40,7 @@ def make_population_member(learner: PolicyLearner, member: int, cfg: ExperimentC
     """The PBT side of this learner when the experiment trains a population (else None)."""
     if cfg.pbt.population_size <= 1:
         return None
-    holdout = for_experiment(cfg).holdout if cfg.pbt.fitness_kind(cfg.env.conditional) == "reconstruction" else None
-    fitness = fitness_for(cfg, holdout)
+    fitness = fitness_for(cfg)
     log.info("population member %d of %d; reporting to %s every %d updates", member, cfg.pbt.population_size,
              cfg.services.pbt_address, cfg.pbt.report_every_updates)
     return PopulationMember(learner, member, cfg.services.pbt_address, fitness)

@@ -18,9 +18,15 @@ The controller answers with a :class:`~spiral.v1.pbt_pb2.Directive`:
 
 Fitness (higher is better; ``pbt.fitness``, ``auto`` by default):
 
-* ``reconstruction`` (``auto`` in conditional runs): minus the mean L2 reconstruction error on
-  a fixed held-out batch (``pbt.fitness_images`` of the ``dataset.holdout`` images, seed
-  ``pbt.fitness_seed`` every time), the number the task is about;
+* ``reconstruction`` (``auto`` in conditional runs): minus the sampled held-out L2 of the
+  learner's newest held-out evaluation (:mod:`learner.evaluation`: ``learner.eval_episodes`` of
+  the ``dataset.holdout`` images, seed ``learner.eval_seed`` every time, every
+  ``learner.eval_every_updates`` updates), the number the task is about. The member does not
+  measure it again: a report carries the newest evaluation, which may be one evaluation
+  (``eval_every_updates``) older than the weights it reports. Before the first evaluation has
+  finished there is none, and the member reports ``nan``, which goes to the controller as
+  :data:`MISSING_FITNESS`: until its first evaluation a member ranks below every member that
+  has one (members without one tie);
 * ``critic`` (``auto`` in unconditional runs; the setting keeps its name): the mean score a
   discriminator gives the final canvases of the member's latest batch. With
   ``pbt.reference_critic`` (a discriminator checkpoint) every member is scored by that one
@@ -42,14 +48,12 @@ import threading
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 
 from learner.learner import PolicyLearner
 from spiral.agent.training_state import DISCRIMINATOR_STATE_NAME
 from spiral.runtime.checkpoint import latest_checkpoint, load_checkpoint
 from spiral.config import ExperimentConfig, ServicesConfig
-from spiral.evaluation.reconstruction import reconstruct
 from spiral.nets import build_discriminator, images_to_tensor
 from spiral.rpc.peers import PeerError, RemotePBTController
 from spiral.rpc.training_state import fetch_training_state, request_discriminator_copy
@@ -57,17 +61,15 @@ from spiral.v1 import pbt_pb2
 
 log = logging.getLogger(__name__)
 
-def conditional_fitness(cfg: ExperimentConfig, holdout: np.ndarray) -> Callable[[PolicyLearner], float]:
-    """Minus the mean held-out reconstruction error of the learner's current policy."""
+MISSING_FITNESS = -1e9
+"""The fitness reported while there is none (no held-out evaluation finished yet, or not finite)."""
 
-    def fitness(learner: PolicyLearner) -> float:
-        policy = learner.policy
-        try:
-            return -reconstruct(cfg, policy, holdout, seed=cfg.pbt.fitness_seed).mean_l2
-        finally:
-            policy.train()
 
-    return fitness
+def heldout_fitness(learner: PolicyLearner) -> float:
+    """Minus the sampled held-out L2 of the learner's newest held-out evaluation (``nan`` before the first)."""
+    report = learner.evaluator.latest
+    fitness = None if report is None else report.fitness
+    return math.nan if fitness is None else fitness
 
 
 @torch.no_grad()
@@ -126,12 +128,10 @@ def reference_discriminator_fitness(discriminator: torch.nn.Module) -> Callable[
     return fitness
 
 
-def fitness_for(cfg: ExperimentConfig, holdout: np.ndarray | None) -> Callable[[PolicyLearner], float]:
-    """The fitness function ``cfg.pbt`` asks for (``holdout``: held-out targets, conditional runs)."""
+def fitness_for(cfg: ExperimentConfig) -> Callable[[PolicyLearner], float]:
+    """The fitness function ``cfg.pbt`` asks for."""
     if cfg.pbt.fitness_kind(cfg.env.conditional) == "reconstruction":
-        if holdout is None or not len(holdout):
-            raise ValueError("pbt.fitness: reconstruction fitness needs held-out images (dataset.holdout > 0)")
-        return conditional_fitness(cfg, holdout[:cfg.pbt.fitness_images])
+        return heldout_fitness
     if cfg.pbt.reference_critic:
         return reference_discriminator_fitness(load_reference_discriminator(cfg, cfg.pbt.reference_critic))
     return discriminator_fitness
@@ -191,7 +191,7 @@ class PopulationMember:
         try:
             directive = self.controller.report(
                 self.member, updates=learner.updates, policy_version=learner.version,
-                fitness=self.last_fitness if math.isfinite(self.last_fitness) else -1e9,
+                fitness=self.last_fitness if math.isfinite(self.last_fitness) else MISSING_FITNESS,
                 hyperparameters=learner.hyperparameters, failed_donor=self._failed_donor)
         except PeerError as error:
             log.warning("PBT controller: %s; training on, next try in 5 updates", error)

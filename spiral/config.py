@@ -414,6 +414,22 @@ class LearnerConfig:
     member is done. ``--frames N`` on ``spiral up`` and ``spiral local`` sets it."""
     sample_grid_every_updates: int = 50
     """Write a sample grid PNG and programs every this many updates (0: never)."""
+    eval_every_updates: int = 1000
+    """Held-out evaluation while training (:mod:`learner.evaluation`): every this many updates
+    the learner snapshots its policy's weights and, on a background thread at low priority (one
+    torch thread), measures the domain's held-out figure (:mod:`spiral.evaluation.heldout`):
+    conditional runs the held-out L2, sampled and greedy, and its ratio over the domain's baseline
+    canvas; unconditional MNIST the digit-feature distance. Written to TensorBoard (``eval/``),
+    ``learner.jsonl`` (``"event": "eval"``) and ``spiral_learner_eval{measure=...}``; PBT's
+    reconstruction fitness is the newest of them. An evaluation still running when the next is
+    due makes that one skipped (counted). 1000 is at most one every ~2 minutes at the CPU
+    profile's ~7 updates/s. 0: off."""
+    eval_episodes: int = 64
+    """Episodes per evaluation: the first this many ``dataset.holdout`` images (conditional runs;
+    at most ``dataset.holdout``), or paintings (unconditional MNIST)."""
+    eval_seed: int = 12345
+    """Seed of every evaluation (environments and action sampling), the same each time so that
+    successive evaluations, and members of a population, compare fairly."""
     stall_seconds: float = 600.0
     """The learner's update loop has stalled (health NOT_SERVING, the process exits 1 and is
     restarted) when one of its iterations lasts this long: an update, its critic scoring and a
@@ -438,6 +454,8 @@ class LearnerConfig:
         _require(self.stall_seconds > 0, f"{path}.stall_seconds", "must be > 0")
         _require(self.checkpoint_every_seconds >= 0, f"{path}.checkpoint_every_seconds", "must be >= 0 (0: off)")
         _require(self.max_frames >= 0, f"{path}.max_frames", "must be >= 0 (0: no budget)")
+        _require(self.eval_every_updates >= 0, f"{path}.eval_every_updates", "must be >= 0 (0: off)")
+        _require(self.eval_episodes >= 2, f"{path}.eval_episodes", "must be >= 2")
         _require_precision(self.precision, f"{path}.precision")
         self.reward.validate(f"{path}.reward")
 
@@ -582,9 +600,11 @@ class PBTConfig:
     newest is used) that every member scores with, frozen. Empty: each member's own critic,
     whose scale differs between members and drifts as it trains."""
     fitness_images: int = 64
-    """Held-out images per reconstruction-fitness evaluation (at most ``dataset.holdout``)."""
+    """Retired: reconstruction fitness is the learner's held-out evaluation, whose size is
+    ``learner.eval_episodes``. Kept so that resolved configs load; any other value is refused."""
     fitness_seed: int = 12345
-    """Seed of every fitness evaluation, the same at each report so members compare fairly."""
+    """Retired: reconstruction fitness uses ``learner.eval_seed``. Kept so that resolved configs
+    load; any other value is refused."""
     actor_heartbeat_seconds: float = 15.0
     """Actors ask the PBT controller which member to serve this often (a heartbeat); the
     controller forgets an actor after :attr:`actor_timeout_seconds` without one."""
@@ -621,6 +641,10 @@ class PBTConfig:
         _require(self.fitness in ("auto", "reconstruction", "critic"), f"{path}.fitness",
                  f"must be auto, reconstruction or critic, got {self.fitness!r}")
         _require(self.fitness_images >= 1, f"{path}.fitness_images", "must be >= 1")
+        _require(self.fitness_images == 64, f"{path}.fitness_images",
+                 "is retired: reconstruction fitness is the learner's held-out evaluation; set learner.eval_episodes")
+        _require(self.fitness_seed == 12345, f"{path}.fitness_seed",
+                 "is retired: reconstruction fitness is the learner's held-out evaluation; set learner.eval_seed")
         for name in ("learning_rate_range", "entropy_cost_range"):
             lo, hi = getattr(self, name)
             _require(0 < lo <= hi, f"{path}.{name}", "must be 0 < low <= high")
@@ -809,6 +833,10 @@ class ExperimentConfig:
                  "reconstruction fitness needs a conditional run (env.conditional: true)")
         _require(not self.pbt.reference_critic or self.pbt.fitness_kind(self.env.conditional) == "critic",
                  "pbt.reference_critic", "is only used with critic fitness")
+        _require(self.pbt.population_size <= 1 or self.pbt.fitness_kind(self.env.conditional) != "reconstruction"
+                 or self.learner.eval_every_updates > 0, "learner.eval_every_updates",
+                 "must be > 0 in a population with reconstruction fitness: the fitness is the newest held-out "
+                 "evaluation")
         _require(not self.discriminator.complement or self.env.conditional, "discriminator.complement",
                  "the complement discriminator needs a conditional run (env.conditional: true)")
         _require(not self.learner.hindsight_weight or self.env.conditional, "learner.hindsight_weight",

@@ -7,7 +7,7 @@ import pytest
 from bench.capacity_model import Costs, Quotas, SharedCores, _fair_shares, predict, saturating_actors
 
 COSTS = Costs(config="test", actor_cpu_per_frame=1 / 500, learner_cpu_per_frame=1 / 1000, replay_cpu_per_frame=0.0,
-              discriminator_cores=1.0, frames_per_update=160, frames_per_unroll=80, episode_length=10,
+              discriminator_cpu_per_frame=1 / 1000, frames_per_update=160, frames_per_unroll=80, episode_length=10,
               unroll_bytes=360_000, renders_bytes=65_000, parameter_bytes=590_000, parameter_refresh_seconds=1.0,
               queue_episodes=32)
 QUOTAS = Quotas(actor=0.2, learner=0.8, discriminator=0.3, replay=0.1)
@@ -34,13 +34,15 @@ def test_fair_shares_give_what_is_asked_below_the_level_and_split_the_rest() -> 
     assert _fair_shares({"a": 3.0}, 2.0) == pytest.approx({"a": 1.0})  # one thread: one core at most
 
 
-def test_shared_cores_one_actor_gets_a_fair_third_beside_the_learner_and_discriminator() -> None:
+def test_shared_cores_one_actor_is_bound_by_its_one_thread_or_the_cores() -> None:
     # One actor, the learner and the discriminator on 2 cores. At F frames/s the actor needs F/500 cores
-    # and the learner F/1000; the discriminator takes what is left of its fair share. The actor binds
-    # when it reaches the level (2 - F/1000) / 2 shared with the discriminator: F/500 = (2 - F/1000) / 2.
+    # and the learner and discriminator F/1000 each: all fit until the actor's thread is full (F = 500,
+    # 1 + 0.5 + 0.5 = 2 cores).
     one = predict(COSTS, 1, SharedCores(2.0))
-    assert one.frames_per_second == pytest.approx(400, rel=1e-6)
+    assert one.frames_per_second == pytest.approx(500, rel=1e-6)
     assert one.bottleneck == "actors"
+    # On 1.5 cores they no longer fit: F/500 + 2F/1000 = 1.5 gives F = 375.
+    assert predict(COSTS, 1, SharedCores(1.5)).frames_per_second == pytest.approx(375, rel=1e-6)
     # More actors share the cores left: frames/s rises, but less than in proportion.
     four = predict(COSTS, 4, SharedCores(2.0))
     assert one.frames_per_second < four.frames_per_second < 4 * one.frames_per_second

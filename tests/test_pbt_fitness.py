@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from discriminator.training import DiscriminatorTrainer
-from learner.population import (discriminator_fitness, fitness_for, load_reference_discriminator,
+from learner.population import (discriminator_fitness, fitness_for, heldout_fitness, load_reference_discriminator,
                                 reference_discriminator_fitness)
 from spiral.runtime.checkpoint import save_checkpoint
 from spiral.config import ConfigError, load_experiment
@@ -33,9 +33,8 @@ def test_auto_fitness_is_reconstruction_when_conditional_and_critic_otherwise() 
     conditional = load_experiment(REPO / "experiments" / "tiny.yaml", overrides={"pbt": {"population_size": 2}})
     assert conditional.pbt.fitness_kind(True) == "reconstruction"
     assert unconditional().pbt.fitness_kind(False) == "critic"
-    assert fitness_for(unconditional(), None) is discriminator_fitness
-    with pytest.raises(ValueError, match="held-out"):
-        fitness_for(conditional, None)
+    assert fitness_for(unconditional()) is discriminator_fitness
+    assert fitness_for(conditional) is heldout_fitness
 
 
 @pytest.mark.parametrize("overrides, field", [
@@ -43,6 +42,11 @@ def test_auto_fitness_is_reconstruction_when_conditional_and_critic_otherwise() 
     ({"env": {"conditional": False}, "pbt": {"fitness": "reconstruction"}}, "pbt.fitness"),
     ({"pbt": {"reference_critic": "/tmp/critic.pt"}}, "pbt.reference_critic"),  # conditional: reconstruction
     ({"pbt": {"fitness_images": 0}}, "pbt.fitness_images"),
+    ({"pbt": {"fitness_images": 32}}, "pbt.fitness_images"),  # retired: learner.eval_episodes
+    ({"pbt": {"fitness_seed": 1}}, "pbt.fitness_seed"),  # retired: learner.eval_seed
+    ({"pbt": {"population_size": 2}, "learner": {"eval_every_updates": 0}}, "learner.eval_every_updates"),
+    ({"learner": {"eval_every_updates": -1}}, "learner.eval_every_updates"),
+    ({"learner": {"eval_episodes": 1}}, "learner.eval_episodes"),
 ])
 def test_fitness_config_errors_name_the_field(overrides: dict, field: str) -> None:
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
@@ -58,7 +62,7 @@ def test_every_member_is_scored_by_the_same_frozen_reference_discriminator(tmp_p
     from_file = load_reference_discriminator(cfg, next((tmp_path / "reference").iterdir()))
     assert not any(p.requires_grad for p in from_dir.parameters())
 
-    fitness = fitness_for(unconditional(reference_critic=str(tmp_path / "reference")), None)
+    fitness = fitness_for(unconditional(reference_critic=str(tmp_path / "reference")))
     members = [SimpleNamespace(last_final_canvases=renders(seed), device="cpu") for seed in (1, 2)]
     with torch.no_grad():
         expected = [float(trainer.discriminator(images_to_tensor(m.last_final_canvases)).mean()) for m in members]

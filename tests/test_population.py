@@ -33,7 +33,9 @@ def _lineage(path: Path) -> list[dict]:
 def test_bad_member_is_exploited_and_the_controller_survives_a_restart(tmp_path: Path) -> None:
     config = write_config(tmp_path, {
         "pbt": {"population_size": 2, "report_every_updates": 4, "ready_updates": 8, "truncation_fraction": 0.5},
-        "learner": {"checkpoint_every_updates": 20, "sample_grid_every_updates": 0},
+        # Reconstruction fitness is the newest held-out evaluation: evaluate often enough to rank.
+        "learner": {"checkpoint_every_updates": 20, "sample_grid_every_updates": 0, "eval_every_updates": 8,
+                    "eval_episodes": 32},
     })
     system = System(tmp_path / "run", config, num_actors=1, population=2)
     controller = system.child("pbt-controller")

@@ -82,6 +82,7 @@ def test_tags_group_known_and_unknown_keys():
     assert scalar_tag("mean_entropy") == "policy/mean_entropy"
     assert scalar_tag("frames_per_second") == "throughput/frames_per_second"
     assert scalar_tag("something_new") == "stats/something_new"
+    assert scalar_tag("eval/l2_sampled") == "eval/l2_sampled"  # a key that names its group is its own tag
 
 
 def test_board_directory_names_the_member(tmp_path: Path):

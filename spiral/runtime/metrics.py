@@ -89,6 +89,14 @@ LEARNER_DISCRIMINATOR_VERSION = Gauge(
 LEARNER_RECONSTRUCTION_L2 = Gauge(
     "spiral_learner_reconstruction_l2", "Mean squared error of final canvases to targets (conditional runs).",
     ["member"])
+LEARNER_EVAL = Gauge(
+    "spiral_learner_eval",
+    "Newest held-out evaluation (learner.eval_every_updates), by measure: l2_sampled, l2_greedy, ratio_sampled, "
+    "ratio_greedy, baseline_l2, digit_fid, placement shares, update (the update its weights were taken at).",
+    ["member", "measure"])
+LEARNER_EVAL_SKIPPED_TOTAL = Counter(
+    "spiral_learner_eval_skipped_total",
+    "Held-out evaluations skipped because the previous one was still running.", ["member"])
 LEARNER_UPDATE_SECONDS = Histogram(
     "spiral_learner_update_seconds", "Time of one policy update.", ["member"],
     buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))

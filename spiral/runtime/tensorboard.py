@@ -99,8 +99,11 @@ def scalar_tag(key: str) -> str:
         key: A stats record key, e.g. ``pg_loss`` or ``d_real``.
 
     Returns:
-        The tag, e.g. ``loss/pg_loss`` or ``critic/d_real``.
+        The tag, e.g. ``loss/pg_loss`` or ``critic/d_real``; a key that already names its group
+        (``eval/l2_sampled``) is its own tag.
     """
+    if "/" in key:
+        return key
     group = EXACT_GROUPS.get(key)
     if group is None:
         group = next((g for suffix, g in SUFFIX_GROUPS if key.endswith(suffix)), None)
