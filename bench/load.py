@@ -29,7 +29,7 @@ method and status code, and the run compares that with what the servers counted
 * ``stale``: each iteration first submits with a policy version more than
   ``learner.max_policy_lag`` behind (FAILED_PRECONDITION, ``stale_version``), then refetches and
   resubmits;
-* ``restart``: every third iteration the client comes back as a new incarnation (new run id,
+* ``restart``: after every iteration the client comes back as a new incarnation (new run id,
   new channels); the learner counts each in ``spiral_learner_actor_restarts_total``.
 
 It also polls both servers' gRPC health every second (all must be SERVING) and reads their
@@ -40,7 +40,7 @@ exit status is 1 when any does.
 
 Usage::
 
-    python -m bench.load --quick [--out load.json]          # 16 clients x 15 s per scenario
+    python -m bench.load --quick [--out load.json]          # 8 clients x 10 s per scenario
     python -m bench.load --clients 64 --minutes 5 [--out load.json] [--scenarios steady stale]
 """
 
@@ -91,7 +91,7 @@ LOAD_OVERRIDES: dict[str, dict[str, Any]] = {
     # stale scenario refuse unrolls soon after the start.
     "learner": {"batch_size": 8, "compile": False, "queue_capacity": 32, "queue_wait_seconds": 1.0,
                 "max_policy_lag": 2, "checkpoint_every_updates": 1000, "sample_grid_every_updates": 1000},
-    "replay": {"capacity": 160, "min_size": 8},
+    "replay": {"capacity": 64, "min_size": 8},
     "actor": {"num_envs": 4},
 }
 """Overrides of the tiny experiment for the load test."""
@@ -106,7 +106,7 @@ MAX_RESUBMITS = 3
 RECORDED_UNROLLS = 4
 STREAM_UNROLLS_BEFORE_CANCEL = 2
 CANCEL_AFTER_SECONDS = 0.3
-RESTART_EVERY = 3
+RESTART_EVERY = 1
 MAX_RSS_GROWTH = 0.10
 
 
@@ -158,7 +158,7 @@ class Recording:
 class LoadClient:
     """One simulated actor: its channels, its identity and what it counted."""
 
-    def __init__(self, index: int, scenario: str, cfg: ExperimentConfig, learner_address: str, replay_address: str,
+    def __init__(self, index: int, phase: str, scenario: str, cfg: ExperimentConfig, learner_address: str, replay_address: str,
                  recording: Recording, rate: float, stop: threading.Event) -> None:
         self.index = index
         self.scenario = scenario
@@ -166,7 +166,7 @@ class LoadClient:
         self.addresses = (learner_address, replay_address)
         self.rate = rate
         self.stop = stop
-        self.actor_id = f"load-{scenario}-{index}"
+        self.actor_id = f"load-{phase}-{index}"  # a phase's actors are new to the learner
         self.run_id = uuid.uuid4().hex[:12]
         self.tally = Tally()
         self.rng = random.Random(index)
@@ -576,13 +576,13 @@ def record_unrolls(cfg: ExperimentConfig, learner_address: str) -> Recording:
 
 def run_phase(name: str, scenario: str, servers: Servers, cfg: ExperimentConfig, recording: Recording,
               clients: int, rate: float, seconds: float, health: HealthWatch,
-              until: Callable[[], bool] | None = None, max_seconds: float | None = None) -> tuple[dict[str, Any], list[str]]:
-    """Run ``clients`` clients of ``scenario`` for ``seconds`` (and, with ``until``, until it holds or
-    ``max_seconds`` pass), then compare what they counted with the servers."""
+              until: Callable[[Tally], bool], max_seconds: float) -> tuple[dict[str, Any], list[str]]:
+    """Run ``clients`` clients of ``scenario`` for ``seconds`` and then until ``until`` (of what they
+    counted so far) holds or ``max_seconds`` pass, then compare what they counted with the servers."""
     before = servers.settled_scrape()
     statuses = health.phase()
     stop = threading.Event()
-    workers = [LoadClient(i, scenario, cfg, servers.addresses["learner"], servers.addresses["replaybuffer"],
+    workers = [LoadClient(i, name, scenario, cfg, servers.addresses["learner"], servers.addresses["replaybuffer"],
                           recording, rate, stop) for i in range(clients)]
     threads = [threading.Thread(target=w.run, name=f"load-{name}-{w.index}", daemon=True) for w in workers]
     start = time.monotonic()
@@ -593,9 +593,13 @@ def run_phase(name: str, scenario: str, servers: Servers, cfg: ExperimentConfig,
         time.sleep(0.5)
         servers.check_running()
         elapsed = time.monotonic() - start
-        if elapsed >= seconds and (until is None or until()):
-            break
-        if max_seconds is not None and elapsed >= max_seconds:
+        if elapsed >= seconds:
+            so_far = Tally()
+            for worker in workers:
+                so_far.merge(worker.tally)
+            if until(so_far):
+                break
+        if elapsed >= max_seconds:
             reached = False
             break
     stop.set()
@@ -621,6 +625,19 @@ def run_phase(name: str, scenario: str, servers: Servers, cfg: ExperimentConfig,
     return result, failures
 
 
+def scenario_happened(scenario: str, tally: Tally) -> bool:
+    """Whether every method was answered OK at least once and the scenario's event happened."""
+    if not all(tally.codes[(method, "OK")] for method in METHODS):
+        return False
+    if scenario == "disconnect":
+        return tally.codes[("SubmitUnrolls", "CANCELLED")] > 0
+    if scenario == "stale":
+        return tally.codes[("SubmitUnrolls", "FAILED_PRECONDITION")] > 0
+    if scenario == "restart":
+        return tally.restarts > 0
+    return True
+
+
 # -- the whole run -----------------------------------------------------------------------------
 
 @dataclass
@@ -639,6 +656,7 @@ def run_load(settings: LoadSettings, work: Path) -> dict[str, Any]:
     cfg = load_experiment(experiment_path("tiny"), LOAD_OVERRIDES)
     started = time.monotonic()
     servers = start_servers(cfg, work)
+    startup_seconds = time.monotonic() - started
     health = HealthWatch(servers.addresses)
     failures: list[str] = []
     phases: dict[str, Any] = {}
@@ -649,9 +667,10 @@ def run_load(settings: LoadSettings, work: Path) -> dict[str, Any]:
         learner_channel = make_channel(servers.addresses["learner"], cfg.services)
         learner = learner_pb2_grpc.PolicyLearnerStub(learner_channel)
 
-        def warm() -> bool:
+        def warm(tally: Tally) -> bool:
             full = replay.Info(replay_pb2.InfoRequest(), timeout=5).size >= cfg.replay.capacity
-            return full and learner.Status(learner_pb2.StatusRequest(), timeout=5).version > cfg.learner.max_policy_lag
+            return (full and learner.Status(learner_pb2.StatusRequest(), timeout=5).version > cfg.learner.max_policy_lag
+                    and scenario_happened("steady", tally))
 
         result, phase_failures = run_phase("warmup", "steady", servers, cfg, recording, settings.clients,
                                            settings.rate, settings.warmup_seconds, health, until=warm,
@@ -662,9 +681,14 @@ def run_load(settings: LoadSettings, work: Path) -> dict[str, Any]:
         rss_warm = servers.rss()
         for scenario in settings.scenarios:
             result, phase_failures = run_phase(scenario, scenario, servers, cfg, recording, settings.clients,
-                                               settings.rate, settings.scenario_seconds, health)
+                                               settings.rate, settings.scenario_seconds, health,
+                                               until=lambda tally, scenario=scenario: scenario_happened(scenario, tally),
+                                               max_seconds=4 * settings.scenario_seconds)
             phases[scenario] = result
             failures += phase_failures
+            if not result["reached"]:
+                failures.append(f"{scenario}: within {4 * settings.scenario_seconds:.0f} s, not every method was "
+                                f"answered OK once, or what the scenario does never happened")
         rss_end = servers.rss()
         status = learner.Status(learner_pb2.StatusRequest(), timeout=5)
         replay_channel.close()
@@ -685,13 +709,13 @@ def run_load(settings: LoadSettings, work: Path) -> dict[str, Any]:
     return {"clients": settings.clients, "rate_per_client": settings.rate, "scenario_seconds": settings.scenario_seconds,
             "episodes_per_unroll": recording.episodes_per_unroll, "warmed": warmed, "phases": phases,
             "memory": memory, "learner": {"version": int(status.version), "updates": int(status.updates)},
-            "wall_seconds": round(time.monotonic() - started, 1), "failures": failures, "ok": not failures}
+            "startup_seconds": round(startup_seconds, 1), "wall_seconds": round(time.monotonic() - started, 1), "failures": failures, "ok": not failures}
 
 
 def format_table(report: dict[str, Any]) -> str:
     lines = [f"{report['clients']} clients x {report['rate_per_client']:g} iterations/s each; learner at version "
              f"{report['learner']['version']} after {report['learner']['updates']} updates; "
-             f"{report['wall_seconds']:.0f} s in all"]
+             f"{report['wall_seconds']:.0f} s in all ({report['startup_seconds']:.0f} s to start the servers)"]
     header = f"{'phase':10} {'method':14} {'client codes':52} {'server codes':52} {'p50 ms':>8} {'p99 ms':>8}"
     lines += [header, "-" * len(header)]
     for name, phase in report["phases"].items():
@@ -716,7 +740,7 @@ def format_table(report: dict[str, Any]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
-                        help="16 clients, 15 s per scenario, 10 s minimum warm-up (CI; under 3 minutes)")
+                        help="8 clients, 10 s per scenario, 5-45 s of warm-up (CI; about 3 minutes)")
     parser.add_argument("--clients", type=int, default=64)
     parser.add_argument("--rate", type=float, default=1.0, help="iterations per second of each client (default 1)")
     parser.add_argument("--minutes", type=float, default=5.0, help="length of each scenario (default 5)")
@@ -724,8 +748,8 @@ def main() -> None:
     parser.add_argument("--out", help="write the report as JSON here")
     args = parser.parse_args()
     if args.quick:
-        settings = LoadSettings(clients=16, rate=args.rate, scenario_seconds=15.0, warmup_seconds=10.0,
-                                warmup_max_seconds=60.0, scenarios=tuple(args.scenarios))
+        settings = LoadSettings(clients=8, rate=args.rate, scenario_seconds=10.0, warmup_seconds=5.0,
+                                warmup_max_seconds=45.0, scenarios=tuple(args.scenarios))
     else:
         settings = LoadSettings(clients=args.clients, rate=args.rate, scenario_seconds=60.0 * args.minutes,
                                 scenarios=tuple(args.scenarios))
