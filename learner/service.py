@@ -12,6 +12,9 @@ slow down instead of the learner running out of memory. A learner that reached i
 ``Status`` and still answers ``GetParameters`` and ``GetTrainingState``. A stream that ends
 without its summary (cancelled by the actor, or cut by a refusal after some unrolls were queued)
 keeps what it queued; those unrolls are counted in ``spiral_learner_unacknowledged_unrolls_total``.
+gRPC Python can deliver a cancel as the ordinary end of the stream, a moment before it says
+that the call was cancelled; such a stream is answered with a summary nobody reads (OK, its
+unrolls not counted as unacknowledged).
 
 ``GetTrainingState`` serves the full trainer state (policy weights and Adam state, see
 :mod:`spiral.agent.training_state`) to a population member that copies this one. The snapshot
@@ -72,6 +75,10 @@ class PolicyLearnerServicer(learner_pb2_grpc.PolicyLearnerServicer):
                 except QueueFull as exc:
                     context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{exc}; retry later")
                 accepted += 1
+            if not context.is_active():
+                # gRPC Python may end a cancelled stream as if the caller had finished it; the
+                # caller reads no summary, so none is claimed (the race can still go unseen here).
+                context.abort(grpc.StatusCode.CANCELLED, "the caller cancelled the stream")
         except BaseException:
             # The stream ends without a summary, but what it queued stays queued: counted, so
             # that an actor's tally plus this one add up to what the learner received.
