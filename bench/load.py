@@ -601,7 +601,9 @@ def run_phase(name: str, scenario: str, servers: Servers, cfg: ExperimentConfig,
               until: Callable[[Tally], bool], max_seconds: float) -> tuple[dict[str, Any], list[str]]:
     """Run ``clients`` clients of ``scenario`` for ``seconds`` and then until ``until`` (of what they
     counted so far) holds or ``max_seconds`` pass, then compare what they counted with the servers."""
+    settle_start = time.monotonic()
     before = servers.settled_scrape()
+    settle_seconds = time.monotonic() - settle_start
     statuses = health.phase()
     stop = threading.Event()
     workers = [LoadClient(i, name, scenario, cfg, servers.addresses["learner"], servers.addresses["replaybuffer"],
@@ -630,7 +632,11 @@ def run_phase(name: str, scenario: str, servers: Servers, cfg: ExperimentConfig,
         thread.join(timeout=max(0.1, join_by - time.monotonic()))
     duration = time.monotonic() - start
     hung = sum(thread.is_alive() for thread in threads)
+    settle_start = time.monotonic()
     after = servers.settled_scrape()
+    settle_seconds += time.monotonic() - settle_start
+    progress(f"{name}: {duration:.0f} s of load, {time.monotonic() - start:.0f} s with joining, "
+             f"{settle_seconds:.0f} s settling the servers' counts")
     tally = Tally()
     for worker in workers:
         tally.merge(worker.tally)
@@ -660,6 +666,10 @@ def scenario_happened(scenario: str, tally: Tally) -> bool:
     return True
 
 
+def progress(message: str) -> None:
+    print(f"[load] {message}", file=sys.stderr, flush=True)
+
+
 # -- the whole run -----------------------------------------------------------------------------
 
 @dataclass
@@ -682,8 +692,10 @@ def run_load(settings: LoadSettings, work: Path) -> dict[str, Any]:
     health = HealthWatch(servers.addresses)
     failures: list[str] = []
     phases: dict[str, Any] = {}
+    progress(f"learner and replay buffer SERVING after {startup_seconds:.0f} s")
     try:
         recording = record_unrolls(cfg, servers.addresses["learner"])
+        progress(f"recorded {RECORDED_UNROLLS} unrolls at {time.monotonic() - started:.0f} s")
         replay_channel = make_channel(servers.addresses["replaybuffer"], cfg.services)
         replay = replay_pb2_grpc.ReplayBufferStub(replay_channel)
         learner_channel = make_channel(servers.addresses["learner"], cfg.services)
@@ -718,7 +730,9 @@ def run_load(settings: LoadSettings, work: Path) -> dict[str, Any]:
         learner_channel.close()
     finally:
         health.close()
+        stopping = time.monotonic()
         servers.supervisor.stop(grace_seconds=30)
+        progress(f"servers stopped in {time.monotonic() - stopping:.0f} s")
     memory = {side: {"warm_mb": round(rss_warm[side] / 2**20, 1), "end_mb": round(rss_end[side] / 2**20, 1),
                      "growth": round(rss_end[side] / rss_warm[side] - 1, 4)} for side in rss_warm}
     if not warmed:
