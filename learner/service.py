@@ -9,7 +9,12 @@ what was wrong (counted in ``spiral_rejected_messages_total``), while every othe
 A full ingest queue pushes back with RESOURCE_EXHAUSTED after a bounded wait, so actors
 slow down instead of the learner running out of memory. A learner that reached its budget
 (``learner.max_frames``) refuses unrolls with FAILED_PRECONDITION (``done``), says ``done`` in
-``Status`` and still answers ``GetParameters`` and ``GetTrainingState``.
+``Status`` and still answers ``GetParameters`` and ``GetTrainingState``. A stream that ends
+without its summary (cancelled by the actor, or cut by a refusal after some unrolls were queued)
+keeps what it queued; those unrolls are counted in ``spiral_learner_unacknowledged_unrolls_total``.
+gRPC Python can deliver a cancel as the ordinary end of the stream, a moment before it says
+that the call was cancelled; such a stream is answered with a summary nobody reads (OK, its
+unrolls not counted as unacknowledged).
 
 ``GetTrainingState`` serves the full trainer state (policy weights and Adam state, see
 :mod:`spiral.agent.training_state`) to a population member that copies this one. The snapshot
@@ -30,6 +35,7 @@ from spiral.rpc.messages import UnrollExpectation, decode_unroll
 from spiral.rpc.publish import ParameterPublisher
 from spiral.rpc.server import ServiceBinding
 from spiral.rpc.training_state import training_state_chunks
+from spiral.runtime import metrics
 from spiral.v1 import learner_pb2, learner_pb2_grpc, parameters_pb2
 
 SERVICE = "spiral.v1.PolicyLearner"
@@ -53,21 +59,32 @@ class PolicyLearnerServicer(learner_pb2_grpc.PolicyLearnerServicer):
     def SubmitUnrolls(self, request_iterator: Iterable[learner_pb2.Unroll],
                       context: grpc.ServicerContext) -> learner_pb2.SubmitSummary:
         accepted = 0
-        for msg in request_iterator:
-            received = decode_unroll(msg, self.expect)
-            check_member(received.member, {self.member}, self.member, "learner")
-            self.learner.observe_actor_run(received.unroll.actor_id, received.run_id)
-            try:
-                self.learner.submit(received.unroll, timeout=self.learner.cfg.learner.queue_wait_seconds)
-            except LearnerDone as exc:
-                raise PreconditionFailed("done", str(exc)) from None
-            except StaleUnroll as exc:
-                raise PreconditionFailed("stale_version", str(exc)) from None
-            except PriorUnused as exc:
-                raise PreconditionFailed("prior_unused", str(exc)) from None
-            except QueueFull as exc:
-                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{exc}; retry later")
-            accepted += 1
+        try:
+            for msg in request_iterator:
+                received = decode_unroll(msg, self.expect)
+                check_member(received.member, {self.member}, self.member, "learner")
+                self.learner.observe_actor_run(received.unroll.actor_id, received.run_id)
+                try:
+                    self.learner.submit(received.unroll, timeout=self.learner.cfg.learner.queue_wait_seconds)
+                except LearnerDone as exc:
+                    raise PreconditionFailed("done", str(exc)) from None
+                except StaleUnroll as exc:
+                    raise PreconditionFailed("stale_version", str(exc)) from None
+                except PriorUnused as exc:
+                    raise PreconditionFailed("prior_unused", str(exc)) from None
+                except QueueFull as exc:
+                    context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{exc}; retry later")
+                accepted += 1
+            if not context.is_active():
+                # gRPC Python may end a cancelled stream as if the caller had finished it; the
+                # caller reads no summary, so none is claimed (the race can still go unseen here).
+                context.abort(grpc.StatusCode.CANCELLED, "the caller cancelled the stream")
+        except BaseException:
+            # The stream ends without a summary, but what it queued stays queued: counted, so
+            # that an actor's tally plus this one add up to what the learner received.
+            if accepted:
+                metrics.LEARNER_UNACKNOWLEDGED_UNROLLS_TOTAL.labels(self.learner.member).inc(accepted)
+            raise
         return learner_pb2.SubmitSummary(accepted=accepted, latest_version=self.learner.version)
 
     @rejects_bad_messages(SERVICE)

@@ -254,3 +254,63 @@ def test_a_learner_without_program_recovery_refuses_prior_programs(cfg: Experime
         learner.submit(unroll)
     assert not refused.value.stale and learner.queue.depth == 0
     learner.close()
+
+
+def test_a_submit_stream_cancelled_mid_way_counts_as_cancelled_and_keeps_what_it_queued(
+        cfg: ExperimentConfig, tmp_path: Path) -> None:
+    import grpc
+
+    from spiral.envs import action_spec_for
+    from spiral.rpc.client import make_channel
+    from spiral.rpc.messages import encode_unroll
+    from spiral.v1 import learner_pb2_grpc
+
+    def value(name: str, **labels: str) -> float:
+        return REGISTRY.get_sample_value(name, labels) or 0.0
+
+    def handled(code: str) -> float:
+        return value("spiral_grpc_server_handled_total", service="spiral.v1.PolicyLearner", method="SubmitUnrolls",
+                     code=code)
+
+    def wait_until(predicate, what: str) -> None:  # noqa: ANN001
+        for _ in range(200):
+            if predicate():
+                return
+            threading.Event().wait(0.05)
+        raise AssertionError(f"timed out waiting until {what}")
+
+    learner = PolicyLearner(cfg, tmp_path)
+    server = build_server([PolicyLearnerServicer(learner).binding()], "127.0.0.1:0", cfg.services)
+    server.start()
+    message = encode_unroll(make_runner(cfg).run_episode(), action_spec_for(cfg).names, run_id="r1")
+    release = threading.Event()
+
+    def requests():  # noqa: ANN202 - one unroll, then the stream stays open
+        yield message
+        release.wait(30)
+
+    before = {name: value(name, member="0") for name in ("spiral_learner_trajectories_total",
+                                                          "spiral_learner_unacknowledged_unrolls_total")}
+    cancelled_before, ok_before, unknown_before = handled("CANCELLED"), handled("OK"), handled("UNKNOWN")
+    channel = make_channel(server.address, cfg.services)
+    try:
+        future = learner_pb2_grpc.PolicyLearnerStub(channel).SubmitUnrolls.future(requests(), timeout=30)
+        wait_until(lambda: value("spiral_learner_trajectories_total", member="0")
+                   > before["spiral_learner_trajectories_total"], "the learner queued the unroll")
+        assert future.cancel()
+        release.set()
+        wait_until(lambda: handled("CANCELLED") + handled("OK") + handled("UNKNOWN")
+                   > cancelled_before + ok_before + unknown_before, "the server counted the call")
+        assert future.code() == grpc.StatusCode.CANCELLED
+        unacknowledged = value("spiral_learner_unacknowledged_unrolls_total", member="0") - \
+            before["spiral_learner_unacknowledged_unrolls_total"]
+        outcome = (handled("CANCELLED") - cancelled_before, handled("OK") - ok_before,
+                   handled("UNKNOWN") - unknown_before, unacknowledged)
+        # What it queued stays queued. Counted as CANCELLED, the unroll is unacknowledged; gRPC
+        # Python may instead end the stream as if it had been finished (OK, a summary nobody reads).
+        assert outcome in ((1, 0, 0, 1), (0, 1, 0, 0)), outcome
+        assert learner.queue.depth == cfg.actor.num_envs
+    finally:
+        channel.close()
+        server.stop(grace=0.5)
+        learner.close()

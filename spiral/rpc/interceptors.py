@@ -7,7 +7,9 @@ its handler. spiral wraps every handler twice:
   response) is sent and counts it by final status code:
   ``spiral_grpc_server_handling_seconds{service, method}`` (plus ``code`` when
   :mod:`spiral.runtime.metrics` declares that label) and
-  ``spiral_grpc_server_handled_total{service, method, code}``.
+  ``spiral_grpc_server_handled_total{service, method, code}``. A call whose caller went away
+  mid-call (it cancelled, or its deadline passed, while the handler read its request stream)
+  counts as ``CANCELLED``.
 * :class:`MessageSizeInterceptor` refuses request messages above the configured
   ``services.max_message_bytes`` with ``INVALID_ARGUMENT`` and a message naming both sizes,
   counted in ``spiral_rejected_messages_total{reason="too_large"}``. gRPC's own receive
@@ -75,6 +77,10 @@ def _behaviour(handler: grpc.RpcMethodHandler) -> Callable[..., Any]:
 
 def _code_name(context: grpc.ServicerContext, failed: bool) -> str:
     code = context.code()  # set by abort()/set_code(); None when the handler left it alone
+    if code is None and failed and not context.is_active():
+        # The caller went away mid-call (cancelled, or past its deadline): reading its request
+        # stream raised. Not a handler bug, so not UNKNOWN.
+        code = grpc.StatusCode.CANCELLED
     if code is None:
         code = grpc.StatusCode.UNKNOWN if failed else grpc.StatusCode.OK
     return code.name

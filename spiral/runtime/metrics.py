@@ -70,6 +70,10 @@ LEARNER_PRIOR_EPISODES_TOTAL = Counter(
     "spiral_learner_prior_episodes_total",
     "Episodes of prior programs received from actors for program recovery (learner.hindsight_weight).",
     ["member"])
+LEARNER_UNACKNOWLEDGED_UNROLLS_TOTAL = Counter(
+    "spiral_learner_unacknowledged_unrolls_total",
+    "Unrolls queued from SubmitUnrolls streams that ended without a summary (the actor cancelled, or a "
+    "later unroll of the stream was refused): trained on, though the actor never heard so.", ["member"])
 LEARNER_ACTOR_RESTARTS_TOTAL = Counter(
     "spiral_learner_actor_restarts_total",
     "Actors seen with a new run id (a restarted actor process), by the unrolls they send.", ["member"])
