@@ -1,14 +1,14 @@
 """Load test: many concurrent actor clients at one real learner and one real replay buffer.
 
-Starts a policy learner and a replay buffer as real processes (``spiral learner`` and
-``spiral replaybuffer``, the tiny experiment made to turn over quickly, a temporary run
-directory, started by the supervisor ``spiral up`` uses), records a few real unrolls by running
+Starts a policy learner, a replay buffer and the discriminator learner that scores for it as
+real processes (``spiral learner``, ``spiral replaybuffer``, ``spiral discriminator``: the tiny
+experiment made to turn over quickly, a temporary run directory, started by the supervisor
+``spiral up`` uses), records a few real unrolls by running
 an :class:`~spiral.agent.acting.EpisodeRunner` against the learner's parameters, and then
 replays them from ``--clients`` client threads, each at ``--rate`` iterations per second. An
 iteration is what an actor does: ``GetParameters`` (newer than the version held),
 ``SubmitUnrolls`` (one recorded unroll stamped with that version) and the replay buffer's
-``Insert`` (its final renders and targets). No discriminator runs: the learner then scores
-with the reconstruction term alone and keeps training (it logs that it cannot reach one).
+``Insert`` (its final renders and targets), which the discriminator samples and trains on.
 
 Every call has a deadline; RESOURCE_EXHAUSTED (the learner's ingest queue stayed full:
 back-pressure) and the other transient codes are retried with the project's backoff
@@ -560,7 +560,9 @@ def start_servers(cfg: ExperimentConfig, work: Path) -> Servers:
     dump_experiment(cfg, config_path)
     run_dir = work / "run"
     layout = plan_layout(cfg, config_path, run_dir, num_actors=0, population=1)
-    layout.processes = [spec for spec in layout.processes if spec.role in ("learner", "replaybuffer")]
+    # The discriminator too: without one the learner waits out its refresh deadline on every update
+    # and the load would measure little but back-pressure.
+    layout.processes = [spec for spec in layout.processes if spec.role in ("learner", "replaybuffer", "discriminator")]
     run_dir.mkdir(parents=True, exist_ok=True)
     supervisor = Supervisor(layout, run_dir, restart=False)
     supervisor.start()
@@ -571,7 +573,7 @@ def start_servers(cfg: ExperimentConfig, work: Path) -> Servers:
     while not all(health_of(address) == "SERVING" for address in servers.addresses.values()):
         servers.check_running()
         if time.monotonic() > deadline:
-            raise RuntimeError("the learner and replay buffer did not become SERVING within 300 s")
+            raise RuntimeError("the learner, replay buffer and discriminator did not become SERVING within 300 s")
         time.sleep(0.5)
     return servers
 
