@@ -414,7 +414,7 @@ class LearnerConfig:
     member is done. ``--frames N`` on ``spiral up`` and ``spiral local`` sets it."""
     sample_grid_every_updates: int = 50
     """Write a sample grid PNG and programs every this many updates (0: never)."""
-    eval_every_updates: int = 1000
+    eval_every_updates: int = 300
     """Held-out evaluation while training (:mod:`learner.evaluation`): every this many updates
     the learner snapshots its policy's weights and, on a background thread at low priority (one
     torch thread), measures the domain's held-out figure (:mod:`spiral.evaluation.heldout`):
@@ -422,8 +422,9 @@ class LearnerConfig:
     canvas; unconditional MNIST the digit-feature distance. Written to TensorBoard (``eval/``),
     ``learner.jsonl`` (``"event": "eval"``) and ``spiral_learner_eval{measure=...}``; PBT's
     reconstruction fitness is the newest of them. An evaluation still running when the next is
-    due makes that one skipped (counted). 1000 is at most one every ~2 minutes at the CPU
-    profile's ~7 updates/s. 0: off."""
+    due makes that one skipped (counted). 300 is about one every 100 s at the CPU profile's
+    ~3 updates/s on 2 cores (its cost: ``bench/eval_cost.py``); raise it for a fast (GPU)
+    learner, where 300 updates pass in seconds. 0: off."""
     eval_episodes: int = 64
     """Episodes per evaluation: the first this many ``dataset.holdout`` images (conditional runs;
     at most ``dataset.holdout``), or paintings (unconditional MNIST)."""
