@@ -129,8 +129,9 @@ def cpu_percent(before: dict[str, tuple[str, float | None]], after: dict[str, tu
     return {"per_process": per_process, "per_role": per_role}
 
 
-def learner_rows(run_dir: Path, since: float, until: float) -> list[dict[str, Any]]:
-    """The policy learner's update records written between two wall-clock times."""
+def learner_rows(run_dir: Path, since: float, until: float, event: str | None = None) -> list[dict[str, Any]]:
+    """The policy learner's update records (or, with ``event``, its rows of that event, e.g.
+    ``"eval"``) written between two wall-clock times."""
     path = run_dir / "learner.jsonl"
     if not path.exists():
         return []
@@ -140,7 +141,7 @@ def learner_rows(run_dir: Path, since: float, until: float) -> list[dict[str, An
             row = json.loads(line)
         except json.JSONDecodeError:
             continue  # a line being written
-        if "event" not in row and since <= row.get("time", 0.0) <= until:
+        if row.get("event") == event and since <= row.get("time", 0.0) <= until:
             rows.append(row)
     return rows
 

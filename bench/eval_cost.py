@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.actor_scaling import measure, warm_up
+from bench.actor_scaling import learner_rows, measure, warm_up
 from spiral.commands.layout import plan_layout
 from spiral.commands.supervisor import Supervisor
 from spiral.config import experiment_path, resolve_experiment
@@ -38,18 +38,7 @@ from spiral.runtime.run_config import record_run_config
 
 def evaluation_rows(run_dir: Path, since: float, until: float) -> list[dict[str, Any]]:
     """The learner's held-out evaluation rows (``"event": "eval"``) written between two wall-clock times."""
-    path = run_dir / "learner.jsonl"
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line being written
-        if row.get("event") == "eval" and "update" in row and since <= row.get("time", 0.0) <= until:
-            rows.append(row)
-    return rows
+    return [row for row in learner_rows(run_dir, since, until, event="eval") if "update" in row]
 
 
 def run_once(config: str, overrides: list[str], eval_every: int, run_dir: Path, actors: int, seconds: float,
