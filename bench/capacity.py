@@ -26,7 +26,7 @@ error, the actor count at which the learner saturates, and the network bytes/s p
 
 Usage::
 
-    python -m bench.capacity [--config tiny] [--seconds 40] [--harness] [--out FILE]
+    python -m bench.capacity [--config tiny] [--seconds 40] [--harness] [--set FIELD=VALUE ...] [--out FILE]
     python -m bench.capacity --costs FILE --predict 1 2 4 8 16 [--quotas 0.2 0.8 0.3 0.1]
 """
 
@@ -51,19 +51,19 @@ HARNESS_QUOTAS = Quotas(actor=0.2, learner=0.8, discriminator=0.3, replay=0.1)
 """tests/overlays/harness-limits/limits.yaml's CPU limits."""
 
 
-def message_sizes(config: str) -> dict[str, int]:
+def message_sizes(config: str, overrides: list[str]) -> dict[str, int]:
     """Bytes of one real unroll, its renders and a full parameter set, encoded as the RPCs send them."""
     import torch
 
     from spiral.agent.acting import EpisodeRunner
-    from spiral.config import experiment_path, load_experiment
+    from spiral.config import experiment_path, resolve_experiment
     from spiral.core import ParameterSnapshot
     from spiral.envs import action_spec_for, make_env
     from spiral.nets import build_policy
     from spiral.rpc.messages import encode_insert_request, encode_unroll
     from spiral.rpc.parameters import chunk_parameters
 
-    cfg = load_experiment(experiment_path(config))
+    cfg = resolve_experiment(experiment_path(config), overrides).config
     torch.manual_seed(0)
     policy = build_policy(cfg)
     shape = (cfg.actor.num_envs, cfg.env.image_size, cfg.env.image_size, cfg.image_channels)
@@ -80,10 +80,12 @@ def message_sizes(config: str) -> dict[str, int]:
     return {"unroll_bytes": unroll_bytes, "renders_bytes": renders_bytes, "parameter_bytes": parameter_bytes}
 
 
-def run_actor_scaling(config: str, counts: list[int], seconds: float, work: Path) -> dict[str, Any]:
+def run_actor_scaling(config: str, counts: list[int], seconds: float, work: Path,
+                      overrides: list[str]) -> dict[str, Any]:
     """``bench.actor_scaling`` on the CPU (``spiral up``'s layout), its final JSON line."""
     command = [sys.executable, "-m", "bench.actor_scaling", "--config", config, "--device", "cpu", "--actors",
-               *map(str, counts), "--seconds", str(seconds), "--work-dir", str(work)]
+               *map(str, counts), "--seconds", str(seconds), "--work-dir", str(work),
+               *[arg for item in overrides for arg in ("--set", item)]]
     print("$", " ".join(command[1:]), flush=True)
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=False)
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
@@ -93,11 +95,12 @@ def run_actor_scaling(config: str, counts: list[int], seconds: float, work: Path
     return json.loads(lines[-1])
 
 
-def costs_from(config: str, calibration: dict[str, Any], sizes: dict[str, int]) -> Costs:
+def costs_from(config: str, calibration: dict[str, Any], sizes: dict[str, int],
+               overrides: list[str] | None = None) -> Costs:
     """The model's inputs from one measured window (``bench.actor_scaling``'s figures) and the sizes."""
-    from spiral.config import experiment_path, load_experiment
+    from spiral.config import experiment_path, resolve_experiment
 
-    cfg = load_experiment(experiment_path(config))
+    cfg = resolve_experiment(experiment_path(config), overrides or []).config
     cores = {role: percent / 100.0 for role, percent in calibration["cpu_percent"]["per_role"].items()}
     frames, trained = calibration["frames_per_second"], calibration["learner_frames_per_second"]
     if frames <= 0 or trained <= 0:
@@ -178,20 +181,22 @@ def main() -> int:
     parser.add_argument("--predict", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32], help="counts to predict")
     parser.add_argument("--quotas", type=float, nargs=4, metavar=("ACTOR", "LEARNER", "DISCRIMINATOR", "REPLAY"),
                         help="per-pod CPU slices to predict for (default: the harness's)")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="override a setting (e.g. dataset.name=lfw for celeba without its volume)")
     parser.add_argument("--out", help="write every figure here as JSON")
     args = parser.parse_args()
     quotas = Quotas(*args.quotas) if args.quotas else HARNESS_QUOTAS
     cores = len(os.sched_getaffinity(0))
-    results: dict[str, Any] = {"config": args.config, "cores": cores, "quotas": quotas.__dict__}
+    results: dict[str, Any] = {"config": args.config, "overrides": args.set, "cores": cores, "quotas": quotas.__dict__}
 
     if args.costs:
         costs = Costs(**json.loads(Path(args.costs).read_text())["costs"])
         spiral_up: dict[str, Any] = {"counts": []}
     else:
-        sizes = message_sizes(args.config)
+        sizes = message_sizes(args.config, args.set)
         with tempfile.TemporaryDirectory(prefix="spiral-capacity-") as work:
-            spiral_up = run_actor_scaling(args.config, sorted(set(args.actors)), args.seconds, Path(work))
-        costs = costs_from(args.config, spiral_up["counts"][0], sizes)
+            spiral_up = run_actor_scaling(args.config, sorted(set(args.actors)), args.seconds, Path(work), args.set)
+        costs = costs_from(args.config, spiral_up["counts"][0], sizes, args.set)
         results["spiral_up"] = spiral_up
     results["costs"] = costs.as_dict()
     print("costs: " + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
