@@ -11,13 +11,14 @@ export MUJOCO_GL ?= egl
 export OMP_NUM_THREADS ?= 1
 PYTEST_ARGS ?=
 
-.PHONY: help deps test test-fast run proto proto-check bench bench-load bench-learning bench-headline bench-run bench-learning-bf16 bench-learning-shaped bench-paper-smoke clean image base-image image-test kind-up kind-test kind-down
+.PHONY: help deps test test-fast run proto proto-check bench bench-load bench-capacity bench-learning bench-headline bench-run bench-learning-bf16 bench-learning-shaped bench-paper-smoke clean image base-image image-test kind-up kind-test kind-down
 
 help:
 	@echo "make run        run the whole system on this machine (spiral up, conditional MNIST)"
 	@echo "make test       install dependencies and run the test suite"
 	@echo "make bench      the speed benchmarks in bench/: renderers, system, policy, learner update and RPC, stroke rewards (minutes)"
 	@echo "make bench-load  the load test: 64 actor clients at a real learner and replay buffer, 4 scenarios x 5 minutes"
+	@echo "make bench-capacity  the capacity model measured and checked: spiral up and the harness's 1, 2, 4 actor pods (Docker, image)"
 	@echo "make bench-headline  the learning runs behind bench/RESULTS.md's current figures (hours: python -m bench.runs list)"
 	@echo "make bench-run NAME=ENTRY [SEED=S]  one entry of bench/runs.yaml, all its seeds or one (python -m bench.runs list)"
 	@echo "make bench-learning  every entry of bench/runs.yaml, one after another (about a day on 2 cores)"
@@ -75,6 +76,11 @@ bench: deps
 # scenario (about 25 minutes); tests/test_load.py runs its --quick mode.
 bench-load: deps
 	$(PYTHON) -m bench.load --clients 64 --minutes 5 --out load.json
+
+# The capacity model (bench/capacity_model.py): per-role costs measured here, its predictions
+# checked against spiral up and the manifest harness's 1, 2, 4 actor pods (needs make image).
+bench-capacity: deps
+	$(PYTHON) -m bench.capacity --config tiny --harness --out capacity.json
 
 # The learning runs, as data in bench/runs.yaml (python -m bench.runs list shows every entry, its
 # commands and hours). Each run is spiral up for 10-30 minutes, then its checkpoints scored.
