@@ -9,7 +9,8 @@ docstring); the test then checks, from outside, what a cluster operator would:
   resources ask for, and the system trains: actor frames, learner updates and the
   discriminator's version rise on the Prometheus endpoints;
 * **scale-out**: 1 -> 2 -> 4 actor pods of 200m each give at least 1.7x and 3x the 1-actor
-  frames/s, in one run, and the policy lag stays bounded while scaling up and back down to 1;
+  frames/s (the mean of the run's two 1-pod windows, before scaling up and after scaling back
+  down), in one run, and the policy lag stays bounded while scaling up and back down to 1;
 * **faults at scale**, with 4 actor pods: the replay buffer and the discriminator SIGKILLed in
   turn; the restart policy starts each again and the system recovers by itself, each within 60 s
   of the pod's restart (the replay buffer takes renders and serves the discriminator again; the
@@ -81,13 +82,13 @@ def max_lag(cluster: ManifestCluster) -> float:
 
 
 def scale_and_settle(cluster: ManifestCluster, replicas: int, lags: list[float]) -> None:
-    """Scale the actors and wait until every actor pod steps, then 15 s more for the pipeline to fill."""
+    """Scale the actors and wait until every actor pod steps, then 20 s more for the pipeline to fill."""
     cluster.scale("spiral-actor", replicas)
     actors = cluster.of("spiral-actor")
     assert len(actors) == replicas
     wait_for(f"{replicas} actors stepping", lambda: all(
         scrape(cluster.metrics_url(pod.name)).get("spiral_actor_env_steps_total", 0) > 0 for pod in actors), cluster)
-    frames_per_second(cluster, 15, lags)
+    frames_per_second(cluster, 20, lags)
 
 
 @pytest.fixture(scope="module")
@@ -132,11 +133,14 @@ def test_actor_pods_add_frames_1_2_4_and_the_policy_lag_stays_bounded(cluster: M
     for replicas in stages:
         lags.append([])
         scale_and_settle(cluster, replicas, lags[-1])
-        rates.append(frames_per_second(cluster, 45, lags[-1]))
-    two, four = rates[1] / rates[0], rates[2] / rates[0]
-    print(f"frames/s with 1, 2, 4 actor pods (200m each): {rates[0]:.0f}, {rates[1]:.0f}, {rates[2]:.0f} "
-          f"({two:.2f}x, {four:.2f}x); back to 1: {rates[3]:.0f}; largest actor policy lag per stage "
-          f"{[max(stage) for stage in lags]} versions")
+        rates.append(frames_per_second(cluster, 60, lags[-1]))
+    # One pod's rate drifts by a few percent from window to window (the policy changes what it
+    # paints): the baseline is both 1-pod windows of the run, before and after.
+    one = (rates[0] + rates[3]) / 2
+    two, four = rates[1] / one, rates[2] / one
+    print(f"frames/s with 1, 2, 4 actor pods (200m each): {rates[0]:.0f}, {rates[1]:.0f}, {rates[2]:.0f}; back to 1: "
+          f"{rates[3]:.0f} ({two:.2f}x and {four:.2f}x the 1-pod mean {one:.0f}); largest actor policy lag per "
+          f"stage {[max(stage) for stage in lags]} versions")
     assert two >= 1.7 and four >= 3.0, rates
     cfg_lag = 100  # learner.max_policy_lag in deploy/overlays/kind/tiny.yaml: past it, unrolls are refused
     assert all(max(stage) <= cfg_lag for stage in lags), lags
