@@ -311,17 +311,6 @@ class ManifestCluster:
         """SIGKILL a pod's container (its volumes stay); the restart policy starts it again."""
         docker("kill", self.pods[pod_name].container_name)
 
-    def start(self, pod_name: str) -> None:
-        """Start a stopped pod's container again, on the same volumes (a kubelet restart)."""
-        pod = self.pods[pod_name]
-        docker("start", pod.container_name)
-        self._publish_ports(pod)
-        with self._lock:
-            pod.started_at = time.monotonic()
-            pod.restart_at = None
-            for probe in pod.probes.values():
-                probe.succeeded, probe.consecutive_failures = False, 0
-
     def restarts(self, pod_name: str) -> int:
         """The pod's restart count, as ``kubectl get pods`` shows it."""
         with self._lock:
