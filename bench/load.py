@@ -35,10 +35,14 @@ method and status code, and the run compares that with what the servers counted
 * ``restart``: after every iteration the client comes back as a new incarnation (new run id,
   new channels); the learner counts each in ``spiral_learner_actor_restarts_total``.
 
-It also polls both servers' gRPC health every second (all must be SERVING) and reads their
-resident memory (``/proc/PID/status`` VmRSS) after a warm-up (replay table full, the learner
-past ``max_policy_lag`` versions and :data:`WARM_UPDATES` updates) and at the end (growth at
-most +10%). Latencies are of each attempt (p50/p99, ms), every code included and OK only. The
+It also polls the servers' gRPC health every second (all must be SERVING) and samples their
+resident memory (``/proc/PID/status`` VmRSS) every 2 s for the whole run. Warm-up lasts until
+the replay table is full, the learner is past ``max_policy_lag`` versions and
+:data:`WARM_UPDATES` updates, and no server's peak RSS of the last minute is 2% above the
+minute before's (the allocator warm: its high-water mark has stopped rising). The memory check
+compares each server's peak in the first scenario after warm-up with its peak in the last
+(growth at most +10%): a single reading is noise, since the learner's RSS swings by ~5% with the
+work in flight. The report keeps the RSS timeline (one sample per 10 s). Latencies are of each attempt (p50/p99, ms), every code included and OK only. The
 checks that fail are listed; the exit status is 1 when any does. The achieved rate of
 iterations is printed beside the set one: back-pressure, not the clients, holds it down.
 
@@ -114,6 +118,11 @@ RESTART_EVERY = 1
 WARM_UPDATES = 10
 """Learner updates before the memory is read as warm (its allocator has seen a few batches)."""
 MAX_RSS_GROWTH = 0.10
+PLATEAU_WINDOW_SECONDS = 60.0
+PLATEAU_TOLERANCE = 0.02
+"""The allocator is warm once no server's peak RSS of the last PLATEAU_WINDOW_SECONDS is more than
+2% above its peak of the window before: under 64 clients the learner's RSS swings by ~30 MB
+(~5%) with what is in flight, and its high-water mark rose for ~3 minutes (full-2026-12-07)."""
 
 
 # -- what a client counts ------------------------------------------------------------------------
@@ -410,6 +419,58 @@ class HealthWatch:
         self._thread.join(timeout=5)
 
 
+class RssWatch:
+    """Samples each server's resident memory every ``period`` seconds for the whole run."""
+
+    def __init__(self, pids: dict[str, int], period: float = 2.0) -> None:
+        self.pids = pids
+        self.period = period
+        self.started = time.monotonic()
+        self.samples: list[tuple[float, dict[str, int]]] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="rss-watch", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            try:
+                sample = {name: rss_bytes(pid) for name, pid in self.pids.items()}
+            except (OSError, RuntimeError):  # a server is stopping
+                return
+            with self._lock:
+                self.samples.append((time.monotonic() - self.started, sample))
+            if self._stop.wait(self.period):
+                return
+
+    def since(self, seconds_ago: float) -> list[tuple[float, dict[str, int]]]:
+        """The samples of the last ``seconds_ago`` seconds."""
+        now = time.monotonic() - self.started
+        with self._lock:
+            return [(t, s) for t, s in self.samples if t >= now - seconds_ago]
+
+    def peaks(self, start: float, end: float) -> dict[str, int]:
+        """Each server's largest RSS sampled in ``[start, end)`` seconds since the watch started."""
+        with self._lock:
+            window = [sample for t, sample in self.samples if start <= t < end]
+        return {name: max(sample[name] for sample in window) for name in self.pids} if window else {}
+
+    def now(self) -> float:
+        return time.monotonic() - self.started
+
+    def plateaued(self, window: float = PLATEAU_WINDOW_SECONDS, tolerance: float = PLATEAU_TOLERANCE) -> bool:
+        """Whether every server's peak of the last ``window`` seconds is within ``tolerance`` of the window before's."""
+        now = self.now()
+        if now < 2 * window:
+            return False
+        earlier, recent = self.peaks(now - 2 * window, now - window), self.peaks(now - window, now + 1)
+        return bool(earlier and recent) and all(recent[name] <= (1 + tolerance) * earlier[name] for name in earlier)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
 def rss_bytes(pid: int) -> int:
     """Resident memory of a process (``VmRSS`` of ``/proc/PID/status``)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -684,6 +745,9 @@ class LoadSettings:
     warmup_max_seconds: float = 300.0
     scenarios: tuple[str, ...] = SCENARIOS
     assert_memory: bool = True
+    plateau_seconds: float = PLATEAU_WINDOW_SECONDS
+    """Warm-up lasts until the servers' peak RSS stops rising over two windows this long
+    (:meth:`RssWatch.plateaued`); 0: no such wait."""
 
 
 def run_load(settings: LoadSettings, work: Path) -> dict[str, Any]:
@@ -692,6 +756,7 @@ def run_load(settings: LoadSettings, work: Path) -> dict[str, Any]:
     servers = start_servers(cfg, work)
     startup_seconds = time.monotonic() - started
     health = HealthWatch(servers.addresses)
+    rss_watch = RssWatch(servers.pids)
     failures: list[str] = []
     phases: dict[str, Any] = {}
     progress(f"learner and replay buffer SERVING after {startup_seconds:.0f} s")
@@ -707,7 +772,7 @@ def run_load(settings: LoadSettings, work: Path) -> dict[str, Any]:
             full = replay.Info(replay_pb2.InfoRequest(), timeout=5).size >= cfg.replay.capacity
             status = learner.Status(learner_pb2.StatusRequest(), timeout=5)
             return (full and status.version > cfg.learner.max_policy_lag and status.updates >= WARM_UPDATES
-                    and scenario_happened("steady", tally))
+                    and scenario_happened("steady", tally) and (not settings.plateau_seconds or rss_watch.plateaued(settings.plateau_seconds)))
 
         result, phase_failures = run_phase("warmup", "steady", servers, cfg, recording, settings.clients,
                                            settings.rate, settings.warmup_seconds, health, until=warm,
@@ -715,32 +780,39 @@ def run_load(settings: LoadSettings, work: Path) -> dict[str, Any]:
         phases["warmup"] = result
         failures += phase_failures
         warmed = result["reached"]
-        rss_warm = servers.rss()
+        windows: list[tuple[float, float]] = []
         for scenario in settings.scenarios:
+            window_start = rss_watch.now()
             result, phase_failures = run_phase(scenario, scenario, servers, cfg, recording, settings.clients,
                                                settings.rate, settings.scenario_seconds, health,
                                                until=lambda tally, scenario=scenario: scenario_happened(scenario, tally),
                                                max_seconds=4 * settings.scenario_seconds)
             phases[scenario] = result
+            windows.append((window_start, rss_watch.now()))
             failures += phase_failures
             if not result["reached"]:
                 failures.append(f"{scenario}: within {4 * settings.scenario_seconds:.0f} s, not every method was "
                                 f"answered OK once, or what the scenario does never happened")
-        rss_end = servers.rss()
+        if len(windows) == 1:  # one scenario: its first half against its second
+            start, end = windows[0]
+            windows = [(start, (start + end) / 2), ((start + end) / 2, end)]
+        rss_warm = rss_watch.peaks(*windows[0])
+        rss_end = rss_watch.peaks(*windows[-1])
         status = learner.Status(learner_pb2.StatusRequest(), timeout=5)
         replay_channel.close()
         learner_channel.close()
     finally:
         health.close()
+        rss_watch.close()
         stopping = time.monotonic()
         servers.supervisor.stop(grace_seconds=30)
         progress(f"servers stopped in {time.monotonic() - stopping:.0f} s")
     memory = {side: {"warm_mb": round(rss_warm[side] / 2**20, 1), "end_mb": round(rss_end[side] / 2**20, 1),
                      "growth": round(rss_end[side] / rss_warm[side] - 1, 4)} for side in rss_warm}
     if not warmed:
-        failures.append(f"warm-up: the replay table was not full or the learner not past version "
-                        f"{cfg.learner.max_policy_lag} and {WARM_UPDATES} updates after "
-                        f"{settings.warmup_max_seconds:.0f} s")
+        failures.append(f"warm-up: the replay table was not full, the learner not past version "
+                        f"{cfg.learner.max_policy_lag} and {WARM_UPDATES} updates, or the servers' peak memory "
+                        f"still rising after {settings.warmup_max_seconds:.0f} s")
     if settings.assert_memory and warmed:
         for side, figures in memory.items():
             if figures["growth"] > MAX_RSS_GROWTH:
@@ -748,8 +820,17 @@ def run_load(settings: LoadSettings, work: Path) -> dict[str, Any]:
                                 f"(at most {100 * MAX_RSS_GROWTH:.0f}%)")
     return {"clients": settings.clients, "rate_per_client": settings.rate, "scenario_seconds": settings.scenario_seconds,
             "episodes_per_unroll": recording.episodes_per_unroll, "warmed": warmed, "phases": phases,
-            "memory": memory, "learner": {"version": int(status.version), "updates": int(status.updates)},
+            "memory": memory, "rss_timeline": timeline(rss_watch.samples), "learner": {"version": int(status.version), "updates": int(status.updates)},
             "startup_seconds": round(startup_seconds, 1), "wall_seconds": round(time.monotonic() - started, 1), "failures": failures, "ok": not failures}
+
+
+def timeline(samples: list[tuple[float, dict[str, int]]], every: float = 10.0) -> list[dict[str, float]]:
+    """One sample per ``every`` seconds, in MB, with its time since the servers started."""
+    kept: list[dict[str, float]] = []
+    for t, sample in samples:
+        if not kept or t - kept[-1]["t"] >= every:
+            kept.append({"t": round(t, 1), **{name: round(v / 2**20, 1) for name, v in sample.items()}})
+    return kept
 
 
 def format_table(report: dict[str, Any]) -> str:
@@ -772,8 +853,12 @@ def format_table(report: dict[str, Any]) -> str:
                      f"{counts['cancelled_streams_answered_ok']} cancelled streams answered OK); replay inserted {counts['replay_inserted']}; "
                      f"stale {counts['stale_refusals']}; restarts {counts['actor_restarts']}; health {phase['health']}")
     for side, figures in report["memory"].items():
-        lines.append(f"memory {side}: {figures['warm_mb']:.1f} MB after warm-up, {figures['end_mb']:.1f} MB at the end "
+        lines.append(f"memory {side}: peak {figures['warm_mb']:.1f} MB in the first scenario after warm-up, "
+                     f"{figures['end_mb']:.1f} MB in the last "
                      f"({100 * figures['growth']:+.1f}%)")
+    for side in report["memory"]:
+        curve = " ".join(f"{row[side]:.0f}" for row in report["rss_timeline"][::3])
+        lines.append(f"rss {side} every 30 s (MB): {curve}")
     lines.append("all checks passed" if report["ok"] else "FAILED:\n  " + "\n  ".join(report["failures"]))
     return "\n".join(lines)
 
@@ -790,7 +875,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         settings = LoadSettings(clients=8, rate=args.rate, scenario_seconds=10.0, warmup_seconds=5.0,
-                                warmup_max_seconds=120.0, scenarios=tuple(args.scenarios))
+                                warmup_max_seconds=120.0, plateau_seconds=15.0, scenarios=tuple(args.scenarios))
     else:
         settings = LoadSettings(clients=args.clients, rate=args.rate, scenario_seconds=60.0 * args.minutes,
                                 scenarios=tuple(args.scenarios))

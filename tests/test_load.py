@@ -9,11 +9,15 @@ asserted.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+
+from bench.load import RssWatch
 
 REPO = Path(__file__).resolve().parent.parent
 HANG_CODES = ("DEADLINE_EXCEEDED", "UNAVAILABLE", "UNKNOWN", "INTERNAL")
@@ -92,3 +96,24 @@ def test_health_stayed_serving_and_memory_held(report: dict) -> None:
     assert report["warmed"], report["_output"]
     for side, figures in report["memory"].items():
         assert figures["growth"] <= 0.10, (side, figures)
+    assert len(report["rss_timeline"]) >= 2 and set(report["memory"]) <= set(report["rss_timeline"][0]), report["memory"]
+
+
+def _watch_with(samples: list[tuple[float, dict[str, int]]], now: float) -> RssWatch:
+    """An RssWatch (of this process, stopped at once) whose samples and clock are ``samples`` and ``now``."""
+    watch = RssWatch({"learner": os.getpid()}, period=60.0)
+    watch.close()
+    watch.samples = samples
+    watch.started = time.monotonic() - now
+    return watch
+
+
+def test_memory_is_warm_once_its_peak_stops_rising() -> None:
+    rising = [(t, {"learner": 400 + 2 * t}) for t in range(0, 121, 2)]
+    assert not _watch_with(rising, now=120).plateaued(window=60)
+    # Swinging by 10% around a flat level: the peaks of the two minutes agree, so it is warm.
+    swinging = [(t, {"learner": 600 if t % 20 == 0 else 540}) for t in range(0, 121, 2)]
+    assert _watch_with(swinging, now=120).plateaued(window=60)
+    assert not _watch_with(swinging, now=100).plateaued(window=60), "needs two whole windows"
+    watch = _watch_with(swinging, now=120)
+    assert watch.peaks(0, 10) == {"learner": 600} and watch.peaks(200, 300) == {}
