@@ -13,9 +13,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
+from bench.unconditional import pixel_features
 from learner.training import PolicyTrainer
 from spiral.runtime.checkpoint import save_checkpoint
 from spiral.config import load_experiment
@@ -82,6 +84,29 @@ def test_learning_bench_scores_checkpoints_against_both_baselines(tmp_path: Path
     assert (tmp_path / "out" / "reconstructions.png").read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "out" / "sequence.png").read_bytes()[:4] == b"\x89PNG"
     shutil.rmtree(tmp_path / "out")
+
+
+def test_unconditional_bench_scores_faces_by_their_grey_pixels(tmp_path: Path) -> None:
+    cfg = load_experiment(REPO / "experiments" / "tiny-celeba.yaml")
+    torch.manual_seed(1)
+    trainer = PolicyTrainer(cfg, build_policy(cfg))
+    path = save_checkpoint(tmp_path / "learner", 7, {"trainer": trainer.state_dict()})
+    figures = run_bench("-m", "bench.unconditional", "--config", "tiny-celeba", "--samples", "8",
+                        "--out", str(tmp_path / "out"), "--evaluate", f"1={path}")
+    assert figures["reference"]["features"] == "grey pixels pooled to 8x8" and "classifier" not in figures
+    assert figures["real vs real"]["fid"] > 0 and figures["untrained policy"]["fid"] > 0
+    trained = figures["trained 1 min"]
+    assert trained["version"] == 7 and trained["meets_goal"] is None
+    assert trained["ratio_to_untrained"] == pytest.approx(trained["fid"] / figures["untrained policy"]["fid"])
+    assert (tmp_path / "out" / "samples-1min.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_pixel_features_pool_grey_images_to_an_8x8_grid() -> None:
+    images = np.zeros((2, 64, 64, 3), dtype=np.uint8)
+    images[1, :8, :8] = 255  # one white cell in the top-left corner
+    feats = pixel_features(images)
+    assert feats.shape == (2, 64) and feats[0].max() == 0
+    assert feats[1, 0] == 1.0 and feats[1, 1:].max() == 0
 
 
 def test_learner_rpc_bench_measures_ingest_and_parameter_fetches() -> None:
