@@ -41,9 +41,9 @@ the replay table is full, the learner is past ``max_policy_lag`` versions and
 :data:`WARM_UPDATES` updates, and no server's peak RSS of the last minute is 2% above the
 minute before's (the allocator warm: its high-water mark has stopped rising). The memory check
 compares each server's peak in the first scenario after warm-up with its peak in the last
-(growth at most +10%): a single reading is noise, since the learner's RSS swings by ~5% with the
-work in flight. The report keeps the RSS timeline (one sample per 10 s). Latencies are of each attempt (p50/p99, ms), every code included and OK only. The
-checks that fail are listed; the exit status is 1 when any does. The achieved rate of
+(growth at most +10%): a single reading is noise, since the learner's RSS swings by 5-10% with
+the work in flight. The report keeps the RSS timeline (one sample per 10 s). Latencies are of
+each attempt (p50/p99, ms), every code included and OK only. The checks that fail are listed; the exit status is 1 when any does. The achieved rate of
 iterations is printed beside the set one: back-pressure, not the clients, holds it down.
 
 Usage::
@@ -439,15 +439,9 @@ class RssWatch:
             except (OSError, RuntimeError):  # a server is stopping
                 return
             with self._lock:
-                self.samples.append((time.monotonic() - self.started, sample))
+                self.samples.append((self.now(), sample))
             if self._stop.wait(self.period):
                 return
-
-    def since(self, seconds_ago: float) -> list[tuple[float, dict[str, int]]]:
-        """The samples of the last ``seconds_ago`` seconds."""
-        now = time.monotonic() - self.started
-        with self._lock:
-            return [(t, s) for t, s in self.samples if t >= now - seconds_ago]
 
     def peaks(self, start: float, end: float) -> dict[str, int]:
         """Each server's largest RSS sampled in ``[start, end)`` seconds since the watch started."""
@@ -456,6 +450,7 @@ class RssWatch:
         return {name: max(sample[name] for sample in window) for name in self.pids} if window else {}
 
     def now(self) -> float:
+        """Seconds since the watch started."""
         return time.monotonic() - self.started
 
     def plateaued(self, window: float = PLATEAU_WINDOW_SECONDS, tolerance: float = PLATEAU_TOLERANCE) -> bool:
@@ -591,9 +586,6 @@ class Servers:
                 return current
             previous = current
         return previous
-
-    def rss(self) -> dict[str, int]:
-        return {name: rss_bytes(pid) for name, pid in self.pids.items()}
 
     def check_running(self) -> None:
         for child in self.supervisor.children:
@@ -772,7 +764,8 @@ def run_load(settings: LoadSettings, work: Path) -> dict[str, Any]:
             full = replay.Info(replay_pb2.InfoRequest(), timeout=5).size >= cfg.replay.capacity
             status = learner.Status(learner_pb2.StatusRequest(), timeout=5)
             return (full and status.version > cfg.learner.max_policy_lag and status.updates >= WARM_UPDATES
-                    and scenario_happened("steady", tally) and (not settings.plateau_seconds or rss_watch.plateaued(settings.plateau_seconds)))
+                    and scenario_happened("steady", tally)
+                    and (not settings.plateau_seconds or rss_watch.plateaued(settings.plateau_seconds)))
 
         result, phase_failures = run_phase("warmup", "steady", servers, cfg, recording, settings.clients,
                                            settings.rate, settings.warmup_seconds, health, until=warm,
@@ -820,7 +813,8 @@ def run_load(settings: LoadSettings, work: Path) -> dict[str, Any]:
                                 f"(at most {100 * MAX_RSS_GROWTH:.0f}%)")
     return {"clients": settings.clients, "rate_per_client": settings.rate, "scenario_seconds": settings.scenario_seconds,
             "episodes_per_unroll": recording.episodes_per_unroll, "warmed": warmed, "phases": phases,
-            "memory": memory, "rss_timeline": timeline(rss_watch.samples), "learner": {"version": int(status.version), "updates": int(status.updates)},
+            "memory": memory, "rss_timeline": timeline(rss_watch.samples),
+            "learner": {"version": int(status.version), "updates": int(status.updates)},
             "startup_seconds": round(startup_seconds, 1), "wall_seconds": round(time.monotonic() - started, 1), "failures": failures, "ok": not failures}
 
 

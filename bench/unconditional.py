@@ -140,7 +140,8 @@ def evaluate(cfg: ExperimentConfig, copies: dict[float, Path], out: Path, sample
     classifier assigns to each digit) and ``confidence`` (its mean top-class probability).
     """
     dataset = for_experiment(cfg)
-    if cfg.dataset.name == "mnist":
+    digits = cfg.dataset.name == "mnist"  # the digit classifier and its goal; elsewhere grey pixels, no goal
+    if digits:
         if len(dataset.holdout) < 2:
             raise SystemExit(f"dataset.holdout is {len(dataset.holdout)}: the distance needs held-out real digits")
         classifier, reference = classifier_and_reference(cfg, dataset, cache_dir, classifier_epochs)
@@ -191,11 +192,11 @@ def evaluate(cfg: ExperimentConfig, copies: dict[float, Path], out: Path, sample
             row = score(canvases)
             row.update(version=version, ratio_to_untrained=row["fid"] / untrained_fid if untrained_fid > 0 else None,
                        meets_goal=(bool(untrained_fid > 0 and row["fid"] <= GOAL_RATIO * untrained_fid)
-                                   if cfg.dataset.name == "mnist" else None))
+                                   if digits else None))
             results[f"trained {minutes:g} min{label}"] = row
             suffix = "-average" if average else ""
             save_png(image_grid(canvases[:GRID], columns=8), out / f"samples-{minutes:g}min{suffix}.png")
-    results["goal"] = (f"trained fid <= {GOAL_RATIO:.3f} x untrained fid" if cfg.dataset.name == "mnist"
+    results["goal"] = (f"trained fid <= {GOAL_RATIO:.3f} x untrained fid" if digits
                        else "none (MNIST's goal; here the samples are shown)")
 
     run_dir = out / "run"
@@ -207,7 +208,7 @@ def evaluate(cfg: ExperimentConfig, copies: dict[float, Path], out: Path, sample
                     out / "critic_curves.png")
     (out / "fid.json").write_text(json.dumps(results, indent=2))
 
-    if "classifier" in results:
+    if digits:
         print(f"digit classifier: held-out accuracy {classifier.holdout_accuracy:.4f} "
               f"({classifier.train_images} training digits{', cached' if classifier.from_cache else ''})")
         print(f"Fréchet distance to {len(dataset.holdout)} held-out {cfg.dataset.name} digits, {samples} paintings "
